@@ -6,7 +6,7 @@
 //! URLs. An object with an error is left out of the config; callers decide whether a config with
 //! errors may replace a good one (the data plane says no).
 
-use crate::common::{Limits, parse_duration};
+use crate::common::parse_duration;
 use crate::config::*;
 use crate::key::VirtualKey;
 use crate::model::{LlmModel, Provider, Timeouts};
@@ -370,7 +370,7 @@ fn compile_key(k: &VirtualKey, secrets: &Secrets<'_>) -> Result<KeyConfig, (Stri
         alias: s.alias.clone(),
         models: s.models.clone(),
         budget,
-        limits: s.limits.clone().unwrap_or(Limits::default()),
+        limits: s.limits.clone().unwrap_or_default(),
         expires_at: s.expires_at.as_ref().map(|t| t.0.as_second()),
     })
 }

@@ -176,7 +176,7 @@ pub struct Picodollars(pub u64);
 impl Picodollars {
     /// Converts a USD amount (as written in a manifest) to pico-dollars, rounding to the nearest.
     pub fn from_usd(usd: f64) -> Option<Self> {
-        if !usd.is_finite() || usd < 0.0 || usd > 1.8e7 {
+        if !usd.is_finite() || !(0.0..=1.8e7).contains(&usd) {
             return None;
         }
         Some(Self((usd * 1e12).round() as u64))

@@ -1,1 +1,30 @@
+//! Tollgate's data plane: an OpenAI-compatible gateway in front of OpenAI, vLLM, KServe and the
+//! built-in mock, with virtual keys, cost accounting and Prometheus metrics.
+//!
+//! Module map, in request order:
+//! - [`server`]: routes and thin handlers; request ids.
+//! - [`auth`]: virtual key lookup by hash.
+//! - [`request`]: reading `model`/`stream` without decoding the rest; minimal body rewrites.
+//! - [`proxy`]: the request path, from parsed request to relayed response.
+//! - [`upstream`]: the pooled HTTP client. [`mock`]: the built-in provider and mock server.
+//! - [`sse`]: chunk-by-chunk stream relay that reads the usage chunk on the way.
+//! - [`accounting`], [`usage`]: cost from real usage, per key and deployment.
+//! - [`snapshot`], [`state`]: the immutable per-config view and its atomic swap.
+//! - [`loader`]: manifests on disk, and reloading them. [`metrics`]: Prometheus.
+//! - [`cli`]: flags, and [`cli::run`] which wires it all for the binary.
 
+pub mod accounting;
+pub mod auth;
+pub mod cli;
+pub mod error;
+pub mod loader;
+pub mod metrics;
+pub mod mock;
+pub mod proxy;
+pub mod request;
+pub mod server;
+pub mod snapshot;
+pub mod sse;
+pub mod state;
+pub mod upstream;
+pub mod usage;

@@ -1,0 +1,151 @@
+//! Cost accounting: usage counters per key and per deployment, and the [`Charge`] every proxied
+//! request settles exactly once with the usage the upstream reported.
+//!
+//! Counters are atomics owned by a [`Ledger`] that outlives config reloads, so a reload never
+//! resets spend; the snapshot holds `Arc`s to them so the hot path touches no map and no lock.
+
+use crate::snapshot::{RuntimeDeployment, RuntimeKey};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tollgate_crds::config::{Picodollars, TokenUsage};
+
+/// Usage totals of one key or deployment.
+#[derive(Debug, Default)]
+pub struct UsageCounters {
+    /// Requests settled.
+    pub requests: AtomicU64,
+    /// Prompt tokens.
+    pub prompt_tokens: AtomicU64,
+    /// Completion tokens.
+    pub completion_tokens: AtomicU64,
+    /// Spend, pico-dollars.
+    pub spend: AtomicU64,
+}
+
+impl UsageCounters {
+    fn add(&self, usage: Option<TokenUsage>, cost: Picodollars) {
+        self.requests.fetch_add(1, Relaxed);
+        if let Some(u) = usage {
+            self.prompt_tokens.fetch_add(u.prompt, Relaxed);
+            self.completion_tokens.fetch_add(u.completion, Relaxed);
+        }
+        self.spend.fetch_add(cost.0, Relaxed);
+    }
+
+    /// Spend so far.
+    pub fn spend(&self) -> Picodollars {
+        Picodollars(self.spend.load(Relaxed))
+    }
+}
+
+/// Counters by key id and by deployment id, kept across reloads.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    keys: Mutex<BTreeMap<String, Arc<UsageCounters>>>,
+    deployments: Mutex<BTreeMap<(String, String), Arc<UsageCounters>>>,
+}
+
+impl Ledger {
+    /// The counters of key `id` (created on first use). Called when a snapshot is built.
+    pub fn key(&self, id: &str) -> Arc<UsageCounters> {
+        let mut map = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(id.to_string()).or_default().clone()
+    }
+
+    /// The counters of deployment `id` of `model`.
+    pub fn deployment(&self, model: &str, id: &str) -> Arc<UsageCounters> {
+        let mut map = self.deployments.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry((model.to_string(), id.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// Every key's counters, by id.
+    pub fn keys(&self) -> Vec<(String, Arc<UsageCounters>)> {
+        let map = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Every deployment's counters, by (model, deployment id).
+    pub fn deployments(&self) -> Vec<((String, String), Arc<UsageCounters>)> {
+        let map = self.deployments.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// How a proxied request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served.
+    Success,
+    /// The upstream failed (error status, bad body, broken stream).
+    UpstreamError,
+    /// The client disconnected before the end.
+    ClientGone,
+    /// The upstream refused the request as the client's error (HTTP 4xx).
+    Rejected,
+}
+
+impl Outcome {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::ClientGone => "client_gone",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// What one request owes, settled once with its real usage.
+#[derive(Debug)]
+pub struct Charge {
+    key: Arc<RuntimeKey>,
+    deployment: Arc<RuntimeDeployment>,
+    started: Instant,
+    first_byte: Option<Instant>,
+}
+
+impl Charge {
+    /// Opens a charge for a request by `key` served by `deployment`.
+    pub fn new(key: Arc<RuntimeKey>, deployment: Arc<RuntimeDeployment>, started: Instant) -> Self {
+        Self {
+            key,
+            deployment,
+            started,
+            first_byte: None,
+        }
+    }
+
+    /// Marks the first response byte on its way to the client.
+    pub fn first_byte(&mut self) {
+        if self.first_byte.is_none() {
+            self.first_byte = Some(Instant::now());
+        }
+    }
+
+    /// The deployment serving the request.
+    pub fn deployment(&self) -> &RuntimeDeployment {
+        &self.deployment
+    }
+
+    /// Records usage, cost and metrics. Returns the cost.
+    pub fn settle(self, usage: Option<TokenUsage>, outcome: Outcome) -> Picodollars {
+        let d = &self.deployment;
+        let cost = usage.map(|u| d.pricing.cost(u)).unwrap_or_default();
+        self.key.usage.add(usage, cost);
+        d.usage.add(usage, cost);
+        let m = &d.metrics;
+        m.outcome(outcome).increment(1);
+        let now = Instant::now();
+        m.duration
+            .record(now.duration_since(self.started).as_secs_f64());
+        if let Some(fb) = self.first_byte {
+            m.ttfb.record(fb.duration_since(self.started).as_secs_f64());
+        }
+        cost
+    }
+}

@@ -1,0 +1,118 @@
+//! Prometheus metrics.
+//!
+//! Request counts and latency histograms go through the `metrics` facade with handles
+//! registered per deployment when a snapshot is built (an increment is an atomic add, no label
+//! lookup). Token and spend totals are rendered at scrape time straight from the exact
+//! [`Ledger`](crate::accounting::Ledger) counters. Labels are model and deployment names, which
+//! the config bounds; per-key series are opt-in (`--per-key-metrics`).
+
+use crate::accounting::Ledger;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::fmt::Write;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// `tollgate_requests_total{model,deployment,outcome}`.
+pub const REQUESTS: &str = "tollgate_requests_total";
+/// `tollgate_request_duration_seconds{model,deployment}`.
+pub const DURATION: &str = "tollgate_request_duration_seconds";
+/// `tollgate_time_to_first_byte_seconds{model,deployment}`.
+pub const TTFB: &str = "tollgate_time_to_first_byte_seconds";
+/// `tollgate_rejected_requests_total{code}`: requests refused before reaching a deployment.
+pub const REJECTED: &str = "tollgate_rejected_requests_total";
+/// `tollgate_config_reloads_total{result}`.
+pub const RELOADS: &str = "tollgate_config_reloads_total";
+
+/// Latency buckets (seconds): fine at the low end, where a gateway's own overhead lives, and up
+/// to the minutes a long generation takes.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+
+/// Installs the global recorder. Call once, from the binary.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
+        .install_recorder()?;
+    metrics::describe_counter!(REQUESTS, "Requests proxied to a deployment, by outcome.");
+    metrics::describe_histogram!(
+        DURATION,
+        metrics::Unit::Seconds,
+        "Time from request to the end of the response."
+    );
+    metrics::describe_histogram!(
+        TTFB,
+        metrics::Unit::Seconds,
+        "Time from request to the first response byte."
+    );
+    metrics::describe_counter!(REJECTED, "Requests refused by the gateway, by error code.");
+    metrics::describe_counter!(RELOADS, "Config reloads, by result.");
+    Ok(handle)
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Token and spend series from the ledger, in Prometheus text format.
+pub fn render_ledger(ledger: &Ledger, per_key: bool, out: &mut String) {
+    let deployments = ledger.deployments();
+    let _ = writeln!(
+        out,
+        "# HELP tollgate_tokens_total Tokens reported by upstreams.\n# TYPE tollgate_tokens_total counter"
+    );
+    for ((model, id), c) in &deployments {
+        let (m, d) = (label(model), label(id));
+        let _ = writeln!(
+            out,
+            "tollgate_tokens_total{{model=\"{m}\",deployment=\"{d}\",type=\"prompt\"}} {}",
+            c.prompt_tokens.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_tokens_total{{model=\"{m}\",deployment=\"{d}\",type=\"completion\"}} {}",
+            c.completion_tokens.load(Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tollgate_spend_usd_total Spend from real usage and LLMModel prices.\n# TYPE tollgate_spend_usd_total counter"
+    );
+    for ((model, id), c) in &deployments {
+        let _ = writeln!(
+            out,
+            "tollgate_spend_usd_total{{model=\"{}\",deployment=\"{}\"}} {}",
+            label(model),
+            label(id),
+            c.spend()
+        );
+    }
+    if per_key {
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_key_spend_usd_total Spend per virtual key.\n# TYPE tollgate_key_spend_usd_total counter"
+        );
+        for (id, c) in ledger.keys() {
+            let _ = writeln!(
+                out,
+                "tollgate_key_spend_usd_total{{key=\"{}\"}} {}",
+                label(&id),
+                c.spend()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_key_requests_total Requests per virtual key.\n# TYPE tollgate_key_requests_total counter"
+        );
+        for (id, c) in ledger.keys() {
+            let _ = writeln!(
+                out,
+                "tollgate_key_requests_total{{key=\"{}\"}} {}",
+                label(&id),
+                c.requests.load(Relaxed)
+            );
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The request path, from an authenticated HTTP request to a response streaming back:
+//!
+//! ```text
+//! authenticate (hash lookup) -> read body (size limit) -> parse (model, stream)
+//!  -> authorize model -> pick deployment -> mock | upstream (pooled HTTP)
+//!  -> relay (SSE chunk by chunk, or whole body) -> settle the charge with real usage
+//! ```
+//!
+//! Nothing here knows about axum's routing; the handlers in [`crate::server`] call
+//! [`handle`] and add the request id.
+
+use crate::accounting::{Charge, Outcome};
+use crate::auth::authenticate;
+use crate::error::{ApiError, Result};
+use crate::request::{Endpoint, ParsedRequest};
+use crate::snapshot::{RuntimeDeployment, Target};
+use crate::sse::SseRelay;
+use crate::state::AppState;
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Largest upstream body read whole (non-streamed responses, error bodies).
+const MAX_UPSTREAM_BODY: usize = 64 << 20;
+
+/// `x-tollgate-deployment`.
+pub const DEPLOYMENT_HEADER: &str = "x-tollgate-deployment";
+/// `x-tollgate-cost-usd`.
+pub const COST_HEADER: &str = "x-tollgate-cost-usd";
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Reads the request body, refusing more than `limit` bytes.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::too_large(limit))
+        }
+        Err(_) => Err(ApiError::bad_request(
+            "body_read_error",
+            "The request body could not be read.",
+        )),
+    }
+}
+
+/// Serves one OpenAI API request.
+pub async fn handle(
+    state: &AppState,
+    endpoint: Endpoint,
+    req: Request<Body>,
+    request_id: &str,
+) -> Result<Response> {
+    let started = Instant::now();
+    let snapshot = state.snapshot.load_full();
+    let (parts, body) = req.into_parts();
+    let key = authenticate(&snapshot, &parts.headers, now_unix())?;
+    let body = read_body(&parts.headers, body, state.settings.max_body_bytes).await?;
+    let parsed = ParsedRequest::parse(&body, endpoint)?;
+    if !key.allows(&parsed.model) {
+        return Err(ApiError::forbidden(format!(
+            "This API key is not allowed to use the model `{}`. GET /v1/models lists the models it can use.",
+            parsed.model
+        )));
+    }
+    let group = snapshot
+        .groups
+        .get(parsed.model.as_ref())
+        .ok_or_else(|| ApiError::model_not_found(&parsed.model))?;
+    let deployment = group
+        .pick()
+        .ok_or_else(|| {
+            ApiError::unavailable(
+                "no_deployment",
+                format!("The model `{}` has no deployment.", parsed.model),
+            )
+        })?
+        .clone();
+    let charge = Charge::new(key, deployment.clone(), started);
+    let resp = match &deployment.target {
+        Target::Mock(mock) => {
+            if !mock.latency.is_zero() {
+                tokio::time::sleep(mock.latency).await;
+            }
+            let usage = mock.usage(endpoint, body.len());
+            if parsed.stream {
+                // Always generate the usage chunk and let the relay drop it, so the mock is
+                // accounted for exactly like a real upstream.
+                let events = mock.stream_events(endpoint, &parsed.model, request_id, Some(usage));
+                stream_response(SseRelay::new(
+                    mock.stream_body(events),
+                    charge,
+                    !parsed.include_usage,
+                ))
+            } else {
+                let out = mock.response(endpoint, &parsed, request_id, usage);
+                let cost = charge.settle(Some(usage), Outcome::Success);
+                let mut resp = Response::new(Body::from(out));
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                insert_cost(h, cost);
+                resp
+            }
+        }
+        Target::Upstream { .. } => forward(state, endpoint, &parsed, &body, charge).await?,
+    };
+    let mut resp = resp;
+    resp.headers_mut()
+        .insert(DEPLOYMENT_HEADER, deployment.id_header.clone());
+    Ok(resp)
+}
+
+fn insert_cost(h: &mut HeaderMap, cost: tollgate_crds::config::Picodollars) {
+    if let Ok(v) = HeaderValue::try_from(cost.to_string()) {
+        h.insert(COST_HEADER, v);
+    }
+}
+
+fn stream_response<B>(relay: SseRelay<B>) -> Response
+where
+    SseRelay<B>: http_body::Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>>
+        + Send
+        + 'static,
+{
+    let mut resp = Response::new(Body::new(relay));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Sends the request to an HTTP deployment and relays the answer.
+async fn forward(
+    state: &AppState,
+    endpoint: Endpoint,
+    parsed: &ParsedRequest<'_>,
+    body: &Bytes,
+    charge: Charge,
+) -> Result<Response> {
+    let d: &RuntimeDeployment = charge.deployment();
+    let Some((uri, auth)) = d.uri(endpoint) else {
+        return Err(ApiError::internal("deployment has no upstream URI"));
+    };
+    let mut req = Request::new(Full::new(parsed.upstream_body(body, &d.upstream_model)));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = uri.clone();
+    let h = req.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(a) = auth {
+        h.insert(header::AUTHORIZATION, a.clone());
+    }
+    let id = d.id.clone();
+    let first_byte = Duration::from_millis(d.timeouts.first_byte_ms);
+    let resp = match tokio::time::timeout(first_byte, state.client.request(req)).await {
+        Err(_) => {
+            charge.settle(None, Outcome::UpstreamError);
+            return Err(ApiError::timeout(format!(
+                "Deployment {id} did not answer within {first_byte:?}."
+            )));
+        }
+        Ok(Err(e)) => {
+            charge.settle(None, Outcome::UpstreamError);
+            return Err(if e.is_connect() {
+                ApiError::unavailable(
+                    "upstream_unreachable",
+                    format!("Could not connect to deployment {id}; is the upstream running?"),
+                )
+            } else {
+                ApiError::bad_gateway(
+                    "upstream_connection_error",
+                    format!("The connection to deployment {id} failed before a response."),
+                )
+            });
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let status = resp.status();
+    let (parts, incoming) = resp.into_parts();
+    if status.is_success() && parsed.stream {
+        return Ok(stream_response(SseRelay::new(
+            incoming,
+            charge,
+            !parsed.include_usage,
+        )));
+    }
+    let bytes = match Limited::new(incoming, MAX_UPSTREAM_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            charge.settle(None, Outcome::UpstreamError);
+            return Err(ApiError::bad_gateway(
+                "upstream_read_error",
+                format!("Reading the response of deployment {id} failed."),
+            ));
+        }
+    };
+    if status.is_success() {
+        let Ok(usage) = crate::usage::from_response(&bytes) else {
+            charge.settle(None, Outcome::UpstreamError);
+            return Err(ApiError::bad_gateway(
+                "upstream_invalid_response",
+                format!("Deployment {id} returned a response that is not JSON."),
+            ));
+        };
+        let cost = charge.settle(usage, Outcome::Success);
+        let mut out = Response::new(Body::from(bytes));
+        *out.status_mut() = status;
+        let h = out.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .cloned()
+                .unwrap_or(HeaderValue::from_static("application/json")),
+        );
+        insert_cost(h, cost);
+        return Ok(out);
+    }
+    upstream_error(status, &parts.headers, bytes, charge, &id)
+}
+
+/// Maps an upstream error status. Client errors the upstream explains in OpenAI's shape (a bad
+/// parameter, a prompt too long) reach the client as sent; anything else, and anything about
+/// the gateway's own credentials, becomes a gateway error that doesn't echo the upstream body.
+fn upstream_error(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Bytes,
+    charge: Charge,
+    id: &Arc<str>,
+) -> Result<Response> {
+    let openai_shaped = serde_json::from_slice::<serde_json::Value>(&body)
+        .is_ok_and(|v| v.get("error").is_some_and(|e| e.is_object()));
+    match status.as_u16() {
+        401 | 403 => {
+            charge.settle(None, Outcome::UpstreamError);
+            Err(ApiError::bad_gateway(
+                "upstream_auth_error",
+                format!(
+                    "Deployment {id} refused the gateway's credentials (HTTP {}). Check the LLMModel's credentialsRef.",
+                    status.as_u16()
+                ),
+            ))
+        }
+        400..=499 if openai_shaped => {
+            charge.settle(None, Outcome::Rejected);
+            let mut out = Response::new(Body::from(body));
+            *out.status_mut() = status;
+            out.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            if let Some(ra) = headers.get(header::RETRY_AFTER) {
+                out.headers_mut().insert(header::RETRY_AFTER, ra.clone());
+            }
+            Ok(out)
+        }
+        429 => {
+            charge.settle(None, Outcome::UpstreamError);
+            let mut e = ApiError::bad_gateway(
+                "upstream_rate_limited",
+                format!("Deployment {id} is rate limited (HTTP 429)."),
+            );
+            e.status = StatusCode::TOO_MANY_REQUESTS;
+            e.retry_after = headers
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            Err(e)
+        }
+        400..=499 => {
+            charge.settle(None, Outcome::Rejected);
+            let mut e = ApiError::bad_request(
+                "upstream_rejected",
+                format!(
+                    "Deployment {id} rejected the request (HTTP {}).",
+                    status.as_u16()
+                ),
+            );
+            e.status = status;
+            Err(e)
+        }
+        _ => {
+            charge.settle(None, Outcome::UpstreamError);
+            Err(ApiError::bad_gateway(
+                "upstream_server_error",
+                format!("Deployment {id} failed (HTTP {}).", status.as_u16()),
+            ))
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! HTTP surface: routes, thin handlers, request ids, the listener.
+//!
+//! Handlers extract, call [`crate::proxy::handle`] (or a small read-only function), and map the
+//! result; every response carries `x-request-id` (the client's, or a new one), and every error
+//! is OpenAI-shaped (see [`crate::error`]).
+
+use crate::error::{ApiError, ErrorSource};
+use crate::request::Endpoint;
+use crate::state::AppState;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderValue, StatusCode, header};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// `x-request-id`.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The data plane's routes. Paths work with and without the `/v1` prefix, as in OpenAI's SDKs
+/// configured with either base URL.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/models", get(models))
+        .route("/health/liveliness", get(live))
+        .route("/health/liveness", get(live))
+        .route("/health/readiness", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn chat(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    proxied(&s, Endpoint::ChatCompletions, req).await
+}
+
+async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    proxied(&s, Endpoint::Completions, req).await
+}
+
+async fn embeddings(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    proxied(&s, Endpoint::Embeddings, req).await
+}
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// The client's `x-request-id` if it sent a usable one, else a new id: a per-process prefix
+/// and a sequence number, unique without a random source per request.
+fn request_id(req: &Request) -> HeaderValue {
+    if let Some(v) = req.headers().get(REQUEST_ID)
+        && !v.is_empty()
+        && v.len() <= 128
+    {
+        return v.clone();
+    }
+    static PREFIX: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| fastrand::u32(..));
+    let n = REQUEST_SEQ.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::try_from(format!("{:08x}{n:012x}", *PREFIX))
+        .unwrap_or(HeaderValue::from_static("0"))
+}
+
+async fn proxied(state: &AppState, endpoint: Endpoint, req: Request) -> Response {
+    let rid = request_id(&req);
+    let rid_str = rid.to_str().unwrap_or("");
+    let mut resp = match crate::proxy::handle(state, endpoint, req, rid_str).await {
+        Ok(r) => r,
+        Err(e) => {
+            log_error(&e, rid_str, endpoint);
+            e.into_response()
+        }
+    };
+    resp.headers_mut().insert(REQUEST_ID, rid);
+    resp
+}
+
+fn log_error(e: &ApiError, request_id: &str, endpoint: Endpoint) {
+    metrics::counter!(crate::metrics::REJECTED, "code" => e.code).increment(1);
+    match e.source {
+        ErrorSource::Client => {
+            tracing::debug!(
+                request_id,
+                endpoint = endpoint.as_str(),
+                status = e.status.as_u16(),
+                code = e.code,
+                "{}",
+                e.message
+            )
+        }
+        ErrorSource::Upstream | ErrorSource::Internal => {
+            tracing::warn!(
+                request_id,
+                endpoint = endpoint.as_str(),
+                status = e.status.as_u16(),
+                code = e.code,
+                "{}",
+                e.message
+            )
+        }
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `GET /v1/models`: the models the key may use.
+async fn models(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let rid = request_id(&req);
+    let snapshot = state.snapshot.load();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut resp = match crate::auth::authenticate(&snapshot, req.headers(), now) {
+        Ok(key) => {
+            let mut names: Vec<&String> =
+                snapshot.groups.keys().filter(|m| key.allows(m)).collect();
+            names.sort();
+            let data: Vec<serde_json::Value> = names
+                .into_iter()
+                .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "tollgate"}))
+                .collect();
+            json(
+                StatusCode::OK,
+                serde_json::json!({"object": "list", "data": data}).to_string(),
+            )
+        }
+        Err(e) => e.into_response(),
+    };
+    resp.headers_mut().insert(REQUEST_ID, rid);
+    resp
+}
+
+async fn live() -> Response {
+    json(StatusCode::OK, "\"I'm alive!\"".into())
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let s = state.snapshot.load();
+    let body = serde_json::json!({
+        "status": "ready",
+        "config_hash": s.config_hash,
+        "models": s.groups.len(),
+        "keys": s.keys.len(),
+    });
+    json(StatusCode::OK, body.to_string())
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut out = state
+        .prometheus
+        .as_ref()
+        .map(|p| p.render())
+        .unwrap_or_default();
+    crate::metrics::render_ledger(&state.ledger, state.settings.per_key_metrics, &mut out);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        Body::from(out),
+    )
+        .into_response()
+}
+
+async fn not_found(req: Request) -> Response {
+    let mut e = ApiError::bad_request(
+        "unknown_url",
+        format!(
+            "Unknown request URL: {} {}.",
+            req.method(),
+            req.uri().path()
+        ),
+    );
+    e.status = StatusCode::NOT_FOUND;
+    e.into_response()
+}

@@ -1,0 +1,216 @@
+//! Relaying a server-sent-event stream from the upstream to the client, chunk by chunk.
+//!
+//! Bytes are forwarded as the upstream framed them (no re-encoding, `data: [DONE]` included),
+//! as soon as each event is complete. On the way, the relay spots the event that carries
+//! `usage`, reads it for cost accounting, and drops it when only the gateway asked for it. When
+//! the stream ends, fails, or the client goes away (the body is dropped, which also drops the
+//! upstream connection and so cancels the upstream request), the [`Charge`] is settled exactly
+//! once.
+
+use crate::accounting::{Charge, Outcome};
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use memchr::memmem;
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::LazyLock;
+use std::task::{Context, Poll, ready};
+use tollgate_crds::config::TokenUsage;
+
+/// An event larger than this is forwarded without being inspected, so a stream with no event
+/// boundaries can't make the gateway buffer without bound.
+const MAX_PENDING: usize = 1 << 20;
+
+static USAGE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+
+/// The upstream body, relayed.
+pub struct SseRelay<B> {
+    inner: B,
+    pending: BytesMut,
+    ready: VecDeque<Bytes>,
+    drop_usage_chunk: bool,
+    usage: Option<TokenUsage>,
+    charge: Option<Charge>,
+    seen_first_byte: bool,
+}
+
+impl<B> SseRelay<B> {
+    /// Relays `inner`, settling `charge` at the end. With `drop_usage_chunk`, a usage-only
+    /// event is not forwarded (the client didn't ask for it).
+    pub fn new(inner: B, charge: Charge, drop_usage_chunk: bool) -> Self {
+        Self {
+            inner,
+            pending: BytesMut::new(),
+            ready: VecDeque::new(),
+            drop_usage_chunk,
+            usage: None,
+            charge: Some(charge),
+            seen_first_byte: false,
+        }
+    }
+
+    fn settle(&mut self, outcome: Outcome) {
+        if let Some(charge) = self.charge.take() {
+            charge.settle(self.usage, outcome);
+        }
+    }
+
+    /// Splits `data` into complete events (queued for the client) and a partial rest (kept).
+    fn push(&mut self, data: Bytes) {
+        let buf = if self.pending.is_empty() {
+            data
+        } else {
+            self.pending.extend_from_slice(&data);
+            self.pending.split().freeze()
+        };
+        let Some(end) = last_event_end(&buf) else {
+            if buf.len() > MAX_PENDING {
+                self.ready.push_back(buf);
+            } else {
+                self.pending.extend_from_slice(&buf);
+            }
+            return;
+        };
+        if end < buf.len() {
+            self.pending.extend_from_slice(&buf[end..]);
+        }
+        self.inspect(buf.slice(..end));
+    }
+
+    /// Queues complete events, reading (and maybe dropping) the ones carrying usage.
+    fn inspect(&mut self, complete: Bytes) {
+        let mut from = 0;
+        let mut search = 0;
+        while let Some(rel) = USAGE.find(&complete[search..]) {
+            let at = search + rel;
+            search = at + 7;
+            if !followed_by_object(&complete[search..]) {
+                continue;
+            }
+            let start = memmem::rfind(&complete[..at], b"\n\n")
+                .map(|p| p + 2)
+                .unwrap_or(0)
+                .max(from);
+            let end = memmem::find(&complete[at..], b"\n\n")
+                .map(|p| at + p + 2)
+                .unwrap_or(complete.len());
+            let Some((usage, only_usage)) =
+                event_data(&complete[start..end]).and_then(|d| crate::usage::from_chunk(&d))
+            else {
+                continue;
+            };
+            self.usage = Some(usage);
+            if self.drop_usage_chunk && only_usage {
+                if start > from {
+                    self.ready.push_back(complete.slice(from..start));
+                }
+                from = end;
+            }
+            search = end;
+        }
+        if from < complete.len() {
+            self.ready.push_back(if from == 0 {
+                complete
+            } else {
+                complete.slice(from..)
+            });
+        }
+    }
+}
+
+/// Whether `s` (what follows `"usage"`) is `: {` with optional spaces: a usage object rather
+/// than `null`.
+fn followed_by_object(s: &[u8]) -> bool {
+    let mut it = s.iter().copied().skip_while(|b| b.is_ascii_whitespace());
+    if it.next() != Some(b':') {
+        return false;
+    }
+    it.find(|b| !b.is_ascii_whitespace()) == Some(b'{')
+}
+
+/// The end (exclusive) of the last complete event in `buf`.
+fn last_event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memmem::rfind(buf, b"\n\n").map(|p| p + 2);
+    let crlf = memmem::rfind(buf, b"\r\n\r\n").map(|p| p + 4);
+    lf.max(crlf)
+}
+
+/// The `data:` payload of one event (lines joined with `\n`, as the SSE spec says).
+fn event_data(event: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            if !out.is_empty() {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+impl<B> Body for SseRelay<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(b) = this.ready.pop_front() {
+                if !this.seen_first_byte {
+                    this.seen_first_byte = true;
+                    if let Some(c) = this.charge.as_mut() {
+                        c.first_byte();
+                    }
+                }
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if this.charge.is_none() {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.push(data);
+                    }
+                }
+                Some(Err(e)) => {
+                    this.settle(Outcome::UpstreamError);
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                None => {
+                    if !this.pending.is_empty() {
+                        let rest = this.pending.split().freeze();
+                        this.inspect(rest);
+                    }
+                    this.settle(Outcome::Success);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.charge.is_none() && self.ready.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl<B> Drop for SseRelay<B> {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away. What the upstream already reported is
+        // still charged.
+        self.settle(Outcome::ClientGone);
+    }
+}

@@ -1,0 +1,72 @@
+//! Process-wide state shared by every request: the current config snapshot (swapped atomically
+//! on reload), the upstream client, the usage ledger, and settings.
+
+use crate::accounting::Ledger;
+use crate::snapshot::{BuildError, Snapshot};
+use crate::upstream;
+use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate_crds::GatewayConfig;
+
+/// Settings from the command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Whether `/metrics` has per-key series.
+    pub per_key_metrics: bool,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 << 20,
+            per_key_metrics: false,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Shared state.
+pub struct AppState {
+    /// The config requests are served from. Loaded once per request.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Upstream HTTP client (pooled).
+    pub client: upstream::Client,
+    /// Usage counters, across reloads.
+    pub ledger: Ledger,
+    /// Settings.
+    pub settings: Settings,
+    /// Prometheus renderer, when the binary installed the recorder.
+    pub prometheus: Option<PrometheusHandle>,
+}
+
+impl AppState {
+    /// State serving `config`.
+    pub fn new(
+        config: &GatewayConfig,
+        settings: Settings,
+        prometheus: Option<PrometheusHandle>,
+    ) -> Result<Arc<Self>, BuildError> {
+        let ledger = Ledger::default();
+        let snapshot = Snapshot::build(config, &ledger)?;
+        Ok(Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            client: upstream::client(settings.connect_timeout),
+            ledger,
+            settings,
+            prometheus,
+        }))
+    }
+
+    /// Swaps in `config`. In-flight requests finish on the snapshot they started with.
+    pub fn install(&self, config: &GatewayConfig) -> Result<(), BuildError> {
+        let snapshot = Snapshot::build(config, &self.ledger)?;
+        self.snapshot.store(Arc::new(snapshot));
+        Ok(())
+    }
+}
