@@ -270,19 +270,6 @@ fn upstream_error(
                 ),
             ))
         }
-        400..=499 if openai_shaped => {
-            charge.settle(None, Outcome::Rejected);
-            let mut out = Response::new(Body::from(body));
-            *out.status_mut() = status;
-            out.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            if let Some(ra) = headers.get(header::RETRY_AFTER) {
-                out.headers_mut().insert(header::RETRY_AFTER, ra.clone());
-            }
-            Ok(out)
-        }
         429 => {
             charge.settle(None, Outcome::UpstreamError);
             let mut e = ApiError::bad_gateway(
@@ -295,6 +282,19 @@ fn upstream_error(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
             Err(e)
+        }
+        400..=499 if openai_shaped => {
+            charge.settle(None, Outcome::Rejected);
+            let mut out = Response::new(Body::from(body));
+            *out.status_mut() = status;
+            out.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            if let Some(ra) = headers.get(header::RETRY_AFTER) {
+                out.headers_mut().insert(header::RETRY_AFTER, ra.clone());
+            }
+            Ok(out)
         }
         400..=499 => {
             charge.settle(None, Outcome::Rejected);

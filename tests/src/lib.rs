@@ -1,1 +1,355 @@
+//! Test harness for end-to-end tests: the real `tollgate-dataplane` binary as a child process,
+//! and mock upstreams that are real HTTP servers on 127.0.0.1 with scripted behaviour and
+//! counters. Every test gets its own processes, ports and files, so tests run in parallel.
+//!
+//! The e2e tests live beside the binary they drive (`dataplane/tests/`), so cargo builds the
+//! binary first and hands its path over as `CARGO_BIN_EXE_*`.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "test harness: a failed set-up should panic loudly"
+)]
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+use tollgate_crds::config::MockConfig;
+use tollgate_dataplane::mock::Mock;
+use tollgate_dataplane::request::Endpoint;
+
+/// A running `tollgate-dataplane` process serving manifests from its own temp dir.
+pub struct Gateway {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gateway {
+    /// Starts `bin` on a free port with `manifests` (multi-document YAML) and extra flags. The
+    /// manifests are re-read every 100 ms.
+    pub fn start(bin: &str, manifests: &str, extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gateway.yaml"), manifests).unwrap();
+        let mut child = Command::new(bin)
+            .arg("--manifests")
+            .arg(dir.path())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--reload-interval",
+                "100ms",
+                "--worker-threads",
+                "2",
+            ])
+            .args(extra_args)
+            .env("RUST_LOG", "info,tollgate_dataplane=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let addr = addr.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "gateway did not start; its log:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Self {
+            child,
+            addr,
+            dir,
+            logs,
+        }
+    }
+
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The manifest directory.
+    pub fn manifest_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Replaces the manifests (the gateway reloads them).
+    pub fn write_manifests(&self, manifests: &str) {
+        // Write then rename, so the gateway never reads a half-written file.
+        let tmp = self.dir.path().join(".gateway.yaml.tmp");
+        std::fs::write(&tmp, manifests).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("gateway.yaml")).unwrap();
+    }
+
+    /// Everything the gateway logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.logs().contains(needle))
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// Like [`wait_until`], for async tests: sleeps without blocking the test's runtime (which
+/// drives the test's own HTTP connections).
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+/// Path of a workspace binary when the caller has no `CARGO_BIN_EXE_*` for it.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug").join(name)
+}
+
+/// What a mock upstream does with every request.
+#[derive(Clone, Debug)]
+pub enum Behavior {
+    /// Answers like an OpenAI-compatible server, from the mock provider's code.
+    Ok(MockConfig),
+    /// Answers every request with this status and body.
+    Status(u16, &'static str),
+    /// Answers 200 with a body that isn't JSON.
+    Garbage,
+    /// Streams `chunks` SSE events `delay` apart, noting whether the client stayed to the end.
+    SlowStream {
+        /// Events to send.
+        chunks: usize,
+        /// Delay between them.
+        delay: Duration,
+    },
+}
+
+/// Counters of a mock upstream.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests received.
+    pub requests: AtomicUsize,
+    /// Streams whose body was dropped before the end (the peer went away).
+    pub streams_cancelled: AtomicUsize,
+    /// Streams sent to the end.
+    pub streams_completed: AtomicUsize,
+    /// The last request's body.
+    pub last_body: Mutex<Option<Bytes>>,
+    /// The last request's `Authorization` header.
+    pub last_auth: Mutex<Option<String>>,
+    /// The last request's path.
+    pub last_path: Mutex<Option<String>>,
+}
+
+impl Stats {
+    /// Requests received.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// The last request body as JSON.
+    pub fn last_json(&self) -> serde_json::Value {
+        let body = self.last_body.lock().unwrap().clone().unwrap_or_default();
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A mock upstream: a real HTTP server on 127.0.0.1, on its own thread and runtime.
+pub struct MockUpstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its counters.
+    pub stats: Arc<Stats>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+struct StreamGuard {
+    stats: Arc<Stats>,
+    done: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let c = if self.done {
+            &self.stats.streams_completed
+        } else {
+            &self.stats.streams_cancelled
+        };
+        c.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl MockUpstream {
+    /// Starts a server with `behavior`.
+    pub fn start(behavior: Behavior) -> Self {
+        let stats = Arc::new(Stats::default());
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let st = stats.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let behavior = Arc::new(behavior);
+                let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+                    let behavior = behavior.clone();
+                    let st = st.clone();
+                    async move { respond(&behavior, &st, req).await }
+                });
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = shutdown_rx.await;
+                    })
+                    .await;
+            });
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        Self {
+            addr,
+            stats,
+            _shutdown: shutdown,
+        }
+    }
+
+    /// Base URL for an LLMModel's `url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+async fn respond(behavior: &Behavior, stats: &Arc<Stats>, req: axum::extract::Request) -> Response {
+    use http_body_util_shim::collect;
+    stats.requests.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    *stats.last_auth.lock().unwrap() = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    *stats.last_path.lock().unwrap() = Some(path.clone());
+    let body = collect(req.into_body()).await;
+    *stats.last_body.lock().unwrap() = Some(body.clone());
+    match behavior {
+        Behavior::Ok(cfg) => {
+            let endpoint = match path.as_str() {
+                "/v1/completions" => Endpoint::Completions,
+                "/v1/embeddings" => Endpoint::Embeddings,
+                _ => Endpoint::ChatCompletions,
+            };
+            tollgate_dataplane::mock::serve(&Mock::new(cfg), endpoint, body).await
+        }
+        Behavior::Status(code, body) => {
+            let status = http::StatusCode::from_u16(*code).unwrap();
+            (status, [("content-type", "application/json")], *body).into_response()
+        }
+        Behavior::Garbage => (http::StatusCode::OK, "<html>definitely not json").into_response(),
+        Behavior::SlowStream { chunks, delay } => {
+            let guard = StreamGuard {
+                stats: stats.clone(),
+                done: false,
+            };
+            let (chunks, delay) = (*chunks, *delay);
+            let stream = futures_util::stream::unfold(
+                (0usize, guard),
+                move |(i, mut guard)| async move {
+                    if i > chunks {
+                        return None;
+                    }
+                    if i > 0 {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let ev = if i == chunks {
+                        guard.done = true;
+                        Bytes::from_static(b"data: [DONE]\n\n")
+                    } else {
+                        Bytes::from(format!(
+                            "data: {{\"id\":\"s\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}}}}]}}\n\n"
+                        ))
+                    };
+                    Some((Ok::<_, std::convert::Infallible>(ev), (i + 1, guard)))
+                },
+            );
+            (
+                [("content-type", "text/event-stream")],
+                Body::from_stream(stream),
+            )
+                .into_response()
+        }
+    }
+}
+
+mod http_body_util_shim {
+    use axum::body::Body;
+    use bytes::Bytes;
+
+    pub async fn collect(body: Body) -> Bytes {
+        axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default()
+    }
+}
+
+/// A closed port on 127.0.0.1 (bound, then released), for connection-refused tests.
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}

@@ -1,0 +1,646 @@
+//! End-to-end: the real `tollgate-dataplane` binary, real mock upstreams over HTTP on
+//! 127.0.0.1, and a real HTTP client.
+
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use tollgate_crds::config::MockConfig;
+use tollgate_testkit::{Behavior, Gateway, MockUpstream, closed_port, eventually};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
+const KEY: &str = "sk-e2e-all-models-0001";
+const LIMITED_KEY: &str = "sk-e2e-only-mock-0002";
+const EXPIRED_KEY: &str = "sk-e2e-expired-00003";
+const PROVIDER_KEY: &str = "sk-provider-secret-do-not-log";
+
+/// A model `gpt` served by `upstream` (as `upstream-gpt`, $2.5/$10 per million), a built-in
+/// mock model `mock`, and three keys: all models, only `mock`, and expired.
+fn manifests(upstream: &str) -> String {
+    format!(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: LLMModel
+metadata: {{name: gpt, namespace: team-a}}
+spec:
+  modelName: gpt
+  provider: openai-compatible
+  upstreamModel: upstream-gpt
+  url: {upstream}
+  credentialsRef: {{name: provider}}
+  pricing: {{inputPerMillion: 2.5, outputPerMillion: 10}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: provider, namespace: team-a}}
+stringData: {{apiKey: {PROVIDER_KEY}}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: LLMModel
+metadata: {{name: mock}}
+spec:
+  modelName: mock
+  provider: mock
+  mock: {{promptTokens: 7, completionTokens: 3, reply: "one two three"}}
+  pricing: {{inputPerMillion: 1, outputPerMillion: 2}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: keys}}
+stringData: {{all: {KEY}, limited: {LIMITED_KEY}, expired: {EXPIRED_KEY}}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: VirtualKey
+metadata: {{name: all}}
+spec: {{secretRef: {{name: keys, key: all}}, team: platform}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: VirtualKey
+metadata: {{name: limited}}
+spec: {{secretRef: {{name: keys, key: limited}}, models: [mock]}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: VirtualKey
+metadata: {{name: expired}}
+spec: {{secretRef: {{name: keys, key: expired}}, expiresAt: "2020-01-01T00:00:00Z"}}
+"#
+    )
+}
+
+fn ok_upstream() -> MockUpstream {
+    MockUpstream::start(Behavior::Ok(MockConfig {
+        reply: "hello from upstream".into(),
+        prompt_tokens: Some(1000),
+        completion_tokens: Some(500),
+        ..Default::default()
+    }))
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+async fn post(
+    gw: &Gateway,
+    path: &str,
+    key: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    let mut req = client()
+        .post(gw.url(path))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    req.send().await.unwrap()
+}
+
+async fn error_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"].is_string() && v["error"]["type"].is_string(),
+        "not OpenAI-shaped: {v}"
+    );
+    (status, v["error"].clone())
+}
+
+fn chat(model: &str) -> String {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string()
+}
+
+async fn metric(gw: &Gateway, series: &str) -> Option<String> {
+    let text = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+}
+
+#[tokio::test]
+async fn chat_passes_through_with_cost_rename_and_provider_key() {
+    let up = ok_upstream();
+    let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
+    let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["x-tollgate-deployment"], "team-a/gpt");
+    // 1000 × $2.5/M + 500 × $10/M = 0.0025 + 0.005
+    assert_eq!(h["x-tollgate-cost-usd"], "0.0075");
+    assert!(!h["x-request-id"].is_empty());
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "hello from upstream"
+    );
+    assert_eq!(body["usage"]["prompt_tokens"], 1000);
+    // The upstream saw its own model name and the provider key, not the virtual key.
+    assert_eq!(up.stats.last_json()["model"], "upstream-gpt");
+    assert_eq!(
+        up.stats.last_auth.lock().unwrap().as_deref(),
+        Some(format!("Bearer {PROVIDER_KEY}").as_str())
+    );
+    assert_eq!(
+        up.stats.last_path.lock().unwrap().as_deref(),
+        Some("/v1/chat/completions")
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"tollgate_spend_usd_total{model="gpt",deployment="team-a/gpt"}"#
+        )
+        .await
+        .as_deref(),
+        Some("0.0075")
+    );
+    assert!(
+        !gw.logs().contains(PROVIDER_KEY),
+        "provider key leaked into logs"
+    );
+}
+
+#[tokio::test]
+async fn body_passes_through_byte_for_byte_when_nothing_changes() {
+    let up = ok_upstream();
+    let m = manifests(&up.base_url()).replace("upstreamModel: upstream-gpt", "upstreamModel: gpt");
+    let gw = Gateway::start(BIN, &m, &[]);
+    let body = r#"{ "model":"gpt",  "messages":[{"role":"user","content":"caf\u00e9"}], "temperature": 0.50 }"#;
+    let resp = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        up.stats.last_body.lock().unwrap().as_deref(),
+        Some(body.as_bytes())
+    );
+}
+
+async fn read_sse(resp: reqwest::Response) -> Vec<String> {
+    let text = resp.text().await.unwrap();
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn streaming_relays_events_and_charges_hidden_usage() {
+    let up = ok_upstream();
+    let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
+    let body =
+        json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let resp = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let events = read_sse(resp).await;
+    assert_eq!(events.last().map(String::as_str), Some("data: [DONE]"));
+    assert!(
+        events.iter().all(|e| !e.contains("\"usage\":{")),
+        "usage chunk leaked to a client that didn't ask: {events:?}"
+    );
+    let text: String = events
+        .iter()
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, "hello from upstream");
+    // The gateway asked the upstream for usage and charged it.
+    assert_eq!(
+        up.stats.last_json()["stream_options"]["include_usage"],
+        true
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"tollgate_spend_usd_total{model="gpt",deployment="team-a/gpt"}"#
+        )
+        .await
+        .as_deref(),
+        Some("0.0075")
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"tollgate_tokens_total{model="gpt",deployment="team-a/gpt",type="completion"}"#
+        )
+        .await
+        .as_deref(),
+        Some("500")
+    );
+
+    // A client that asks for usage gets the chunk, as the upstream sent it.
+    let body = json!({"model": "gpt", "stream": true, "stream_options": {"include_usage": true}, "messages": []}).to_string();
+    let events = read_sse(post(&gw, "/v1/chat/completions", Some(KEY), body).await).await;
+    let usage: Value =
+        serde_json::from_str(events[events.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 500);
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(
+        metric(
+            &gw,
+            r#"tollgate_spend_usd_total{model="gpt",deployment="team-a/gpt"}"#
+        )
+        .await
+        .as_deref(),
+        Some("0.015")
+    );
+}
+
+#[tokio::test]
+async fn completions_embeddings_and_models() {
+    let up = ok_upstream();
+    let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
+    let resp = post(
+        &gw,
+        "/v1/completions",
+        Some(KEY),
+        json!({"model": "gpt", "prompt": "say hi"}).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        up.stats.last_path.lock().unwrap().as_deref(),
+        Some("/v1/completions")
+    );
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], "hello from upstream");
+
+    let resp = post(
+        &gw,
+        "/v1/embeddings",
+        Some(KEY),
+        json!({"model": "gpt", "input": ["a b", "c"]}).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-tollgate-cost-usd"], "0.0025");
+    assert_eq!(
+        up.stats.last_path.lock().unwrap().as_deref(),
+        Some("/v1/embeddings")
+    );
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+
+    // The built-in mock serves the same endpoints.
+    let resp = post(
+        &gw,
+        "/v1/embeddings",
+        Some(LIMITED_KEY),
+        json!({"model": "mock", "input": "x"}).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 64);
+
+    let list = |key: &'static str| {
+        let url = gw.url("/v1/models");
+        async move {
+            let v: Value = client()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list(KEY).await, ["gpt", "mock"]);
+    assert_eq!(list(LIMITED_KEY).await, ["mock"]);
+}
+
+#[tokio::test]
+async fn auth_and_request_errors_are_openai_shaped() {
+    let up = ok_upstream();
+    let gw = Gateway::start(
+        BIN,
+        &manifests(&up.base_url()),
+        &["--max-body-bytes", "2048"],
+    );
+    let cases: Vec<(Option<&str>, String, u16, &str)> = vec![
+        (None, chat("gpt"), 401, "missing_api_key"),
+        (
+            Some("sk-not-a-real-key-000000"),
+            chat("gpt"),
+            401,
+            "invalid_api_key",
+        ),
+        (Some(EXPIRED_KEY), chat("gpt"), 401, "key_expired"),
+        (Some(LIMITED_KEY), chat("gpt"), 403, "model_not_allowed"),
+        (Some(KEY), chat("no-such-model"), 404, "model_not_found"),
+        (
+            Some(KEY),
+            "{\"model\": \"gpt\", ".into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            Some(KEY),
+            json!({"model": "gpt"}).to_string(),
+            400,
+            "missing_field",
+        ),
+        (
+            Some(KEY),
+            json!({"model": "gpt", "messages": [], "pad": "x".repeat(4096)}).to_string(),
+            413,
+            "request_too_large",
+        ),
+    ];
+    for (key, body, status, code) in cases {
+        let (s, e) = error_of(post(&gw, "/v1/chat/completions", key, body).await).await;
+        assert_eq!((s, e["code"].as_str().unwrap()), (status, code), "{e}");
+    }
+    // x-api-key works as well as Authorization.
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-api-key", LIMITED_KEY)
+        .header("x-request-id", "req-123")
+        .body(chat("mock"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "req-123");
+    // A body streamed without content-length is cut off at the limit too.
+    let chunks =
+        futures_util::stream::iter((0..10).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        Some(KEY),
+        reqwest::Body::wrap_stream(chunks),
+    )
+    .await;
+    assert_eq!(error_of(resp).await.0, 413);
+    // None of the refused requests reached the upstream.
+    assert_eq!(up.stats.requests(), 0);
+    let logs = gw.logs();
+    for secret in [
+        KEY,
+        LIMITED_KEY,
+        EXPIRED_KEY,
+        PROVIDER_KEY,
+        "sk-not-a-real-key",
+    ] {
+        assert!(!logs.contains(secret), "{secret} leaked into logs");
+    }
+}
+
+#[tokio::test]
+async fn upstream_failures_become_clear_gateway_errors() {
+    let cases = [
+        (
+            Behavior::Status(500, r#"{"error":{"message":"boom","type":"server_error"}}"#),
+            502,
+            "upstream_server_error",
+        ),
+        (Behavior::Garbage, 502, "upstream_invalid_response"),
+        (
+            Behavior::Status(
+                401,
+                r#"{"error":{"message":"Incorrect API key provided: sk-pro***log"}}"#,
+            ),
+            502,
+            "upstream_auth_error",
+        ),
+        (
+            Behavior::Status(429, r#"{"error":{"message":"slow down"}}"#),
+            429,
+            "upstream_rate_limited",
+        ),
+    ];
+    for (behavior, status, code) in cases {
+        let up = MockUpstream::start(behavior);
+        let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
+        let (s, e) =
+            error_of(post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await).await;
+        assert_eq!((s, e["code"].as_str().unwrap()), (status, code), "{e}");
+        assert!(
+            e["message"].as_str().unwrap().contains("team-a/gpt"),
+            "the message names the deployment: {e}"
+        );
+        assert!(
+            !e.to_string().contains("sk-pro"),
+            "upstream error body echoed: {e}"
+        );
+        assert_eq!(up.stats.requests(), 1);
+        assert_eq!(
+            metric(&gw, r#"tollgate_requests_total{model="gpt",deployment="team-a/gpt",outcome="upstream_error"}"#).await.as_deref(),
+            Some("1")
+        );
+    }
+    // An upstream's own validation error (OpenAI-shaped 400) reaches the client as sent.
+    let up = MockUpstream::start(Behavior::Status(
+        400,
+        r#"{"error":{"message":"max_tokens is too large","type":"invalid_request_error","code":null}}"#,
+    ));
+    let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
+    let (s, e) = error_of(post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await).await;
+    assert_eq!(
+        (s, e["message"].as_str().unwrap()),
+        (400, "max_tokens is too large")
+    );
+    // Nothing listening at all.
+    let gw = Gateway::start(
+        BIN,
+        &manifests(&format!("http://127.0.0.1:{}/v1", closed_port())),
+        &[],
+    );
+    let (s, e) = error_of(post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await).await;
+    assert_eq!(
+        (s, e["code"].as_str().unwrap()),
+        (503, "upstream_unreachable")
+    );
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_stream() {
+    let up = MockUpstream::start(Behavior::SlowStream {
+        chunks: 200,
+        delay: Duration::from_millis(50),
+    });
+    let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
+    let body = json!({"model": "gpt", "stream": true, "messages": []}).to_string();
+    let mut resp = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    // Read a couple of chunks, then hang up.
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    let _ = resp.chunk().await.unwrap();
+    drop(resp);
+    assert!(
+        eventually(Duration::from_secs(5), || up
+            .stats
+            .streams_cancelled
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1)
+        .await,
+        "the upstream stream was not cancelled"
+    );
+    assert_eq!(
+        up.stats
+            .streams_completed
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let gone =
+        r#"tollgate_requests_total{model="gpt",deployment="team-a/gpt",outcome="client_gone"}"#;
+    assert_eq!(metric(&gw, gone).await.as_deref(), Some("1"));
+}
+
+#[tokio::test]
+async fn reload_swaps_good_config_and_keeps_serving_on_a_bad_one() {
+    let up = ok_upstream();
+    let m = manifests(&up.base_url());
+    let gw = Gateway::start(BIN, &m, &[]);
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", Some(KEY), chat("new-model"))
+            .await
+            .status(),
+        404
+    );
+
+    // A good edit: a new model appears.
+    let added = format!(
+        "{m}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: new}}\nspec: {{modelName: new-model, provider: mock}}\n"
+    );
+    gw.write_manifests(&added);
+    assert!(
+        gw.wait_for_log("reloaded manifests", Duration::from_secs(10)),
+        "{}",
+        gw.logs()
+    );
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", Some(KEY), chat("new-model"))
+            .await
+            .status(),
+        200
+    );
+
+    // A bad edit: the old config keeps serving, and the log names the object and field.
+    let broken = added.replace(
+        "modelName: new-model, provider: mock",
+        "modelName: new-model, provider: mock, pricing: {inputPerMillion: -1}",
+    );
+    gw.write_manifests(&broken);
+    assert!(
+        gw.wait_for_log("still serving the previous config", Duration::from_secs(10)),
+        "{}",
+        gw.logs()
+    );
+    assert!(
+        gw.logs()
+            .contains("LLMModel default/new: spec.pricing.inputPerMillion"),
+        "{}",
+        gw.logs()
+    );
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", Some(KEY), chat("new-model"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt"))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn health_and_metrics_endpoints() {
+    let gw = Gateway::start(
+        BIN,
+        &manifests("http://127.0.0.1:9/v1"),
+        &["--per-key-metrics"],
+    );
+    let r = client()
+        .get(gw.url("/health/liveliness"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = client()
+        .get(gw.url("/health/readiness"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            v["status"].as_str(),
+            v["models"].as_u64(),
+            v["keys"].as_u64()
+        ),
+        (Some("ready"), Some(2), Some(3))
+    );
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", Some(LIMITED_KEY), chat("mock"))
+            .await
+            .status(),
+        200
+    );
+    // 7 × $1/M + 3 × $2/M
+    assert_eq!(
+        metric(
+            &gw,
+            r#"tollgate_key_spend_usd_total{key="default/limited"}"#
+        )
+        .await
+        .as_deref(),
+        Some("0.000013")
+    );
+    assert!(
+        metric(&gw, "tollgate_request_duration_seconds_bucket")
+            .await
+            .is_some()
+    );
+    let (s, e) = error_of(client().get(gw.url("/v1/nope")).send().await.unwrap()).await;
+    assert_eq!((s, e["code"].as_str().unwrap()), (404, "unknown_url"));
+}
+
+#[test]
+fn invalid_manifests_fail_startup_with_the_reason() {
+    let out = std::process::Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--manifests"])
+        .arg({
+            let dir = std::env::temp_dir().join(format!("tollgate-bad-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("m.yaml"), "apiVersion: tollgate.dev/v1alpha1\nkind: VirtualKey\nmetadata: {name: k}\nspec: {secretRef: {name: missing}}\n").unwrap();
+            dir
+        })
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("VirtualKey default/k: spec.secretRef: Secret default/missing not found"),
+        "{err}"
+    );
+}
