@@ -37,6 +37,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health/readiness", get(ready))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -76,7 +77,15 @@ async fn proxied(state: &AppState, endpoint: Endpoint, req: Request) -> Response
         Ok(r) => r,
         Err(e) => {
             log_error(&e, rid_str, endpoint);
-            e.into_response()
+            let too_large = e.status == StatusCode::PAYLOAD_TOO_LARGE;
+            let mut resp = e.into_response();
+            if too_large {
+                // The rest of the body was never read, so the connection can't carry another
+                // request: say so, rather than let a pooling client find out by a reset.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     };
     resp.headers_mut().insert(REQUEST_ID, rid);
@@ -181,5 +190,19 @@ async fn not_found(req: Request) -> Response {
         ),
     );
     e.status = StatusCode::NOT_FOUND;
-    e.into_response()
+    with_request_id(&req, e.into_response())
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let mut e = ApiError::bad_request(
+        "method_not_allowed",
+        format!("{} is not allowed on {}.", req.method(), req.uri().path()),
+    );
+    e.status = StatusCode::METHOD_NOT_ALLOWED;
+    with_request_id(&req, e.into_response())
+}
+
+fn with_request_id(req: &Request, mut resp: Response) -> Response {
+    resp.headers_mut().insert(REQUEST_ID, request_id(req));
+    resp
 }

@@ -250,11 +250,6 @@ def test_request_id_is_echoed_on_errors(gateway, http: httpx.Client):
     assert ei.value.request_id == "py-err-404"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: the fallback (unknown URL) 404 has no x-request-id, though every other "
-    "error response carries one",
-)
 def test_unknown_url_carries_request_id(http: httpx.Client):
     r = http.post("/v1/assistants", headers={"x-request-id": "py-err-url"}, json={})
     assert r.status_code == 404
@@ -330,12 +325,6 @@ def _send_chunked_and_read(host: str, port: int, head: bytes, body: bytes) -> tu
     return data.split(b"\r\n\r\n", 1)[0], closed
 
 
-@pytest.mark.xfail(
-    strict=False,  # whether/when the server closes is timing-dependent in principle
-    reason="gateway bug: after a 413 the server closes the keep-alive connection without "
-    "sending `connection: close`, so a client that pools connections may send its next request "
-    "on a dead socket ('Server disconnected'); the SDK's retries usually hide it",
-)
 def test_413_that_closes_the_connection_says_so(gateway):
     url = httpx.URL(gateway.base_url)
     head = (
@@ -351,11 +340,6 @@ def test_413_that_closes_the_connection_says_so(gateway):
         assert headers.get("connection", "").lower() == "close", headers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: the router's 405 (wrong method on a known path) has an empty body "
-    "and no x-request-id instead of an OpenAI-shaped error",
-)
 def test_wrong_method_is_openai_shaped_405(http: httpx.Client):
     r = http.get(
         "/v1/chat/completions",

@@ -1,0 +1,23 @@
+# One entry point for every task. `make help` lists them.
+.PHONY: help run test fmt lint generate bench
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+run: ## Serve the quickstart manifests on 127.0.0.1:4000
+	cargo run --release -p tollgate-dataplane -- --manifests examples/quickstart --listen 127.0.0.1:4000
+
+test: ## Every check and test, with its own set-up (what CI runs)
+	./scripts/test.sh
+
+fmt: ## Format the code
+	cargo fmt --all
+
+lint: ## Clippy, warnings as errors
+	cargo clippy --workspace --all-targets -- -D warnings
+
+generate: ## Regenerate the CRD YAML in charts/tollgate/crds
+	cargo run -q -p tollgate-crds --bin crdgen
+
+bench: ## Gateway vs direct vs nginx, in one run
+	./bench/run.sh
