@@ -621,3 +621,112 @@ pub fn compile(objects: &Objects) -> (GatewayConfig, Vec<ObjectError>) {
     }
     (config, errors.list)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::parse_into;
+
+    const BASE: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: LLMModel
+metadata: {name: a}
+spec: {modelName: a, provider: mock}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: LLMModel
+metadata: {name: b}
+spec: {modelName: b, provider: mock}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: s}
+stringData: {key: sk-0123456789abcdef, other: sk-fedcba9876543210, short: abc}
+"#;
+
+    fn errors_of(extra: &str) -> Vec<String> {
+        let mut o = Objects::default();
+        let text = format!("{BASE}---\n{extra}");
+        let parse = parse_into(&mut o, &text, "t.yaml");
+        assert!(parse.is_empty(), "{parse:?}");
+        compile(&o).1.into_iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn duplicate_objects_are_reported_on_the_second() {
+        let e = errors_of(
+            "apiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {name: a}\nspec: {modelName: z, provider: mock}\n",
+        );
+        assert_eq!(
+            e,
+            ["LLMModel default/a: metadata.name: defined more than once"]
+        );
+    }
+
+    #[test]
+    fn unknown_references_are_reported() {
+        let e = errors_of(
+            "apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: p}\nspec: {models: [a], fallbacks: [nope]}\n",
+        );
+        assert_eq!(
+            e,
+            [r#"RoutePolicy default/p: spec.fallbacks[0]: no LLMModel has modelName "nope""#]
+        );
+        let e = errors_of(
+            "apiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {name: o}\nspec: {modelName: o, provider: openai, url: 'https://api.openai.com/v1', credentialsRef: {name: s, key: missing}}\n",
+        );
+        assert_eq!(
+            e,
+            [r#"LLMModel default/o: spec.credentialsRef: Secret default/s has no key "missing""#]
+        );
+    }
+
+    #[test]
+    fn fallback_loops_across_policies_are_rejected() {
+        let e = errors_of(
+            "apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: p1}\nspec: {models: [a], fallbacks: [b]}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: p2}\nspec: {models: [b], fallbacks: [a]}\n",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("fallback loop: a -> b -> a"), "{e:?}");
+    }
+
+    #[test]
+    fn keys_must_be_long_and_unique() {
+        let key = |name: &str, k: &str| {
+            format!(
+                "apiVersion: tollgate.dev/v1alpha1\nkind: VirtualKey\nmetadata: {{name: {name}}}\nspec: {{secretRef: {{name: s, key: {k}}}}}\n"
+            )
+        };
+        let e = errors_of(&key("k", "short"));
+        assert!(e[0].contains("at least 16 characters"), "{e:?}");
+        let e = errors_of(&format!("{}---\n{}", key("k1", "key"), key("k2", "key")));
+        assert_eq!(
+            e,
+            ["VirtualKey default/k2: spec.secretRef: uses the same key as VirtualKey default/k1"]
+        );
+    }
+
+    #[test]
+    fn backends_must_be_exactly_one_valid_url() {
+        let model = |spec: &str| {
+            format!(
+                "apiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: m}}\nspec: {{modelName: m, {spec}}}\n"
+            )
+        };
+        let e = errors_of(&model("provider: openai-compatible"));
+        assert!(e[0].contains("exactly one of url"), "{e:?}");
+        let e = errors_of(&model("provider: openai-compatible, url: 'ftp://x'"));
+        assert!(
+            e[0].contains("spec.url") && e[0].contains("http://"),
+            "{e:?}"
+        );
+        let e = errors_of(&model(
+            "provider: openai-compatible, serviceRef: {name: vllm, port: 8000}",
+        ));
+        assert!(e[0].contains("needs spec.url"), "{e:?}");
+        let e = errors_of(&model(
+            "provider: anthropic, url: 'https://api.anthropic.com'",
+        ));
+        assert!(e[0].contains("not supported by this version yet"), "{e:?}");
+    }
+}

@@ -103,6 +103,7 @@ impl Outcome {
 /// What one request owes, settled once with its real usage.
 #[derive(Debug)]
 pub struct Charge {
+    request_id: http::HeaderValue,
     key: Arc<RuntimeKey>,
     deployment: Arc<RuntimeDeployment>,
     started: Instant,
@@ -111,8 +112,14 @@ pub struct Charge {
 
 impl Charge {
     /// Opens a charge for a request by `key` served by `deployment`.
-    pub fn new(key: Arc<RuntimeKey>, deployment: Arc<RuntimeDeployment>, started: Instant) -> Self {
+    pub fn new(
+        request_id: http::HeaderValue,
+        key: Arc<RuntimeKey>,
+        deployment: Arc<RuntimeDeployment>,
+        started: Instant,
+    ) -> Self {
         Self {
+            request_id,
             key,
             deployment,
             started,
@@ -146,6 +153,20 @@ impl Charge {
         if let Some(fb) = self.first_byte {
             m.ttfb.record(fb.duration_since(self.started).as_secs_f64());
         }
+        let u = usage.unwrap_or_default();
+        tracing::debug!(
+            target: "tollgate::access",
+            request_id = self.request_id.to_str().unwrap_or(""),
+            key = self.key.config.id,
+            model = &*d.model,
+            deployment = &*d.id,
+            outcome = outcome.as_str(),
+            prompt_tokens = u.prompt,
+            completion_tokens = u.completion,
+            cost_usd = %cost,
+            duration_ms = now.duration_since(self.started).as_millis() as u64,
+            "request settled"
+        );
         cost
     }
 }

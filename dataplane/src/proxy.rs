@@ -68,9 +68,10 @@ pub async fn handle(
     state: &AppState,
     endpoint: Endpoint,
     req: Request<Body>,
-    request_id: &str,
+    rid: &HeaderValue,
 ) -> Result<Response> {
     let started = Instant::now();
+    let request_id = rid.to_str().unwrap_or("");
     let snapshot = state.snapshot.load_full();
     let (parts, body) = req.into_parts();
     let key = authenticate(&snapshot, &parts.headers, now_unix())?;
@@ -95,7 +96,7 @@ pub async fn handle(
             )
         })?
         .clone();
-    let charge = Charge::new(key, deployment.clone(), started);
+    let charge = Charge::new(rid.clone(), key, deployment.clone(), started);
     let resp = match &deployment.target {
         Target::Mock(mock) => {
             if !mock.latency.is_zero() {

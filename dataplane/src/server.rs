@@ -73,7 +73,7 @@ fn request_id(req: &Request) -> HeaderValue {
 async fn proxied(state: &AppState, endpoint: Endpoint, req: Request) -> Response {
     let rid = request_id(&req);
     let rid_str = rid.to_str().unwrap_or("");
-    let mut resp = match crate::proxy::handle(state, endpoint, req, rid_str).await {
+    let mut resp = match crate::proxy::handle(state, endpoint, req, &rid).await {
         Ok(r) => r,
         Err(e) => {
             log_error(&e, rid_str, endpoint);

@@ -167,6 +167,19 @@ async fn chat_passes_through_with_cost_rename_and_provider_key() {
         !gw.logs().contains(PROVIDER_KEY),
         "provider key leaked into logs"
     );
+    // The access line carries the request id, the key id (never the key), and the cost.
+    let rid = h["x-request-id"].to_str().unwrap();
+    let line = gw
+        .logs()
+        .lines()
+        .find(|l| l.contains("request settled") && l.contains(rid))
+        .map(str::to_string);
+    let line = line.unwrap_or_else(|| panic!("no access line for {rid}:\n{}", gw.logs()));
+    assert!(
+        line.contains("key=\"default/all\"") && line.contains("cost_usd=0.0075"),
+        "{line}"
+    );
+    assert!(!line.contains(KEY), "{line}");
 }
 
 #[tokio::test]

@@ -51,7 +51,10 @@ impl Gateway {
                 "2",
             ])
             .args(extra_args)
-            .env("RUST_LOG", "info,tollgate_dataplane=debug")
+            .env(
+                "RUST_LOG",
+                "info,tollgate_dataplane=debug,tollgate::access=debug",
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
