@@ -1,0 +1,545 @@
+#!/usr/bin/env bash
+# Tollgate benchmark harness.
+#
+# Starts the mock upstream (tollgate-mock, one tokio thread), the Tollgate data plane and nginx
+# (a plain keep-alive reverse proxy) as separate processes on 127.0.0.1, drives the same load at
+# each of (a) the upstream directly, (b) Tollgate, (c) nginx with wrk, and prints requests/s,
+# p50/p99 latency, the ratios between them and the idle RSS of both proxies.
+#
+# Usage: bench/run.sh [options]
+#   --markdown FILE        also write the results as markdown tables to FILE
+#   --duration SECS        length of each measured load run (default 5)
+#   --warmup SECS          unmeasured run before each measured one (default 1)
+#   --rounds N             measure every (scenario, target) N times, report the median (default 2)
+#   --gateway-threads N    Tollgate worker threads (default 2)
+#   --nginx-workers N      nginx worker processes (default 2)
+#   --chunks N             content chunks per streamed response (default 20)
+#   --pin                  pin wrk + mock to CPU 0 and the proxy under test to CPU 1
+#                          (use with --gateway-threads 1 --nginx-workers 1)
+#   --perf DIR             afterwards, profile Tollgate with `perf record` under load and count
+#                          syscalls per request of Tollgate and nginx; reports go to DIR
+#   --no-build             use the binaries already in target/release
+#   --bin-dir DIR          where tollgate-dataplane and tollgate-mock are (default target/release)
+#   -h, --help
+#
+# Needs wrk and nginx (installed with apt-get when missing), curl and cargo. The load takes
+# 9 * rounds * (duration + warmup) seconds (108 s by default), plus startup, the build and --perf.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DURATION=5
+WARMUP=1
+ROUNDS=2
+GW_THREADS=2
+NGINX_WORKERS=2
+CHUNKS=20
+PIN=0
+PERF_DIR=""
+BUILD=1
+MARKDOWN=""
+BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+
+KEY="sk-bench-0123456789abcdef"
+BODY='{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
+STREAM_BODY='{"model":"bench","messages":[{"role":"user","content":"hello"}],"stream":true}'
+
+die() { echo "run.sh: $*" >&2; exit 1; }
+log() { echo "[bench] $*" >&2; }
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --markdown) MARKDOWN="$2"; shift 2 ;;
+        --duration) DURATION="$2"; shift 2 ;;
+        --warmup) WARMUP="$2"; shift 2 ;;
+        --rounds) ROUNDS="$2"; shift 2 ;;
+        --gateway-threads) GW_THREADS="$2"; shift 2 ;;
+        --nginx-workers) NGINX_WORKERS="$2"; shift 2 ;;
+        --chunks) CHUNKS="$2"; shift 2 ;;
+        --pin) PIN=1; shift ;;
+        --perf) PERF_DIR="$2"; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        --bin-dir) BIN_DIR="$2"; shift 2 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+[[ -n "$MARKDOWN" && "$MARKDOWN" != /* ]] && MARKDOWN="$PWD/$MARKDOWN"
+[[ -n "$PERF_DIR" && "$PERF_DIR" != /* ]] && PERF_DIR="$PWD/$PERF_DIR"
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+# ---------------------------------------------------------------------------------------------
+PATH="$PATH:/usr/sbin:/sbin"
+APT_UPDATED=0
+apt_install() {
+    local sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    if [[ $APT_UPDATED -eq 0 ]]; then
+        $sudo apt-get update -qq
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@"
+}
+command -v wrk >/dev/null || apt_install wrk
+command -v nginx >/dev/null || apt_install nginx-light || apt_install nginx
+command -v curl >/dev/null || apt_install curl
+if [[ -n "$PERF_DIR" ]] && ! command -v perf >/dev/null; then
+    apt_install linux-perf || log "linux-perf not installable; skipping the profile"
+fi
+command -v wrk >/dev/null && command -v nginx >/dev/null || die "wrk and nginx are needed"
+
+PIN_LOAD=()
+PIN_PROXY=()
+if [[ $PIN -eq 1 ]]; then
+    [[ $(nproc) -ge 2 ]] || die "--pin needs 2 CPUs"
+    PIN_LOAD=(taskset -c 0)
+    PIN_PROXY=(taskset -c 1)
+fi
+
+if [[ $BUILD -eq 1 ]]; then
+    log "building release binaries"
+    (cd "$ROOT" && cargo build --release -q -p tollgate-dataplane) || die "cargo build failed"
+fi
+GATEWAY="$BIN_DIR/tollgate-dataplane"
+MOCK="$BIN_DIR/tollgate-mock"
+[[ -x "$GATEWAY" && -x "$MOCK" ]] || die "no binaries in $BIN_DIR (build with cargo build --release -p tollgate-dataplane)"
+
+# ---------------------------------------------------------------------------------------------
+# Processes (everything started here is stopped on exit)
+# ---------------------------------------------------------------------------------------------
+TMP="$(mktemp -d -t tollgate-bench.XXXXXX)"
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Waits for "listening on 127.0.0.1:PORT" in a log and prints the port.
+wait_listening() {
+    local name="$1" file="$2" pid="$3" i port
+    for ((i = 0; i < 300; i++)); do
+        port="$(grep -o 'listening on 127\.0\.0\.1:[0-9]*' "$file" 2>/dev/null | head -n1 | cut -d: -f2 || true)"
+        if [[ -n "$port" ]]; then
+            echo "$port"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || { cat "$file" >&2; die "$name exited during startup"; }
+        sleep 0.1
+    done
+    cat "$file" >&2
+    die "$name did not start within 30 s"
+}
+
+free_port() {
+    local p i
+    for ((i = 0; i < 100; i++)); do
+        p=$((20000 + RANDOM % 20000))
+        if [[ -z "$(ss -Htln "sport = :$p" 2>/dev/null)" ]]; then
+            echo "$p"
+            return 0
+        fi
+    done
+    die "no free port found"
+}
+
+cpu_ticks() { # pids... -> their utime + stime, in clock ticks
+    local sum=0 p
+    for p in "$@"; do
+        sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo "$sum"
+}
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+children() { ps -o pid= --ppid "$1" | tr -d ' '; }
+
+# The upstream: one tokio thread, a fixed reply, 20 content chunks per stream.
+"${PIN_LOAD[@]}" "$MOCK" --listen 127.0.0.1:0 --threads 1 --chunks "$CHUNKS" \
+    --prompt-tokens 12 --completion-tokens 25 >"$TMP/mock.log" 2>&1 &
+MOCK_PID=$!
+PIDS+=("$MOCK_PID")
+MOCK_PORT="$(wait_listening tollgate-mock "$TMP/mock.log" "$MOCK_PID")"
+
+# Tollgate: one model on the mock, one virtual key; auth and cost accounting are on.
+cat >"$TMP/manifests.yaml" <<EOF
+apiVersion: tollgate.dev/v1alpha1
+kind: LLMModel
+metadata: {name: bench}
+spec:
+  modelName: bench
+  provider: openai-compatible
+  url: http://127.0.0.1:$MOCK_PORT/v1
+  pricing: {inputPerMillion: 2.5, outputPerMillion: 10}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: bench-key}
+stringData: {key: $KEY}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: VirtualKey
+metadata: {name: bench}
+spec:
+  secretRef: {name: bench-key}
+EOF
+"${PIN_PROXY[@]}" "$GATEWAY" --manifests "$TMP/manifests.yaml" --listen 127.0.0.1:0 \
+    --worker-threads "$GW_THREADS" >"$TMP/gateway.log" 2>&1 &
+GW_PID=$!
+PIDS+=("$GW_PID")
+GW_PORT="$(wait_listening tollgate-dataplane "$TMP/gateway.log" "$GW_PID")"
+
+# nginx: a plain keep-alive reverse proxy to the same mock.
+NGINX_PORT="$(free_port)"
+mkdir -p "$TMP/nginx"
+cat >"$TMP/nginx/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes $NGINX_WORKERS;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events {
+    worker_connections 4096;
+}
+http {
+    access_log off;
+    client_body_temp_path $TMP/nginx/client_body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    tcp_nodelay on;
+    upstream mock {
+        server 127.0.0.1:$MOCK_PORT;
+        keepalive 64;
+        keepalive_requests 10000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+"${PIN_PROXY[@]}" nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log" \
+    >"$TMP/nginx/stdout.log" 2>&1 &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+for ((i = 0; i < 300; i++)); do
+    [[ -n "$(ss -Htln "sport = :$NGINX_PORT" 2>/dev/null)" ]] && break
+    kill -0 "$NGINX_PID" 2>/dev/null || { cat "$TMP/nginx/error.log" "$TMP/nginx/stdout.log" >&2 || true; die "nginx exited during startup"; }
+    sleep 0.1
+done
+for ((i = 0; i < 100; i++)); do
+    [[ $(children "$NGINX_PID" | wc -l) -ge $NGINX_WORKERS ]] && break
+    sleep 0.1
+done
+sleep 1 # let every process settle before sampling idle memory
+
+GW_IDLE_KB="$(rss_kb "$GW_PID")"
+NGINX_IDLE_KB="$(rss_kb "$NGINX_PID")"
+for c in $(children "$NGINX_PID"); do
+    NGINX_IDLE_KB=$((NGINX_IDLE_KB + $(rss_kb "$c")))
+done
+MOCK_IDLE_KB="$(rss_kb "$MOCK_PID")"
+
+declare -A URL=(
+    [direct]="http://127.0.0.1:$MOCK_PORT/v1/chat/completions"
+    [tollgate]="http://127.0.0.1:$GW_PORT/v1/chat/completions"
+    [nginx]="http://127.0.0.1:$NGINX_PORT/v1/chat/completions"
+)
+TARGETS=(direct tollgate nginx)
+# The process(es) doing the serving for each target, whose CPU time is counted.
+target_pids() {
+    case "$1" in
+        direct) echo "$MOCK_PID" ;;
+        tollgate) echo "$GW_PID" ;;
+        nginx) children "$NGINX_PID" ;;
+    esac
+}
+CLK_TCK="$(getconf CLK_TCK)"
+log "mock :$MOCK_PORT (pid $MOCK_PID), tollgate :$GW_PORT (pid $GW_PID, $GW_THREADS threads), nginx :$NGINX_PORT (pid $NGINX_PID, $NGINX_WORKERS workers)"
+
+# ---------------------------------------------------------------------------------------------
+# Sanity: every target answers 200 with the same body; Tollgate really authenticates and prices.
+# ---------------------------------------------------------------------------------------------
+post() { # url body [extra curl args...] -> headers + body on stdout
+    local url="$1" body="$2"
+    shift 2
+    curl -sS -i --max-time 5 -H 'Content-Type: application/json' -H "Authorization: Bearer $KEY" \
+        --data-binary "$body" "$@" "$url"
+}
+STREAM_EVENTS=0
+for t in "${TARGETS[@]}"; do
+    out="$(post "${URL[$t]}" "$BODY")" || die "$t: request failed"
+    grep -q '^HTTP/1.1 200' <<<"$out" || { echo "$out" >&2; die "$t: non-streaming request did not return 200"; }
+    grep -q '"chat.completion"' <<<"$out" || { echo "$out" >&2; die "$t: unexpected non-streaming body"; }
+    out="$(post "${URL[$t]}" "$STREAM_BODY")" || die "$t: streaming request failed"
+    grep -q '^HTTP/1.1 200' <<<"$out" || { echo "$out" >&2; die "$t: streaming request did not return 200"; }
+    grep -q 'data: \[DONE\]' <<<"$out" || { echo "$out" >&2; die "$t: stream did not end with [DONE]"; }
+    STREAM_EVENTS="$(grep -c '^data: ' <<<"$out")"
+done
+out="$(post "${URL[tollgate]}" "$BODY")"
+grep -qi '^x-tollgate-cost-usd:' <<<"$out" || { echo "$out" >&2; die "tollgate: no x-tollgate-cost-usd header (cost accounting off?)"; }
+code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H 'Content-Type: application/json' \
+    -H 'Authorization: Bearer sk-wrong' --data-binary "$BODY" "${URL[tollgate]}")"
+[[ "$code" == 401 ]] || die "tollgate: a wrong key got $code, not 401 (auth off?)"
+log "sanity ok: 200 everywhere, $STREAM_EVENTS SSE events per stream, tollgate prices and rejects bad keys"
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+write_lua() { # file body
+    cat >"$1" <<EOF
+wrk.method = "POST"
+wrk.body = '$2'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $KEY"
+
+done = function(summary, latency, requests)
+    local e = summary.errors
+    io.write(string.format("BENCH requests=%d duration_us=%d p50_us=%d p99_us=%d io_errors=%d status_errors=%d\n",
+        summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+        e.connect + e.read + e.write + e.timeout, e.status))
+end
+EOF
+}
+write_lua "$TMP/plain.lua" "$BODY"
+write_lua "$TMP/stream.lua" "$STREAM_BODY"
+
+# Scenarios: name|lua|connections
+SCENARIOS=(
+    "plain-c1|plain.lua|1"
+    "plain-c64|plain.lua|64"
+    "stream-c16|stream.lua|16"
+)
+declare -A RPS P50 P99 ERR CPU
+SAMPLES="$TMP/samples"
+: >"$SAMPLES"
+
+run_wrk() { # lua connections seconds url -> BENCH line
+    "${PIN_LOAD[@]}" wrk -t1 -c"$2" -d"$3"s --timeout 5s -s "$TMP/$1" "$4" | grep '^BENCH' || true
+}
+median1() { sort -n | awk '{a[NR] = $1} END {if (NR == 0) print 0; else if (NR % 2) print a[(NR + 1) / 2]; else printf "%.1f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+field() { sed -n "s/.*$1=\([0-9]*\).*/\1/p" <<<"$2"; }
+median() { sort -n | awk '{a[NR] = $1} END {if (NR == 0) print 0; else if (NR % 2) print a[(NR + 1) / 2]; else printf "%.0f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+
+unit() { [[ "$1" == stream-* ]] && echo "streams/s" || echo "req/s"; }
+
+for ((round = 1; round <= ROUNDS; round++)); do
+    for sc in "${SCENARIOS[@]}"; do
+        IFS='|' read -r name lua conns <<<"$sc"
+        for t in "${TARGETS[@]}"; do
+            [[ "$WARMUP" != 0 ]] && run_wrk "$lua" "$conns" "$WARMUP" "${URL[$t]}" >/dev/null
+            # shellcheck disable=SC2046
+            cpu0="$(cpu_ticks $(target_pids "$t"))"
+            line="$(run_wrk "$lua" "$conns" "$DURATION" "${URL[$t]}")"
+            # shellcheck disable=SC2046
+            cpu1="$(cpu_ticks $(target_pids "$t"))"
+            [[ -n "$line" ]] || die "wrk printed no result for $name $t"
+            reqs="$(field requests "$line")"
+            dur="$(field duration_us "$line")"
+            rps="$(awk -v r="$reqs" -v d="$dur" 'BEGIN {printf "%.0f", r / (d / 1e6)}')"
+            errs=$(($(field io_errors "$line") + $(field status_errors "$line")))
+            cpu="$(awk -v c=$((cpu1 - cpu0)) -v hz="$CLK_TCK" -v r="$reqs" 'BEGIN {printf "%.1f", r ? c * 1e6 / hz / r : 0}')"
+            echo "$name $t $rps $(field p50_us "$line") $(field p99_us "$line") $errs $cpu" >>"$SAMPLES"
+            log "round $round $name $t: $rps $(unit "$name"), p50 $(field p50_us "$line") µs, p99 $(field p99_us "$line") µs, errors $errs, CPU $cpu µs/req"
+        done
+    done
+done
+
+for sc in "${SCENARIOS[@]}"; do
+    IFS='|' read -r name _ _ <<<"$sc"
+    for t in "${TARGETS[@]}"; do
+        RPS[$name,$t]="$(awk -v n="$name" -v t="$t" '$1 == n && $2 == t {print $3}' "$SAMPLES" | median)"
+        P50[$name,$t]="$(awk -v n="$name" -v t="$t" '$1 == n && $2 == t {print $4}' "$SAMPLES" | median)"
+        P99[$name,$t]="$(awk -v n="$name" -v t="$t" '$1 == n && $2 == t {print $5}' "$SAMPLES" | median)"
+        CPU[$name,$t]="$(awk -v n="$name" -v t="$t" '$1 == n && $2 == t {print $7}' "$SAMPLES" | median1)"
+        ERR[$name,$t]="$(awk -v n="$name" -v t="$t" '$1 == n && $2 == t {s += $6} END {print s + 0}' "$SAMPLES")"
+    done
+done
+
+GW_HWM_KB="$(hwm_kb "$GW_PID")"
+GW_AFTER_KB="$(rss_kb "$GW_PID")"
+NGINX_AFTER_KB="$(rss_kb "$NGINX_PID")"
+for c in $(children "$NGINX_PID"); do
+    NGINX_AFTER_KB=$((NGINX_AFTER_KB + $(rss_kb "$c")))
+done
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b == 0) print "n/a"; else printf "%.2f", a / b}'; }
+mb() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
+verdict() { [[ "$1" == 1 ]] && echo "MET" || echo "MISSED"; }
+
+sub() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f", a - b}'; }
+ge() { awk -v a="$1" -v b="$2" 'BEGIN {print (a >= b) ? 1 : 0}'; }
+ADDED_GW="$(sub "${P50[plain-c1,tollgate]}" "${P50[plain-c1,direct]}")"
+ADDED_NGINX="$(sub "${P50[plain-c1,nginx]}" "${P50[plain-c1,direct]}")"
+THR_GN="$(ratio "${RPS[plain-c64,tollgate]}" "${RPS[plain-c64,nginx]}")"
+STR_GN="$(ratio "${RPS[stream-c16,tollgate]}" "${RPS[stream-c16,nginx]}")"
+T_THR="$(ge "${RPS[plain-c64,tollgate]}" "${RPS[plain-c64,nginx]}")"
+T_LAT="$(ge 50 "$ADDED_GW")"
+T_STR="$(ge "${RPS[stream-c16,tollgate]}" "${RPS[stream-c16,nginx]}")"
+T_RSS=$((GW_IDLE_KB <= 30 * 1024 ? 1 : 0))
+
+describe() {
+    case "$1" in
+        plain-c1) echo "non-streaming, c=1" ;;
+        plain-c64) echo "non-streaming, c=64" ;;
+        stream-c16) echo "streaming, c=16" ;;
+    esac
+}
+
+SETUP="$(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), wrk 1 thread, mock 1 thread, tollgate $GW_THREADS worker threads, nginx $NGINX_WORKERS workers, $( [[ $PIN -eq 1 ]] && echo "pinned: wrk+mock on CPU 0, proxy on CPU 1" || echo "not pinned"), ${DURATION}s per run after ${WARMUP}s warm-up, median of $ROUNDS round(s), $STREAM_EVENTS SSE events per stream"
+
+{
+    echo
+    echo "Tollgate benchmark: $SETUP"
+    echo
+    printf '%-22s %-9s %16s %8s %8s %12s %7s\n' scenario target "rate" "p50 µs" "p99 µs" "CPU µs/req" errors
+    for sc in "${SCENARIOS[@]}"; do
+        IFS='|' read -r name _ _ <<<"$sc"
+        for t in "${TARGETS[@]}"; do
+            printf '%-22s %-9s %16s %8s %8s %12s %7s\n' "$(describe "$name")" "$t" \
+                "${RPS[$name,$t]} $(unit "$name")" "${P50[$name,$t]}" "${P99[$name,$t]}" "${CPU[$name,$t]}" "${ERR[$name,$t]}"
+        done
+    done
+    echo "(CPU µs/req: user + system time of the serving process per request: the mock for direct, the proxy alone for tollgate and nginx)"
+    echo
+    echo "Ratios"
+    for name in plain-c1 plain-c64 stream-c16; do
+        printf '  %-22s tollgate/nginx %s   tollgate/direct %s   nginx/direct %s   (%s)\n' "$(describe "$name")" \
+            "$(ratio "${RPS[$name,tollgate]}" "${RPS[$name,nginx]}")" \
+            "$(ratio "${RPS[$name,tollgate]}" "${RPS[$name,direct]}")" \
+            "$(ratio "${RPS[$name,nginx]}" "${RPS[$name,direct]}")" "$(unit "$name")"
+    done
+    echo "  added p50 at c=1 over direct: tollgate ${ADDED_GW} µs, nginx ${ADDED_NGINX} µs"
+    echo
+    echo "Memory (VmRSS)"
+    echo "  idle:       tollgate $(mb "$GW_IDLE_KB") MB, nginx $(mb "$NGINX_IDLE_KB") MB (master + workers), mock $(mb "$MOCK_IDLE_KB") MB"
+    echo "  after load: tollgate $(mb "$GW_AFTER_KB") MB (peak $(mb "$GW_HWM_KB") MB), nginx $(mb "$NGINX_AFTER_KB") MB"
+    echo
+    echo "Targets"
+    echo "  throughput c=64 >= nginx:      $(verdict "$T_THR")  (tollgate/nginx $THR_GN)"
+    echo "  added p50 c=1 <= 50 µs:        $(verdict "$T_LAT")  (${ADDED_GW} µs)"
+    echo "  streams/s c=16 >= nginx:       $(verdict "$T_STR")  (tollgate/nginx $STR_GN)"
+    echo "  idle RSS <= 30 MB:             $(verdict "$T_RSS")  ($(mb "$GW_IDLE_KB") MB)"
+}
+
+if [[ -n "$MARKDOWN" ]]; then
+    {
+        echo "Setup: $SETUP."
+        echo
+        echo "| scenario | target | rate | p50 µs | p99 µs | CPU µs/req | errors |"
+        echo "|---|---|---:|---:|---:|---:|---:|"
+        for sc in "${SCENARIOS[@]}"; do
+            IFS='|' read -r name _ _ <<<"$sc"
+            for t in "${TARGETS[@]}"; do
+                echo "| $(describe "$name") | $t | ${RPS[$name,$t]} $(unit "$name") | ${P50[$name,$t]} | ${P99[$name,$t]} | ${CPU[$name,$t]} | ${ERR[$name,$t]} |"
+            done
+        done
+        echo
+        echo "CPU µs/req: user + system time of the serving process(es) per request: the mock for direct, the proxy alone (not the mock) for tollgate and nginx."
+        echo
+        echo "| ratio | non-streaming c=1 | non-streaming c=64 | streaming c=16 |"
+        echo "|---|---:|---:|---:|"
+        for pair in "tollgate nginx" "tollgate direct" "nginx direct"; do
+            read -r a b <<<"$pair"
+            echo "| $a / $b | $(ratio "${RPS[plain-c1,$a]}" "${RPS[plain-c1,$b]}") | $(ratio "${RPS[plain-c64,$a]}" "${RPS[plain-c64,$b]}") | $(ratio "${RPS[stream-c16,$a]}" "${RPS[stream-c16,$b]}") |"
+        done
+        echo
+        echo "Added p50 latency at c=1 over direct: Tollgate **${ADDED_GW} µs**, nginx ${ADDED_NGINX} µs."
+        echo
+        echo "| memory (VmRSS) | idle | after the load runs |"
+        echo "|---|---:|---:|"
+        echo "| tollgate-dataplane | $(mb "$GW_IDLE_KB") MB | $(mb "$GW_AFTER_KB") MB (peak $(mb "$GW_HWM_KB") MB) |"
+        echo "| nginx (master + $NGINX_WORKERS workers) | $(mb "$NGINX_IDLE_KB") MB | $(mb "$NGINX_AFTER_KB") MB |"
+        echo
+        echo "| target | result | measured |"
+        echo "|---|---|---|"
+        echo "| throughput at c=64 ≥ nginx | $(verdict "$T_THR") | tollgate/nginx $THR_GN |"
+        echo "| added p50 at c=1 ≤ 50 µs | $(verdict "$T_LAT") | ${ADDED_GW} µs |"
+        echo "| streams/s at c=16 ≥ nginx | $(verdict "$T_STR") | tollgate/nginx $STR_GN |"
+        echo "| idle RSS ≤ 30 MB | $(verdict "$T_RSS") | $(mb "$GW_IDLE_KB") MB |"
+    } >"$MARKDOWN"
+    log "markdown written to $MARKDOWN"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Optional profile of the gateway under load (not part of the numbers above)
+# ---------------------------------------------------------------------------------------------
+if [[ -n "$PERF_DIR" ]] && command -v perf >/dev/null; then
+    mkdir -p "$PERF_DIR"
+    for sc in "plain-c64|plain.lua|64" "stream-c16|stream.lua|16"; do
+        IFS='|' read -r name lua conns <<<"$sc"
+        log "profiling tollgate under $name"
+        run_wrk "$lua" "$conns" $((DURATION + 2)) "${URL[tollgate]}" >/dev/null &
+        wrk_pid=$!
+        sleep 1
+        if perf record -F 999 -g -p "$GW_PID" -o "$PERF_DIR/$name.data" -- sleep "$DURATION" \
+            >/dev/null 2>"$PERF_DIR/$name.record.log"; then
+            # perf pads every line with empty parent columns: strip them.
+            report() { perf report -i "$PERF_DIR/$name.data" --stdio -g none "$@" 2>/dev/null |
+                sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' || true; }
+            report --no-children --sort symbol --percent-limit 0.3 >"$PERF_DIR/$name.symbols.txt"
+            report --no-children --sort dso >"$PERF_DIR/$name.dso.txt"
+            report --no-children --sort dso,symbol --dsos tollgate-dataplane,libc.so.6 \
+                --percent-limit 0.2 >"$PERF_DIR/$name.user.txt"
+            report --children --sort symbol --percent-limit 2 >"$PERF_DIR/$name.children.txt"
+            log "perf reports in $PERF_DIR/$name.*.txt"
+        else
+            log "perf record failed (see $PERF_DIR/$name.record.log)"
+        fi
+        wait "$wrk_pid" || true
+    done
+
+    # Syscalls per request, Tollgate against nginx, under the same load.
+    EVENTS="writev write read recvfrom sendto futex epoll_wait"
+    ev_args=()
+    for e in $EVENTS; do ev_args+=(-e "syscalls:sys_enter_$e"); done
+    {
+        printf '%-12s %-9s' scenario proxy
+        for e in $EVENTS; do printf ' %10s' "$e"; done
+        printf ' %10s\n' total
+        for sc in "plain-c64|plain.lua|64" "stream-c16|stream.lua|16"; do
+            IFS='|' read -r name lua conns <<<"$sc"
+            for t in tollgate nginx; do
+                if [[ $t == tollgate ]]; then pids="$GW_PID"; else pids="$(children "$NGINX_PID" | paste -sd,)"; fi
+                perf stat -x, "${ev_args[@]}" -p "$pids" -o "$PERF_DIR/$name.$t.stat" 2>/dev/null &
+                stat_pid=$!
+                sleep 0.5
+                line="$(run_wrk "$lua" "$conns" "$DURATION" "${URL[$t]}")"
+                kill -INT "$stat_pid" 2>/dev/null || true
+                wait "$stat_pid" 2>/dev/null || true
+                reqs="$(field requests "$line")"
+                printf '%-12s %-9s' "$name" "$t"
+                total=0
+                for e in $EVENTS; do
+                    n="$(awk -F, -v ev="syscalls:sys_enter_$e" '$3 == ev {print $1}' "$PERF_DIR/$name.$t.stat")"
+                    [[ "$n" =~ ^[0-9]+$ ]] || n=0
+                    total=$((total + n))
+                    printf ' %10s' "$(awk -v n="$n" -v r="$reqs" 'BEGIN {printf "%.2f", r ? n / r : 0}')"
+                done
+                printf ' %10s\n' "$(awk -v n="$total" -v r="$reqs" 'BEGIN {printf "%.2f", r ? n / r : 0}')"
+            done
+        done
+    } >"$PERF_DIR/syscalls.txt"
+    echo
+    echo "Syscalls per request (perf stat on the proxy's process(es), $PERF_DIR/syscalls.txt)"
+    cat "$PERF_DIR/syscalls.txt"
+fi
