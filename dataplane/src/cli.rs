@@ -6,6 +6,7 @@ use axum::serve::ListenerExt;
 use clap::{Parser, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Tollgate data plane: an OpenAI-compatible LLM gateway.
@@ -41,6 +42,19 @@ pub struct Args {
     /// Worker threads (default: one per core).
     #[arg(long, env = "TOLLGATE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// Runtime: `per-core` (a single-threaded runtime per worker, each with its own listening
+    /// socket and upstream pool) or `work-stealing` (one shared multi-threaded runtime).
+    #[arg(long, env = "TOLLGATE_RUNTIME", value_enum, default_value = "per-core")]
+    pub runtime: RuntimeKind,
+}
+
+/// How requests are spread over threads.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RuntimeKind {
+    /// A current-thread runtime per worker thread, connections spread by `SO_REUSEPORT`.
+    PerCore,
+    /// Tokio's multi-threaded, work-stealing runtime.
+    WorkStealing,
 }
 
 /// Log output format.
@@ -71,14 +85,65 @@ fn init_logging(args: &Args) {
 /// Runs the data plane until SIGINT or SIGTERM.
 pub fn run(args: Args) -> anyhow::Result<()> {
     init_logging(&args);
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        rt.worker_threads(n);
+    let threads = args
+        .worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    match args.runtime {
+        RuntimeKind::PerCore => run_per_core(args, threads),
+        RuntimeKind::WorkStealing => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+            .block_on(async move {
+                let state = prepare(&args)?;
+                let listener = bind(args.listen, ReusePort::No)?;
+                announce(&state, listener.local_addr()?);
+                serve_on(listener, state).await
+            }),
     }
-    rt.enable_all().build()?.block_on(serve(args))
 }
 
-async fn serve(args: Args) -> anyhow::Result<()> {
+/// One single-threaded runtime per thread, each accepting on its own `SO_REUSEPORT` socket:
+/// the kernel spreads connections across threads, and everything a connection does (its
+/// upstream connections included, see [`crate::upstream::send`]) stays on one thread, with no
+/// cross-thread wake-ups or work stealing on the request path. The first thread also runs the
+/// background tasks (reload, metrics upkeep).
+fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
+    let current = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let rt = current()?;
+    let (state, listener) = rt.block_on(async {
+        let state = prepare(&args)?;
+        anyhow::Ok((state, bind(args.listen, ReusePort::First)?))
+    })?;
+    // With port 0 the first socket picked the port; the others join it.
+    let addr = listener.local_addr()?;
+    let mut handles = Vec::new();
+    for i in 1..threads {
+        let state = state.clone();
+        let rt = current()?;
+        let listener = rt.block_on(async { bind(addr, ReusePort::Join) })?;
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("tollgate-worker-{i}"))
+                .spawn(move || rt.block_on(serve_on(listener, state)))?,
+        );
+    }
+    announce(&state, addr);
+    rt.block_on(serve_on(listener, state))?;
+    for h in handles {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
+    }
+    Ok(())
+}
+
+/// Loads the config, installs metrics, and starts the background tasks on this runtime.
+fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
     let config = match crate::loader::load(&args.manifests) {
         Ok(c) => c,
         Err(errors) => {
@@ -113,16 +178,57 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         args.manifests.clone(),
         args.reload_interval,
     ));
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let addr = listener.local_addr()?;
+    Ok(state)
+}
+
+fn announce(state: &AppState, addr: SocketAddr) {
+    let s = state.snapshot.load();
     tracing::info!(
-        config_hash = config.content_hash(),
-        models = config.models.len(),
-        keys = config.keys.len(),
+        config_hash = s.config_hash,
+        models = s.groups.len(),
+        keys = s.keys.len(),
         "tollgate data plane listening on {addr}"
     );
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReusePort {
+    No,
+    /// The first of the sockets sharing the address: checks nobody else holds it.
+    First,
+    /// A further socket joining the first.
+    Join,
+}
+
+/// Binds a listening socket. With `reuse_port`, several sockets (one per thread) share the
+/// address; a plain bind is tried first so that a port another process holds is an error, not
+/// a silent share.
+fn bind(addr: SocketAddr, reuse_port: ReusePort) -> anyhow::Result<tokio::net::TcpListener> {
+    let socket = || {
+        if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+    };
+    let context = || format!("binding {addr}");
+    if reuse_port == ReusePort::First && addr.port() != 0 {
+        let probe = socket().with_context(context)?;
+        probe.set_reuseaddr(true).with_context(context)?;
+        probe.bind(addr).with_context(context)?;
+        drop(probe);
+    }
+    let s = socket().with_context(context)?;
+    s.set_reuseaddr(true).with_context(context)?;
+    #[cfg(unix)]
+    if reuse_port != ReusePort::No {
+        s.set_reuseport(true).with_context(context)?;
+    }
+    s.bind(addr).with_context(context)?;
+    Ok(s.listen(1024).with_context(context)?)
+}
+
+async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
     // Without TCP_NODELAY the last small write of a response waits for the client's delayed
     // ACK: ~40 ms at the end of every stream.
     let listener = listener.tap_io(|tcp| {

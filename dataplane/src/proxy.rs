@@ -180,7 +180,12 @@ async fn forward(
     }
     let id = d.id.clone();
     let first_byte = Duration::from_millis(d.timeouts.first_byte_ms);
-    let resp = match tokio::time::timeout(first_byte, state.client.request(req)).await {
+    let resp = match tokio::time::timeout(
+        first_byte,
+        crate::upstream::send(state.settings.connect_timeout, req),
+    )
+    .await
+    {
         Err(_) => {
             charge.settle(None, Outcome::UpstreamError);
             return Err(ApiError::timeout(format!(

@@ -14,7 +14,7 @@ use memchr::memmem;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::LazyLock;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use tollgate_crds::config::TokenUsage;
 
 /// An event larger than this is forwarded without being inspected, so a stream with no event
@@ -24,6 +24,9 @@ const MAX_PENDING: usize = 1 << 20;
 static USAGE: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 
+/// Most bytes gathered into one write to the client.
+const COALESCE_MAX: usize = 64 << 10;
+
 /// The upstream body, relayed.
 pub struct SseRelay<B> {
     inner: B,
@@ -31,8 +34,10 @@ pub struct SseRelay<B> {
     ready: VecDeque<Bytes>,
     drop_usage_chunk: bool,
     usage: Option<TokenUsage>,
+    ready_bytes: usize,
     charge: Option<Charge>,
     seen_first_byte: bool,
+    failed: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl<B> SseRelay<B> {
@@ -45,9 +50,33 @@ impl<B> SseRelay<B> {
             ready: VecDeque::new(),
             drop_usage_chunk,
             usage: None,
+            ready_bytes: 0,
             charge: Some(charge),
             seen_first_byte: false,
+            failed: None,
         }
+    }
+
+    fn queue(&mut self, b: Bytes) {
+        self.ready_bytes += b.len();
+        self.ready.push_back(b);
+    }
+
+    /// Everything queued, as one buffer (copied only when there is more than one piece).
+    fn take_ready(&mut self) -> Option<Bytes> {
+        let out = match self.ready.len() {
+            0 => return None,
+            1 => self.ready.pop_front(),
+            _ => {
+                let mut buf = BytesMut::with_capacity(self.ready_bytes);
+                for b in self.ready.drain(..) {
+                    buf.extend_from_slice(&b);
+                }
+                Some(buf.freeze())
+            }
+        };
+        self.ready_bytes = 0;
+        out
     }
 
     fn settle(&mut self, outcome: Outcome) {
@@ -66,7 +95,7 @@ impl<B> SseRelay<B> {
         };
         let Some(end) = last_event_end(&buf) else {
             if buf.len() > MAX_PENDING {
-                self.ready.push_back(buf);
+                self.queue(buf);
             } else {
                 self.pending.extend_from_slice(&buf);
             }
@@ -103,14 +132,14 @@ impl<B> SseRelay<B> {
             self.usage = Some(usage);
             if self.drop_usage_chunk && only_usage {
                 if start > from {
-                    self.ready.push_back(complete.slice(from..start));
+                    self.queue(complete.slice(from..start));
                 }
                 from = end;
             }
             search = end;
         }
         if from < complete.len() {
-            self.ready.push_back(if from == 0 {
+            self.queue(if from == 0 {
                 complete
             } else {
                 complete.slice(from..)
@@ -164,30 +193,25 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        loop {
-            if let Some(b) = this.ready.pop_front() {
-                if !this.seen_first_byte {
-                    this.seen_first_byte = true;
-                    if let Some(c) = this.charge.as_mut() {
-                        c.first_byte();
-                    }
+        // Take every frame the upstream has ready now, and send them as one: a burst of events
+        // read in one go from the upstream leaves in one write, not one write per event.
+        let mut upstream_pending = false;
+        while this.charge.is_some() && this.failed.is_none() && this.ready_bytes < COALESCE_MAX {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => {
+                    upstream_pending = true;
+                    break;
                 }
-                return Poll::Ready(Some(Ok(Frame::data(b))));
-            }
-            if this.charge.is_none() {
-                return Poll::Ready(None);
-            }
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => {
+                Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         this.push(data);
                     }
                 }
-                Some(Err(e)) => {
+                Poll::Ready(Some(Err(e))) => {
                     this.settle(Outcome::UpstreamError);
-                    return Poll::Ready(Some(Err(e.into())));
+                    this.failed = Some(e.into());
                 }
-                None => {
+                Poll::Ready(None) => {
                     if !this.pending.is_empty() {
                         let rest = this.pending.split().freeze();
                         this.inspect(rest);
@@ -196,10 +220,27 @@ where
                 }
             }
         }
+        if let Some(out) = this.take_ready() {
+            if !this.seen_first_byte {
+                this.seen_first_byte = true;
+                if let Some(c) = this.charge.as_mut() {
+                    c.first_byte();
+                }
+            }
+            return Poll::Ready(Some(Ok(Frame::data(out))));
+        }
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        if upstream_pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(None)
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.charge.is_none() && self.ready.is_empty()
+        self.charge.is_none() && self.ready.is_empty() && self.failed.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -1,9 +1,8 @@
 //! Process-wide state shared by every request: the current config snapshot (swapped atomically
-//! on reload), the upstream client, the usage ledger, and settings.
+//! on reload), the usage ledger, and settings.
 
 use crate::accounting::Ledger;
 use crate::snapshot::{BuildError, Snapshot};
-use crate::upstream;
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Arc;
@@ -35,8 +34,6 @@ impl Default for Settings {
 pub struct AppState {
     /// The config requests are served from. Loaded once per request.
     pub snapshot: ArcSwap<Snapshot>,
-    /// Upstream HTTP client (pooled).
-    pub client: upstream::Client,
     /// Usage counters, across reloads.
     pub ledger: Ledger,
     /// Settings.
@@ -56,7 +53,6 @@ impl AppState {
         let snapshot = Snapshot::build(config, &ledger)?;
         Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
-            client: upstream::client(settings.connect_timeout),
             ledger,
             settings,
             prometheus,

@@ -17,6 +17,22 @@ pub type Client = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
 /// proxies' idle timeouts usually are, so we don't reuse a connection the far end is closing.
 const POOL_IDLE: Duration = Duration::from_secs(50);
 
+thread_local! {
+    static CLIENT: std::cell::OnceCell<Client> = const { std::cell::OnceCell::new() };
+}
+
+/// Sends `req` with this thread's client (built on first use).
+///
+/// One pool per thread: the connection tasks the client spawns then run on the thread that
+/// uses them, so with the per-core runtime (see [`crate::cli`]) a request never hops threads
+/// on its way upstream and back.
+pub fn send(
+    connect_timeout: Duration,
+    req: http::Request<Full<Bytes>>,
+) -> hyper_util::client::legacy::ResponseFuture {
+    CLIENT.with(|c| c.get_or_init(|| client(connect_timeout)).request(req))
+}
+
 /// Builds the client. `connect_timeout` bounds TCP + TLS set-up.
 pub fn client(connect_timeout: Duration) -> Client {
     let mut http = HttpConnector::new();
