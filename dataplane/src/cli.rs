@@ -225,7 +225,7 @@ fn bind(addr: SocketAddr, reuse_port: ReusePort) -> anyhow::Result<tokio::net::T
         s.set_reuseport(true).with_context(context)?;
     }
     s.bind(addr).with_context(context)?;
-    Ok(s.listen(1024).with_context(context)?)
+    s.listen(1024).with_context(context)
 }
 
 async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
