@@ -48,5 +48,5 @@ log "cargo nextest (unit, CRD drift, end-to-end)"
 cargo nextest run --workspace --no-fail-fast
 
 log "pytest (official openai SDK against the real binary)"
-cargo build -q -p tollgate-dataplane --bins
+# nextest already built target/debug/tollgate-dataplane (as CARGO_BIN_EXE for the e2e tests).
 TOLLGATE_BIN="$PWD/target/debug/tollgate-dataplane" .venv/bin/pytest -q tests/python
