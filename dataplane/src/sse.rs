@@ -27,6 +27,12 @@ static USAGE: LazyLock<memmem::Finder<'static>> =
 /// Most bytes gathered into one write to the client.
 const COALESCE_MAX: usize = 64 << 10;
 
+/// Most times a write is put off to let more upstream chunks in (bounds the added delay).
+const MAX_YIELDS: u32 = 64;
+
+/// Polls in a row that brought nothing before queued data is written anyway.
+const IDLE_YIELDS: u32 = 2;
+
 /// The upstream body, relayed.
 pub struct SseRelay<B> {
     inner: B,
@@ -38,6 +44,8 @@ pub struct SseRelay<B> {
     charge: Option<Charge>,
     seen_first_byte: bool,
     failed: Option<Box<dyn std::error::Error + Send + Sync>>,
+    yields: u32,
+    idle_yields: u32,
 }
 
 impl<B> SseRelay<B> {
@@ -54,6 +62,8 @@ impl<B> SseRelay<B> {
             charge: Some(charge),
             seen_first_byte: false,
             failed: None,
+            yields: 0,
+            idle_yields: 0,
         }
     }
 
@@ -193,9 +203,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        // Take every frame the upstream has ready now, and send them as one: a burst of events
-        // read in one go from the upstream leaves in one write, not one write per event.
+        // Take every frame the upstream has ready, and send them as one: a burst of events read
+        // in one go from the upstream then leaves in one write, not one write per event.
+        //
+        // hyper hands the body over one chunk per poll (its connection task decodes the next
+        // chunk only after this one is taken), so "ready" is learnt by yielding: while the last
+        // poll brought data, let the connection task run once more before writing.
         let mut upstream_pending = false;
+        let mut got_data = false;
         while this.charge.is_some() && this.failed.is_none() && this.ready_bytes < COALESCE_MAX {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => {
@@ -204,6 +219,7 @@ where
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
+                        got_data = true;
                         this.push(data);
                     }
                 }
@@ -220,6 +236,23 @@ where
                 }
             }
         }
+        if got_data {
+            this.idle_yields = 0;
+        }
+        if upstream_pending
+            && !this.ready.is_empty()
+            && this.idle_yields < IDLE_YIELDS
+            && this.yields < MAX_YIELDS
+        {
+            this.yields += 1;
+            if !got_data {
+                this.idle_yields += 1;
+            }
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        this.yields = 0;
+        this.idle_yields = 0;
         if let Some(out) = this.take_ready() {
             if !this.seen_first_byte {
                 this.seen_first_byte = true;
