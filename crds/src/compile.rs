@@ -6,7 +6,7 @@
 //! URLs. An object with an error is left out of the config; callers decide whether a config with
 //! errors may replace a good one (the data plane says no).
 
-use crate::common::parse_duration;
+use crate::common::{Limits, parse_duration};
 use crate::config::*;
 use crate::key::VirtualKey;
 use crate::model::{LlmModel, Provider, Timeouts};
@@ -177,6 +177,16 @@ fn compile_model(
     if s.model_name.trim().is_empty() {
         return Err(err("spec.modelName", "must not be empty".into()));
     }
+    if s.weight.is_some_and(|w| w > 1_000_000) {
+        return Err(err("spec.weight", "must be at most 1000000".into()));
+    }
+    if s.context_window == Some(0) {
+        return Err(err("spec.contextWindow", "must be at least 1".into()));
+    }
+    if s.mock.as_ref().and_then(|m| m.chunks) == Some(0) {
+        return Err(err("spec.mock.chunks", "must be at least 1".into()));
+    }
+    check_limits("spec.limits", s.limits.as_ref())?;
     let backends = [
         s.url.is_some(),
         s.service_ref.is_some(),
@@ -300,6 +310,27 @@ fn compile_model(
     })
 }
 
+/// The schema's minimums, checked again: manifests read from disk never meet the API server.
+fn check_limits(field: &str, l: Option<&Limits>) -> Result<(), (String, String)> {
+    let Some(l) = l else { return Ok(()) };
+    let zero = |name: &str| {
+        Err((
+            format!("{field}.{name}"),
+            "must be at least 1 (leave it out for no limit)".to_string(),
+        ))
+    };
+    if l.rpm == Some(0) {
+        return zero("rpm");
+    }
+    if l.tpm == Some(0) {
+        return zero("tpm");
+    }
+    if l.max_parallel == Some(0) {
+        return zero("maxParallel");
+    }
+    Ok(())
+}
+
 fn budget_period(s: &str) -> Result<BudgetPeriod, String> {
     Ok(match s.trim() {
         "daily" | "1d" => BudgetPeriod::Daily,
@@ -348,6 +379,7 @@ fn compile_key(k: &VirtualKey, secrets: &Secrets<'_>) -> Result<KeyConfig, (Stri
             format!("the key must be at least {MIN_VIRTUAL_KEY_LEN} characters"),
         ));
     }
+    check_limits("spec.limits", s.limits.as_ref())?;
     let budget = match &s.budget {
         Some(b) => Some(BudgetConfig {
             max: Picodollars::from_usd(b.max_usd).ok_or_else(|| {
@@ -419,6 +451,20 @@ fn compile_policy(
         }
     }
     let retries = s.retries.clone().unwrap_or_default();
+    if retries.attempts.is_some_and(|a| !(1..=10).contains(&a)) {
+        return Err((
+            "spec.retries.attempts".into(),
+            "must be between 1 and 10".into(),
+        ));
+    }
+    if let Some(t) = s.cache.as_ref().and_then(|c| c.similarity_threshold)
+        && !(0.0..=1.0).contains(&t)
+    {
+        return Err((
+            "spec.cache.similarityThreshold".into(),
+            "must be between 0 and 1".into(),
+        ));
+    }
     let cooldown = s.cooldown.clone().unwrap_or_default();
     let defaults = CooldownConfig::default();
     let cache = match &s.cache {
