@@ -108,6 +108,8 @@ pub struct Charge {
     deployment: Arc<RuntimeDeployment>,
     started: Instant,
     first_byte: Option<Instant>,
+    reservation: crate::limits::Reservation,
+    settled: bool,
 }
 
 impl Charge {
@@ -117,6 +119,7 @@ impl Charge {
         key: Arc<RuntimeKey>,
         deployment: Arc<RuntimeDeployment>,
         started: Instant,
+        reservation: crate::limits::Reservation,
     ) -> Self {
         Self {
             request_id,
@@ -124,6 +127,8 @@ impl Charge {
             deployment,
             started,
             first_byte: None,
+            reservation,
+            settled: false,
         }
     }
 
@@ -139,8 +144,17 @@ impl Charge {
         &self.deployment
     }
 
-    /// Records usage, cost and metrics. Returns the cost.
-    pub fn settle(self, usage: Option<TokenUsage>, outcome: Outcome) -> Picodollars {
+    /// Records usage, cost and metrics, and settles the rate-limit and budget reservations.
+    /// Returns the cost.
+    pub fn settle(mut self, usage: Option<TokenUsage>, outcome: Outcome) -> Picodollars {
+        self.settle_once(usage, outcome)
+    }
+
+    fn settle_once(&mut self, usage: Option<TokenUsage>, outcome: Outcome) -> Picodollars {
+        if self.settled {
+            return Picodollars(0);
+        }
+        self.settled = true;
         let d = &self.deployment;
         let cost = usage.map(|u| d.pricing.cost(u)).unwrap_or_default();
         self.key.usage.add(usage, cost);
@@ -154,6 +168,8 @@ impl Charge {
             m.ttfb.record(fb.duration_since(self.started).as_secs_f64());
         }
         let u = usage.unwrap_or_default();
+        self.reservation
+            .settle(u.prompt + u.completion, cost, crate::limits::unix_now());
         tracing::debug!(
             target: "tollgate::access",
             request_id = self.request_id.to_str().unwrap_or(""),
@@ -168,5 +184,13 @@ impl Charge {
             "request settled"
         );
         cost
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        // Dropped unsettled: the request's future was dropped (the client went away while the
+        // upstream was working). Release its reservations and count it.
+        self.settle_once(None, Outcome::ClientGone);
     }
 }

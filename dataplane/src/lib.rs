@@ -17,6 +17,7 @@ pub mod accounting;
 pub mod auth;
 pub mod cli;
 pub mod error;
+pub mod limits;
 pub mod loader;
 pub mod metrics;
 pub mod mock;

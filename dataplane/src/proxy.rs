@@ -12,6 +12,7 @@
 use crate::accounting::{Charge, Outcome};
 use crate::auth::authenticate;
 use crate::error::{ApiError, Result};
+use crate::limits::{Ask, Reservation};
 use crate::request::{Endpoint, ParsedRequest};
 use crate::snapshot::{RuntimeDeployment, Target};
 use crate::sse::SseRelay;
@@ -23,6 +24,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tollgate_crds::config::TokenUsage;
 
 /// Largest upstream body read whole (non-streamed responses, error bodies).
 const MAX_UPSTREAM_BODY: usize = 64 << 20;
@@ -87,16 +89,54 @@ pub async fn handle(
         .groups
         .get(parsed.model.as_ref())
         .ok_or_else(|| ApiError::model_not_found(&parsed.model))?;
-    let deployment = group
-        .pick()
-        .ok_or_else(|| {
-            ApiError::unavailable(
-                "no_deployment",
-                format!("The model `{}` has no deployment.", parsed.model),
-            )
-        })?
-        .clone();
-    let charge = Charge::new(rid.clone(), key, deployment.clone(), started);
+    let first = group.pick().ok_or_else(|| {
+        ApiError::unavailable(
+            "no_deployment",
+            format!("The model `{}` has no deployment.", parsed.model),
+        )
+    })?;
+    let now = crate::limits::unix_now();
+    // Prompt tokens before the call: bytes / 4, an over-estimate for JSON bodies, corrected on
+    // settlement. The cost estimate adds max_tokens at the output price when the request sets it.
+    let est_tokens = (body.len() as u64 / 4).max(1);
+    let ask_for = |d: &RuntimeDeployment| Ask {
+        tokens: est_tokens,
+        cost: d.pricing.cost(TokenUsage {
+            prompt: est_tokens,
+            completion: parsed.max_tokens.unwrap_or(0),
+            cached: 0,
+        }),
+    };
+    let mut reservation = Reservation::default();
+    let deployment = match &first.limits {
+        None => first.clone(),
+        Some(l) => match reservation.take(l, ask_for(first), now) {
+            Ok(_) => first.clone(),
+            // A deployment at its limit is skipped for another of the group with room.
+            Err(refused) => group
+                .deployments
+                .iter()
+                .find(|d| {
+                    !Arc::ptr_eq(d, first)
+                        && d.limits
+                            .as_ref()
+                            .is_none_or(|l| reservation.take(l, ask_for(d), now).is_ok())
+                })
+                .cloned()
+                .ok_or_else(|| ApiError::from(refused))?,
+        },
+    };
+    let room = match &key.limits {
+        None => None,
+        Some(l) => match reservation.take(l, ask_for(&deployment), now) {
+            Ok(room) => Some(room),
+            Err(refused) => {
+                reservation.undo_last(now);
+                return Err(refused.into());
+            }
+        },
+    };
+    let charge = Charge::new(rid.clone(), key, deployment.clone(), started, reservation);
     let resp = match &deployment.target {
         Target::Mock(mock) => {
             if !mock.latency.is_zero() {
@@ -128,8 +168,11 @@ pub async fn handle(
         Target::Upstream { .. } => forward(state, endpoint, &parsed, &body, charge).await?,
     };
     let mut resp = resp;
-    resp.headers_mut()
-        .insert(DEPLOYMENT_HEADER, deployment.id_header.clone());
+    let h = resp.headers_mut();
+    h.insert(DEPLOYMENT_HEADER, deployment.id_header.clone());
+    if let Some(room) = room {
+        room.write_headers(h);
+    }
     Ok(resp)
 }
 

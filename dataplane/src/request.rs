@@ -63,6 +63,8 @@ pub struct ParsedRequest<'a> {
     pub stream: bool,
     /// Whether the client asked for `stream_options.include_usage`.
     pub include_usage: bool,
+    /// `max_completion_tokens` (or the older `max_tokens`), when set.
+    pub max_tokens: Option<u64>,
 }
 
 struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
@@ -183,7 +185,11 @@ impl<'a> ParsedRequest<'a> {
                 .unwrap_or(false),
             _ => false,
         };
+        let max_tokens = get("max_completion_tokens")
+            .or_else(|| get("max_tokens"))
+            .and_then(|v| v.get().parse::<u64>().ok());
         Ok(Self {
+            max_tokens,
             fields,
             model,
             stream,

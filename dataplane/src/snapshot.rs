@@ -4,6 +4,7 @@
 //! never changes a request mid-flight.
 
 use crate::accounting::{Ledger, Outcome, UsageCounters};
+use crate::limits::{Limited, Registry, Rules, Scope};
 use crate::mock::Mock;
 use crate::request::Endpoint;
 use http::{HeaderValue, Uri};
@@ -22,6 +23,8 @@ pub struct RuntimeKey {
     pub allowed: Option<HashSet<String>>,
     /// Usage of this key (shared across reloads).
     pub usage: Arc<UsageCounters>,
+    /// Rate limits and budget, if any.
+    pub limits: Option<Arc<Limited>>,
 }
 
 impl RuntimeKey {
@@ -105,6 +108,8 @@ pub struct RuntimeDeployment {
     pub timeouts: TimeoutConfig,
     /// Usage (shared across reloads).
     pub usage: Arc<UsageCounters>,
+    /// Rate limits, if any.
+    pub limits: Option<Arc<Limited>>,
     /// Metric handles.
     pub metrics: DeploymentMetrics,
 }
@@ -188,7 +193,11 @@ impl Snapshot {
     }
 
     /// Builds the runtime view of `config`, taking usage counters from `ledger`.
-    pub fn build(config: &GatewayConfig, ledger: &Ledger) -> Result<Self, BuildError> {
+    pub fn build(
+        config: &GatewayConfig,
+        ledger: &Ledger,
+        registry: &Registry,
+    ) -> Result<Self, BuildError> {
         let mut groups = HashMap::with_capacity(config.models.len());
         for (name, group) in &config.models {
             let model: Arc<str> = Arc::from(name.as_str());
@@ -241,6 +250,14 @@ impl Snapshot {
                     pricing: d.pricing,
                     timeouts: d.timeouts,
                     usage: ledger.deployment(name, &d.id),
+                    limits: registry.limited(
+                        Scope::Deployment,
+                        &d.id,
+                        Rules {
+                            limits: d.limits.clone(),
+                            budget: None,
+                        },
+                    ),
                     metrics: DeploymentMetrics::new(name, &d.id),
                 }));
             }
@@ -260,6 +277,14 @@ impl Snapshot {
                 let rk = RuntimeKey {
                     allowed: (!k.models.is_empty()).then(|| k.models.iter().cloned().collect()),
                     usage: ledger.key(&k.id),
+                    limits: registry.limited(
+                        Scope::Key,
+                        &k.id,
+                        Rules {
+                            limits: k.limits.clone(),
+                            budget: k.budget.clone(),
+                        },
+                    ),
                     config: k.clone(),
                 };
                 (k.hash, Arc::new(rk))

@@ -2,6 +2,7 @@
 //! on reload), the usage ledger, and settings.
 
 use crate::accounting::Ledger;
+use crate::limits::Registry;
 use crate::snapshot::{BuildError, Snapshot};
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
     /// Usage counters, across reloads.
     pub ledger: Ledger,
+    /// Rate-limit and budget counters, across reloads.
+    pub limits: Registry,
     /// Settings.
     pub settings: Settings,
     /// Prometheus renderer, when the binary installed the recorder.
@@ -50,10 +53,12 @@ impl AppState {
         prometheus: Option<PrometheusHandle>,
     ) -> Result<Arc<Self>, BuildError> {
         let ledger = Ledger::default();
-        let snapshot = Snapshot::build(config, &ledger)?;
+        let limits = Registry::default();
+        let snapshot = Snapshot::build(config, &ledger, &limits)?;
         Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             ledger,
+            limits,
             settings,
             prometheus,
         }))
@@ -61,7 +66,7 @@ impl AppState {
 
     /// Swaps in `config`. In-flight requests finish on the snapshot they started with.
     pub fn install(&self, config: &GatewayConfig) -> Result<(), BuildError> {
-        let snapshot = Snapshot::build(config, &self.ledger)?;
+        let snapshot = Snapshot::build(config, &self.ledger, &self.limits)?;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }

@@ -1,0 +1,557 @@
+//! Rate limits (requests and tokens per minute, requests in flight) and budgets (spend per
+//! period), per virtual key and per deployment: checked and reserved before a request goes
+//! upstream, settled with the real usage after.
+//!
+//! Each limited key or deployment has a [`Subject`]: a few counters behind a small sync mutex,
+//! held only to compare and add (never across an await). A request reserves on its key, then on
+//! its deployment; a deployment that is full is skipped for another of the group, and the key's
+//! reservation is undone when none has room. What is reserved:
+//!
+//! - one request, and one in flight;
+//! - the prompt tokens, estimated as request bytes / 4 (a documented over-estimate for JSON
+//!   bodies), corrected to the real prompt + completion tokens on settlement;
+//! - the estimated cost (those prompt tokens at the input price, plus `max_tokens` at the
+//!   output price when the request sets it), replaced by the real cost on settlement.
+//!
+//! A budget refuses once settled spend plus reserved cost reaches it, so concurrent requests
+//! can't slip past it; what can still exceed it is bounded by what is in flight. Subjects live
+//! in a [`Registry`] that outlives config reloads, so a reload never resets a window or a
+//! budget. Counters are per process: with several replicas the limits hold per replica (shared
+//! counters in Redis are the next step).
+
+use crate::error::ApiError;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tollgate_crds::common::Limits;
+use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
+
+/// What is limited, for messages and metric labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// A virtual key.
+    Key,
+    /// A deployment (LLMModel).
+    Deployment,
+}
+
+impl Scope {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scope::Key => "key",
+            Scope::Deployment => "deployment",
+        }
+    }
+}
+
+/// The rules of one subject.
+#[derive(Clone, Debug, Default)]
+pub struct Rules {
+    /// Rate limits.
+    pub limits: Limits,
+    /// Budget.
+    pub budget: Option<BudgetConfig>,
+}
+
+impl Rules {
+    /// Whether there is anything to enforce.
+    pub fn is_empty(&self) -> bool {
+        self.limits.rpm.is_none()
+            && self.limits.tpm.is_none()
+            && self.limits.max_parallel.is_none()
+            && self.budget.is_none()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    minute: u64,
+    requests: u64,
+    tokens: u64,
+    in_flight: u32,
+    period: u64,
+    spend: u64,
+    reserved: u64,
+}
+
+impl Counters {
+    /// Starts a new minute or budget period when `now` is past the current one.
+    fn roll(&mut self, now: u64, budget: Option<&BudgetConfig>) {
+        let minute = now / 60;
+        if minute != self.minute {
+            self.minute = minute;
+            self.requests = 0;
+            self.tokens = 0;
+        }
+        if let Some(b) = budget {
+            let period = period_index(b.period, now);
+            if period != self.period {
+                self.period = period;
+                // Reservations of requests still in flight carry over; they settle later.
+                self.spend = 0;
+            }
+        }
+    }
+}
+
+/// Counters of one key or deployment, shared across reloads.
+#[derive(Debug)]
+pub struct Subject {
+    scope: Scope,
+    id: Arc<str>,
+    counters: Mutex<Counters>,
+}
+
+/// Why a request was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Requests per minute.
+    Requests { limit: u64 },
+    /// Tokens per minute.
+    Tokens { limit: u64 },
+    /// Requests in flight.
+    Parallel { limit: u32 },
+    /// Spend this period.
+    Budget {
+        max: Picodollars,
+        reset_at: Option<u64>,
+    },
+}
+
+/// A refusal and whose it is.
+#[derive(Clone, Debug)]
+pub struct Refused {
+    /// What refused.
+    pub scope: Scope,
+    /// Its id.
+    pub id: Arc<str>,
+    /// Why.
+    pub refusal: Refusal,
+    /// Seconds until it may succeed.
+    pub retry_after: u64,
+}
+
+impl From<Refused> for ApiError {
+    fn from(r: Refused) -> Self {
+        let (code, kind, message) = match &r.refusal {
+            Refusal::Requests { limit } => (
+                "rate_limit_exceeded",
+                "requests",
+                format!(
+                    "Rate limit reached for {} {}: {limit} requests per minute.",
+                    r.scope.as_str(),
+                    r.id
+                ),
+            ),
+            Refusal::Tokens { limit } => (
+                "rate_limit_exceeded",
+                "tokens",
+                format!(
+                    "Rate limit reached for {} {}: {limit} tokens per minute.",
+                    r.scope.as_str(),
+                    r.id
+                ),
+            ),
+            Refusal::Parallel { limit } => (
+                "rate_limit_exceeded",
+                "requests",
+                format!(
+                    "Too many requests in flight for {} {}: at most {limit} at once.",
+                    r.scope.as_str(),
+                    r.id
+                ),
+            ),
+            Refusal::Budget { max, .. } => (
+                "budget_exceeded",
+                "budget_exceeded",
+                format!(
+                    "Budget exceeded for {} {}: the budget of ${max} for this period is spent.",
+                    r.scope.as_str(),
+                    r.id
+                ),
+            ),
+        };
+        let mut e =
+            ApiError::bad_request(code, format!("{message} Retry after {}s.", r.retry_after));
+        e.status = StatusCode::TOO_MANY_REQUESTS;
+        e.kind = kind;
+        e.retry_after = Some(r.retry_after);
+        e
+    }
+}
+
+/// What one request asks for.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ask {
+    /// Estimated tokens.
+    pub tokens: u64,
+    /// Estimated cost.
+    pub cost: Picodollars,
+}
+
+/// Remaining room after a reservation, for `x-ratelimit-*` headers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Room {
+    requests: Option<(u64, u64)>,
+    tokens: Option<(u64, u64)>,
+    reset_secs: u64,
+}
+
+impl Room {
+    /// Adds OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
+    pub fn write_headers(&self, h: &mut HeaderMap) {
+        let reset = HeaderValue::try_from(format!("{}s", self.reset_secs)).ok();
+        for (what, v) in [("requests", self.requests), ("tokens", self.tokens)] {
+            let Some((limit, remaining)) = v else {
+                continue;
+            };
+            let names = match what {
+                "requests" => [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
+                _ => [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
+            };
+            h.insert(names[0], HeaderValue::from(limit));
+            h.insert(names[1], HeaderValue::from(remaining));
+            if let Some(r) = &reset {
+                h.insert(names[2], r.clone());
+            }
+        }
+    }
+}
+
+impl Subject {
+    /// Checks every rule and, if all pass, reserves `ask`.
+    fn reserve(&self, rules: &Rules, ask: Ask, now: u64) -> Result<Room, Refused> {
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        c.roll(now, rules.budget.as_ref());
+        let to_minute = 60 - now % 60;
+        let refuse = |refusal, retry_after| Refused {
+            scope: self.scope,
+            id: self.id.clone(),
+            refusal,
+            retry_after,
+        };
+        let l = &rules.limits;
+        if let Some(limit) = l.rpm
+            && c.requests >= limit
+        {
+            return Err(refuse(Refusal::Requests { limit }, to_minute));
+        }
+        // A request is admitted while the window has any room, then charged its tokens: one
+        // request larger than the whole limit must still be servable.
+        if let Some(limit) = l.tpm
+            && c.tokens >= limit
+        {
+            return Err(refuse(Refusal::Tokens { limit }, to_minute));
+        }
+        if let Some(limit) = l.max_parallel
+            && c.in_flight >= limit
+        {
+            return Err(refuse(Refusal::Parallel { limit }, 1));
+        }
+        if let Some(b) = &rules.budget
+            && c.spend.saturating_add(c.reserved) >= b.max.0
+        {
+            let reset_at = period_end(b.period, now);
+            let retry = reset_at.map_or(u64::MAX / 2, |r| r.saturating_sub(now).max(1));
+            return Err(refuse(
+                Refusal::Budget {
+                    max: b.max,
+                    reset_at,
+                },
+                retry,
+            ));
+        }
+        c.requests += 1;
+        c.tokens = c.tokens.saturating_add(ask.tokens);
+        c.in_flight += 1;
+        if rules.budget.is_some() {
+            c.reserved = c.reserved.saturating_add(ask.cost.0);
+        }
+        Ok(Room {
+            requests: l.rpm.map(|limit| (limit, limit.saturating_sub(c.requests))),
+            tokens: l.tpm.map(|limit| (limit, limit.saturating_sub(c.tokens))),
+            reset_secs: to_minute,
+        })
+    }
+
+    /// Replaces the reservation of `ask` by what the request really used.
+    fn settle(
+        &self,
+        rules: &Rules,
+        ask: Ask,
+        tokens: u64,
+        cost: Picodollars,
+        reserved_minute: u64,
+        now: u64,
+    ) {
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        c.roll(now, rules.budget.as_ref());
+        if c.minute == reserved_minute {
+            c.tokens = c.tokens.saturating_sub(ask.tokens).saturating_add(tokens);
+        } else {
+            c.tokens = c.tokens.saturating_add(tokens);
+        }
+        c.in_flight = c.in_flight.saturating_sub(1);
+        if rules.budget.is_some() {
+            c.reserved = c.reserved.saturating_sub(ask.cost.0);
+            c.spend = c.spend.saturating_add(cost.0);
+        }
+    }
+
+    /// Spend settled in the current budget period.
+    pub fn period_spend(&self) -> Picodollars {
+        Picodollars(
+            self.counters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .spend,
+        )
+    }
+}
+
+/// A subject and its rules, as the snapshot holds them.
+#[derive(Debug)]
+pub struct Limited {
+    subject: Arc<Subject>,
+    rules: Rules,
+}
+
+impl Limited {
+    /// The subject's counters.
+    pub fn subject(&self) -> &Subject {
+        &self.subject
+    }
+}
+
+/// Reservations of one request, released or settled exactly once.
+#[derive(Debug, Default)]
+pub struct Reservation {
+    held: Vec<(Arc<Limited>, Ask)>,
+    minute: u64,
+}
+
+impl Reservation {
+    /// Reserves `ask` on `limited`, adding it to this reservation.
+    pub fn take(&mut self, limited: &Arc<Limited>, ask: Ask, now: u64) -> Result<Room, Refused> {
+        let room = limited.subject.reserve(&limited.rules, ask, now)?;
+        self.minute = now / 60;
+        self.held.push((limited.clone(), ask));
+        Ok(room)
+    }
+
+    /// Undoes the last reservation (its request went elsewhere).
+    pub fn undo_last(&mut self, now: u64) {
+        if let Some((l, ask)) = self.held.pop() {
+            l.subject
+                .settle(&l.rules, ask, 0, Picodollars(0), self.minute, now);
+            // Nothing was served: give back the request too.
+            let mut c = l.subject.counters.lock().unwrap_or_else(|e| e.into_inner());
+            if c.minute == self.minute {
+                c.requests = c.requests.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Settles every reservation with the real usage.
+    pub fn settle(&mut self, tokens: u64, cost: Picodollars, now: u64) {
+        for (l, ask) in self.held.drain(..) {
+            l.subject
+                .settle(&l.rules, ask, tokens, cost, self.minute, now);
+        }
+    }
+}
+
+/// Subjects by scope and id, kept across reloads.
+#[derive(Debug, Default)]
+pub struct Registry {
+    subjects: Mutex<HashMap<(Scope, String), Arc<Subject>>>,
+}
+
+impl Registry {
+    /// The limits of `id` under `rules`, or `None` when there is nothing to enforce.
+    pub fn limited(&self, scope: Scope, id: &str, rules: Rules) -> Option<Arc<Limited>> {
+        if rules.is_empty() {
+            return None;
+        }
+        let mut map = self.subjects.lock().unwrap_or_else(|e| e.into_inner());
+        let subject = map
+            .entry((scope, id.to_string()))
+            .or_insert_with(|| {
+                Arc::new(Subject {
+                    scope,
+                    id: Arc::from(id),
+                    counters: Mutex::new(Counters::default()),
+                })
+            })
+            .clone();
+        Some(Arc::new(Limited { subject, rules }))
+    }
+}
+
+const DAY: u64 = 86_400;
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Index of the budget period containing `now` (Unix seconds). Periods are in UTC: days start
+/// at 00:00, weeks on Monday, months on the 1st; fixed durations count from the Unix epoch.
+pub fn period_index(period: BudgetPeriod, now: u64) -> u64 {
+    match period {
+        BudgetPeriod::Lifetime => 0,
+        BudgetPeriod::Daily => now / DAY,
+        // 1970-01-01 was a Thursday: shift by 3 days so weeks start on Monday.
+        BudgetPeriod::Weekly => (now / DAY + 3) / 7,
+        BudgetPeriod::Monthly => {
+            let (y, m, _) = civil_from_days((now / DAY) as i64);
+            (y as u64) * 12 + (m as u64 - 1)
+        }
+        BudgetPeriod::Seconds(s) => now / s.max(1),
+    }
+}
+
+/// When the period containing `now` ends, or `None` for a lifetime budget.
+pub fn period_end(period: BudgetPeriod, now: u64) -> Option<u64> {
+    Some(match period {
+        BudgetPeriod::Lifetime => return None,
+        BudgetPeriod::Daily => (now / DAY + 1) * DAY,
+        BudgetPeriod::Weekly => ((now / DAY + 3) / 7 + 1) * 7 * DAY - 3 * DAY,
+        BudgetPeriod::Monthly => {
+            let (y, m, _) = civil_from_days((now / DAY) as i64);
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            days_from_civil(ny, nm, 1) as u64 * DAY
+        }
+        BudgetPeriod::Seconds(s) => (now / s.max(1) + 1) * s.max(1),
+    })
+}
+
+// Howard Hinnant's civil-date algorithms: days since 1970-01-01 <-> (year, month, day).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limited(rules: Rules) -> Arc<Limited> {
+        Registry::default()
+            .limited(Scope::Key, "ns/k", rules)
+            .expect("has rules")
+    }
+
+    #[test]
+    fn rpm_window_refuses_then_resets_next_minute() {
+        let l = limited(Rules {
+            limits: Limits {
+                rpm: Some(2),
+                ..Default::default()
+            },
+            budget: None,
+        });
+        let t = 6_000_000; // a minute boundary
+        let mut r = Reservation::default();
+        assert!(r.take(&l, Ask::default(), t).is_ok());
+        assert!(r.take(&l, Ask::default(), t + 1).is_ok());
+        let e = r
+            .take(&l, Ask::default(), t + 2)
+            .expect_err("third in the minute");
+        assert_eq!(
+            (e.refusal, e.retry_after),
+            (Refusal::Requests { limit: 2 }, 58)
+        );
+        assert!(r.take(&l, Ask::default(), t + 60).is_ok());
+    }
+
+    #[test]
+    fn budget_counts_reservations_and_settles_to_real_cost() {
+        let budget = BudgetConfig {
+            max: Picodollars(100),
+            period: BudgetPeriod::Daily,
+        };
+        let l = limited(Rules {
+            limits: Limits::default(),
+            budget: Some(budget),
+        });
+        let ask = Ask {
+            tokens: 10,
+            cost: Picodollars(60),
+        };
+        let mut a = Reservation::default();
+        a.take(&l, ask, 0).expect("first");
+        let mut b = Reservation::default();
+        b.take(&l, ask, 0).expect("60 reserved < 100");
+        let mut c = Reservation::default();
+        assert!(matches!(
+            c.take(&l, ask, 0).map_err(|e| e.refusal),
+            Err(Refusal::Budget { .. })
+        ));
+        a.settle(10, Picodollars(30), 1);
+        b.settle(10, Picodollars(30), 1);
+        assert_eq!(l.subject().period_spend(), Picodollars(60));
+        c.take(&l, ask, 2).expect("60 spent, nothing reserved");
+        // The next day starts from zero.
+        c.settle(0, Picodollars(50), 3);
+        assert!(Reservation::default().take(&l, ask, 3).is_err());
+        assert!(Reservation::default().take(&l, ask, DAY).is_ok());
+    }
+
+    #[test]
+    fn parallel_limit_releases_on_settle_and_undo() {
+        let l = limited(Rules {
+            limits: Limits {
+                max_parallel: Some(1),
+                ..Default::default()
+            },
+            budget: None,
+        });
+        let mut a = Reservation::default();
+        a.take(&l, Ask::default(), 0).expect("one");
+        assert!(Reservation::default().take(&l, Ask::default(), 0).is_err());
+        a.undo_last(0);
+        let mut b = Reservation::default();
+        b.take(&l, Ask::default(), 0).expect("free again");
+        b.settle(0, Picodollars(0), 0);
+        assert!(Reservation::default().take(&l, Ask::default(), 0).is_ok());
+    }
+
+    #[test]
+    fn periods_follow_the_calendar_in_utc() {
+        // 2026-11-25T12:00:00Z, a Wednesday.
+        let now = 1_795_608_000;
+        assert_eq!(period_end(BudgetPeriod::Daily, now), Some(1_795_651_200)); // 11-26 00:00
+        assert_eq!(period_end(BudgetPeriod::Weekly, now), Some(1_795_996_800)); // Mon 11-30
+        assert_eq!(period_end(BudgetPeriod::Monthly, now), Some(1_796_083_200)); // 12-01
+        assert_eq!(period_index(BudgetPeriod::Monthly, now), 2026 * 12 + 10);
+        assert_eq!(period_end(BudgetPeriod::Lifetime, now), None);
+    }
+}

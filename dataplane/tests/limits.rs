@@ -1,0 +1,219 @@
+//! End-to-end: rate limits and budgets through the real binary, with real HTTP upstreams.
+
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use tollgate_crds::config::MockConfig;
+use tollgate_testkit::{Behavior, Gateway, MockUpstream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
+const KEY: &str = "sk-limits-test-key-0001";
+
+fn key_manifest(spec_extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: k}}
+stringData: {{key: {KEY}}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: VirtualKey
+metadata: {{name: k}}
+spec: {{secretRef: {{name: k}}{spec_extra}}}
+"#
+    )
+}
+
+fn model(name: &str, model_name: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: {name}}}\nspec: {{modelName: {model_name}{extra}}}\n"
+    )
+}
+
+async fn chat(gw: &Gateway, model: &str, stream: bool) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .body(json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn key_rpm_refuses_with_openai_headers_and_retry_after() {
+    let m = key_manifest(", limits: {rpm: 3}") + &model("m", "m", ", provider: mock");
+    let gw = Gateway::start(BIN, &m, &[]);
+    let first = chat(&gw, "m", false).await;
+    assert_eq!(first.status(), 200);
+    let h = first.headers();
+    assert_eq!(h["x-ratelimit-limit-requests"], "3");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "2");
+    assert!(
+        h["x-ratelimit-reset-requests"]
+            .to_str()
+            .unwrap()
+            .ends_with('s')
+    );
+    assert_eq!(chat(&gw, "m", false).await.status(), 200);
+    assert_eq!(chat(&gw, "m", true).await.status(), 200);
+    let refused = chat(&gw, "m", false).await;
+    assert_eq!(refused.status(), 429);
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let e: Value = refused.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "rate_limit_exceeded");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 requests per minute"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_deployment_is_skipped_for_one_with_room() {
+    // Two deployments of `m`; the first allows one request in flight and is held busy by a slow
+    // upstream, so every other request must go to the second.
+    let slow = MockUpstream::start(Behavior::SlowStream {
+        chunks: 50,
+        delay: Duration::from_millis(40),
+    });
+    let fast = MockUpstream::start(Behavior::Ok(MockConfig {
+        reply: "fast".into(),
+        ..Default::default()
+    }));
+    let m = key_manifest("")
+        + &model(
+            "a-slow",
+            "m",
+            &format!(
+                ", provider: openai-compatible, url: '{}', limits: {{maxParallel: 1}}",
+                slow.base_url()
+            ),
+        )
+        + &model(
+            "b-fast",
+            "m",
+            &format!(
+                ", provider: openai-compatible, url: '{}', weight: 0",
+                fast.base_url()
+            ),
+        );
+    let gw = Gateway::start(BIN, &m, &[]);
+    // weight 0 on b-fast: the random pick always lands on a-slow first.
+    let mut held = chat(&gw, "m", true).await;
+    assert_eq!(held.headers()["x-tollgate-deployment"], "default/a-slow");
+    let _ = held.chunk().await.unwrap();
+    for _ in 0..5 {
+        let r = chat(&gw, "m", false).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-tollgate-deployment"], "default/b-fast");
+    }
+    assert_eq!(fast.stats.requests(), 5);
+    assert_eq!(slow.stats.requests(), 1);
+    // Once the stream ends, a-slow has room again (it answers a non-streamed request with a
+    // stream, so the gateway's answer is a 502: what matters is where the request went).
+    while held.chunk().await.unwrap().is_some() {}
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = chat(&gw, "m", false).await;
+    assert_eq!(slow.stats.requests(), 2);
+    assert_eq!(fast.stats.requests(), 5);
+}
+
+#[tokio::test]
+async fn budget_stops_the_key_and_counts_streamed_usage() {
+    // Each request costs exactly 100 × $1/M + 100 × $1/M = $0.0002; the budget is $0.001.
+    let m = key_manifest(", budget: {maxUsd: 0.001, duration: daily}")
+        + &model(
+            "m",
+            "m",
+            ", provider: mock, mock: {promptTokens: 100, completionTokens: 100}, pricing: {inputPerMillion: 1, outputPerMillion: 1}",
+        );
+    let gw = Gateway::start(BIN, &m, &[]);
+    let mut served = 0;
+    for i in 0..10 {
+        // Alternate streamed and whole responses: both must be charged.
+        let r = chat(&gw, "m", i % 2 == 1).await;
+        if r.status() == 429 {
+            let e: Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["code"], "budget_exceeded");
+            assert_eq!(e["error"]["type"], "budget_exceeded");
+            break;
+        }
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+        served += 1;
+    }
+    assert_eq!(served, 5, "five requests of $0.0002 fill a $0.001 budget");
+    let text = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"tollgate_spend_usd_total{model="m",deployment="default/m"} 0.001"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_requests_never_overshoot_the_budget() {
+    // The mock reports what the gateway estimates (prompt = body bytes / 4, completion =
+    // max_tokens), so each request costs exactly its reservation. 40 concurrent requests against
+    // a budget for 10: reservations are taken before the call, so no more than 10 are served
+    // even though none has finished when the others arrive.
+    let body = json!({"model": "m", "max_tokens": 100, "messages": []}).to_string();
+    let per_request_micro = (body.len() as u64 / 4) + 100; // at $1 per million tokens
+    let budget_usd = format!("0.{:06}", per_request_micro * 10);
+    let m = key_manifest(&format!(", budget: {{maxUsd: {budget_usd}}}"))
+        + &model(
+            "m",
+            "m",
+            ", provider: mock, mock: {completionTokens: 100, latency: 200ms}, pricing: {inputPerMillion: 1, outputPerMillion: 1}",
+        );
+    let gw = Gateway::start(BIN, &m, &[]);
+    let client = reqwest::Client::new();
+    let reqs = (0..40).map(|_| {
+        client
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .body(body.clone())
+            .send()
+    });
+    let results = futures_util::future::join_all(reqs).await;
+    let ok = results
+        .iter()
+        .filter(|r| r.as_ref().unwrap().status() == 200)
+        .count();
+    let refused = results
+        .iter()
+        .filter(|r| r.as_ref().unwrap().status() == 429)
+        .count();
+    assert_eq!((ok, refused), (10, 30));
+    let text = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let spend = text
+        .lines()
+        .find(|l| l.starts_with("tollgate_spend_usd_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        spend,
+        budget_usd.trim_end_matches('0'),
+        "exactly the served requests' cost"
+    );
+}
