@@ -25,7 +25,8 @@ pub struct UsageCounters {
 }
 
 impl UsageCounters {
-    fn add(&self, usage: Option<TokenUsage>, cost: Picodollars) {
+    /// Adds one settled request.
+    pub fn add(&self, usage: Option<TokenUsage>, cost: Picodollars) {
         self.requests.fetch_add(1, Relaxed);
         if let Some(u) = usage {
             self.prompt_tokens.fetch_add(u.prompt, Relaxed);
@@ -109,6 +110,7 @@ pub struct Charge {
     started: Instant,
     first_byte: Option<Instant>,
     reservation: crate::limits::Reservation,
+    log: Option<crate::usage_log::UsageLog>,
     settled: bool,
 }
 
@@ -120,6 +122,7 @@ impl Charge {
         deployment: Arc<RuntimeDeployment>,
         started: Instant,
         reservation: crate::limits::Reservation,
+        log: Option<crate::usage_log::UsageLog>,
     ) -> Self {
         Self {
             request_id,
@@ -128,6 +131,7 @@ impl Charge {
             started,
             first_byte: None,
             reservation,
+            log,
             settled: false,
         }
     }
@@ -170,6 +174,24 @@ impl Charge {
         let u = usage.unwrap_or_default();
         self.reservation
             .settle(u.prompt + u.completion, cost, crate::limits::unix_now());
+        if let Some(log) = &self.log {
+            log.record(crate::usage_log::UsageRecord {
+                id: String::new(),
+                request_id: self.request_id.to_str().unwrap_or("").to_string(),
+                ts_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                key: self.key.id.clone(),
+                team: self.key.config.team.clone(),
+                model: d.model.clone(),
+                deployment: d.id.clone(),
+                prompt_tokens: u.prompt,
+                completion_tokens: u.completion,
+                cached_tokens: u.cached,
+                cost_pico: cost.0,
+                outcome: outcome.as_str().to_string(),
+            });
+        }
         tracing::debug!(
             target: "tollgate::access",
             request_id = self.request_id.to_str().unwrap_or(""),

@@ -29,6 +29,10 @@ pub struct Args {
     /// Upstream connect timeout.
     #[arg(long, env = "TOLLGATE_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
     pub connect_timeout: Duration,
+    /// Append a usage record per request to this file (JSON lines), and read it back at
+    /// start-up so spend and budgets survive a restart.
+    #[arg(long, env = "TOLLGATE_USAGE_LOG")]
+    pub usage_log: Option<PathBuf>,
     /// Add per-key spend and request series to /metrics (one series per key: mind the
     /// cardinality with many keys).
     #[arg(long, env = "TOLLGATE_PER_KEY_METRICS")]
@@ -99,7 +103,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let state = prepare(&args)?;
                 let listener = bind(args.listen, ReusePort::No)?;
                 announce(&state, listener.local_addr()?);
-                serve_on(listener, state).await
+                serve_on(listener, state.clone()).await?;
+                close(&state).await;
+                Ok(())
             }),
     }
 }
@@ -134,12 +140,21 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
         );
     }
     announce(&state, addr);
-    rt.block_on(serve_on(listener, state))?;
+    rt.block_on(serve_on(listener, state.clone()))?;
     for h in handles {
         h.join()
             .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
     }
+    rt.block_on(close(&state));
     Ok(())
+}
+
+/// After the listeners stopped and in-flight requests finished: flush what is still buffered.
+async fn close(state: &AppState) {
+    if let Some(log) = &state.usage_log {
+        log.close().await;
+        tracing::info!("usage log flushed");
+    }
 }
 
 /// Loads the config, installs metrics, and starts the background tasks on this runtime.
@@ -172,7 +187,24 @@ fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         per_key_metrics: args.per_key_metrics,
         connect_timeout: args.connect_timeout,
     };
-    let state = AppState::new(&config, settings, Some(prometheus))?;
+    let usage_log = args
+        .usage_log
+        .as_deref()
+        .map(crate::usage_log::open)
+        .transpose()
+        .with_context(|| format!("opening the usage log {:?}", args.usage_log))?;
+    let state = AppState::new(&config, settings, Some(prometheus), usage_log)?;
+    if let Some(path) = &args.usage_log {
+        let r = crate::usage_log::replay(
+            path,
+            &state.snapshot.load(),
+            &state.ledger,
+            &state.limits,
+            crate::limits::unix_now(),
+        )
+        .with_context(|| format!("reading the usage log {}", path.display()))?;
+        tracing::info!(records = r.records, skipped = r.skipped, path = %path.display(), "usage log replayed");
+    }
     tokio::spawn(crate::loader::watch(
         state.clone(),
         args.manifests.clone(),

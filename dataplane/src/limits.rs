@@ -376,6 +376,29 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Adds `spend` to the current budget period of `id` (from the usage log, at start-up).
+    pub fn seed_spend(
+        &self,
+        scope: Scope,
+        id: &str,
+        period: BudgetPeriod,
+        spend: Picodollars,
+        now: u64,
+    ) {
+        let map = self.subjects.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(&(scope, id.to_string())) {
+            let mut c = s.counters.lock().unwrap_or_else(|e| e.into_inner());
+            c.roll(
+                now,
+                Some(&BudgetConfig {
+                    max: Picodollars(0),
+                    period,
+                }),
+            );
+            c.spend = c.spend.saturating_add(spend.0);
+        }
+    }
+
     /// The limits of `id` under `rules`, or `None` when there is nothing to enforce.
     pub fn limited(&self, scope: Scope, id: &str, rules: Rules) -> Option<Arc<Limited>> {
         if rules.is_empty() {

@@ -136,7 +136,14 @@ pub async fn handle(
             }
         },
     };
-    let charge = Charge::new(rid.clone(), key, deployment.clone(), started, reservation);
+    let charge = Charge::new(
+        rid.clone(),
+        key,
+        deployment.clone(),
+        started,
+        reservation,
+        state.usage_log.clone(),
+    );
     let resp = match &deployment.target {
         Target::Mock(mock) => {
             if !mock.latency.is_zero() {

@@ -17,6 +17,8 @@ use tollgate_crds::model::Provider;
 /// A virtual key, ready for lookups.
 #[derive(Debug)]
 pub struct RuntimeKey {
+    /// `namespace/name`, shared.
+    pub id: Arc<str>,
     /// The compiled key.
     pub config: KeyConfig,
     /// Allowed models; `None`: all.
@@ -275,6 +277,7 @@ impl Snapshot {
             .iter()
             .map(|k| {
                 let rk = RuntimeKey {
+                    id: Arc::from(k.id.as_str()),
                     allowed: (!k.models.is_empty()).then(|| k.models.iter().cloned().collect()),
                     usage: ledger.key(&k.id),
                     limits: registry.limited(

@@ -43,6 +43,8 @@ pub struct AppState {
     pub settings: Settings,
     /// Prometheus renderer, when the binary installed the recorder.
     pub prometheus: Option<PrometheusHandle>,
+    /// Where usage records go, if anywhere.
+    pub usage_log: Option<crate::usage_log::UsageLog>,
 }
 
 impl AppState {
@@ -51,6 +53,7 @@ impl AppState {
         config: &GatewayConfig,
         settings: Settings,
         prometheus: Option<PrometheusHandle>,
+        usage_log: Option<crate::usage_log::UsageLog>,
     ) -> Result<Arc<Self>, BuildError> {
         let ledger = Ledger::default();
         let limits = Registry::default();
@@ -61,6 +64,7 @@ impl AppState {
             limits,
             settings,
             prometheus,
+            usage_log,
         }))
     }
 

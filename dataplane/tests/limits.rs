@@ -217,3 +217,53 @@ async fn concurrent_requests_never_overshoot_the_budget() {
         "exactly the served requests' cost"
     );
 }
+
+#[tokio::test]
+async fn spend_and_budgets_survive_a_restart_through_the_usage_log() {
+    // $0.0002 a request, a daily budget for five.
+    let m = key_manifest(", budget: {maxUsd: 0.001, duration: daily}")
+        + &model(
+            "m",
+            "m",
+            ", provider: mock, mock: {promptTokens: 100, completionTokens: 100}, pricing: {inputPerMillion: 1, outputPerMillion: 1}",
+        );
+    // The log lives beside the manifests but isn't YAML, so the loader ignores it.
+    let mut gw = Gateway::start(BIN, &m, &["--usage-log", "{dir}/usage.jsonl"]);
+    for i in 0..3 {
+        let r = chat(&gw, "m", i == 1).await;
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+    }
+    gw.restart();
+    assert!(gw.logs().contains("usage log replayed"), "{}", gw.logs());
+    let log = std::fs::read_to_string(gw.manifest_dir().join("usage.jsonl")).unwrap();
+    let records: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3, "{log}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["cost_pico"] == 200_000_000 && r["key"] == "default/k")
+    );
+    let ids: std::collections::HashSet<_> =
+        records.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 3);
+    assert!(!log.contains(KEY), "the key itself must never be logged");
+
+    // After the restart: totals are back, and only two more requests fit the budget.
+    let text = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"tollgate_spend_usd_total{model="m",deployment="default/m"} 0.0006"#),
+        "{text}"
+    );
+    assert_eq!(chat(&gw, "m", false).await.status(), 200);
+    assert_eq!(chat(&gw, "m", true).await.status(), 200);
+    assert_eq!(chat(&gw, "m", false).await.status(), 429);
+}

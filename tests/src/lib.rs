@@ -26,6 +26,8 @@ use tollgate_dataplane::request::Endpoint;
 
 /// A running `tollgate-dataplane` process serving manifests from its own temp dir.
 pub struct Gateway {
+    bin: String,
+    extra_args: Vec<String>,
     child: Child,
     /// Where it listens.
     pub addr: SocketAddr,
@@ -35,13 +37,33 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts `bin` on a free port with `manifests` (multi-document YAML) and extra flags. The
-    /// manifests are re-read every 100 ms.
+    /// manifests are re-read every 100 ms. `{dir}` in a flag stands for the manifest directory.
     pub fn start(bin: &str, manifests: &str, extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("gateway.yaml"), manifests).unwrap();
+        let extra_args: Vec<String> = extra_args
+            .iter()
+            .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
+            .collect();
+        let (child, addr, logs) = Self::spawn(bin, dir.path(), &extra_args);
+        Self {
+            bin: bin.to_string(),
+            extra_args,
+            child,
+            addr,
+            dir,
+            logs,
+        }
+    }
+
+    fn spawn(
+        bin: &str,
+        dir: &Path,
+        extra_args: &[String],
+    ) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
         let mut child = Command::new(bin)
             .arg("--manifests")
-            .arg(dir.path())
+            .arg(dir)
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -82,12 +104,38 @@ impl Gateway {
                 );
             }
         };
-        Self {
-            child,
-            addr,
-            dir,
-            logs,
+        (child, addr, logs)
+    }
+
+    /// Sends SIGTERM and waits (up to 10 s) for the process to exit; returns whether it exited
+    /// cleanly.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        false
+    }
+
+    /// Stops the process with SIGTERM and starts it again on the same manifests and flags (on a
+    /// new port). The log starts afresh.
+    pub fn restart(&mut self) {
+        assert!(
+            self.terminate(),
+            "gateway did not exit cleanly on SIGTERM:\n{}",
+            self.logs()
+        );
+        let (child, addr, logs) = Self::spawn(&self.bin, self.dir.path(), &self.extra_args);
+        self.child = child;
+        self.addr = addr;
+        self.logs = logs;
     }
 
     /// `http://addr{path}`.

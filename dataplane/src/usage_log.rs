@@ -1,0 +1,222 @@
+//! The usage log: one record per settled request (streamed, failed and abandoned ones
+//! included), appended as JSON lines to `--usage-log`, and read back at start-up so that a
+//! restart loses no spend: totals per key and deployment, and each key's spend in its current
+//! budget period, are rebuilt from it.
+//!
+//! Requests hand records to a writer task over a channel (no I/O and no lock on the request
+//! path); the writer appends them in batches and flushes after each batch. On shutdown the
+//! channel is closed and the writer drains it before the process exits. Every record has its own
+//! id, so a record read twice (a log concatenated by hand, say) is counted once.
+
+use crate::accounting::Ledger;
+use crate::limits::{Registry, Scope, period_index};
+use crate::snapshot::Snapshot;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc;
+use tollgate_crds::config::{Picodollars, TokenUsage};
+
+/// One settled request.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// Unique record id (not the client's request id, which clients may reuse).
+    pub id: String,
+    /// The request id (`x-request-id`).
+    pub request_id: String,
+    /// Unix time, milliseconds.
+    pub ts_ms: u64,
+    /// VirtualKey `namespace/name`.
+    pub key: Arc<str>,
+    /// The key's team.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    /// Public model name.
+    pub model: Arc<str>,
+    /// Deployment (LLMModel `namespace/name`).
+    pub deployment: Arc<str>,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Cached prompt tokens.
+    pub cached_tokens: u64,
+    /// Cost in picodollars.
+    pub cost_pico: u64,
+    /// `success`, `upstream_error`, `client_gone`, `rejected`.
+    pub outcome: String,
+}
+
+impl UsageRecord {
+    /// The usage of this record.
+    pub fn usage(&self) -> TokenUsage {
+        TokenUsage {
+            prompt: self.prompt_tokens,
+            completion: self.completion_tokens,
+            cached: self.cached_tokens,
+        }
+    }
+}
+
+enum Msg {
+    Record(UsageRecord),
+    Close(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Where records go.
+#[derive(Clone, Debug)]
+pub struct UsageLog {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Msg")
+    }
+}
+
+static RECORD_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl UsageLog {
+    /// Sends a record to the writer.
+    pub fn record(&self, mut record: UsageRecord) {
+        if record.id.is_empty() {
+            record.id = format!("{}-{}", *BOOT, RECORD_SEQ.fetch_add(1, Ordering::Relaxed));
+        }
+        // The writer stops only when closed, at shutdown, after the server has stopped.
+        let _ = self.tx.send(Msg::Record(record));
+    }
+
+    /// Writes out everything sent so far, syncs the file, and stops the writer.
+    pub async fn close(&self) {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        if self.tx.send(Msg::Close(ack)).is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+/// Identifies this process in record ids: start time and pid.
+static BOOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{ms:x}{:x}", std::process::id())
+});
+
+/// Opens the log at `path` for appending and starts its writer. [`UsageLog::close`] flushes it.
+pub fn open(path: &Path) -> std::io::Result<UsageLog> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
+    let path: PathBuf = path.to_path_buf();
+    // A thread of its own: blocking file I/O, off every runtime's workers.
+    std::thread::Builder::new()
+        .name("tollgate-usage-log".into())
+        .spawn(move || {
+            let mut out = std::io::BufWriter::new(file);
+            let mut batch = Vec::with_capacity(256);
+            let mut closing = None;
+            while closing.is_none() {
+                let Some(first) = rx.blocking_recv() else {
+                    break;
+                };
+                let mut next = Some(first);
+                while let Some(msg) = next {
+                    match msg {
+                        Msg::Record(r) => batch.push(r),
+                        Msg::Close(ack) => closing = Some(ack),
+                    }
+                    next = if batch.len() < 4096 || closing.is_some() {
+                        rx.try_recv().ok()
+                    } else {
+                        None
+                    };
+                }
+                for r in batch.drain(..) {
+                    let written = serde_json::to_writer(&mut out, &r)
+                        .map_err(std::io::Error::from)
+                        .and_then(|()| out.write_all(b"\n"));
+                    if let Err(e) = written {
+                        tracing::error!(path = %path.display(), "usage log write failed: {e}");
+                    }
+                }
+                if let Err(e) = out.flush() {
+                    tracing::error!(path = %path.display(), "usage log flush failed: {e}");
+                }
+            }
+            let _ = out.get_ref().sync_all();
+            if let Some(ack) = closing {
+                let _ = ack.send(());
+            }
+        })?;
+    Ok(UsageLog { tx })
+}
+
+/// What reading a log found.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Records counted.
+    pub records: usize,
+    /// Lines that were not records (a torn last line after a crash, say).
+    pub skipped: usize,
+}
+
+/// Reads the log at `path` (if it exists) into the usage counters, and seeds each limited key's
+/// budget with its spend in the current period.
+pub fn replay(
+    path: &Path,
+    snapshot: &Snapshot,
+    ledger: &Ledger,
+    registry: &Registry,
+    now: u64,
+) -> std::io::Result<Replay> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Replay::default()),
+        Err(e) => return Err(e),
+    };
+    let periods: HashMap<&str, _> = snapshot
+        .keys
+        .values()
+        .filter_map(|k| {
+            k.config
+                .budget
+                .as_ref()
+                .map(|b| (k.config.id.as_str(), b.period))
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let mut period_spend: HashMap<&str, u64> = HashMap::new();
+    let mut out = Replay::default();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        let Ok(r) = serde_json::from_str::<UsageRecord>(&line) else {
+            out.skipped += usize::from(!line.trim().is_empty());
+            continue;
+        };
+        if !seen.insert(r.id.clone()) {
+            continue;
+        }
+        out.records += 1;
+        let cost = Picodollars(r.cost_pico);
+        ledger.key(&r.key).add(Some(r.usage()), cost);
+        ledger
+            .deployment(&r.model, &r.deployment)
+            .add(Some(r.usage()), cost);
+        if let Some((id, p)) = periods.get_key_value(&*r.key)
+            && period_index(*p, r.ts_ms / 1000) == period_index(*p, now)
+        {
+            *period_spend.entry(id).or_default() += r.cost_pico;
+        }
+    }
+    for (key, spend) in period_spend {
+        registry.seed_spend(Scope::Key, key, periods[key], Picodollars(spend), now);
+    }
+    Ok(out)
+}
