@@ -64,6 +64,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub const DEFAULT_CREDENTIALS_KEY: &str = "apiKey";
 /// Default Secret key of `VirtualKey.spec.secretRef`.
 pub const DEFAULT_VIRTUAL_KEY_KEY: &str = "key";
+/// Secret key holding a virtual key's SHA-256 (hex) instead of the key itself.
+pub const KEY_SHA256: &str = "keySha256";
 /// Shortest virtual key accepted: shorter keys are guessable.
 pub const MIN_VIRTUAL_KEY_LEN: usize = 16;
 
@@ -364,21 +366,40 @@ fn compile_key(k: &VirtualKey, secrets: &Secrets<'_>) -> Result<KeyConfig, (Stri
             DEFAULT_VIRTUAL_KEY_KEY.to_string(),
         ),
     };
-    let key = secrets.get(ns, &secret_name, &secret_key).map_err(|e| {
-        let hint = if s.secret_ref.is_none() {
-            " (set spec.secretRef, or let the operator generate the Secret)"
-        } else {
-            ""
+    // A Secret may hold the key itself, or only its SHA-256 (hex) under `keySha256`: how keys
+    // generated through the admin API are stored, so their plaintext is never kept.
+    let hash =
+        match secrets.get(ns, &secret_name, &secret_key) {
+            Ok(key) => {
+                let key = key.trim();
+                if key.len() < MIN_VIRTUAL_KEY_LEN {
+                    return Err((
+                        "spec.secretRef".into(),
+                        format!("the key must be at least {MIN_VIRTUAL_KEY_LEN} characters"),
+                    ));
+                }
+                KeyHash::of(key)
+            }
+            Err(e) => match secrets.get(ns, &secret_name, KEY_SHA256) {
+                Ok(hex) => serde_json::from_value::<KeyHash>(serde_json::Value::String(
+                    hex.trim().to_string(),
+                ))
+                .map_err(|_| {
+                    (
+                        "spec.secretRef".to_string(),
+                        format!("Secret {ns}/{secret_name} {KEY_SHA256:?} must be 64 hex digits"),
+                    )
+                })?,
+                Err(_) => {
+                    let hint = if s.secret_ref.is_none() {
+                        " (set spec.secretRef, or let the operator generate the Secret)"
+                    } else {
+                        ""
+                    };
+                    return Err(("spec.secretRef".to_string(), format!("{e}{hint}")));
+                }
+            },
         };
-        ("spec.secretRef".to_string(), format!("{e}{hint}"))
-    })?;
-    let key = key.trim();
-    if key.len() < MIN_VIRTUAL_KEY_LEN {
-        return Err((
-            "spec.secretRef".into(),
-            format!("the key must be at least {MIN_VIRTUAL_KEY_LEN} characters"),
-        ));
-    }
     check_limits("spec.limits", s.limits.as_ref())?;
     let budget = match &s.budget {
         Some(b) => Some(BudgetConfig {
@@ -397,7 +418,7 @@ fn compile_key(k: &VirtualKey, secrets: &Secrets<'_>) -> Result<KeyConfig, (Stri
     };
     Ok(KeyConfig {
         id: object_id(&k.metadata),
-        hash: KeyHash::of(key),
+        hash,
         team: s.team.clone(),
         alias: s.alias.clone(),
         models: s.models.clone(),

@@ -29,6 +29,10 @@ pub struct Args {
     /// Upstream connect timeout.
     #[arg(long, env = "TOLLGATE_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
     pub connect_timeout: Duration,
+    /// Master key for the admin API (`/key/generate`, `/key/info`, `/spend/keys`, ...). Without
+    /// it the admin API is off.
+    #[arg(long, env = "TOLLGATE_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
     /// Append a usage record per request to this file (JSON lines), and read it back at
     /// start-up so spend and budgets survive a restart.
     #[arg(long, env = "TOLLGATE_USAGE_LOG")]
@@ -193,7 +197,11 @@ fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         .map(crate::usage_log::open)
         .transpose()
         .with_context(|| format!("opening the usage log {:?}", args.usage_log))?;
-    let state = AppState::new(&config, settings, Some(prometheus), usage_log)?;
+    let admin = args
+        .master_key
+        .as_deref()
+        .map(|k| crate::admin::Admin::new(k, args.manifests.clone()));
+    let state = AppState::new(&config, settings, Some(prometheus), usage_log, admin)?;
     if let Some(path) = &args.usage_log {
         let r = crate::usage_log::replay(
             path,

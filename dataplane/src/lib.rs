@@ -11,9 +11,12 @@
 //! - [`accounting`], [`usage`]: cost from real usage, per key and deployment.
 //! - [`snapshot`], [`state`]: the immutable per-config view and its atomic swap.
 //! - [`loader`]: manifests on disk, and reloading them. [`metrics`]: Prometheus.
+//! - [`limits`]: rate limits and budgets. [`usage_log`]: records of settled requests.
+//! - [`admin`]: the LiteLLM-compatible key and spend API.
 //! - [`cli`]: flags, and [`cli::run`] which wires it all for the binary.
 
 pub mod accounting;
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod error;

@@ -12,10 +12,32 @@ use std::time::Duration;
 use tollgate_crds::manifest::parse_into;
 use tollgate_crds::{GatewayConfig, Objects, compile};
 
+/// Where keys made through the admin API are kept: `generated-keys.yaml` in the manifest
+/// directory, or beside a single manifest file as `<file>.generated-keys.yaml`. Either way the
+/// loader reads it with the manifests.
+pub fn keys_file_for(manifests: &Path) -> PathBuf {
+    if manifests.is_dir() {
+        manifests.join(GENERATED_KEYS_FILE)
+    } else {
+        let mut name = manifests.file_name().unwrap_or_default().to_os_string();
+        name.push(".");
+        name.push(GENERATED_KEYS_FILE);
+        manifests.with_file_name(name)
+    }
+}
+
+/// File name of the admin API's keys.
+pub const GENERATED_KEYS_FILE: &str = "generated-keys.yaml";
+
 fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     let meta = std::fs::metadata(path)?;
     if meta.is_file() {
-        return Ok(vec![path.to_path_buf()]);
+        let mut files = vec![path.to_path_buf()];
+        let keys = keys_file_for(path);
+        if keys.is_file() {
+            files.push(keys);
+        }
+        return Ok(files);
     }
     let mut out = Vec::new();
     let mut stack = vec![path.to_path_buf()];

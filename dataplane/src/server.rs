@@ -36,6 +36,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health/liveness", get(live))
         .route("/health/readiness", get(ready))
         .route("/metrics", get(metrics))
+        .route("/key/generate", post(key_generate))
+        .route("/key/info", get(key_info))
+        .route("/key/list", get(key_list))
+        .route("/key/delete", post(key_delete))
+        .route("/spend/keys", get(|s, r| spend(s, r, "keys")))
+        .route("/spend/models", get(|s, r| spend(s, r, "models")))
+        .route("/spend/teams", get(|s, r| spend(s, r, "teams")))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -205,4 +212,67 @@ async fn method_not_allowed(req: Request) -> Response {
 fn with_request_id(req: &Request, mut resp: Response) -> Response {
     resp.headers_mut().insert(REQUEST_ID, request_id(req));
     resp
+}
+
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 1 << 20;
+
+fn admin_response(req_id: HeaderValue, result: Result<serde_json::Value, ApiError>) -> Response {
+    let mut resp = match result {
+        Ok(v) => json(StatusCode::OK, v.to_string()),
+        Err(e) => e.into_response(),
+    };
+    resp.headers_mut().insert(REQUEST_ID, req_id);
+    resp
+}
+
+async fn admin_body(req: Request) -> Result<(http::HeaderMap, bytes::Bytes), ApiError> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_ADMIN_BODY)
+        .await
+        .map_err(|_| ApiError::too_large(MAX_ADMIN_BODY))?;
+    Ok((parts.headers, bytes))
+}
+
+async fn key_generate(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let rid = request_id(&req);
+    let result = match admin_body(req).await {
+        Ok((h, b)) => crate::admin::generate(&state, &h, &b).await,
+        Err(e) => Err(e),
+    };
+    admin_response(rid, result)
+}
+
+async fn key_delete(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let rid = request_id(&req);
+    let result = match admin_body(req).await {
+        Ok((h, b)) => crate::admin::delete(&state, &h, &b).await,
+        Err(e) => Err(e),
+    };
+    admin_response(rid, result)
+}
+
+fn query(req: &Request) -> std::collections::BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn key_info(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let rid = request_id(&req);
+    admin_response(rid, crate::admin::info(&state, req.headers(), &query(&req)))
+}
+
+async fn key_list(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let rid = request_id(&req);
+    admin_response(rid, crate::admin::list(&state, req.headers()))
+}
+
+async fn spend(State(state): State<Arc<AppState>>, req: Request, by: &'static str) -> Response {
+    let rid = request_id(&req);
+    admin_response(rid, crate::admin::spend(&state, req.headers(), by))
 }

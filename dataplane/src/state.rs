@@ -45,6 +45,8 @@ pub struct AppState {
     pub prometheus: Option<PrometheusHandle>,
     /// Where usage records go, if anywhere.
     pub usage_log: Option<crate::usage_log::UsageLog>,
+    /// The admin API, when a master key is set.
+    pub admin: Option<crate::admin::Admin>,
 }
 
 impl AppState {
@@ -54,6 +56,7 @@ impl AppState {
         settings: Settings,
         prometheus: Option<PrometheusHandle>,
         usage_log: Option<crate::usage_log::UsageLog>,
+        admin: Option<crate::admin::Admin>,
     ) -> Result<Arc<Self>, BuildError> {
         let ledger = Ledger::default();
         let limits = Registry::default();
@@ -65,6 +68,7 @@ impl AppState {
             settings,
             prometheus,
             usage_log,
+            admin,
         }))
     }
 

@@ -1,0 +1,477 @@
+//! The admin API, LiteLLM-compatible where it overlaps: `POST /key/generate`, `GET /key/info`,
+//! `GET /key/list`, `POST /key/delete`, `GET /spend/keys`, `GET /spend/models`,
+//! `GET /spend/teams`, authorized by the master key (`--master-key`).
+//!
+//! Standalone, a generated key becomes a VirtualKey and a Secret in the generated-keys file the
+//! loader reads with the manifests ([`crate::loader::keys_file_for`]), so it survives restarts
+//! and goes through the same validation as a hand-written key. The Secret holds only the key's
+//! SHA-256 (`keySha256`): the key itself is shown once, in the response, and stored nowhere.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use subtle::ConstantTimeEq;
+use tollgate_crds::config::{KeyHash, Picodollars};
+
+/// Annotation marking objects the admin API wrote.
+pub const GENERATED_BY: &str = "tollgate.dev/generated-by";
+
+/// Admin settings.
+#[derive(Debug)]
+pub struct Admin {
+    master: KeyHash,
+    manifests: PathBuf,
+    keys_file: PathBuf,
+    /// Serializes writes of the keys file.
+    write: tokio::sync::Mutex<()>,
+}
+
+impl Admin {
+    /// Admin API with `master_key`, storing keys beside `manifests`.
+    pub fn new(master_key: &str, manifests: PathBuf) -> Self {
+        let keys_file = crate::loader::keys_file_for(&manifests);
+        Self {
+            master: KeyHash::of(master_key),
+            manifests,
+            keys_file,
+            write: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let presented = crate::auth::presented_key(headers).ok_or_else(|| {
+            ApiError::unauthorized(
+                "missing_api_key",
+                "The admin API needs the master key as `Authorization: Bearer <key>`.",
+            )
+        })?;
+        if bool::from(KeyHash::of(presented).0.ct_eq(&self.master.0)) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(
+                "invalid_api_key",
+                "Only the master key may use the admin API.",
+            ))
+        }
+    }
+}
+
+fn admin<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Admin, ApiError> {
+    let a = state.admin.as_ref().ok_or_else(|| {
+        let mut e = ApiError::bad_request("admin_disabled", "The admin API is off: start the data plane with --master-key (or TOLLGATE_MASTER_KEY).");
+        e.status = StatusCode::NOT_FOUND;
+        e
+    })?;
+    a.authorize(headers)?;
+    Ok(a)
+}
+
+/// LiteLLM's `/key/generate` request.
+#[derive(Debug, Default, Deserialize)]
+pub struct GenerateRequest {
+    /// A key to use instead of a generated one.
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    key_alias: Option<String>,
+    #[serde(default)]
+    team_id: Option<String>,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    max_budget: Option<f64>,
+    #[serde(default)]
+    budget_duration: Option<String>,
+    #[serde(default)]
+    rpm_limit: Option<u64>,
+    #[serde(default)]
+    tpm_limit: Option<u64>,
+    #[serde(default)]
+    max_parallel_requests: Option<u32>,
+    /// Lifetime of the key, e.g. `30d`.
+    #[serde(default)]
+    duration: Option<String>,
+    /// Expiry as an RFC 3339 time (alternative to `duration`).
+    #[serde(default)]
+    expires: Option<String>,
+    /// Accepted and ignored (LiteLLM clients send them).
+    #[serde(default, rename = "metadata")]
+    _metadata: Option<Value>,
+    #[serde(default, rename = "user_id")]
+    _user_id: Option<String>,
+}
+
+fn new_key() -> Result<String, ApiError> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|_| ApiError::internal("no randomness available"))?;
+    // 62 symbols, 32 of them: ~190 bits; the modulo bias is immaterial at this length.
+    Ok(format!(
+        "sk-tg-{}",
+        raw.iter()
+            .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+            .collect::<String>()
+    ))
+}
+
+/// The generated keys file as documents (one JSON object each; JSON is YAML).
+fn read_docs(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.split("\n---\n")
+        .filter_map(|d| serde_json::from_str(d.trim()).ok())
+        .collect()
+}
+
+fn write_docs(path: &std::path::Path, docs: &[Value]) -> std::io::Result<()> {
+    let mut out =
+        String::from("# Keys made through the admin API (POST /key/generate). Edit with care.\n");
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&d.to_string());
+        out.push('\n');
+    }
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, out)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes `docs`, reloads, and restores the previous file if the result doesn't compile.
+async fn commit(state: &AppState, a: &Admin, docs: Vec<Value>) -> Result<(), ApiError> {
+    let previous = std::fs::read(&a.keys_file).ok();
+    write_docs(&a.keys_file, &docs)
+        .map_err(|e| ApiError::internal(format!("writing the keys file failed: {e}")))?;
+    let manifests = a.manifests.clone();
+    let loaded = tokio::task::spawn_blocking(move || crate::loader::load(&manifests))
+        .await
+        .map_err(|_| ApiError::internal("reload failed"))?;
+    match loaded {
+        Ok(config) => state
+            .install(&config)
+            .map_err(|e| ApiError::internal(e.to_string())),
+        Err(errors) => {
+            let _ = match previous {
+                Some(p) => std::fs::write(&a.keys_file, p),
+                None => std::fs::remove_file(&a.keys_file),
+            };
+            Err(ApiError::bad_request(
+                "invalid_key_request",
+                errors.join("; "),
+            ))
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    crate::limits::unix_now() as i64
+}
+
+/// `POST /key/generate`.
+pub async fn generate(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    let a = admin(state, headers)?;
+    let req: GenerateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        GenerateRequest::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("Invalid /key/generate request: {e}."),
+            )
+        })?
+    };
+    let key = match req.key {
+        Some(k) if k.len() >= tollgate_crds::compile::MIN_VIRTUAL_KEY_LEN => k,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_key",
+                format!(
+                    "`key` must be at least {} characters.",
+                    tollgate_crds::compile::MIN_VIRTUAL_KEY_LEN
+                ),
+            ));
+        }
+        None => new_key()?,
+    };
+    let hash = KeyHash::of(&key);
+    let expires_at = match (&req.duration, &req.expires) {
+        (Some(d), _) => {
+            let d = tollgate_crds::common::parse_duration(d)
+                .map_err(|e| ApiError::bad_request("invalid_duration", e))?;
+            Some(unix_now() + d.as_secs() as i64)
+        }
+        (None, Some(t)) => Some(
+            t.parse::<jiff::Timestamp>()
+                .map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_expires",
+                        format!("`expires` must be an RFC 3339 time: {e}."),
+                    )
+                })?
+                .as_second(),
+        ),
+        (None, None) => None,
+    };
+    let expires_rfc3339 = expires_at
+        .map(|t| jiff::Timestamp::from_second(t).map(|t| t.to_string()))
+        .transpose()
+        .map_err(|_| ApiError::bad_request("invalid_duration", "The expiry is out of range."))?;
+    let name = format!("generated-{}", hash.short_id());
+    let mut spec = serde_json::Map::new();
+    spec.insert("secretRef".into(), json!({"name": format!("{name}-key")}));
+    if !req.models.is_empty() {
+        spec.insert("models".into(), json!(req.models));
+    }
+    if let Some(t) = &req.team_id {
+        spec.insert("team".into(), json!(t));
+    }
+    if let Some(al) = &req.key_alias {
+        spec.insert("alias".into(), json!(al));
+    }
+    if let Some(max) = req.max_budget {
+        let mut b = json!({"maxUsd": max});
+        if let Some(d) = &req.budget_duration {
+            b["duration"] = json!(d);
+        }
+        spec.insert("budget".into(), b);
+    }
+    let mut limits = serde_json::Map::new();
+    if let Some(v) = req.rpm_limit {
+        limits.insert("rpm".into(), json!(v));
+    }
+    if let Some(v) = req.tpm_limit {
+        limits.insert("tpm".into(), json!(v));
+    }
+    if let Some(v) = req.max_parallel_requests {
+        limits.insert("maxParallel".into(), json!(v));
+    }
+    if !limits.is_empty() {
+        spec.insert("limits".into(), Value::Object(limits));
+    }
+    if let Some(t) = &expires_rfc3339 {
+        spec.insert("expiresAt".into(), json!(t));
+    }
+    let meta =
+        json!({"name": name, "namespace": "default", "annotations": {GENERATED_BY: "admin-api"}});
+    let vk = json!({"apiVersion": "tollgate.dev/v1alpha1", "kind": "VirtualKey", "metadata": meta, "spec": spec});
+    let secret_hex = serde_json::to_value(hash).unwrap_or_default();
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": format!("{name}-key"), "namespace": "default", "annotations": {GENERATED_BY: "admin-api"}},
+        "stringData": {(tollgate_crds::compile::KEY_SHA256): secret_hex},
+    });
+    let _guard = a.write.lock().await;
+    if state.snapshot.load().keys.contains_key(&hash) {
+        return Err(ApiError::bad_request(
+            "key_exists",
+            "That key is already in use.",
+        ));
+    }
+    let mut docs = read_docs(&a.keys_file);
+    docs.push(vk);
+    docs.push(secret);
+    commit(state, a, docs).await?;
+    Ok(json!({
+        "key": key,
+        "key_name": abbreviate(&key),
+        "token": serde_json::to_value(hash).unwrap_or_default(),
+        "key_alias": req.key_alias,
+        "team_id": req.team_id,
+        "models": req.models,
+        "max_budget": req.max_budget,
+        "budget_duration": req.budget_duration,
+        "rpm_limit": req.rpm_limit,
+        "tpm_limit": req.tpm_limit,
+        "max_parallel_requests": req.max_parallel_requests,
+        "expires": expires_rfc3339,
+        "tollgate_id": format!("default/{name}"),
+    }))
+}
+
+fn abbreviate(key: &str) -> String {
+    let tail: String = key
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("sk-...{tail}")
+}
+
+/// Looks a key up by the key itself or its hash (`token`).
+fn find_key(
+    state: &AppState,
+    key_or_token: &str,
+) -> Option<std::sync::Arc<crate::snapshot::RuntimeKey>> {
+    let snap = state.snapshot.load();
+    if let Some(k) = snap.keys.get(&KeyHash::of(key_or_token)) {
+        return Some(k.clone());
+    }
+    serde_json::from_value::<KeyHash>(json!(key_or_token))
+        .ok()
+        .and_then(|h| snap.keys.get(&h).cloned())
+}
+
+fn key_info(k: &crate::snapshot::RuntimeKey) -> Value {
+    let c = &k.config;
+    let period_spend = k
+        .limits
+        .as_ref()
+        .map(|l| l.subject().period_spend().to_string());
+    json!({
+        "token": serde_json::to_value(c.hash).unwrap_or_default(),
+        "tollgate_id": c.id,
+        "key_alias": c.alias,
+        "team_id": c.team,
+        "models": c.models,
+        "spend": usd(k.usage.spend()),
+        "spend_current_period": period_spend,
+        "max_budget": c.budget.as_ref().map(|b| usd(b.max)),
+        "rpm_limit": c.limits.rpm,
+        "tpm_limit": c.limits.tpm,
+        "max_parallel_requests": c.limits.max_parallel,
+        "expires": c.expires_at.and_then(|t| jiff::Timestamp::from_second(t).ok()).map(|t| t.to_string()),
+        "requests": k.usage.requests.load(Relaxed),
+    })
+}
+
+fn usd(p: Picodollars) -> f64 {
+    p.to_string().parse().unwrap_or(0.0)
+}
+
+/// `GET /key/info?key=...`.
+pub fn info(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &BTreeMap<String, String>,
+) -> Result<Value, ApiError> {
+    admin(state, headers)?;
+    let wanted = query.get("key").ok_or_else(|| {
+        ApiError::bad_request("missing_key", "Pass the key (or its token) as ?key=.")
+    })?;
+    let k = find_key(state, wanted).ok_or_else(|| {
+        let mut e = ApiError::bad_request("key_not_found", "No such key.");
+        e.status = StatusCode::NOT_FOUND;
+        e
+    })?;
+    Ok(json!({"key": abbreviate(wanted), "info": key_info(&k)}))
+}
+
+/// `GET /key/list`.
+pub fn list(state: &AppState, headers: &HeaderMap) -> Result<Value, ApiError> {
+    admin(state, headers)?;
+    let snap = state.snapshot.load();
+    let mut keys: Vec<Value> = snap.keys.values().map(|k| key_info(k)).collect();
+    keys.sort_by(|a, b| a["tollgate_id"].as_str().cmp(&b["tollgate_id"].as_str()));
+    let tokens: Vec<Value> = keys.iter().map(|k| k["token"].clone()).collect();
+    Ok(json!({"keys": tokens, "total_count": tokens.len(), "details": keys}))
+}
+
+#[derive(Deserialize)]
+struct DeleteRequest {
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    key_aliases: Vec<String>,
+}
+
+/// `POST /key/delete`: only keys made through the admin API; manifest keys are edited in the
+/// manifests.
+pub async fn delete(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+    let a = admin(state, headers)?;
+    let req: DeleteRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("Invalid /key/delete request: {e}."))
+    })?;
+    let mut ids = Vec::new();
+    for k in &req.keys {
+        let found = find_key(state, k).ok_or_else(|| {
+            ApiError::bad_request("key_not_found", format!("No such key: {}.", abbreviate(k)))
+        })?;
+        ids.push(found.config.id.clone());
+    }
+    for alias in &req.key_aliases {
+        let snap = state.snapshot.load();
+        let found = snap
+            .keys
+            .values()
+            .find(|k| k.config.alias.as_deref() == Some(alias))
+            .ok_or_else(|| {
+                ApiError::bad_request("key_not_found", format!("No key has alias {alias:?}."))
+            })?;
+        ids.push(found.config.id.clone());
+    }
+    let _guard = a.write.lock().await;
+    let mut docs = read_docs(&a.keys_file);
+    let mut deleted = Vec::new();
+    for id in &ids {
+        let name = id.strip_prefix("default/").unwrap_or(id);
+        let before = docs.len();
+        docs.retain(|d| {
+            let n = d["metadata"]["name"].as_str().unwrap_or("");
+            n != name && n != format!("{name}-key")
+        });
+        if docs.len() == before {
+            return Err(ApiError::bad_request(
+                "key_not_generated",
+                format!(
+                    "VirtualKey {id} is defined in the manifests, not by the admin API: delete it there."
+                ),
+            ));
+        }
+        deleted.push(id.clone());
+    }
+    commit(state, a, docs).await?;
+    Ok(json!({"deleted_keys": deleted}))
+}
+
+/// `GET /spend/keys`, `/spend/models`, `/spend/teams`.
+pub fn spend(state: &AppState, headers: &HeaderMap, by: &str) -> Result<Value, ApiError> {
+    admin(state, headers)?;
+    let snap = state.snapshot.load();
+    let teams: BTreeMap<&str, &str> = snap
+        .keys
+        .values()
+        .filter_map(|k| k.config.team.as_deref().map(|t| (k.config.id.as_str(), t)))
+        .collect();
+    let rows: Vec<Value> = match by {
+        "keys" => state
+            .ledger
+            .keys()
+            .into_iter()
+            .map(|(id, c)| json!({"key": id, "team_id": teams.get(id.as_str()), "spend": usd(c.spend()), "requests": c.requests.load(Relaxed), "prompt_tokens": c.prompt_tokens.load(Relaxed), "completion_tokens": c.completion_tokens.load(Relaxed)}))
+            .collect(),
+        "models" => {
+            let mut by_model: BTreeMap<String, (u64, u64, u64, u64)> = BTreeMap::new();
+            for ((model, _), c) in state.ledger.deployments() {
+                let e = by_model.entry(model).or_default();
+                e.0 += c.spend.load(Relaxed);
+                e.1 += c.requests.load(Relaxed);
+                e.2 += c.prompt_tokens.load(Relaxed);
+                e.3 += c.completion_tokens.load(Relaxed);
+            }
+            by_model
+                .into_iter()
+                .map(|(m, (s, r, p, c))| json!({"model": m, "spend": usd(Picodollars(s)), "requests": r, "prompt_tokens": p, "completion_tokens": c}))
+                .collect()
+        }
+        _ => {
+            let mut by_team: BTreeMap<&str, u64> = BTreeMap::new();
+            for (id, c) in state.ledger.keys() {
+                if let Some(t) = teams.get(id.as_str()) {
+                    *by_team.entry(t).or_default() += c.spend.load(Relaxed);
+                }
+            }
+            by_team.into_iter().map(|(t, s)| json!({"team_id": t, "spend": usd(Picodollars(s))})).collect()
+        }
+    };
+    Ok(Value::Array(rows))
+}
