@@ -32,6 +32,18 @@ fn model(name: &str, model_name: &str, extra: &str) -> String {
     )
 }
 
+/// Rate windows are calendar minutes: a test counting within one must not start in its last
+/// seconds.
+async fn avoid_minute_boundary() {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if secs % 60 > 50 {
+        tokio::time::sleep(Duration::from_secs(61 - secs % 60)).await;
+    }
+}
+
 async fn chat(gw: &Gateway, model: &str, stream: bool) -> reqwest::Response {
     reqwest::Client::new()
         .post(gw.url("/v1/chat/completions"))
@@ -46,6 +58,7 @@ async fn chat(gw: &Gateway, model: &str, stream: bool) -> reqwest::Response {
 async fn key_rpm_refuses_with_openai_headers_and_retry_after() {
     let m = key_manifest(", limits: {rpm: 3}") + &model("m", "m", ", provider: mock");
     let gw = Gateway::start(BIN, &m, &[]);
+    avoid_minute_boundary().await;
     let first = chat(&gw, "m", false).await;
     assert_eq!(first.status(), 200);
     let h = first.headers();
@@ -266,4 +279,36 @@ async fn spend_and_budgets_survive_a_restart_through_the_usage_log() {
     assert_eq!(chat(&gw, "m", false).await.status(), 200);
     assert_eq!(chat(&gw, "m", true).await.status(), 200);
     assert_eq!(chat(&gw, "m", false).await.status(), 429);
+}
+
+#[tokio::test]
+async fn tpm_counts_the_real_usage_not_the_estimate() {
+    // The estimate of a tiny request is a few tokens; the mock reports 200 (100 + 100). With a
+    // limit of 250 tokens a minute the second request still fits (200 < 250), the third can't
+    // (400 >= 250): only settlement on real usage gets this right.
+    let m = key_manifest(", limits: {tpm: 250}")
+        + &model(
+            "m",
+            "m",
+            ", provider: mock, mock: {promptTokens: 100, completionTokens: 100}",
+        );
+    let gw = Gateway::start(BIN, &m, &[]);
+    avoid_minute_boundary().await;
+    let first = chat(&gw, "m", false).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-ratelimit-limit-tokens"], "250");
+    assert_eq!(
+        chat(&gw, "m", true).await.bytes().await.map(|_| ()).ok(),
+        Some(())
+    );
+    let third = chat(&gw, "m", false).await;
+    assert_eq!(third.status(), 429);
+    let e: Value = third.json().await.unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("250 tokens per minute"),
+        "{e}"
+    );
 }
