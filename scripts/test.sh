@@ -12,6 +12,7 @@ log() { printf '\n==> %s\n' "$*"; }
 apt_pkgs=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_pkgs+=(python3-venv)
 command -v curl >/dev/null || apt_pkgs+=(curl)
+command -v redis-server >/dev/null || apt_pkgs+=(redis-server)
 if ((${#apt_pkgs[@]})); then
   log "installing ${apt_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

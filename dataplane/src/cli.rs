@@ -33,6 +33,18 @@ pub struct Args {
     /// it the admin API is off.
     #[arg(long, env = "TOLLGATE_MASTER_KEY", hide_env_values = true)]
     pub master_key: Option<String>,
+    /// Redis URL (`redis://host:6379/0`): limits and budgets are then shared by every replica.
+    #[arg(long, env = "TOLLGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// When Redis can't be reached: `open` falls back to this replica's own counters, `closed`
+    /// refuses limited requests with 503.
+    #[arg(
+        long,
+        env = "TOLLGATE_REDIS_FAILURE",
+        value_enum,
+        default_value = "open"
+    )]
+    pub redis_failure: crate::shared::FailureMode,
     /// Append a usage record per request to this file (JSON lines), and read it back at
     /// start-up so spend and budgets survive a restart.
     #[arg(long, env = "TOLLGATE_USAGE_LOG")]
@@ -104,7 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(async move {
-                let state = prepare(&args)?;
+                let state = prepare(&args).await?;
                 let listener = bind(args.listen, ReusePort::No)?;
                 announce(&state, listener.local_addr()?);
                 serve_on(listener, state.clone()).await?;
@@ -127,7 +139,7 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
     };
     let rt = current()?;
     let (state, listener) = rt.block_on(async {
-        let state = prepare(&args)?;
+        let state = prepare(&args).await?;
         anyhow::Ok((state, bind(args.listen, ReusePort::First)?))
     })?;
     // With port 0 the first socket picked the port; the others join it.
@@ -162,7 +174,7 @@ async fn close(state: &AppState) {
 }
 
 /// Loads the config, installs metrics, and starts the background tasks on this runtime.
-fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
+async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
     let config = match crate::loader::load(&args.manifests) {
         Ok(c) => c,
         Err(errors) => {
@@ -201,7 +213,22 @@ fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         .master_key
         .as_deref()
         .map(|k| crate::admin::Admin::new(k, args.manifests.clone()));
-    let state = AppState::new(&config, settings, Some(prometheus), usage_log, admin)?;
+    let shared = match &args.redis_url {
+        Some(url) => Some(Arc::new(
+            crate::shared::SharedLimits::connect(url, args.redis_failure)
+                .await
+                .context("connecting to Redis (--redis-url)")?,
+        )),
+        None => None,
+    };
+    let state = AppState::new(
+        &config,
+        settings,
+        Some(prometheus),
+        usage_log,
+        admin,
+        shared,
+    )?;
     if let Some(path) = &args.usage_log {
         let r = crate::usage_log::replay(
             path,

@@ -27,6 +27,7 @@ pub mod mock;
 pub mod proxy;
 pub mod request;
 pub mod server;
+pub mod shared;
 pub mod snapshot;
 pub mod sse;
 pub mod state;

@@ -198,6 +198,16 @@ pub struct Room {
 }
 
 impl Room {
+    /// Room left under `rules` after `requests` and `tokens` this minute.
+    pub fn new(rules: &Rules, requests: u64, tokens: u64, reset_secs: u64) -> Self {
+        let l = &rules.limits;
+        Self {
+            requests: l.rpm.map(|limit| (limit, limit.saturating_sub(requests))),
+            tokens: l.tpm.map(|limit| (limit, limit.saturating_sub(tokens))),
+            reset_secs,
+        }
+    }
+
     /// Adds OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
     pub fn write_headers(&self, h: &mut HeaderMap) {
         let reset = HeaderValue::try_from(format!("{}s", self.reset_secs)).ok();
@@ -306,6 +316,21 @@ impl Subject {
         }
     }
 
+    /// What it limits.
+    pub fn scope(&self) -> Scope {
+        self.scope
+    }
+
+    /// Its id (`namespace/name`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its id, shared.
+    pub fn id_arc(&self) -> Arc<str> {
+        self.id.clone()
+    }
+
     /// Spend settled in the current budget period.
     pub fn period_spend(&self) -> Picodollars {
         Picodollars(
@@ -329,6 +354,11 @@ impl Limited {
     pub fn subject(&self) -> &Subject {
         &self.subject
     }
+
+    /// The rules.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
 }
 
 /// Reservations of one request, released or settled exactly once.
@@ -336,9 +366,24 @@ impl Limited {
 pub struct Reservation {
     held: Vec<(Arc<Limited>, Ask)>,
     minute: u64,
+    /// Set when the reservations are in Redis rather than in this process.
+    shared: Option<Arc<crate::shared::SharedLimits>>,
 }
 
 impl Reservation {
+    /// Reservations already taken in Redis.
+    pub fn shared(
+        shared: Arc<crate::shared::SharedLimits>,
+        held: Vec<(Arc<Limited>, Ask)>,
+        now: u64,
+    ) -> Self {
+        Self {
+            held,
+            minute: now / 60,
+            shared: Some(shared),
+        }
+    }
+
     /// Reserves `ask` on `limited`, adding it to this reservation.
     pub fn take(&mut self, limited: &Arc<Limited>, ask: Ask, now: u64) -> Result<Room, Refused> {
         let room = limited.subject.reserve(&limited.rules, ask, now)?;
@@ -362,6 +407,27 @@ impl Reservation {
 
     /// Settles every reservation with the real usage.
     pub fn settle(&mut self, tokens: u64, cost: Picodollars, now: u64) {
+        if let Some(shared) = &self.shared {
+            // This replica's own view of the spend follows along: it seeds Redis should Redis
+            // lose its data, and decides when Redis is down and the policy is to fail open.
+            for (l, _) in &self.held {
+                if let Some(b) = &l.rules.budget {
+                    let mut c = l.subject.counters.lock().unwrap_or_else(|e| e.into_inner());
+                    c.roll(now, Some(b));
+                    c.spend = c.spend.saturating_add(cost.0);
+                }
+            }
+            if !self.held.is_empty() {
+                shared.settle(
+                    std::mem::take(&mut self.held),
+                    tokens,
+                    cost,
+                    self.minute,
+                    now,
+                );
+            }
+            return;
+        }
         for (l, ask) in self.held.drain(..) {
             l.subject
                 .settle(&l.rules, ask, tokens, cost, self.minute, now);

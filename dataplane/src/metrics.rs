@@ -19,6 +19,10 @@ pub const DURATION: &str = "tollgate_request_duration_seconds";
 pub const TTFB: &str = "tollgate_time_to_first_byte_seconds";
 /// `tollgate_rejected_requests_total{code}`: requests refused before reaching a deployment.
 pub const REJECTED: &str = "tollgate_rejected_requests_total";
+/// `tollgate_redis_errors_total{op}`: failed Redis calls (the request then fails open or closed).
+pub const REDIS_ERRORS: &str = "tollgate_redis_errors_total";
+/// `tollgate_redis_up`: 1 while the last Redis call succeeded.
+pub const REDIS_UP: &str = "tollgate_redis_up";
 /// `tollgate_config_reloads_total{result}`.
 pub const RELOADS: &str = "tollgate_config_reloads_total";
 

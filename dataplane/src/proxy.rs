@@ -12,8 +12,10 @@
 use crate::accounting::{Charge, Outcome};
 use crate::auth::authenticate;
 use crate::error::{ApiError, Result};
-use crate::limits::{Ask, Reservation};
+use crate::limits::{Ask, Reservation, Room, Scope};
 use crate::request::{Endpoint, ParsedRequest};
+use crate::shared::FailureMode;
+use crate::snapshot::{Group, RuntimeKey};
 use crate::snapshot::{RuntimeDeployment, Target};
 use crate::sse::SseRelay;
 use crate::state::AppState;
@@ -107,35 +109,7 @@ pub async fn handle(
             cached: 0,
         }),
     };
-    let mut reservation = Reservation::default();
-    let deployment = match &first.limits {
-        None => first.clone(),
-        Some(l) => match reservation.take(l, ask_for(first), now) {
-            Ok(_) => first.clone(),
-            // A deployment at its limit is skipped for another of the group with room.
-            Err(refused) => group
-                .deployments
-                .iter()
-                .find(|d| {
-                    !Arc::ptr_eq(d, first)
-                        && d.limits
-                            .as_ref()
-                            .is_none_or(|l| reservation.take(l, ask_for(d), now).is_ok())
-                })
-                .cloned()
-                .ok_or_else(|| ApiError::from(refused))?,
-        },
-    };
-    let room = match &key.limits {
-        None => None,
-        Some(l) => match reservation.take(l, ask_for(&deployment), now) {
-            Ok(room) => Some(room),
-            Err(refused) => {
-                reservation.undo_last(now);
-                return Err(refused.into());
-            }
-        },
-    };
+    let (deployment, reservation, room) = admit(state, group, first, &key, &ask_for, now).await?;
     let charge = Charge::new(
         rid.clone(),
         key,
@@ -181,6 +155,93 @@ pub async fn handle(
         room.write_headers(h);
     }
     Ok(resp)
+}
+
+/// Picks the deployment and reserves the request's share of every limit and budget on it and
+/// on the key: in Redis when replicas share counters, else in this process. A deployment at its
+/// limit is skipped for another of the group with room; the key's refusal is final.
+async fn admit(
+    state: &AppState,
+    group: &Group,
+    first: &Arc<RuntimeDeployment>,
+    key: &Arc<RuntimeKey>,
+    ask_for: &(dyn Fn(&RuntimeDeployment) -> Ask + Sync),
+    now: u64,
+) -> Result<(Arc<RuntimeDeployment>, Reservation, Option<Room>)> {
+    let limited = key.limits.is_some() || group.deployments.iter().any(|d| d.limits.is_some());
+    if let Some(shared) = state.shared.as_ref().filter(|_| limited) {
+        let candidates = std::iter::once(first)
+            .chain(group.deployments.iter().filter(|d| !Arc::ptr_eq(d, first)));
+        let mut refused = None;
+        for d in candidates {
+            let ask = ask_for(d);
+            let asks: Vec<_> = d
+                .limits
+                .iter()
+                .chain(key.limits.iter())
+                .map(|l| (l.clone(), ask))
+                .collect();
+            if asks.is_empty() {
+                return Ok((d.clone(), Reservation::default(), None));
+            }
+            match shared.reserve(&asks, now).await {
+                Ok(Ok(room)) => {
+                    let room = key.limits.is_some().then_some(room);
+                    return Ok((
+                        d.clone(),
+                        Reservation::shared(shared.clone(), asks, now),
+                        room,
+                    ));
+                }
+                Ok(Err(r)) if r.scope == Scope::Key => return Err(r.into()),
+                Ok(Err(r)) => refused = Some(r),
+                Err(_) if shared.failure == FailureMode::Open => {
+                    refused = None;
+                    break;
+                }
+                Err(_) => {
+                    return Err(ApiError::unavailable(
+                        "limits_unavailable",
+                        "Rate limits and budgets can't be checked right now (Redis is unreachable); try again shortly.",
+                    ));
+                }
+            }
+        }
+        if let Some(r) = refused {
+            return Err(r.into());
+        }
+        // Redis failed and the policy is to fail open: this replica's own counters decide.
+    }
+    let mut reservation = Reservation::default();
+    let deployment = match &first.limits {
+        None => first.clone(),
+        Some(l) => match reservation.take(l, ask_for(first), now) {
+            Ok(_) => first.clone(),
+            // A deployment at its limit is skipped for another of the group with room.
+            Err(refused) => group
+                .deployments
+                .iter()
+                .find(|d| {
+                    !Arc::ptr_eq(d, first)
+                        && d.limits
+                            .as_ref()
+                            .is_none_or(|l| reservation.take(l, ask_for(d), now).is_ok())
+                })
+                .cloned()
+                .ok_or_else(|| ApiError::from(refused))?,
+        },
+    };
+    let room = match &key.limits {
+        None => None,
+        Some(l) => match reservation.take(l, ask_for(&deployment), now) {
+            Ok(room) => Some(room),
+            Err(refused) => {
+                reservation.undo_last(now);
+                return Err(refused.into());
+            }
+        },
+    };
+    Ok((deployment, reservation, room))
 }
 
 fn insert_cost(h: &mut HeaderMap, cost: tollgate_crds::config::Picodollars) {

@@ -47,6 +47,8 @@ pub struct AppState {
     pub usage_log: Option<crate::usage_log::UsageLog>,
     /// The admin API, when a master key is set.
     pub admin: Option<crate::admin::Admin>,
+    /// Counters shared through Redis, when `--redis-url` is set.
+    pub shared: Option<Arc<crate::shared::SharedLimits>>,
 }
 
 impl AppState {
@@ -57,6 +59,7 @@ impl AppState {
         prometheus: Option<PrometheusHandle>,
         usage_log: Option<crate::usage_log::UsageLog>,
         admin: Option<crate::admin::Admin>,
+        shared: Option<Arc<crate::shared::SharedLimits>>,
     ) -> Result<Arc<Self>, BuildError> {
         let ledger = Ledger::default();
         let limits = Registry::default();
@@ -69,6 +72,7 @@ impl AppState {
             prometheus,
             usage_log,
             admin,
+            shared,
         }))
     }
 

@@ -1,0 +1,298 @@
+//! Limits and budgets shared by every replica, in Redis (`--redis-url`).
+//!
+//! The same rules as [`crate::limits`], kept in one Redis hash per key or deployment
+//! (`tollgate:limits:{key|deployment}:{id}`) and checked and reserved by one Lua script for all
+//! the subjects of a request at once, so replicas see one truth and a request is admitted by all
+//! its limits or by none. Settlement is a second script, run after the response without holding
+//! the request up. Increments use `HINCRBY` (exact 64-bit integers on the server); only the
+//! comparisons go through Lua's doubles.
+//!
+//! When a hash does not exist yet (a new key, or a Redis that lost its data), its budget spend is
+//! seeded from what this replica knows from its usage log, so a Redis restart doesn't hand a key
+//! a fresh budget. When Redis can't be reached, `--redis-failure` decides: `open` falls back to
+//! this replica's own counters (limits then hold per replica), `closed` refuses with 503. Either
+//! way it is logged and counted in `tollgate_redis_errors_total`, and the next request tries
+//! Redis again.
+
+use crate::limits::{Ask, Limited, Refusal, Refused, Room, Scope, period_end, period_index};
+use redis::aio::ConnectionManager;
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate_crds::config::Picodollars;
+
+/// How long a Redis call may take before it counts as a failure. Short: a limit check must not
+/// hold a request up for long.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+const RESERVE: &str = r#"
+local now = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local minute = math.floor(now / 60)
+local S = 8
+for i = 1, n do
+  local b = 2 + (i - 1) * S
+  local k = KEYS[i]
+  local rpm, tpm, par, bmax, period = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
+  if redis.call('EXISTS', k) == 0 then
+    redis.call('HSET', k, 'minute', minute, 'requests', 0, 'tokens', 0, 'inflight', 0,
+      'period', period, 'spend', ARGV[b+8], 'reserved', 0)
+  end
+  local h = redis.call('HMGET', k, 'minute', 'requests', 'tokens', 'inflight', 'period', 'spend', 'reserved')
+  if tonumber(h[1]) ~= minute then
+    redis.call('HSET', k, 'minute', minute, 'requests', 0, 'tokens', 0)
+    h[2] = 0
+    h[3] = 0
+  end
+  if bmax ~= '-1' and h[5] ~= period then
+    redis.call('HSET', k, 'period', period, 'spend', 0)
+    h[6] = 0
+  end
+  if rpm ~= '-1' and tonumber(h[2]) >= tonumber(rpm) then return {i, 1} end
+  if tpm ~= '-1' and tonumber(h[3]) >= tonumber(tpm) then return {i, 2} end
+  if par ~= '-1' and tonumber(h[4]) >= tonumber(par) then return {i, 3} end
+  if bmax ~= '-1' and tonumber(h[6]) + tonumber(h[7]) >= tonumber(bmax) then return {i, 4} end
+end
+local out = {0, 0}
+for i = 1, n do
+  local b = 2 + (i - 1) * S
+  local k = KEYS[i]
+  table.insert(out, redis.call('HINCRBY', k, 'requests', 1))
+  table.insert(out, redis.call('HINCRBY', k, 'tokens', ARGV[b+6]))
+  redis.call('HINCRBY', k, 'inflight', 1)
+  if ARGV[b+4] ~= '-1' then redis.call('HINCRBY', k, 'reserved', ARGV[b+7]) end
+end
+return out
+"#;
+
+const SETTLE: &str = r#"
+local now = tonumber(ARGV[1])
+local reserved_minute = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local minute = math.floor(now / 60)
+local S = 5
+for i = 1, n do
+  local b = 3 + (i - 1) * S
+  local k = KEYS[i]
+  local ask_tokens, tokens, ask_cost, cost, budget = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
+  local m = tonumber(redis.call('HGET', k, 'minute'))
+  if m == reserved_minute then
+    redis.call('HINCRBY', k, 'tokens', tonumber(tokens) - tonumber(ask_tokens))
+  elseif m == minute then
+    redis.call('HINCRBY', k, 'tokens', tokens)
+  end
+  if redis.call('HINCRBY', k, 'inflight', -1) < 0 then redis.call('HSET', k, 'inflight', 0) end
+  if budget == '1' then
+    if redis.call('HINCRBY', k, 'reserved', '-' .. ask_cost) < 0 then redis.call('HSET', k, 'reserved', 0) end
+    redis.call('HINCRBY', k, 'spend', cost)
+  end
+end
+return 0
+"#;
+
+/// What to do when Redis can't be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailureMode {
+    /// Fall back to this replica's own counters.
+    Open,
+    /// Refuse limited requests with 503.
+    Closed,
+}
+
+/// The Redis-backed counters.
+pub struct SharedLimits {
+    conn: ConnectionManager,
+    reserve: redis::Script,
+    settle: redis::Script,
+    /// What to do when Redis fails.
+    pub failure: FailureMode,
+    up: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for SharedLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLimits")
+            .field("failure", &self.failure)
+            .finish()
+    }
+}
+
+/// A Redis failure (connection, timeout, script error).
+#[derive(Debug, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct RedisError(String);
+
+fn hash_key(l: &Limited) -> String {
+    let scope = match l.subject().scope() {
+        Scope::Key => "key",
+        Scope::Deployment => "deployment",
+    };
+    format!("tollgate:limits:{scope}:{}", l.subject().id())
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-1".to_string(), |v| v.to_string())
+}
+
+impl SharedLimits {
+    /// Connects to `url` (the connection is re-established by itself after failures).
+    pub async fn connect(url: &str, failure: FailureMode) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        metrics::gauge!(crate::metrics::REDIS_UP).set(1.0);
+        Ok(Self {
+            conn,
+            reserve: redis::Script::new(RESERVE),
+            settle: redis::Script::new(SETTLE),
+            failure,
+            up: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    /// Notes the outcome of a Redis call: logs only the transitions, counts every failure.
+    fn observe<T>(&self, op: &'static str, r: &Result<T, RedisError>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match r {
+            Ok(_) => {
+                if !self.up.swap(true, Relaxed) {
+                    metrics::gauge!(crate::metrics::REDIS_UP).set(1.0);
+                    tracing::info!("redis reachable again: limits and budgets are shared again");
+                }
+            }
+            Err(e) => {
+                metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => op).increment(1);
+                if self.up.swap(false, Relaxed) {
+                    metrics::gauge!(crate::metrics::REDIS_UP).set(0.0);
+                    let policy = match self.failure {
+                        FailureMode::Open => {
+                            "failing open: this replica's own counters decide until it is back"
+                        }
+                        FailureMode::Closed => {
+                            "failing closed: limited requests get 503 until it is back"
+                        }
+                    };
+                    tracing::warn!("{e}; {policy}");
+                }
+            }
+        }
+    }
+
+    /// Checks and reserves `asks` on all their subjects at once. `Ok(Err(..))` is a refusal.
+    pub async fn reserve(
+        &self,
+        asks: &[(Arc<Limited>, Ask)],
+        now: u64,
+    ) -> Result<Result<Room, Refused>, RedisError> {
+        let mut inv = self.reserve.prepare_invoke();
+        inv.arg(now).arg(asks.len());
+        for (l, ask) in asks {
+            let r = l.rules();
+            inv.key(hash_key(l));
+            inv.arg(opt(r.limits.rpm))
+                .arg(opt(r.limits.tpm))
+                .arg(opt(r.limits.max_parallel))
+                .arg(opt(r.budget.as_ref().map(|b| b.max.0)))
+                .arg(r.budget.as_ref().map_or(0, |b| period_index(b.period, now)))
+                .arg(ask.tokens)
+                .arg(ask.cost.0)
+                .arg(l.subject().period_spend().0);
+        }
+        let mut conn = self.conn.clone();
+        let result = inv
+            .invoke_async::<Vec<i64>>(&mut conn)
+            .await
+            .map_err(|e| RedisError(e.to_string()));
+        self.observe("reserve", &result);
+        let out = result?;
+        let (which, why) = (
+            out.first().copied().unwrap_or(0),
+            out.get(1).copied().unwrap_or(0),
+        );
+        if which > 0 {
+            let (l, _) = &asks[(which - 1) as usize];
+            let r = l.rules();
+            let to_minute = 60 - now % 60;
+            let (refusal, retry_after) = match why {
+                1 => (
+                    Refusal::Requests {
+                        limit: r.limits.rpm.unwrap_or(0),
+                    },
+                    to_minute,
+                ),
+                2 => (
+                    Refusal::Tokens {
+                        limit: r.limits.tpm.unwrap_or(0),
+                    },
+                    to_minute,
+                ),
+                3 => (
+                    Refusal::Parallel {
+                        limit: r.limits.max_parallel.unwrap_or(0),
+                    },
+                    1,
+                ),
+                _ => {
+                    let b = r.budget.as_ref();
+                    let reset_at = b.and_then(|b| period_end(b.period, now));
+                    let retry = reset_at.map_or(u64::MAX / 2, |t| t.saturating_sub(now).max(1));
+                    (
+                        Refusal::Budget {
+                            max: b.map_or(Picodollars(0), |b| b.max),
+                            reset_at,
+                        },
+                        retry,
+                    )
+                }
+            };
+            return Ok(Err(Refused {
+                scope: l.subject().scope(),
+                id: l.subject().id_arc(),
+                refusal,
+                retry_after,
+            }));
+        }
+        // The key is the last subject; its room goes in the response headers.
+        let room = asks.last().map(|(l, _)| {
+            let n = asks.len();
+            let (requests, tokens) = (out[2 + (n - 1) * 2] as u64, out[3 + (n - 1) * 2] as u64);
+            Room::new(l.rules(), requests, tokens, 60 - now % 60)
+        });
+        Ok(Ok(room.unwrap_or_default()))
+    }
+
+    /// Settles `asks` with the real usage, in the background.
+    pub fn settle(
+        self: &Arc<Self>,
+        asks: Vec<(Arc<Limited>, Ask)>,
+        tokens: u64,
+        cost: Picodollars,
+        reserved_minute: u64,
+        now: u64,
+    ) {
+        let this = self.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let mut inv = this.settle.prepare_invoke();
+            inv.arg(now).arg(reserved_minute).arg(asks.len());
+            for (l, ask) in &asks {
+                inv.key(hash_key(l));
+                inv.arg(ask.tokens)
+                    .arg(tokens)
+                    .arg(ask.cost.0)
+                    .arg(cost.0)
+                    .arg(u8::from(l.rules().budget.is_some()));
+            }
+            let mut conn = this.conn.clone();
+            let result = inv
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| RedisError(e.to_string()));
+            this.observe("settle", &result);
+        });
+    }
+}

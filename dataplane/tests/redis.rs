@@ -1,0 +1,193 @@
+//! End-to-end: two gateway processes sharing limits and budgets through a real `redis-server`.
+
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use tollgate_testkit::{Gateway, Redis};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
+const KEY: &str = "sk-redis-test-key-00001";
+
+/// The request every test sends.
+fn body() -> String {
+    json!({"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]})
+        .to_string()
+}
+
+/// What one request costs, in USD, formatted for a manifest: the mock reports what the gateway
+/// estimates (prompt = body bytes / 4, completion = max_tokens), at $1 per million tokens, so a
+/// request's reservation is exactly its cost and budgets can be asserted exactly.
+fn budget_for(requests: u64) -> String {
+    format!("0.{:06}", (body().len() as u64 / 4 + 100) * requests)
+}
+
+/// A mock model and a key with `key_spec`.
+fn manifests(key_spec: &str) -> String {
+    format!(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: LLMModel
+metadata: {{name: m}}
+spec: {{modelName: m, provider: mock, mock: {{completionTokens: 100}}, pricing: {{inputPerMillion: 1, outputPerMillion: 1}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: k}}
+stringData: {{key: {KEY}}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: VirtualKey
+metadata: {{name: k}}
+spec: {{secretRef: {{name: k}}{key_spec}}}
+"#
+    )
+}
+
+async fn chat(gw: &Gateway) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .body(body())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn avoid_minute_boundary() {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if secs % 60 > 50 {
+        tokio::time::sleep(Duration::from_secs(61 - secs % 60)).await;
+    }
+}
+
+#[tokio::test]
+async fn rpm_holds_across_two_replicas() {
+    let redis = Redis::start();
+    let m = manifests(", limits: {rpm: 4}");
+    let a = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    let b = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    avoid_minute_boundary().await;
+    for gw in [&a, &b, &a, &b] {
+        assert_eq!(chat(gw).await.0, 200);
+    }
+    // Four in all: each replica alone would still have room for two more.
+    let (s, e) = chat(&a).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (429, Some("rate_limit_exceeded")),
+        "{e}"
+    );
+    assert_eq!(chat(&b).await.0, 429);
+}
+
+#[tokio::test]
+async fn a_budget_holds_across_two_replicas_under_concurrency() {
+    let redis = Redis::start();
+    // Budget for exactly 10 requests; 20 concurrent requests on each replica, all in flight
+    // together. Reservations in Redis are shared, so exactly 10 are served in all.
+    let m = manifests(&format!(", budget: {{maxUsd: {}}}", budget_for(10)));
+    let a = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    let b = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    let reqs = (0..40).map(|i| {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        chat(gw)
+    });
+    let results = futures_util::future::join_all(reqs).await;
+    let served = results.iter().filter(|(s, _)| *s == 200).count();
+    assert!(results.iter().all(|(s, _)| *s == 200 || *s == 429));
+    assert!(
+        (10..=20).contains(&served),
+        "served {served} of 40 against a budget for 10"
+    );
+    // Once settled, the shared spend is known to both: neither serves another request.
+    assert_eq!(chat(&a).await.0, 429);
+    assert_eq!(chat(&b).await.0, 429);
+}
+
+#[tokio::test]
+async fn redis_outage_follows_the_failure_policy_and_recovers() {
+    let mut redis = Redis::start();
+    let m = manifests(", limits: {rpm: 1000}");
+    let open = Gateway::start(
+        BIN,
+        &m,
+        &["--redis-url", &redis.url(), "--redis-failure", "open"],
+    );
+    let closed = Gateway::start(
+        BIN,
+        &m,
+        &["--redis-url", &redis.url(), "--redis-failure", "closed"],
+    );
+    assert_eq!(chat(&open).await.0, 200);
+    assert_eq!(chat(&closed).await.0, 200);
+
+    redis.kill();
+    assert_eq!(
+        chat(&open).await.0,
+        200,
+        "fail-open keeps serving on local counters"
+    );
+    let (s, e) = chat(&closed).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (503, Some("limits_unavailable")),
+        "{e}"
+    );
+    assert!(
+        open.wait_for_log("failing open", Duration::from_secs(5)),
+        "{}",
+        open.logs()
+    );
+    let metrics = reqwest::get(open.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("tollgate_redis_up 0"), "{metrics}");
+
+    redis.restart();
+    // The connection comes back by itself.
+    let mut recovered = false;
+    for _ in 0..50 {
+        if chat(&closed).await.0 == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "fail-closed replica did not recover:\n{}",
+        closed.logs()
+    );
+    assert!(closed.wait_for_log("redis reachable again", Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn a_redis_restart_does_not_reset_a_budget() {
+    let mut redis = Redis::start();
+    // Budget for five requests a day.
+    let m = manifests(&format!(
+        ", budget: {{maxUsd: {}, duration: daily}}",
+        budget_for(5)
+    ));
+    let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    for _ in 0..3 {
+        assert_eq!(chat(&gw).await.0, 200);
+    }
+    // Settlement runs in the background; give it a moment before pulling Redis away.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.restart();
+    // Redis is empty now; the key's spend is seeded from what the replica knows.
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(chat(&gw).await.0);
+    }
+    assert_eq!(codes, [200, 200, 429, 429], "{}", gw.logs());
+}
