@@ -208,7 +208,8 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         .as_deref()
         .map(crate::usage_log::open)
         .transpose()
-        .with_context(|| format!("opening the usage log {:?}", args.usage_log))?;
+        .with_context(|| format!("opening the usage log {:?}", args.usage_log))?
+        .unwrap_or_default();
     let admin = args
         .master_key
         .as_deref()
@@ -221,6 +222,11 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         )),
         None => None,
     };
+    let usage_log = match &shared {
+        Some(s) => usage_log.with_stream(s.connection()),
+        None => usage_log,
+    };
+    let usage_log = usage_log.is_enabled().then_some(usage_log);
     let state = AppState::new(
         &config,
         settings,

@@ -180,6 +180,11 @@ impl SharedLimits {
         }
     }
 
+    /// A handle on the connection, for other writers (the usage stream).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     /// Checks and reserves `asks` on all their subjects at once. `Ok(Err(..))` is a refusal.
     pub async fn reserve(
         &self,

@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tollgate_crds::config::{Picodollars, TokenUsage};
 
+/// The Redis stream usage records are appended to (`XADD`, fields `id` and `record`).
+pub const STREAM: &str = "tollgate:usage";
+
 /// One settled request.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct UsageRecord {
@@ -66,10 +69,11 @@ enum Msg {
     Close(tokio::sync::oneshot::Sender<()>),
 }
 
-/// Where records go.
-#[derive(Clone, Debug)]
+/// Where records go: the file writer, the Redis stream writer, or both.
+#[derive(Clone, Debug, Default)]
 pub struct UsageLog {
-    tx: mpsc::UnboundedSender<Msg>,
+    tx: Option<mpsc::UnboundedSender<Msg>>,
+    stream: Option<mpsc::UnboundedSender<Msg>>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -86,15 +90,100 @@ impl UsageLog {
         if record.id.is_empty() {
             record.id = format!("{}-{}", *BOOT, RECORD_SEQ.fetch_add(1, Ordering::Relaxed));
         }
-        // The writer stops only when closed, at shutdown, after the server has stopped.
-        let _ = self.tx.send(Msg::Record(record));
+        // The writers stop only when closed, at shutdown, after the server has stopped.
+        match (&self.tx, &self.stream) {
+            (Some(file), Some(stream)) => {
+                let _ = stream.send(Msg::Record(record.clone()));
+                let _ = file.send(Msg::Record(record));
+            }
+            (Some(tx), None) | (None, Some(tx)) => {
+                let _ = tx.send(Msg::Record(record));
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Whether records go anywhere.
+    pub fn is_enabled(&self) -> bool {
+        self.tx.is_some() || self.stream.is_some()
+    }
+
+    /// Also appends every record to the Redis stream [`STREAM`], where the operator consumes
+    /// them. A batch that fails is kept and tried again, so a Redis outage delays records but
+    /// doesn't lose them (while the process lives; the file, if any, has them regardless).
+    pub fn with_stream(mut self, conn: redis::aio::ConnectionManager) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
+        tokio::spawn(async move {
+            let mut pending: Vec<UsageRecord> = Vec::new();
+            let mut closing = None;
+            loop {
+                if pending.is_empty() && closing.is_none() {
+                    match rx.recv().await {
+                        Some(Msg::Record(r)) => pending.push(r),
+                        Some(Msg::Close(ack)) => closing = Some(ack),
+                        None => break,
+                    }
+                }
+                while let Ok(m) = rx.try_recv() {
+                    match m {
+                        Msg::Record(r) => pending.push(r),
+                        Msg::Close(ack) => closing = Some(ack),
+                    }
+                }
+                if !pending.is_empty() {
+                    let mut pipe = redis::pipe();
+                    for r in pending.iter().take(1000) {
+                        let json = serde_json::to_string(r).unwrap_or_default();
+                        pipe.cmd("XADD")
+                            .arg(STREAM)
+                            .arg("*")
+                            .arg("id")
+                            .arg(&r.id)
+                            .arg("record")
+                            .arg(json)
+                            .ignore();
+                    }
+                    let n = pending.len().min(1000);
+                    let mut c = conn.clone();
+                    match pipe.query_async::<()>(&mut c).await {
+                        Ok(()) => {
+                            pending.drain(..n);
+                        }
+                        Err(e) => {
+                            metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => "usage_stream")
+                                .increment(1);
+                            tracing::debug!("usage stream append failed, retrying: {e}");
+                            if closing.is_some() {
+                                tracing::warn!(
+                                    records = pending.len(),
+                                    "shutting down with usage records not yet in the Redis stream"
+                                );
+                                pending.clear();
+                            } else {
+                                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                            }
+                        }
+                    }
+                }
+                if pending.is_empty()
+                    && let Some(ack) = closing.take()
+                {
+                    let _ = ack.send(());
+                    break;
+                }
+            }
+        });
+        self.stream = Some(tx);
+        self
     }
 
     /// Writes out everything sent so far, syncs the file, and stops the writer.
     pub async fn close(&self) {
-        let (ack, done) = tokio::sync::oneshot::channel();
-        if self.tx.send(Msg::Close(ack)).is_ok() {
-            let _ = done.await;
+        for tx in self.tx.iter().chain(self.stream.iter()) {
+            let (ack, done) = tokio::sync::oneshot::channel();
+            if tx.send(Msg::Close(ack)).is_ok() {
+                let _ = done.await;
+            }
         }
     }
 }
@@ -155,7 +244,10 @@ pub fn open(path: &Path) -> std::io::Result<UsageLog> {
                 let _ = ack.send(());
             }
         })?;
-    Ok(UsageLog { tx })
+    Ok(UsageLog {
+        tx: Some(tx),
+        stream: None,
+    })
 }
 
 /// What reading a log found.

@@ -191,3 +191,44 @@ async fn a_redis_restart_does_not_reset_a_budget() {
     }
     assert_eq!(codes, [200, 200, 429, 429], "{}", gw.logs());
 }
+
+fn redis_cli(redis: &Redis, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (from redis-tools) runs");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test]
+async fn every_settled_request_lands_in_the_usage_stream_once() {
+    let redis = Redis::start();
+    let m = manifests(", limits: {rpm: 1000}");
+    let mut a = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    let mut b = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    for gw in [&a, &b, &a, &b, &a] {
+        assert_eq!(chat(gw).await.0, 200);
+    }
+    // SIGTERM drains what each replica still holds.
+    assert!(a.terminate() && b.terminate());
+    assert_eq!(redis_cli(&redis, &["XLEN", "tollgate:usage"]).trim(), "5");
+    let dump = redis_cli(&redis, &["XRANGE", "tollgate:usage", "-", "+"]);
+    let records: Vec<Value> = dump
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 5, "{dump}");
+    let ids: std::collections::HashSet<_> =
+        records.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 5);
+    let per_request: u64 = (body().len() as u64 / 4 + 100) * 1_000_000;
+    assert!(
+        records
+            .iter()
+            .all(|r| r["cost_pico"] == per_request && r["key"] == "default/k"),
+        "{dump}"
+    );
+    assert!(!dump.contains(KEY));
+}
