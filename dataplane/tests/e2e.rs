@@ -657,3 +657,38 @@ fn invalid_manifests_fail_startup_with_the_reason() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_client_leaving_after_the_usage_chunk_is_still_charged_exactly() {
+    let up = MockUpstream::start(Behavior::UsageThenStall {
+        prompt: 1000,
+        completion: 500,
+    });
+    let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
+    let body = json!({"model": "gpt", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
+    let mut resp = post(&gw, "/v1/chat/completions", Some(KEY), body.to_string()).await;
+    let mut seen = String::new();
+    while !seen.contains("\"usage\":{") {
+        let chunk = resp
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the usage chunk comes before the stall");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(resp);
+    let gone =
+        r#"tollgate_requests_total{model="gpt",deployment="team-a/gpt",outcome="client_gone"}"#;
+    assert!(
+        eventually(Duration::from_secs(5), || up
+            .stats
+            .streams_cancelled
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    assert_eq!(metric(&gw, gone).await.as_deref(), Some("1"));
+    // 1000 × $2.5/M + 500 × $10/M, though the stream never finished.
+    let spend = r#"tollgate_spend_usd_total{model="gpt",deployment="team-a/gpt"}"#;
+    assert_eq!(metric(&gw, spend).await.as_deref(), Some("0.0075"));
+}

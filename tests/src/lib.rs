@@ -221,6 +221,14 @@ pub enum Behavior {
     Status(u16, &'static str),
     /// Answers 200 with a body that isn't JSON.
     Garbage,
+    /// Streams one content event and the usage event at once, then stalls for a minute before
+    /// `[DONE]`: a stream whose client leaves after its usage was reported.
+    UsageThenStall {
+        /// Reported prompt tokens.
+        prompt: u64,
+        /// Reported completion tokens.
+        completion: u64,
+    },
     /// Streams `chunks` SSE events `delay` apart, noting whether the client stayed to the end.
     SlowStream {
         /// Events to send.
@@ -353,6 +361,36 @@ async fn respond(behavior: &Behavior, stats: &Arc<Stats>, req: axum::extract::Re
             (status, [("content-type", "application/json")], *body).into_response()
         }
         Behavior::Garbage => (http::StatusCode::OK, "<html>definitely not json").into_response(),
+        Behavior::UsageThenStall { prompt, completion } => {
+            let head = Bytes::from(format!(
+                "data: {{\"id\":\"u\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"hi\"}}}}]}}\n\n\
+                 data: {{\"id\":\"u\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion},\"total_tokens\":{}}}}}\n\n",
+                prompt + completion
+            ));
+            let guard = StreamGuard {
+                stats: stats.clone(),
+                done: false,
+            };
+            let stream = futures_util::stream::unfold((0u8, guard), move |(i, mut guard)| {
+                let head = head.clone();
+                async move {
+                    match i {
+                        0 => Some((Ok::<_, std::convert::Infallible>(head), (1, guard))),
+                        1 => {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            guard.done = true;
+                            Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (2, guard)))
+                        }
+                        _ => None,
+                    }
+                }
+            });
+            (
+                [("content-type", "text/event-stream")],
+                Body::from_stream(stream),
+            )
+                .into_response()
+        }
         Behavior::SlowStream { chunks, delay } => {
             let guard = StreamGuard {
                 stats: stats.clone(),
