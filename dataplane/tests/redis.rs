@@ -232,3 +232,26 @@ async fn every_settled_request_lands_in_the_usage_stream_once() {
     );
     assert!(!dump.contains(KEY));
 }
+
+#[tokio::test]
+async fn tpm_holds_across_two_replicas() {
+    // Each request uses body/4 + 100 tokens (about 115): a limit of 200 admits two in all.
+    let redis = Redis::start();
+    let m = manifests(", limits: {tpm: 200}");
+    let a = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    let b = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    avoid_minute_boundary().await;
+    assert_eq!(chat(&a).await.0, 200);
+    assert_eq!(chat(&b).await.0, 200);
+    // Settlement (real usage replacing the estimate) runs in the background.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (s, e) = chat(&a).await;
+    assert_eq!(s, 429, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("200 tokens per minute"),
+        "{e}"
+    );
+}
