@@ -4,7 +4,9 @@
 # Starts the mock upstream (tollgate-mock, one tokio thread), the Tollgate data plane and nginx
 # (a plain keep-alive reverse proxy) as separate processes on 127.0.0.1, drives the same load at
 # each of (a) the upstream directly, (b) Tollgate, (c) nginx with wrk, and prints requests/s,
-# p50/p99 latency, the ratios between them and the idle RSS of both proxies.
+# p50/p99 latency, the ratios between them and the idle RSS of both proxies. With --limits it
+# also starts a second, identical Tollgate whose key and model carry rate limits and a budget
+# that never refuse, measures it as a fourth target (tollgate+limits) and reports its cost.
 #
 # Usage: bench/run.sh [options]
 #   --markdown FILE        also write the results as markdown tables to FILE
@@ -14,6 +16,10 @@
 #   --gateway-threads N    Tollgate worker threads (default 2)
 #   --nginx-workers N      nginx worker processes (default 2)
 #   --chunks N             content chunks per streamed response (default 20)
+#   --limits               add the target tollgate+limits: a second Tollgate (same flags) whose
+#                          key has rpm/tpm/maxParallel limits and a budget, and whose model has
+#                          rpm/tpm/maxParallel limits, all too high to refuse; reports
+#                          tollgate+limits / tollgate per scenario and the added p50 at c=1
 #   --pin                  pin wrk + mock to CPU 0 and the proxy under test to CPU 1
 #                          (use with --gateway-threads 1 --nginx-workers 1)
 #   --perf DIR             afterwards, profile Tollgate with `perf record` under load and count
@@ -23,7 +29,8 @@
 #   -h, --help
 #
 # Needs wrk and nginx (installed with apt-get when missing), curl and cargo. The load takes
-# 9 * rounds * (duration + warmup) seconds (108 s by default), plus startup, the build and --perf.
+# 9 * rounds * (duration + warmup) seconds (108 s by default; 12 * ..., 144 s, with --limits),
+# plus startup, the build and --perf.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +40,7 @@ ROUNDS=2
 GW_THREADS=2
 NGINX_WORKERS=2
 CHUNKS=20
+LIMITS=0
 PIN=0
 PERF_DIR=""
 BUILD=1
@@ -56,6 +64,7 @@ while [[ $# -gt 0 ]]; do
         --nginx-workers) NGINX_WORKERS="$2"; shift 2 ;;
         --chunks) CHUNKS="$2"; shift 2 ;;
         --pin) PIN=1; shift ;;
+        --limits) LIMITS=1; shift ;;
         --perf) PERF_DIR="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --bin-dir) BIN_DIR="$2"; shift 2 ;;
@@ -169,7 +178,11 @@ PIDS+=("$MOCK_PID")
 MOCK_PORT="$(wait_listening tollgate-mock "$TMP/mock.log" "$MOCK_PID")"
 
 # Tollgate: one model on the mock, one virtual key; auth and cost accounting are on.
-cat >"$TMP/manifests.yaml" <<EOF
+# write_manifests FILE LIMITED: with LIMITED=1 the model gets deployment limits and the key
+# limits and a budget, all far above anything the load reaches, so they cost but never refuse.
+write_manifests() {
+    {
+        cat <<EOF
 apiVersion: tollgate.dev/v1alpha1
 kind: LLMModel
 metadata: {name: bench}
@@ -178,6 +191,11 @@ spec:
   provider: openai-compatible
   url: http://127.0.0.1:$MOCK_PORT/v1
   pricing: {inputPerMillion: 2.5, outputPerMillion: 10}
+EOF
+        if [[ $2 -eq 1 ]]; then
+            echo "  limits: {rpm: 1000000000, tpm: 1000000000000, maxParallel: 100000}"
+        fi
+        cat <<EOF
 ---
 apiVersion: v1
 kind: Secret
@@ -190,11 +208,28 @@ metadata: {name: bench}
 spec:
   secretRef: {name: bench-key}
 EOF
+        if [[ $2 -eq 1 ]]; then
+            echo "  limits: {rpm: 1000000000, tpm: 1000000000000, maxParallel: 100000}"
+            echo "  budget: {maxUsd: 1000000, duration: monthly}"
+        fi
+    } >"$1"
+}
+write_manifests "$TMP/manifests.yaml" 0
 "${PIN_PROXY[@]}" "$GATEWAY" --manifests "$TMP/manifests.yaml" --listen 127.0.0.1:0 \
     --worker-threads "$GW_THREADS" >"$TMP/gateway.log" 2>&1 &
 GW_PID=$!
 PIDS+=("$GW_PID")
 GW_PORT="$(wait_listening tollgate-dataplane "$TMP/gateway.log" "$GW_PID")"
+
+# With --limits: the same data plane, same flags, on the limited manifests.
+if [[ $LIMITS -eq 1 ]]; then
+    write_manifests "$TMP/manifests-limits.yaml" 1
+    "${PIN_PROXY[@]}" "$GATEWAY" --manifests "$TMP/manifests-limits.yaml" --listen 127.0.0.1:0 \
+        --worker-threads "$GW_THREADS" >"$TMP/gateway-limits.log" 2>&1 &
+    GWL_PID=$!
+    PIDS+=("$GWL_PID")
+    GWL_PORT="$(wait_listening tollgate-dataplane "$TMP/gateway-limits.log" "$GWL_PID")"
+fi
 
 # nginx: a plain keep-alive reverse proxy to the same mock.
 NGINX_PORT="$(free_port)"
@@ -262,16 +297,37 @@ declare -A URL=(
     [nginx]="http://127.0.0.1:$NGINX_PORT/v1/chat/completions"
 )
 TARGETS=(direct tollgate nginx)
+TW=9 # width of the target column in the text table
+if [[ $LIMITS -eq 1 ]]; then
+    URL[tollgate+limits]="http://127.0.0.1:$GWL_PORT/v1/chat/completions"
+    TARGETS+=(tollgate+limits)
+    TW=15
+fi
 # The process(es) doing the serving for each target, whose CPU time is counted.
 target_pids() {
     case "$1" in
         direct) echo "$MOCK_PID" ;;
         tollgate) echo "$GW_PID" ;;
+        tollgate+limits) echo "$GWL_PID" ;;
         nginx) children "$NGINX_PID" ;;
     esac
 }
+# The order in which a round measures the targets. With --limits, tollgate and tollgate+limits
+# run back to back (so drift hits both alike), in turn first: tollgate first in odd rounds.
+run_order() { # round
+    if [[ $LIMITS -eq 0 ]]; then
+        echo "${TARGETS[@]}"
+    elif (($1 % 2)); then
+        echo direct tollgate tollgate+limits nginx
+    else
+        echo direct tollgate+limits tollgate nginx
+    fi
+}
 CLK_TCK="$(getconf CLK_TCK)"
 log "mock :$MOCK_PORT (pid $MOCK_PID), tollgate :$GW_PORT (pid $GW_PID, $GW_THREADS threads), nginx :$NGINX_PORT (pid $NGINX_PID, $NGINX_WORKERS workers)"
+if [[ $LIMITS -eq 1 ]]; then
+    log "tollgate+limits :$GWL_PORT (pid $GWL_PID, $GW_THREADS threads; key and model limits, key budget)"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Sanity: every target answers 200 with the same body; Tollgate really authenticates and prices.
@@ -298,6 +354,20 @@ code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H 'Content-Type: ap
     -H 'Authorization: Bearer sk-wrong' --data-binary "$BODY" "${URL[tollgate]}")"
 [[ "$code" == 401 ]] || die "tollgate: a wrong key got $code, not 401 (auth off?)"
 log "sanity ok: 200 everywhere, $STREAM_EVENTS SSE events per stream, tollgate prices and rejects bad keys"
+if [[ $LIMITS -eq 1 ]]; then
+    # The limited gateway reserves and settles (its key's limits show in x-ratelimit-*); the
+    # plain one must not, or the comparison measures nothing.
+    out="$(post "${URL[tollgate+limits]}" "$BODY" | tr -d '\r')" || die "tollgate+limits: request failed"
+    grep -qix 'x-ratelimit-limit-requests: 1000000000' <<<"$out" ||
+        { echo "$out" >&2; die "tollgate+limits: no x-ratelimit-limit-requests: 1000000000 header (limits off?)"; }
+    grep -qi '^x-tollgate-cost-usd:' <<<"$out" || { echo "$out" >&2; die "tollgate+limits: no x-tollgate-cost-usd header"; }
+    out="$(post "${URL[tollgate]}" "$BODY" | tr -d '\r')" || die "tollgate: request failed"
+    ! grep -qi '^x-ratelimit-' <<<"$out" || { echo "$out" >&2; die "tollgate: has x-ratelimit-* headers, but should run without limits"; }
+    code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H 'Content-Type: application/json' \
+        -H 'Authorization: Bearer sk-wrong' --data-binary "$BODY" "${URL[tollgate+limits]}")"
+    [[ "$code" == 401 ]] || die "tollgate+limits: a wrong key got $code, not 401 (auth off?)"
+    log "sanity ok: tollgate+limits enforces (x-ratelimit-limit-requests: 1000000000), tollgate has no limits"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Load
@@ -342,7 +412,7 @@ unit() { [[ "$1" == stream-* ]] && echo "streams/s" || echo "req/s"; }
 for ((round = 1; round <= ROUNDS; round++)); do
     for sc in "${SCENARIOS[@]}"; do
         IFS='|' read -r name lua conns <<<"$sc"
-        for t in "${TARGETS[@]}"; do
+        for t in $(run_order "$round"); do
             [[ "$WARMUP" != 0 ]] && run_wrk "$lua" "$conns" "$WARMUP" "${URL[$t]}" >/dev/null
             # shellcheck disable=SC2046
             cpu0="$(cpu_ticks $(target_pids "$t"))"
@@ -396,6 +466,10 @@ T_THR="$(ge "${RPS[plain-c64,tollgate]}" "${RPS[plain-c64,nginx]}")"
 T_LAT="$(ge 50 "$ADDED_GW")"
 T_STR="$(ge "${RPS[stream-c16,tollgate]}" "${RPS[stream-c16,nginx]}")"
 T_RSS=$((GW_IDLE_KB <= 30 * 1024 ? 1 : 0))
+sdiff() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%+.1f", a - b}'; }
+if [[ $LIMITS -eq 1 ]]; then
+    ADDED_LIM="$(awk -v a="${P50[plain-c1,tollgate+limits]}" -v b="${P50[plain-c1,tollgate]}" 'BEGIN {printf "%+.0f", a - b}')"
+fi
 
 describe() {
     case "$1" in
@@ -406,16 +480,19 @@ describe() {
 }
 
 SETUP="$(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), wrk 1 thread, mock 1 thread, tollgate $GW_THREADS worker threads, nginx $NGINX_WORKERS workers, $( [[ $PIN -eq 1 ]] && echo "pinned: wrk+mock on CPU 0, proxy on CPU 1" || echo "not pinned"), ${DURATION}s per run after ${WARMUP}s warm-up, median of $ROUNDS round(s), $STREAM_EVENTS SSE events per stream"
+if [[ $LIMITS -eq 1 ]]; then
+    SETUP="$SETUP; tollgate+limits: a second tollgate, same flags, key with rpm/tpm/maxParallel limits and a monthly budget, model with rpm/tpm/maxParallel limits, none ever reached; tollgate and tollgate+limits measured back to back, alternating which goes first"
+fi
 
 {
     echo
     echo "Tollgate benchmark: $SETUP"
     echo
-    printf '%-22s %-9s %16s %8s %8s %12s %7s\n' scenario target "rate" "p50 µs" "p99 µs" "CPU µs/req" errors
+    printf "%-22s %-${TW}s %16s %8s %8s %12s %7s\n" scenario target "rate" "p50 µs" "p99 µs" "CPU µs/req" errors
     for sc in "${SCENARIOS[@]}"; do
         IFS='|' read -r name _ _ <<<"$sc"
         for t in "${TARGETS[@]}"; do
-            printf '%-22s %-9s %16s %8s %8s %12s %7s\n' "$(describe "$name")" "$t" \
+            printf "%-22s %-${TW}s %16s %8s %8s %12s %7s\n" "$(describe "$name")" "$t" \
                 "${RPS[$name,$t]} $(unit "$name")" "${P50[$name,$t]}" "${P99[$name,$t]}" "${CPU[$name,$t]}" "${ERR[$name,$t]}"
         done
     done
@@ -429,6 +506,16 @@ SETUP="$(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinf
             "$(ratio "${RPS[$name,nginx]}" "${RPS[$name,direct]}")" "$(unit "$name")"
     done
     echo "  added p50 at c=1 over direct: tollgate ${ADDED_GW} µs, nginx ${ADDED_NGINX} µs"
+    if [[ $LIMITS -eq 1 ]]; then
+        echo
+        echo "Cost of limits and budgets (tollgate+limits vs tollgate)"
+        for name in plain-c1 plain-c64 stream-c16; do
+            printf '  %-22s tollgate+limits/tollgate %s   CPU µs/req %s   (%s)\n' "$(describe "$name")" \
+                "$(ratio "${RPS[$name,tollgate+limits]}" "${RPS[$name,tollgate]}")" \
+                "$(sdiff "${CPU[$name,tollgate+limits]}" "${CPU[$name,tollgate]}")" "$(unit "$name")"
+        done
+        echo "  added p50 at c=1 by limits and budgets: ${ADDED_LIM} µs (tollgate+limits p50 - tollgate p50)"
+    fi
     echo
     echo "Memory (VmRSS)"
     echo "  idle:       tollgate $(mb "$GW_IDLE_KB") MB, nginx $(mb "$NGINX_IDLE_KB") MB (master + workers), mock $(mb "$MOCK_IDLE_KB") MB"
@@ -464,6 +551,15 @@ if [[ -n "$MARKDOWN" ]]; then
         done
         echo
         echo "Added p50 latency at c=1 over direct: Tollgate **${ADDED_GW} µs**, nginx ${ADDED_NGINX} µs."
+        if [[ $LIMITS -eq 1 ]]; then
+            echo
+            echo "| tollgate+limits vs tollgate | non-streaming c=1 | non-streaming c=64 | streaming c=16 |"
+            echo "|---|---:|---:|---:|"
+            echo "| rate, tollgate+limits / tollgate | $(ratio "${RPS[plain-c1,tollgate+limits]}" "${RPS[plain-c1,tollgate]}") | $(ratio "${RPS[plain-c64,tollgate+limits]}" "${RPS[plain-c64,tollgate]}") | $(ratio "${RPS[stream-c16,tollgate+limits]}" "${RPS[stream-c16,tollgate]}") |"
+            echo "| CPU µs/req, tollgate+limits − tollgate | $(sdiff "${CPU[plain-c1,tollgate+limits]}" "${CPU[plain-c1,tollgate]}") | $(sdiff "${CPU[plain-c64,tollgate+limits]}" "${CPU[plain-c64,tollgate]}") | $(sdiff "${CPU[stream-c16,tollgate+limits]}" "${CPU[stream-c16,tollgate]}") |"
+            echo
+            echo "Added p50 latency at c=1 by limits and budgets (tollgate+limits p50 − tollgate p50): **${ADDED_LIM} µs**."
+        fi
         echo
         echo "| memory (VmRSS) | idle | after the load runs |"
         echo "|---|---:|---:|"
