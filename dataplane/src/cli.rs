@@ -45,6 +45,11 @@ pub struct Args {
         default_value = "open"
     )]
     pub redis_failure: crate::shared::FailureMode,
+    /// How long a request's reservation in Redis is held at most: the slot and reserved budget
+    /// of a request whose replica died before settling it come back after this. Longer than
+    /// your longest request.
+    #[arg(long, env = "TOLLGATE_REDIS_LEASE", default_value = "15m", value_parser = humantime_duration)]
+    pub redis_lease: Duration,
     /// Append a usage record per request to this file (JSON lines), and read it back at
     /// start-up so spend and budgets survive a restart.
     #[arg(long, env = "TOLLGATE_USAGE_LOG")]
@@ -216,7 +221,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         .map(|k| crate::admin::Admin::new(k, args.manifests.clone()));
     let shared = match &args.redis_url {
         Some(url) => Some(Arc::new(
-            crate::shared::SharedLimits::connect(url, args.redis_failure)
+            crate::shared::SharedLimits::connect(url, args.redis_failure, args.redis_lease)
                 .await
                 .context("connecting to Redis (--redis-url)")?,
         )),

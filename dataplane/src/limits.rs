@@ -366,21 +366,22 @@ impl Limited {
 pub struct Reservation {
     held: Vec<(Arc<Limited>, Ask)>,
     minute: u64,
-    /// Set when the reservations are in Redis rather than in this process.
-    shared: Option<Arc<crate::shared::SharedLimits>>,
+    /// Set when the reservations are in Redis rather than in this process, with their lease.
+    shared: Option<(Arc<crate::shared::SharedLimits>, String)>,
 }
 
 impl Reservation {
     /// Reservations already taken in Redis.
     pub fn shared(
         shared: Arc<crate::shared::SharedLimits>,
+        lease: String,
         held: Vec<(Arc<Limited>, Ask)>,
         now: u64,
     ) -> Self {
         Self {
             held,
             minute: now / 60,
-            shared: Some(shared),
+            shared: Some((shared, lease)),
         }
     }
 
@@ -407,7 +408,7 @@ impl Reservation {
 
     /// Settles every reservation with the real usage.
     pub fn settle(&mut self, tokens: u64, cost: Picodollars, now: u64) {
-        if let Some(shared) = &self.shared {
+        if let Some((shared, lease)) = &self.shared {
             // This replica's own view of the spend follows along: it seeds Redis should Redis
             // lose its data, and decides when Redis is down and the policy is to fail open.
             for (l, _) in &self.held {
@@ -420,6 +421,7 @@ impl Reservation {
             if !self.held.is_empty() {
                 shared.settle(
                     std::mem::take(&mut self.held),
+                    lease.clone(),
                     tokens,
                     cost,
                     self.minute,

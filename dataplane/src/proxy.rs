@@ -184,14 +184,12 @@ async fn admit(
             if asks.is_empty() {
                 return Ok((d.clone(), Reservation::default(), None));
             }
-            match shared.reserve(&asks, now).await {
+            let lease = shared.new_lease();
+            match shared.reserve(&asks, &lease, now).await {
                 Ok(Ok(room)) => {
                     let room = key.limits.is_some().then_some(room);
-                    return Ok((
-                        d.clone(),
-                        Reservation::shared(shared.clone(), asks, now),
-                        room,
-                    ));
+                    let reservation = Reservation::shared(shared.clone(), lease, asks, now);
+                    return Ok((d.clone(), reservation, room));
                 }
                 Ok(Err(r)) if r.scope == Scope::Key => return Err(r.into()),
                 Ok(Err(r)) => refused = Some(r),

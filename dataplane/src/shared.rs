@@ -27,12 +27,23 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 const RESERVE: &str = r#"
 local now = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
+local lease, deadline = ARGV[3], ARGV[4]
 local minute = math.floor(now / 60)
 local S = 8
+local O = 4
 for i = 1, n do
-  local b = 2 + (i - 1) * S
+  local b = O + (i - 1) * S
   local k = KEYS[i]
   local rpm, tpm, par, bmax, period = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
+  -- Release the reservations of requests whose replica died before settling them.
+  local lk, lc = k .. ':leases', k .. ':lease-cost'
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', lk, '-inf', now)) do
+    if redis.call('HINCRBY', k, 'inflight', -1) < 0 then redis.call('HSET', k, 'inflight', 0) end
+    local c = redis.call('HGET', lc, id)
+    if c and redis.call('HINCRBY', k, 'reserved', '-' .. c) < 0 then redis.call('HSET', k, 'reserved', 0) end
+    redis.call('HDEL', lc, id)
+  end
+  redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
   if redis.call('EXISTS', k) == 0 then
     redis.call('HSET', k, 'minute', minute, 'requests', 0, 'tokens', 0, 'inflight', 0,
       'period', period, 'spend', ARGV[b+8], 'reserved', 0)
@@ -54,12 +65,18 @@ for i = 1, n do
 end
 local out = {0, 0}
 for i = 1, n do
-  local b = 2 + (i - 1) * S
+  local b = O + (i - 1) * S
   local k = KEYS[i]
   table.insert(out, redis.call('HINCRBY', k, 'requests', 1))
   table.insert(out, redis.call('HINCRBY', k, 'tokens', ARGV[b+6]))
   redis.call('HINCRBY', k, 'inflight', 1)
-  if ARGV[b+4] ~= '-1' then redis.call('HINCRBY', k, 'reserved', ARGV[b+7]) end
+  local cost = 0
+  if ARGV[b+4] ~= '-1' then
+    redis.call('HINCRBY', k, 'reserved', ARGV[b+7])
+    cost = ARGV[b+7]
+  end
+  redis.call('ZADD', k .. ':leases', deadline, lease)
+  redis.call('HSET', k .. ':lease-cost', lease, cost)
 end
 return out
 "#;
@@ -68,10 +85,11 @@ const SETTLE: &str = r#"
 local now = tonumber(ARGV[1])
 local reserved_minute = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
+local lease = ARGV[4]
 local minute = math.floor(now / 60)
 local S = 5
 for i = 1, n do
-  local b = 3 + (i - 1) * S
+  local b = 4 + (i - 1) * S
   local k = KEYS[i]
   local ask_tokens, tokens, ask_cost, cost, budget = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
   local m = tonumber(redis.call('HGET', k, 'minute'))
@@ -80,9 +98,12 @@ for i = 1, n do
   elseif m == minute then
     redis.call('HINCRBY', k, 'tokens', tokens)
   end
-  if redis.call('HINCRBY', k, 'inflight', -1) < 0 then redis.call('HSET', k, 'inflight', 0) end
+  -- A lease already expired was released by a reserve; release only a live one.
+  local live = redis.call('ZREM', k .. ':leases', lease) == 1
+  redis.call('HDEL', k .. ':lease-cost', lease)
+  if live and redis.call('HINCRBY', k, 'inflight', -1) < 0 then redis.call('HSET', k, 'inflight', 0) end
   if budget == '1' then
-    if redis.call('HINCRBY', k, 'reserved', '-' .. ask_cost) < 0 then redis.call('HSET', k, 'reserved', 0) end
+    if live and redis.call('HINCRBY', k, 'reserved', '-' .. ask_cost) < 0 then redis.call('HSET', k, 'reserved', 0) end
     redis.call('HINCRBY', k, 'spend', cost)
   end
 end
@@ -106,6 +127,7 @@ pub struct SharedLimits {
     /// What to do when Redis fails.
     pub failure: FailureMode,
     up: std::sync::atomic::AtomicBool,
+    lease: Duration,
 }
 
 impl std::fmt::Debug for SharedLimits {
@@ -135,7 +157,8 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 
 impl SharedLimits {
     /// Connects to `url` (the connection is re-established by itself after failures).
-    pub async fn connect(url: &str, failure: FailureMode) -> anyhow::Result<Self> {
+    /// `lease` bounds how long a reservation of a replica that died unsettled holds its slot.
+    pub async fn connect(url: &str, failure: FailureMode, lease: Duration) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(REDIS_TIMEOUT))
@@ -149,6 +172,7 @@ impl SharedLimits {
             settle: redis::Script::new(SETTLE),
             failure,
             up: std::sync::atomic::AtomicBool::new(true),
+            lease,
         })
     }
 
@@ -180,6 +204,22 @@ impl SharedLimits {
         }
     }
 
+    /// A new lease id: unique across replicas and restarts (process start time, pid, sequence).
+    pub fn new_lease(&self) -> String {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        static BOOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            format!("{ms:x}.{:x}", std::process::id())
+        });
+        format!(
+            "{}.{}",
+            *BOOT,
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+
     /// A handle on the connection, for other writers (the usage stream).
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()
@@ -189,10 +229,14 @@ impl SharedLimits {
     pub async fn reserve(
         &self,
         asks: &[(Arc<Limited>, Ask)],
+        lease: &str,
         now: u64,
     ) -> Result<Result<Room, Refused>, RedisError> {
         let mut inv = self.reserve.prepare_invoke();
-        inv.arg(now).arg(asks.len());
+        inv.arg(now)
+            .arg(asks.len())
+            .arg(lease)
+            .arg(now + self.lease.as_secs().max(1));
         for (l, ask) in asks {
             let r = l.rules();
             inv.key(hash_key(l));
@@ -272,6 +316,7 @@ impl SharedLimits {
     pub fn settle(
         self: &Arc<Self>,
         asks: Vec<(Arc<Limited>, Ask)>,
+        lease: String,
         tokens: u64,
         cost: Picodollars,
         reserved_minute: u64,
@@ -283,7 +328,10 @@ impl SharedLimits {
         };
         rt.spawn(async move {
             let mut inv = this.settle.prepare_invoke();
-            inv.arg(now).arg(reserved_minute).arg(asks.len());
+            inv.arg(now)
+                .arg(reserved_minute)
+                .arg(asks.len())
+                .arg(&lease);
             for (l, ask) in &asks {
                 inv.key(hash_key(l));
                 inv.arg(ask.tokens)

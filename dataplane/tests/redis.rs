@@ -255,3 +255,46 @@ async fn tpm_holds_across_two_replicas() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_crashed_replicas_reservations_end_with_their_lease() {
+    use tollgate_testkit::{Behavior, MockUpstream};
+    let redis = Redis::start();
+    let up = MockUpstream::start(Behavior::SlowStream {
+        chunks: 400,
+        delay: Duration::from_millis(50),
+    });
+    let m = format!(
+        "{}---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: slow}}\nspec: {{modelName: slow, provider: openai-compatible, url: '{}'}}\n",
+        manifests(", limits: {maxParallel: 1}"),
+        up.base_url()
+    );
+    let flags = ["--redis-url", &redis.url(), "--redis-lease", "2s"];
+    let mut a = Gateway::start(BIN, &m, &flags);
+    let b = Gateway::start(BIN, &m, &flags);
+    let stream = |gw: &Gateway| {
+        reqwest::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .body(json!({"model": "slow", "stream": true, "messages": []}).to_string())
+            .send()
+    };
+    // A holds the key's only slot, then crashes without settling.
+    let mut held = stream(&a).await.unwrap();
+    assert_eq!(held.status(), 200);
+    let _ = held.chunk().await.unwrap();
+    assert_eq!(
+        stream(&b).await.unwrap().status(),
+        429,
+        "one in flight across both replicas"
+    );
+    a.kill();
+    assert_eq!(
+        stream(&b).await.unwrap().status(),
+        429,
+        "the lease still holds the slot"
+    );
+    // After the lease, the slot is free again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(stream(&b).await.unwrap().status(), 200);
+}

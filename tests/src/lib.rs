@@ -124,6 +124,12 @@ impl Gateway {
         false
     }
 
+    /// Kills the process (SIGKILL): a crash, with nothing flushed or settled.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the process with SIGTERM and starts it again on the same manifests and flags (on a
     /// new port). The log starts afresh.
     pub fn restart(&mut self) {
