@@ -166,10 +166,6 @@ async fn commit(state: &AppState, a: &Admin, docs: Vec<Value>) -> Result<(), Api
     }
 }
 
-fn unix_now() -> i64 {
-    crate::limits::unix_now() as i64
-}
-
 /// `POST /key/generate`.
 pub async fn generate(
     state: &AppState,
@@ -205,7 +201,7 @@ pub async fn generate(
         (Some(d), _) => {
             let d = tollgate_crds::common::parse_duration(d)
                 .map_err(|e| ApiError::bad_request("invalid_duration", e))?;
-            Some(unix_now() + d.as_secs() as i64)
+            Some(crate::limits::unix_now() as i64 + d.as_secs() as i64)
         }
         (None, Some(t)) => Some(
             t.parse::<jiff::Timestamp>()

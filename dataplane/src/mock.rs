@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use std::convert::Infallible;
 use std::fmt::Write;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tollgate_crds::config::{MockConfig, TokenUsage};
 
 /// Dimensions of the mock's embeddings.
@@ -209,10 +209,7 @@ fn usage_json(u: TokenUsage) -> String {
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::limits::unix_now()
 }
 
 /// A deterministic embedding in which texts sharing words point the same way: each word is

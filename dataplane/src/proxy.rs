@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tollgate_crds::config::TokenUsage;
 
 /// Largest upstream body read whole (non-streamed responses, error bodies).
@@ -35,13 +35,6 @@ const MAX_UPSTREAM_BODY: usize = 64 << 20;
 pub const DEPLOYMENT_HEADER: &str = "x-tollgate-deployment";
 /// `x-tollgate-cost-usd`.
 pub const COST_HEADER: &str = "x-tollgate-cost-usd";
-
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 /// Reads the request body, refusing more than `limit` bytes.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes> {
@@ -78,7 +71,8 @@ pub async fn handle(
     let request_id = rid.to_str().unwrap_or("");
     let snapshot = state.snapshot.load_full();
     let (parts, body) = req.into_parts();
-    let key = authenticate(&snapshot, &parts.headers, now_unix())?;
+    let now = crate::limits::unix_now();
+    let key = authenticate(&snapshot, &parts.headers, now as i64)?;
     let body = read_body(&parts.headers, body, state.settings.max_body_bytes).await?;
     let parsed = ParsedRequest::parse(&body, endpoint)?;
     if !key.allows(&parsed.model) {
@@ -97,7 +91,6 @@ pub async fn handle(
             format!("The model `{}` has no deployment.", parsed.model),
         )
     })?;
-    let now = crate::limits::unix_now();
     // Prompt tokens before the call: bytes / 4, an over-estimate for JSON bodies, corrected on
     // settlement. The cost estimate adds max_tokens at the output price when the request sets it.
     let est_tokens = (body.len() as u64 / 4).max(1);

@@ -15,7 +15,6 @@ use axum::routing::{get, post};
 use http::{HeaderValue, StatusCode, header};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `x-request-id`.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -133,10 +132,7 @@ fn json(status: StatusCode, body: String) -> Response {
 async fn models(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let rid = request_id(&req);
     let snapshot = state.snapshot.load();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = crate::limits::unix_now() as i64;
     let mut resp = match crate::auth::authenticate(&snapshot, req.headers(), now) {
         Ok(key) => {
             let mut names: Vec<&String> =
