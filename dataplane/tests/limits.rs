@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 use std::time::Duration;
 use tollgate_crds::config::MockConfig;
-use tollgate_testkit::{Behavior, Gateway, MockUpstream};
+use tollgate_testkit::{Behavior, Gateway, MockUpstream, avoid_minute_boundary};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
 const KEY: &str = "sk-limits-test-key-0001";
@@ -30,18 +30,6 @@ fn model(name: &str, model_name: &str, extra: &str) -> String {
     format!(
         "---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: {name}}}\nspec: {{modelName: {model_name}{extra}}}\n"
     )
-}
-
-/// Rate windows are calendar minutes: a test counting within one must not start in its last
-/// seconds.
-async fn avoid_minute_boundary() {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    if secs % 60 > 50 {
-        tokio::time::sleep(Duration::from_secs(61 - secs % 60)).await;
-    }
 }
 
 async fn chat(gw: &Gateway, model: &str, stream: bool) -> reqwest::Response {

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 use std::time::Duration;
-use tollgate_testkit::{Gateway, Redis};
+use tollgate_testkit::{Gateway, Redis, avoid_minute_boundary};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
 const KEY: &str = "sk-redis-test-key-00001";
@@ -53,16 +53,6 @@ async fn chat(gw: &Gateway) -> (u16, Value) {
         .await
         .unwrap();
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
-async fn avoid_minute_boundary() {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    if secs % 60 > 50 {
-        tokio::time::sleep(Duration::from_secs(61 - secs % 60)).await;
-    }
 }
 
 #[tokio::test]

@@ -210,6 +210,18 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     cond()
 }
 
+/// Rate windows are calendar minutes: a test counting within one must not start in its last
+/// seconds. Waits for the next minute when fewer than ten are left.
+pub async fn avoid_minute_boundary() {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if secs % 60 > 50 {
+        tokio::time::sleep(Duration::from_secs(61 - secs % 60)).await;
+    }
+}
+
 /// Path of a workspace binary when the caller has no `CARGO_BIN_EXE_*` for it.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
