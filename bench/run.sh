@@ -6,7 +6,9 @@
 # each of (a) the upstream directly, (b) Tollgate, (c) nginx with wrk, and prints requests/s,
 # p50/p99 latency, the ratios between them and the idle RSS of both proxies. With --limits it
 # also starts a second, identical Tollgate whose key and model carry rate limits and a budget
-# that never refuse, measures it as a fourth target (tollgate+limits) and reports its cost.
+# that never refuse, measures it as a fourth target (tollgate+limits) and reports its cost. With
+# --redis it also starts a redis-server and a third Tollgate, tollgate+limits plus --redis-url, as
+# a fifth target (tollgate+redis), and reports the cost of limits and budgets kept in Redis.
 #
 # Usage: bench/run.sh [options]
 #   --markdown FILE        also write the results as markdown tables to FILE
@@ -20,6 +22,11 @@
 #                          key has rpm/tpm/maxParallel limits and a budget, and whose model has
 #                          rpm/tpm/maxParallel limits, all too high to refuse; reports
 #                          tollgate+limits / tollgate per scenario and the added p50 at c=1
+#   --redis                implies --limits; starts redis-server on a free 127.0.0.1 port (no
+#                          persistence) and adds the target tollgate+redis: a third Tollgate like
+#                          tollgate+limits plus --redis-url, so every request runs a reserve and a
+#                          settle script in Redis; reports tollgate+redis / tollgate next to
+#                          tollgate+limits / tollgate, and redis-server's CPU time per request
 #   --pin                  pin wrk + mock to CPU 0 and the proxy under test to CPU 1
 #                          (use with --gateway-threads 1 --nginx-workers 1)
 #   --perf DIR             afterwards, profile Tollgate with `perf record` under load and count
@@ -28,9 +35,10 @@
 #   --bin-dir DIR          where tollgate-dataplane and tollgate-mock are (default target/release)
 #   -h, --help
 #
-# Needs wrk and nginx (installed with apt-get when missing), curl and cargo. The load takes
-# 9 * rounds * (duration + warmup) seconds (108 s by default; 12 * ..., 144 s, with --limits),
-# plus startup, the build and --perf.
+# Needs wrk and nginx (installed with apt-get when missing), curl and cargo; --redis also needs
+# redis-server and redis-cli (apt-get install redis-server when missing). The load takes
+# 9 * rounds * (duration + warmup) seconds (108 s by default; 12 * ..., 144 s, with --limits;
+# 15 * ..., 180 s, with --redis), plus startup, the build and --perf.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,6 +49,7 @@ GW_THREADS=2
 NGINX_WORKERS=2
 CHUNKS=20
 LIMITS=0
+REDIS=0
 PIN=0
 PERF_DIR=""
 BUILD=1
@@ -65,6 +74,7 @@ while [[ $# -gt 0 ]]; do
         --chunks) CHUNKS="$2"; shift 2 ;;
         --pin) PIN=1; shift ;;
         --limits) LIMITS=1; shift ;;
+        --redis) REDIS=1; LIMITS=1; shift ;;
         --perf) PERF_DIR="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --bin-dir) BIN_DIR="$2"; shift 2 ;;
@@ -92,10 +102,16 @@ apt_install() {
 command -v wrk >/dev/null || apt_install wrk
 command -v nginx >/dev/null || apt_install nginx-light || apt_install nginx
 command -v curl >/dev/null || apt_install curl
+if [[ $REDIS -eq 1 ]] && ! { command -v redis-server && command -v redis-cli; } >/dev/null; then
+    apt_install redis-server
+fi
 if [[ -n "$PERF_DIR" ]] && ! command -v perf >/dev/null; then
     apt_install linux-perf || log "linux-perf not installable; skipping the profile"
 fi
 command -v wrk >/dev/null && command -v nginx >/dev/null || die "wrk and nginx are needed"
+if [[ $REDIS -eq 1 ]]; then
+    command -v redis-server >/dev/null && command -v redis-cli >/dev/null || die "--redis needs redis-server and redis-cli"
+fi
 
 PIN_LOAD=()
 PIN_PROXY=()
@@ -231,6 +247,30 @@ if [[ $LIMITS -eq 1 ]]; then
     GWL_PORT="$(wait_listening tollgate-dataplane "$TMP/gateway-limits.log" "$GWL_PID")"
 fi
 
+# With --redis: a redis-server without persistence (next to the mock when pinned: it is a
+# service the proxy calls, like the upstream), and a third data plane, the same as
+# tollgate+limits plus --redis-url, so its counters live in Redis.
+if [[ $REDIS -eq 1 ]]; then
+    REDIS_PORT="$(free_port)"
+    "${PIN_LOAD[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+        --dir "$TMP" >"$TMP/redis.log" 2>&1 &
+    REDIS_PID=$!
+    PIDS+=("$REDIS_PID")
+    for ((i = 0; i < 300; i++)); do
+        [[ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]] && break
+        kill -0 "$REDIS_PID" 2>/dev/null || { cat "$TMP/redis.log" >&2; die "redis-server exited during startup"; }
+        sleep 0.1
+    done
+    [[ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]] || { cat "$TMP/redis.log" >&2; die "redis-server did not start within 30 s"; }
+    REDIS_VERSION="$(redis-cli -p "$REDIS_PORT" info server | tr -d '\r' | sed -n 's/^redis_version://p')"
+    "${PIN_PROXY[@]}" "$GATEWAY" --manifests "$TMP/manifests-limits.yaml" --listen 127.0.0.1:0 \
+        --worker-threads "$GW_THREADS" --redis-url "redis://127.0.0.1:$REDIS_PORT/" \
+        >"$TMP/gateway-redis.log" 2>&1 &
+    GWR_PID=$!
+    PIDS+=("$GWR_PID")
+    GWR_PORT="$(wait_listening tollgate-dataplane "$TMP/gateway-redis.log" "$GWR_PID")"
+fi
+
 # nginx: a plain keep-alive reverse proxy to the same mock.
 NGINX_PORT="$(free_port)"
 mkdir -p "$TMP/nginx"
@@ -303,20 +343,33 @@ if [[ $LIMITS -eq 1 ]]; then
     TARGETS+=(tollgate+limits)
     TW=15
 fi
+if [[ $REDIS -eq 1 ]]; then
+    URL[tollgate+redis]="http://127.0.0.1:$GWR_PORT/v1/chat/completions"
+    TARGETS+=(tollgate+redis)
+fi
 # The process(es) doing the serving for each target, whose CPU time is counted.
 target_pids() {
     case "$1" in
         direct) echo "$MOCK_PID" ;;
         tollgate) echo "$GW_PID" ;;
         tollgate+limits) echo "$GWL_PID" ;;
+        tollgate+redis) echo "$GWR_PID" ;;
         nginx) children "$NGINX_PID" ;;
     esac
 }
 # The order in which a round measures the targets. With --limits, tollgate and tollgate+limits
 # run back to back (so drift hits both alike), in turn first: tollgate first in odd rounds.
+# With --redis, tollgate, tollgate+limits and tollgate+redis run back to back, in the reverse
+# order in even rounds.
 run_order() { # round
     if [[ $LIMITS -eq 0 ]]; then
         echo "${TARGETS[@]}"
+    elif [[ $REDIS -eq 1 ]]; then
+        if (($1 % 2)); then
+            echo direct tollgate tollgate+limits tollgate+redis nginx
+        else
+            echo direct tollgate+redis tollgate+limits tollgate nginx
+        fi
     elif (($1 % 2)); then
         echo direct tollgate tollgate+limits nginx
     else
@@ -327,6 +380,9 @@ CLK_TCK="$(getconf CLK_TCK)"
 log "mock :$MOCK_PORT (pid $MOCK_PID), tollgate :$GW_PORT (pid $GW_PID, $GW_THREADS threads), nginx :$NGINX_PORT (pid $NGINX_PID, $NGINX_WORKERS workers)"
 if [[ $LIMITS -eq 1 ]]; then
     log "tollgate+limits :$GWL_PORT (pid $GWL_PID, $GW_THREADS threads; key and model limits, key budget)"
+fi
+if [[ $REDIS -eq 1 ]]; then
+    log "tollgate+redis :$GWR_PORT (pid $GWR_PID; as tollgate+limits, counters in redis-server $REDIS_VERSION :$REDIS_PORT, pid $REDIS_PID)"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +424,20 @@ if [[ $LIMITS -eq 1 ]]; then
     [[ "$code" == 401 ]] || die "tollgate+limits: a wrong key got $code, not 401 (auth off?)"
     log "sanity ok: tollgate+limits enforces (x-ratelimit-limit-requests: 1000000000), tollgate has no limits"
 fi
+if [[ $REDIS -eq 1 ]]; then
+    # The Redis gateway enforces the same limits, and its counters really are in Redis.
+    out="$(post "${URL[tollgate+redis]}" "$BODY" | tr -d '\r')" || die "tollgate+redis: request failed"
+    grep -qix 'x-ratelimit-limit-requests: 1000000000' <<<"$out" ||
+        { echo "$out" >&2; die "tollgate+redis: no x-ratelimit-limit-requests: 1000000000 header (limits off?)"; }
+    grep -qi '^x-tollgate-cost-usd:' <<<"$out" || { echo "$out" >&2; die "tollgate+redis: no x-tollgate-cost-usd header"; }
+    code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H 'Content-Type: application/json' \
+        -H 'Authorization: Bearer sk-wrong' --data-binary "$BODY" "${URL[tollgate+redis]}")"
+    [[ "$code" == 401 ]] || die "tollgate+redis: a wrong key got $code, not 401 (auth off?)"
+    sleep 0.2 # settlement runs after the response
+    REDIS_KEYS="$(redis-cli -p "$REDIS_PORT" --scan --pattern 'tollgate:limits:*' | sort)"
+    [[ -n "$REDIS_KEYS" ]] || { cat "$TMP/gateway-redis.log" >&2; die "tollgate+redis: no tollgate:limits:* keys in Redis (counters not shared?)"; }
+    log "sanity ok: tollgate+redis enforces, Redis holds $(paste -sd' ' <<<"$REDIS_KEYS")"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Load
@@ -396,7 +466,7 @@ SCENARIOS=(
     "plain-c64|plain.lua|64"
     "stream-c16|stream.lua|16"
 )
-declare -A RPS P50 P99 ERR CPU
+declare -A RPS P50 P99 ERR CPU RCPU RCALLS RSCRIPT
 SAMPLES="$TMP/samples"
 : >"$SAMPLES"
 
@@ -409,6 +479,18 @@ median() { sort -n | awk '{a[NR] = $1} END {if (NR == 0) print 0; else if (NR % 
 
 unit() { [[ "$1" == stream-* ]] && echo "streams/s" || echo "req/s"; }
 
+# Script calls Redis has served so far (EVALSHA, and EVAL when a script was not cached yet), and
+# the µs it spent running them: "calls usec".
+redis_calls() {
+    redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' |
+        awk -F'[:=,]' '$1 == "cmdstat_evalsha" || $1 == "cmdstat_eval" {n += $3; u += $5} END {print n + 0, u + 0}'
+}
+# tollgate_redis_errors_total of the Redis gateway, summed over ops (0 when never incremented).
+redis_errors() {
+    curl -s --max-time 5 "http://127.0.0.1:$GWR_PORT/metrics" |
+        awk '/^tollgate_redis_errors_total[{ ]/ {s += $NF} END {printf "%.0f\n", s}'
+}
+
 for ((round = 1; round <= ROUNDS; round++)); do
     for sc in "${SCENARIOS[@]}"; do
         IFS='|' read -r name lua conns <<<"$sc"
@@ -416,17 +498,35 @@ for ((round = 1; round <= ROUNDS; round++)); do
             [[ "$WARMUP" != 0 ]] && run_wrk "$lua" "$conns" "$WARMUP" "${URL[$t]}" >/dev/null
             # shellcheck disable=SC2046
             cpu0="$(cpu_ticks $(target_pids "$t"))"
+            if [[ $t == tollgate+redis ]]; then
+                rcpu0="$(cpu_ticks "$REDIS_PID")"
+                read -r rcalls0 rusec0 <<<"$(redis_calls)"
+            fi
             line="$(run_wrk "$lua" "$conns" "$DURATION" "${URL[$t]}")"
             # shellcheck disable=SC2046
             cpu1="$(cpu_ticks $(target_pids "$t"))"
+            extra=""
+            extra_log=""
+            if [[ $t == tollgate+redis ]]; then
+                # redis-server's CPU and script calls per request: what the gateway's column
+                # leaves out. Settlement runs after the response, so a few may land after this.
+                rcpu1="$(cpu_ticks "$REDIS_PID")"
+                read -r rcalls1 rusec1 <<<"$(redis_calls)"
+                reqs="$(field requests "$line")"
+                extra="$(awk -v c=$((rcpu1 - rcpu0)) -v n=$((rcalls1 - rcalls0)) -v u=$((rusec1 - rusec0)) \
+                    -v hz="$CLK_TCK" -v r="${reqs:-0}" \
+                    'BEGIN {printf " %.1f %.2f %.1f", r ? c * 1e6 / hz / r : 0, r ? n / r : 0, r ? u / r : 0}')"
+                read -r rc rn ru <<<"$extra"
+                extra_log=", redis-server CPU $rc µs/req ($ru in scripts), $rn Redis calls/req"
+            fi
             [[ -n "$line" ]] || die "wrk printed no result for $name $t"
             reqs="$(field requests "$line")"
             dur="$(field duration_us "$line")"
             rps="$(awk -v r="$reqs" -v d="$dur" 'BEGIN {printf "%.0f", r / (d / 1e6)}')"
             errs=$(($(field io_errors "$line") + $(field status_errors "$line")))
             cpu="$(awk -v c=$((cpu1 - cpu0)) -v hz="$CLK_TCK" -v r="$reqs" 'BEGIN {printf "%.1f", r ? c * 1e6 / hz / r : 0}')"
-            echo "$name $t $rps $(field p50_us "$line") $(field p99_us "$line") $errs $cpu" >>"$SAMPLES"
-            log "round $round $name $t: $rps $(unit "$name"), p50 $(field p50_us "$line") µs, p99 $(field p99_us "$line") µs, errors $errs, CPU $cpu µs/req"
+            echo "$name $t $rps $(field p50_us "$line") $(field p99_us "$line") $errs $cpu$extra" >>"$SAMPLES"
+            log "round $round $name $t: $rps $(unit "$name"), p50 $(field p50_us "$line") µs, p99 $(field p99_us "$line") µs, errors $errs, CPU $cpu µs/req$extra_log"
         done
     done
 done
@@ -440,7 +540,16 @@ for sc in "${SCENARIOS[@]}"; do
         CPU[$name,$t]="$(awk -v n="$name" -v t="$t" '$1 == n && $2 == t {print $7}' "$SAMPLES" | median1)"
         ERR[$name,$t]="$(awk -v n="$name" -v t="$t" '$1 == n && $2 == t {s += $6} END {print s + 0}' "$SAMPLES")"
     done
+    if [[ $REDIS -eq 1 ]]; then
+        RCPU[$name]="$(awk -v n="$name" '$1 == n && $2 == "tollgate+redis" {print $8}' "$SAMPLES" | median1)"
+        RCALLS[$name]="$(awk -v n="$name" '$1 == n && $2 == "tollgate+redis" {print $9}' "$SAMPLES" | sort -n | awk '{a[NR] = $1} END {printf "%.2f", NR ? a[int((NR + 1) / 2)] : 0}')"
+        RSCRIPT[$name]="$(awk -v n="$name" '$1 == n && $2 == "tollgate+redis" {print $10}' "$SAMPLES" | median1)"
+    fi
 done
+if [[ $REDIS -eq 1 ]]; then
+    REDIS_ERRORS="$(redis_errors)"
+    [[ "$REDIS_ERRORS" == 0 ]] || log "WARNING: tollgate+redis counted $REDIS_ERRORS Redis errors (those requests fell back to in-memory counters)"
+fi
 
 GW_HWM_KB="$(hwm_kb "$GW_PID")"
 GW_AFTER_KB="$(rss_kb "$GW_PID")"
@@ -470,6 +579,9 @@ sdiff() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%+.1f", a - b}'; }
 if [[ $LIMITS -eq 1 ]]; then
     ADDED_LIM="$(awk -v a="${P50[plain-c1,tollgate+limits]}" -v b="${P50[plain-c1,tollgate]}" 'BEGIN {printf "%+.0f", a - b}')"
 fi
+if [[ $REDIS -eq 1 ]]; then
+    ADDED_RED="$(awk -v a="${P50[plain-c1,tollgate+redis]}" -v b="${P50[plain-c1,tollgate]}" 'BEGIN {printf "%+.0f", a - b}')"
+fi
 
 describe() {
     case "$1" in
@@ -482,6 +594,9 @@ describe() {
 SETUP="$(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), wrk 1 thread, mock 1 thread, tollgate $GW_THREADS worker threads, nginx $NGINX_WORKERS workers, $( [[ $PIN -eq 1 ]] && echo "pinned: wrk+mock on CPU 0, proxy on CPU 1" || echo "not pinned"), ${DURATION}s per run after ${WARMUP}s warm-up, median of $ROUNDS round(s), $STREAM_EVENTS SSE events per stream"
 if [[ $LIMITS -eq 1 ]]; then
     SETUP="$SETUP; tollgate+limits: a second tollgate, same flags, key with rpm/tpm/maxParallel limits and a monthly budget, model with rpm/tpm/maxParallel limits, none ever reached; tollgate and tollgate+limits measured back to back, alternating which goes first"
+fi
+if [[ $REDIS -eq 1 ]]; then
+    SETUP="${SETUP%; tollgate and tollgate+limits measured*}; tollgate+redis: a third tollgate, the same as tollgate+limits plus --redis-url to a local redis-server $REDIS_VERSION (no persistence, $( [[ $PIN -eq 1 ]] && echo "pinned to CPU 0" || echo "sharing the CPUs")); tollgate, tollgate+limits and tollgate+redis measured back to back, reversing the order every other round"
 fi
 
 {
@@ -496,7 +611,8 @@ fi
                 "${RPS[$name,$t]} $(unit "$name")" "${P50[$name,$t]}" "${P99[$name,$t]}" "${CPU[$name,$t]}" "${ERR[$name,$t]}"
         done
     done
-    echo "(CPU µs/req: user + system time of the serving process per request: the mock for direct, the proxy alone for tollgate and nginx)"
+    echo "(CPU µs/req: user + system time of the serving process per request: the mock for direct, the proxy alone for tollgate and nginx$(
+        [[ $REDIS -eq 1 ]] && echo "; for tollgate+redis the gateway alone, redis-server's is below"))"
     echo
     echo "Ratios"
     for name in plain-c1 plain-c64 stream-c16; do
@@ -515,6 +631,18 @@ fi
                 "$(sdiff "${CPU[$name,tollgate+limits]}" "${CPU[$name,tollgate]}")" "$(unit "$name")"
         done
         echo "  added p50 at c=1 by limits and budgets: ${ADDED_LIM} µs (tollgate+limits p50 - tollgate p50)"
+    fi
+    if [[ $REDIS -eq 1 ]]; then
+        echo
+        echo "Cost of limits and budgets in Redis (tollgate+redis vs tollgate)"
+        for name in plain-c1 plain-c64 stream-c16; do
+            printf '  %-22s tollgate+redis/tollgate %s   CPU µs/req %s   redis-server CPU µs/req %s (%s in scripts)   Redis calls/req %s   (%s)\n' "$(describe "$name")" \
+                "$(ratio "${RPS[$name,tollgate+redis]}" "${RPS[$name,tollgate]}")" \
+                "$(sdiff "${CPU[$name,tollgate+redis]}" "${CPU[$name,tollgate]}")" \
+                "${RCPU[$name]}" "${RSCRIPT[$name]}" "${RCALLS[$name]}" "$(unit "$name")"
+        done
+        echo "  added p50 at c=1 by limits and budgets in Redis: ${ADDED_RED} µs (tollgate+redis p50 - tollgate p50)"
+        echo "  Redis errors counted by tollgate+redis (tollgate_redis_errors_total): $REDIS_ERRORS"
     fi
     echo
     echo "Memory (VmRSS)"
@@ -541,7 +669,8 @@ if [[ -n "$MARKDOWN" ]]; then
             done
         done
         echo
-        echo "CPU µs/req: user + system time of the serving process(es) per request: the mock for direct, the proxy alone (not the mock) for tollgate and nginx."
+        echo "CPU µs/req: user + system time of the serving process(es) per request: the mock for direct, the proxy alone (not the mock) for tollgate and nginx$(
+            [[ $REDIS -eq 1 ]] && echo "; for tollgate+redis the gateway alone (redis-server's is below)")."
         echo
         echo "| ratio | non-streaming c=1 | non-streaming c=64 | streaming c=16 |"
         echo "|---|---:|---:|---:|"
@@ -553,12 +682,25 @@ if [[ -n "$MARKDOWN" ]]; then
         echo "Added p50 latency at c=1 over direct: Tollgate **${ADDED_GW} µs**, nginx ${ADDED_NGINX} µs."
         if [[ $LIMITS -eq 1 ]]; then
             echo
-            echo "| tollgate+limits vs tollgate | non-streaming c=1 | non-streaming c=64 | streaming c=16 |"
+            echo "| $( [[ $REDIS -eq 1 ]] && echo "limits vs none (tollgate)" || echo "tollgate+limits vs tollgate") | non-streaming c=1 | non-streaming c=64 | streaming c=16 |"
             echo "|---|---:|---:|---:|"
             echo "| rate, tollgate+limits / tollgate | $(ratio "${RPS[plain-c1,tollgate+limits]}" "${RPS[plain-c1,tollgate]}") | $(ratio "${RPS[plain-c64,tollgate+limits]}" "${RPS[plain-c64,tollgate]}") | $(ratio "${RPS[stream-c16,tollgate+limits]}" "${RPS[stream-c16,tollgate]}") |"
+            if [[ $REDIS -eq 1 ]]; then
+                echo "| rate, tollgate+redis / tollgate | $(ratio "${RPS[plain-c1,tollgate+redis]}" "${RPS[plain-c1,tollgate]}") | $(ratio "${RPS[plain-c64,tollgate+redis]}" "${RPS[plain-c64,tollgate]}") | $(ratio "${RPS[stream-c16,tollgate+redis]}" "${RPS[stream-c16,tollgate]}") |"
+            fi
             echo "| CPU µs/req, tollgate+limits − tollgate | $(sdiff "${CPU[plain-c1,tollgate+limits]}" "${CPU[plain-c1,tollgate]}") | $(sdiff "${CPU[plain-c64,tollgate+limits]}" "${CPU[plain-c64,tollgate]}") | $(sdiff "${CPU[stream-c16,tollgate+limits]}" "${CPU[stream-c16,tollgate]}") |"
+            if [[ $REDIS -eq 1 ]]; then
+                echo "| CPU µs/req, tollgate+redis − tollgate (gateway only) | $(sdiff "${CPU[plain-c1,tollgate+redis]}" "${CPU[plain-c1,tollgate]}") | $(sdiff "${CPU[plain-c64,tollgate+redis]}" "${CPU[plain-c64,tollgate]}") | $(sdiff "${CPU[stream-c16,tollgate+redis]}" "${CPU[stream-c16,tollgate]}") |"
+                echo "| redis-server CPU µs/req (tollgate+redis runs) | ${RCPU[plain-c1]} | ${RCPU[plain-c64]} | ${RCPU[stream-c16]} |"
+                echo "| of which running the scripts (INFO commandstats) | ${RSCRIPT[plain-c1]} | ${RSCRIPT[plain-c64]} | ${RSCRIPT[stream-c16]} |"
+                echo "| Redis script calls per request | ${RCALLS[plain-c1]} | ${RCALLS[plain-c64]} | ${RCALLS[stream-c16]} |"
+            fi
             echo
-            echo "Added p50 latency at c=1 by limits and budgets (tollgate+limits p50 − tollgate p50): **${ADDED_LIM} µs**."
+            if [[ $REDIS -eq 1 ]]; then
+                echo "Added p50 latency at c=1 over tollgate (no limits): limits and budgets in memory (tollgate+limits) **${ADDED_LIM} µs**, in Redis (tollgate+redis) **${ADDED_RED} µs**. Redis errors counted by tollgate+redis: $REDIS_ERRORS."
+            else
+                echo "Added p50 latency at c=1 by limits and budgets (tollgate+limits p50 − tollgate p50): **${ADDED_LIM} µs**."
+            fi
         fi
         echo
         echo "| memory (VmRSS) | idle | after the load runs |"
