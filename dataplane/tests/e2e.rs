@@ -13,6 +13,8 @@ const KEY: &str = "sk-e2e-all-models-0001";
 const LIMITED_KEY: &str = "sk-e2e-only-mock-0002";
 const EXPIRED_KEY: &str = "sk-e2e-expired-00003";
 const PROVIDER_KEY: &str = "sk-provider-secret-do-not-log";
+/// The spend series of the `gpt` deployment.
+const GPT_SPEND: &str = r#"tollgate_spend_usd_total{model="gpt",deployment="team-a/gpt"}"#;
 
 /// A model `gpt` served by `upstream` (as `upstream-gpt`, $2.5/$10 per million), a built-in
 /// mock model `mock`, and three keys: all models, only `mock`, and expired.
@@ -154,15 +156,7 @@ async fn chat_passes_through_with_cost_rename_and_provider_key() {
         up.stats.last_path.lock().unwrap().as_deref(),
         Some("/v1/chat/completions")
     );
-    assert_eq!(
-        metric(
-            &gw,
-            r#"tollgate_spend_usd_total{model="gpt",deployment="team-a/gpt"}"#
-        )
-        .await
-        .as_deref(),
-        Some("0.0075")
-    );
+    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.0075"));
     assert!(
         !gw.logs().contains(PROVIDER_KEY),
         "provider key leaked into logs"
@@ -236,15 +230,7 @@ async fn streaming_relays_events_and_charges_hidden_usage() {
         up.stats.last_json()["stream_options"]["include_usage"],
         true
     );
-    assert_eq!(
-        metric(
-            &gw,
-            r#"tollgate_spend_usd_total{model="gpt",deployment="team-a/gpt"}"#
-        )
-        .await
-        .as_deref(),
-        Some("0.0075")
-    );
+    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.0075"));
     assert_eq!(
         metric(
             &gw,
@@ -262,15 +248,7 @@ async fn streaming_relays_events_and_charges_hidden_usage() {
         serde_json::from_str(events[events.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(usage["usage"]["completion_tokens"], 500);
     assert_eq!(usage["choices"], json!([]));
-    assert_eq!(
-        metric(
-            &gw,
-            r#"tollgate_spend_usd_total{model="gpt",deployment="team-a/gpt"}"#
-        )
-        .await
-        .as_deref(),
-        Some("0.015")
-    );
+    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.015"));
 }
 
 #[tokio::test]
@@ -689,6 +667,5 @@ async fn a_client_leaving_after_the_usage_chunk_is_still_charged_exactly() {
     );
     assert_eq!(metric(&gw, gone).await.as_deref(), Some("1"));
     // 1000 × $2.5/M + 500 × $10/M, though the stream never finished.
-    let spend = r#"tollgate_spend_usd_total{model="gpt",deployment="team-a/gpt"}"#;
-    assert_eq!(metric(&gw, spend).await.as_deref(), Some("0.0075"));
+    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.0075"));
 }
