@@ -180,6 +180,7 @@ async fn close(state: &AppState) {
 
 /// Loads the config, installs metrics, and starts the background tasks on this runtime.
 async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
+    let loaded = crate::loader::fingerprint(&args.manifests);
     let config = match crate::loader::load(&args.manifests) {
         Ok(c) => c,
         Err(errors) => {
@@ -255,6 +256,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         state.clone(),
         args.manifests.clone(),
         args.reload_interval,
+        loaded,
     ));
     Ok(state)
 }

@@ -95,7 +95,7 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<String>> {
 }
 
 /// A cheap fingerprint of the manifests: names, sizes and modification times.
-fn fingerprint(path: &Path) -> u64 {
+pub fn fingerprint(path: &Path) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     if let Ok(files) = manifest_files(path) {
         for f in files {
@@ -111,8 +111,15 @@ fn fingerprint(path: &Path) -> u64 {
 
 /// Polls `path` every `interval` and installs the new config when the manifests change and
 /// compile cleanly. Polling (rather than inotify) also sees a ConfigMap's atomic symlink swap.
-pub async fn watch(state: std::sync::Arc<AppState>, path: PathBuf, interval: Duration) {
-    let mut last = fingerprint(&path);
+/// `loaded` is the fingerprint taken *before* the running config was read, so an edit made
+/// between start-up and this task's first poll is not mistaken for the running config.
+pub async fn watch(
+    state: std::sync::Arc<AppState>,
+    path: PathBuf,
+    interval: Duration,
+    loaded: u64,
+) {
+    let mut last = loaded;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
