@@ -121,23 +121,27 @@ impl Secrets<'_> {
 }
 
 fn timeouts(t: Option<&Timeouts>) -> Result<TimeoutConfig, (String, String)> {
-    let mut out = TimeoutConfig::default();
-    let Some(t) = t else { return Ok(out) };
-    let ms = |field: &str, v: &str| {
-        parse_duration(v)
-            .map(|d| d.as_millis() as u64)
-            .map_err(|e| (format!("spec.timeouts.{field}"), e))
+    Ok(TimeoutConfig::default().overridden(&timeout_overrides(t)?))
+}
+
+fn timeout_overrides(t: Option<&Timeouts>) -> Result<TimeoutOverrides, (String, String)> {
+    let Some(t) = t else {
+        return Ok(TimeoutOverrides::default());
     };
-    if let Some(v) = &t.connect {
-        out.connect_ms = ms("connect", v)?;
-    }
-    if let Some(v) = &t.first_byte {
-        out.first_byte_ms = ms("firstByte", v)?;
-    }
-    if let Some(v) = &t.total {
-        out.total_ms = Some(ms("total", v)?);
-    }
-    Ok(out)
+    let ms = |field: &str, v: &Option<String>| {
+        v.as_deref()
+            .map(|v| {
+                parse_duration(v)
+                    .map(|d| d.as_millis() as u64)
+                    .map_err(|e| (format!("spec.timeouts.{field}"), e))
+            })
+            .transpose()
+    };
+    Ok(TimeoutOverrides {
+        connect_ms: ms("connect", &t.connect)?,
+        first_byte_ms: ms("firstByte", &t.first_byte)?,
+        total_ms: ms("total", &t.total)?,
+    })
 }
 
 fn price(field: &str, usd_per_million: f64) -> Result<u64, (String, String)> {
@@ -524,7 +528,11 @@ fn compile_policy(
                 defaults.duration_ms,
             )?,
         },
-        timeouts: s.timeouts.as_ref().map(|t| timeouts(Some(t))).transpose()?,
+        timeouts: s
+            .timeouts
+            .as_ref()
+            .map(|t| timeout_overrides(Some(t)))
+            .transpose()?,
         cache,
     })
 }
@@ -682,6 +690,11 @@ pub fn compile(objects: &Objects) -> (GatewayConfig, Vec<ObjectError>) {
         }
         for m in models {
             if let Some(group) = config.models.get_mut(&m) {
+                if let Some(o) = &pc.timeouts {
+                    for d in &mut group.deployments {
+                        d.timeouts = d.timeouts.overridden(o);
+                    }
+                }
                 group.policy = Some(pc.clone());
             }
         }
@@ -745,6 +758,20 @@ stringData: {key: sk-0123456789abcdef, other: sk-fedcba9876543210, short: abc}
         assert_eq!(
             e,
             [r#"LLMModel default/o: spec.credentialsRef: Secret default/s has no key "missing""#]
+        );
+    }
+
+    #[test]
+    fn policy_timeouts_override_only_the_fields_they_set() {
+        let mut o = Objects::default();
+        let text = "apiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {name: a}\nspec: {modelName: a, provider: mock, timeouts: {connect: 2s, total: 60s}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: p}\nspec: {models: [a], timeouts: {firstByte: 5s}}\n";
+        assert!(parse_into(&mut o, text, "t.yaml").is_empty());
+        let (config, errors) = compile(&o);
+        assert!(errors.is_empty(), "{errors:?}");
+        let t = config.models["a"].deployments[0].timeouts;
+        assert_eq!(
+            (t.connect_ms, t.first_byte_ms, t.total_ms),
+            (2_000, 5_000, Some(60_000))
         );
     }
 

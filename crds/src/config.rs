@@ -127,6 +127,32 @@ impl Default for TimeoutConfig {
     }
 }
 
+/// Timeouts a RoutePolicy sets, each overriding the deployment's own when present.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeoutOverrides {
+    /// Connect timeout, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_ms: Option<u64>,
+    /// Time to response headers, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_ms: Option<u64>,
+    /// Whole request, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
+}
+
+impl TimeoutConfig {
+    /// These timeouts with `o`'s set fields in their place.
+    pub fn overridden(self, o: &TimeoutOverrides) -> Self {
+        Self {
+            connect_ms: o.connect_ms.unwrap_or(self.connect_ms),
+            first_byte_ms: o.first_byte_ms.unwrap_or(self.first_byte_ms),
+            total_ms: o.total_ms.or(self.total_ms),
+        }
+    }
+}
+
 /// Token prices in micro-dollars per million tokens, so that a cost in pico-dollars is
 /// `tokens × price`, exactly, in integers.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -316,9 +342,9 @@ pub struct PolicyConfig {
     pub context_window_fallbacks: Vec<String>,
     /// Cooldown.
     pub cooldown: CooldownConfig,
-    /// Timeout overrides.
+    /// Timeout overrides, already merged into each deployment's `timeouts` by compile().
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeouts: Option<TimeoutConfig>,
+    pub timeouts: Option<TimeoutOverrides>,
     /// Cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheConfig>,

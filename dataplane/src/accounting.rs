@@ -111,6 +111,9 @@ pub struct Charge {
     first_byte: Option<Instant>,
     reservation: crate::limits::Reservation,
     log: Option<crate::usage_log::UsageLog>,
+    in_flight: Option<crate::routing::InFlight>,
+    /// The current deployment's failed attempt is already counted in its metrics.
+    attempt_counted: bool,
     settled: bool,
 }
 
@@ -132,8 +135,40 @@ impl Charge {
             first_byte: None,
             reservation,
             log,
+            in_flight: None,
+            attempt_counted: false,
             settled: false,
         }
+    }
+
+    /// Counts the request in flight on its endpoint until it settles.
+    pub fn set_in_flight(&mut self, guard: crate::routing::InFlight) {
+        self.in_flight = Some(guard);
+    }
+
+    /// The reservations, for adding the next deployment's on a retry.
+    pub fn reservation_mut(&mut self) -> &mut crate::limits::Reservation {
+        &mut self.reservation
+    }
+
+    /// Ends a failed attempt on the current deployment: counted in its metrics, its
+    /// reservations released with no usage. The key's reservation, the usage record and the
+    /// key's counters stay with the request, which is settled once at the end.
+    pub fn attempt_failed(&mut self) {
+        self.deployment
+            .metrics
+            .outcome(Outcome::UpstreamError)
+            .increment(1);
+        self.attempt_counted = true;
+        self.in_flight = None;
+        self.reservation
+            .release(crate::limits::Scope::Deployment, crate::limits::unix_now());
+    }
+
+    /// Moves the request to `next` for its next attempt.
+    pub fn set_deployment(&mut self, next: Arc<RuntimeDeployment>) {
+        self.deployment = next;
+        self.attempt_counted = false;
     }
 
     /// Marks the first response byte on its way to the client.
@@ -159,12 +194,15 @@ impl Charge {
             return Picodollars(0);
         }
         self.settled = true;
+        self.in_flight = None;
         let d = &self.deployment;
         let cost = usage.map(|u| d.pricing.cost(u)).unwrap_or_default();
         self.key.usage.add(usage, cost);
         d.usage.add(usage, cost);
         let m = &d.metrics;
-        m.outcome(outcome).increment(1);
+        if !self.attempt_counted {
+            m.outcome(outcome).increment(1);
+        }
         let now = Instant::now();
         m.duration
             .record(now.duration_since(self.started).as_secs_f64());

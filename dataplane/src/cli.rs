@@ -26,9 +26,9 @@ pub struct Args {
     /// How often the manifests are checked for changes.
     #[arg(long, env = "TOLLGATE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime_duration)]
     pub reload_interval: Duration,
-    /// Upstream connect timeout.
-    #[arg(long, env = "TOLLGATE_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
-    pub connect_timeout: Duration,
+    /// How often queue-aware routing scrapes each vLLM endpoint's `/metrics`.
+    #[arg(long, env = "TOLLGATE_QUEUE_SCRAPE_INTERVAL", default_value = "500ms", value_parser = humantime_duration)]
+    pub queue_scrape_interval: Duration,
     /// Master key for the admin API (`/key/generate`, `/key/info`, `/spend/keys`, ...). Without
     /// it the admin API is off.
     #[arg(long, env = "TOLLGATE_MASTER_KEY", hide_env_values = true)]
@@ -207,7 +207,6 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
         per_key_metrics: args.per_key_metrics,
-        connect_timeout: args.connect_timeout,
     };
     let usage_log = args
         .usage_log

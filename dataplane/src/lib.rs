@@ -12,6 +12,7 @@
 //! - [`snapshot`], [`state`]: the immutable per-config view and its atomic swap.
 //! - [`loader`]: manifests on disk, and reloading them. [`metrics`]: Prometheus.
 //! - [`limits`]: rate limits and budgets. [`usage_log`]: records of settled requests.
+//! - [`routing`]: strategies, endpoint health, cooldowns, retry policy.
 //! - [`admin`]: the LiteLLM-compatible key and spend API.
 //! - [`cli`]: flags, and [`cli::run`] which wires it all for the binary.
 
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod mock;
 pub mod proxy;
 pub mod request;
+pub mod routing;
 pub mod server;
 pub mod shared;
 pub mod snapshot;

@@ -362,27 +362,38 @@ impl Limited {
 }
 
 /// Reservations of one request, released or settled exactly once.
+///
+/// A request holds its key's reservation from admission to the end, and one deployment's at a
+/// time: a retry on another deployment releases the failed one's ([`Self::release`]) and
+/// reserves on the next, so the key counts the request once however often it is retried.
 #[derive(Debug, Default)]
 pub struct Reservation {
+    /// Reserved in this process.
     held: Vec<(Arc<Limited>, Ask)>,
+    /// Reserved in Redis, under `shared`'s lease.
+    remote: Vec<(Arc<Limited>, Ask)>,
     minute: u64,
-    /// Set when the reservations are in Redis rather than in this process, with their lease.
     shared: Option<(Arc<crate::shared::SharedLimits>, String)>,
 }
 
 impl Reservation {
-    /// Reservations already taken in Redis.
-    pub fn shared(
+    /// Adds reservations already taken in Redis under `lease` (the same lease for the whole
+    /// request).
+    pub fn add_shared(
+        &mut self,
         shared: Arc<crate::shared::SharedLimits>,
         lease: String,
         held: Vec<(Arc<Limited>, Ask)>,
         now: u64,
-    ) -> Self {
-        Self {
-            held,
-            minute: now / 60,
-            shared: Some((shared, lease)),
-        }
+    ) {
+        self.minute = now / 60;
+        self.shared = Some((shared, lease));
+        self.remote.extend(held);
+    }
+
+    /// The Redis lease of this request, once it has one.
+    pub fn lease(&self) -> Option<&str> {
+        self.shared.as_ref().map(|(_, l)| l.as_str())
     }
 
     /// Reserves `ask` on `limited`, adding it to this reservation.
@@ -406,29 +417,50 @@ impl Reservation {
         }
     }
 
+    /// Ends the reservations of `scope` with no usage: an attempt on a deployment failed before
+    /// it used anything. Its request still counts (the deployment was asked).
+    pub fn release(&mut self, scope: Scope, now: u64) {
+        let (local, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(l, _)| l.subject.scope == scope);
+        self.held = rest;
+        for (l, ask) in local {
+            l.subject
+                .settle(&l.rules, ask, 0, Picodollars(0), self.minute, now);
+        }
+        let (remote, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.remote)
+            .into_iter()
+            .partition(|(l, _)| l.subject.scope == scope);
+        self.remote = rest;
+        if let Some((shared, lease)) = &self.shared
+            && !remote.is_empty()
+        {
+            shared.settle(remote, lease.clone(), 0, Picodollars(0), self.minute, now);
+        }
+    }
+
     /// Settles every reservation with the real usage.
     pub fn settle(&mut self, tokens: u64, cost: Picodollars, now: u64) {
-        if let Some((shared, lease)) = &self.shared {
+        if let Some((shared, lease)) = &self.shared
+            && !self.remote.is_empty()
+        {
             // This replica's own view of the spend follows along: it seeds Redis should Redis
             // lose its data, and decides when Redis is down and the policy is to fail open.
-            for (l, _) in &self.held {
+            for (l, _) in &self.remote {
                 if let Some(b) = &l.rules.budget {
                     let mut c = l.subject.counters.lock().unwrap_or_else(|e| e.into_inner());
                     c.roll(now, Some(b));
                     c.spend = c.spend.saturating_add(cost.0);
                 }
             }
-            if !self.held.is_empty() {
-                shared.settle(
-                    std::mem::take(&mut self.held),
-                    lease.clone(),
-                    tokens,
-                    cost,
-                    self.minute,
-                    now,
-                );
-            }
-            return;
+            shared.settle(
+                std::mem::take(&mut self.remote),
+                lease.clone(),
+                tokens,
+                cost,
+                self.minute,
+                now,
+            );
         }
         for (l, ask) in self.held.drain(..) {
             l.subject

@@ -23,6 +23,12 @@ pub const REJECTED: &str = "tollgate_rejected_requests_total";
 pub const REDIS_ERRORS: &str = "tollgate_redis_errors_total";
 /// `tollgate_redis_up`: 1 while the last Redis call succeeded.
 pub const REDIS_UP: &str = "tollgate_redis_up";
+/// `tollgate_retries_total{model}`: attempts retried within a model group.
+pub const RETRIES: &str = "tollgate_retries_total";
+/// `tollgate_fallbacks_total{from,to}`: requests passed on to a fallback model.
+pub const FALLBACKS: &str = "tollgate_fallbacks_total";
+/// `tollgate_cooldowns_total{model,deployment}`: endpoints taken out of rotation.
+pub const COOLDOWNS: &str = "tollgate_cooldowns_total";
 /// `tollgate_config_reloads_total{result}`.
 pub const RELOADS: &str = "tollgate_config_reloads_total";
 
@@ -51,6 +57,12 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_counter!(REJECTED, "Requests refused by the gateway, by error code.");
     metrics::describe_counter!(RELOADS, "Config reloads, by result.");
+    metrics::describe_counter!(RETRIES, "Attempts retried within a model group.");
+    metrics::describe_counter!(FALLBACKS, "Requests passed on to a fallback model.");
+    metrics::describe_counter!(
+        COOLDOWNS,
+        "Deployment endpoints taken out of rotation after repeated failures."
+    );
     Ok(handle)
 }
 

@@ -2,9 +2,15 @@
 //!
 //! ```text
 //! authenticate (hash lookup) -> read body (size limit) -> parse (model, stream)
-//!  -> authorize model -> pick deployment -> mock | upstream (pooled HTTP)
-//!  -> relay (SSE chunk by chunk, or whole body) -> settle the charge with real usage
+//!  -> authorize model -> for each group (requested, then fallbacks):
+//!       for each attempt (policy.attempts): pick route (strategy) -> admit (limits)
+//!         -> mock | upstream (pooled HTTP) -> on a retryable failure: back off, next route
+//!  -> relay (SSE chunk by chunk, or whole body) -> settle the charge once, with real usage
 //! ```
+//!
+//! A request is retried only while nothing has reached the client: a stream is committed once
+//! the upstream answered 2xx. The key's reservation and the usage record belong to the
+//! request, not the attempt, so a retried or re-routed request is counted once.
 //!
 //! Nothing here knows about axum's routing; the handlers in [`crate::server`] call
 //! [`handle`] and add the request id.
@@ -12,11 +18,11 @@
 use crate::accounting::{Charge, Outcome};
 use crate::auth::authenticate;
 use crate::error::{ApiError, Result};
-use crate::limits::{Ask, Reservation, Room, Scope};
+use crate::limits::{Ask, Refused, Reservation, Room, Scope};
 use crate::request::{Endpoint, ParsedRequest};
+use crate::routing::Route;
 use crate::shared::FailureMode;
-use crate::snapshot::{Group, RuntimeKey};
-use crate::snapshot::{RuntimeDeployment, Target};
+use crate::snapshot::{Group, RuntimeDeployment, RuntimeKey, Target};
 use crate::sse::SseRelay;
 use crate::state::AppState;
 use axum::body::Body;
@@ -27,6 +33,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_crds::config::TokenUsage;
+use tollgate_crds::policy::RetryOn;
 
 /// Largest upstream body read whole (non-streamed responses, error bodies).
 const MAX_UPSTREAM_BODY: usize = 64 << 20;
@@ -60,6 +67,84 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     }
 }
 
+/// `x-tollgate-model-group`: the model group that served the request (differs from the
+/// requested model after a fallback).
+pub const MODEL_GROUP_HEADER: &str = "x-tollgate-model-group";
+/// `x-tollgate-attempted-retries`: retries made before the answer (absent when none).
+pub const RETRIES_HEADER: &str = "x-tollgate-attempted-retries";
+/// `x-tollgate-attempted-fallbacks`: fallback groups tried (absent when none).
+pub const FALLBACKS_HEADER: &str = "x-tollgate-attempted-fallbacks";
+
+/// Longest upstream `retry-after` waited for before retrying the same endpoint; a longer one
+/// ends the group's attempts (fallbacks are tried instead).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// What one request carries through its attempts.
+struct Ctx<'a> {
+    state: &'a AppState,
+    endpoint: Endpoint,
+    parsed: &'a ParsedRequest<'a>,
+    body: &'a Bytes,
+    key: &'a Arc<RuntimeKey>,
+    rid: &'a HeaderValue,
+    started: Instant,
+    est_tokens: u64,
+    /// Opened at the first admission, settled once at the end, whatever the attempts.
+    charge: Option<Charge>,
+    room: Option<Room>,
+    retries: u32,
+}
+
+impl Ctx<'_> {
+    /// Prompt tokens before the call: bytes / 4, an over-estimate for JSON bodies, corrected on
+    /// settlement. The cost estimate adds max_tokens at the output price when the request sets
+    /// it.
+    fn ask_for(&self, d: &RuntimeDeployment) -> Ask {
+        Ask {
+            tokens: self.est_tokens,
+            cost: d.pricing.cost(TokenUsage {
+                prompt: self.est_tokens,
+                completion: self.parsed.max_tokens.unwrap_or(0),
+                cached: 0,
+            }),
+        }
+    }
+}
+
+/// A failure class: what is retried, or sent to a context-window fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Retry(RetryOn),
+    ContextWindow,
+}
+
+/// An attempt that failed before anything reached the client, so another may be made.
+struct Failure {
+    /// What the client gets if no other attempt is made.
+    answer: Result<Response>,
+    outcome: Outcome,
+    class: Class,
+    retry_after: Option<Duration>,
+}
+
+/// How an attempt ended.
+enum Attempt {
+    /// Answered (served, or refused for a reason retrying can't fix); the charge is settled or
+    /// travels with the response body.
+    Done(Result<Response>),
+    /// Failed; the charge is still open in the context.
+    Failed(Failure),
+}
+
+/// How serving one group ended.
+enum GroupEnd {
+    Done(Result<Response>),
+    /// Every attempt failed (or nothing was available): fallbacks may be tried.
+    Failed(Option<Failure>),
+    /// The prompt was too long for the group: context-window fallbacks may be tried.
+    TooLong(Failure),
+}
+
 /// Serves one OpenAI API request.
 pub async fn handle(
     state: &AppState,
@@ -68,7 +153,6 @@ pub async fn handle(
     rid: &HeaderValue,
 ) -> Result<Response> {
     let started = Instant::now();
-    let request_id = rid.to_str().unwrap_or("");
     let snapshot = state.snapshot.load_full();
     let (parts, body) = req.into_parts();
     let now = crate::limits::unix_now();
@@ -81,53 +165,385 @@ pub async fn handle(
             parsed.model
         )));
     }
-    let group = snapshot
+    let requested = snapshot
         .groups
         .get(parsed.model.as_ref())
         .ok_or_else(|| ApiError::model_not_found(&parsed.model))?;
-    let first = group.pick().ok_or_else(|| {
-        ApiError::unavailable(
-            "no_deployment",
-            format!("The model `{}` has no deployment.", parsed.model),
-        )
-    })?;
-    // Prompt tokens before the call: bytes / 4, an over-estimate for JSON bodies, corrected on
-    // settlement. The cost estimate adds max_tokens at the output price when the request sets it.
-    let est_tokens = (body.len() as u64 / 4).max(1);
-    let ask_for = |d: &RuntimeDeployment| Ask {
-        tokens: est_tokens,
-        cost: d.pricing.cost(TokenUsage {
-            prompt: est_tokens,
-            completion: parsed.max_tokens.unwrap_or(0),
-            cached: 0,
-        }),
-    };
-    let (deployment, reservation, room) = admit(state, group, first, &key, &ask_for, now).await?;
-    let charge = Charge::new(
-        rid.clone(),
-        key,
-        deployment.clone(),
+    let mut ctx = Ctx {
+        state,
+        endpoint,
+        parsed: &parsed,
+        body: &body,
+        key: &key,
+        rid,
         started,
-        reservation,
-        state.usage_log.clone(),
-    );
-    let resp = match &deployment.target {
+        est_tokens: (body.len() as u64 / 4).max(1),
+        charge: None,
+        room: None,
+        retries: 0,
+    };
+    let policy = &requested.policy;
+    let needed = ctx.est_tokens + parsed.max_tokens.unwrap_or(0);
+    // Groups tried so far, and the fallbacks still to try, in order.
+    let mut tried_groups: Vec<&Group> = Vec::new();
+    let mut group = requested;
+    let mut fallbacks: &[Arc<str>] = &policy.fallbacks;
+    let mut context_fallbacks: &[Arc<str>] = &policy.context_window_fallbacks;
+    // A prompt that can't fit the requested model goes straight to a context-window fallback
+    // that fits (when there is one; else the upstream has the last word on our estimate).
+    if requested
+        .context_window()
+        .is_some_and(|w| needed > u64::from(w))
+        && let Some((g, rest)) = next_group(&snapshot, &key, context_fallbacks, Some(needed))
+    {
+        tried_groups.push(requested);
+        group = g;
+        context_fallbacks = rest;
+        fallbacks = &[];
+    }
+    let mut last: Option<Failure> = None;
+    loop {
+        let last_resort = fallbacks
+            .iter()
+            .all(|m| !key.allows(m) || !snapshot.groups.contains_key(m.as_ref()));
+        let end = serve_group(&mut ctx, group, last_resort).await;
+        let next = match end {
+            GroupEnd::Done(result) => {
+                return result.map(|mut resp| {
+                    let h = resp.headers_mut();
+                    h.insert(MODEL_GROUP_HEADER, group.name_header.clone());
+                    if ctx.retries > 0 {
+                        h.insert(RETRIES_HEADER, HeaderValue::from(ctx.retries));
+                    }
+                    if !tried_groups.is_empty() {
+                        h.insert(FALLBACKS_HEADER, HeaderValue::from(tried_groups.len()));
+                    }
+                    if let Some(room) = ctx.room {
+                        room.write_headers(h);
+                    }
+                    resp
+                });
+            }
+            GroupEnd::Failed(f) => {
+                if f.is_some() {
+                    last = f;
+                }
+                next_group(&snapshot, &key, fallbacks, None).inspect(|(_, rest)| fallbacks = rest)
+            }
+            GroupEnd::TooLong(f) => {
+                last = Some(f);
+                next_group(&snapshot, &key, context_fallbacks, None).inspect(|(_, rest)| {
+                    context_fallbacks = rest;
+                    fallbacks = &[];
+                })
+            }
+        };
+        let Some((g, _)) = next else { break };
+        metrics::counter!(crate::metrics::FALLBACKS, "from" => group.name.to_string(), "to" => g.name.to_string()).increment(1);
+        tracing::info!(
+            from = &*group.name,
+            to = &*g.name,
+            "falling back to another model"
+        );
+        tried_groups.push(group);
+        group = g;
+    }
+    // Nothing served it: the last failure's answer, settled once.
+    let (answer, outcome) = match last {
+        Some(f) => (f.answer, f.outcome),
+        None => (
+            Err(ApiError::unavailable(
+                "no_deployment_available",
+                format!(
+                    "No deployment of the model `{}` can take the request now (all are cooling down after failures, or at their limits).",
+                    parsed.model
+                ),
+            )),
+            Outcome::UpstreamError,
+        ),
+    };
+    if let Some(c) = ctx.charge.take() {
+        c.settle(None, outcome);
+    }
+    answer
+}
+
+/// The first model of `list` that exists, that `key` may use and (with `needed`) whose context
+/// window fits, and the rest of the list after it.
+fn next_group<'s, 'l>(
+    snapshot: &'s crate::snapshot::Snapshot,
+    key: &RuntimeKey,
+    list: &'l [Arc<str>],
+    needed: Option<u64>,
+) -> Option<(&'s Group, &'l [Arc<str>])> {
+    list.iter().enumerate().find_map(|(i, m)| {
+        let g = snapshot.groups.get(m.as_ref())?;
+        let fits = needed.is_none_or(|n| g.context_window().is_none_or(|w| u64::from(w) >= n));
+        (key.allows(m) && fits).then(|| (g, &list[i + 1..]))
+    })
+}
+
+/// Tries the group's deployments under its policy: pick, admit, attempt; on a retryable
+/// failure, back off and pick again (another endpoint first).
+async fn serve_group(ctx: &mut Ctx<'_>, group: &Group, last_resort: bool) -> GroupEnd {
+    let policy = &group.policy;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last: Option<Failure> = None;
+    for attempt in 0..policy.attempts {
+        let idx = match admit_route(ctx, group, &mut tried, last_resort).await {
+            Admitted::Route(i) => i,
+            Admitted::Exhausted(refusal) => {
+                // Nothing (else) can take it. A limit refusal is the answer when nothing
+                // failed before it.
+                if last.is_none()
+                    && let Some(e) = refusal
+                {
+                    last = Some(Failure {
+                        answer: Err(e),
+                        outcome: Outcome::Rejected,
+                        class: Class::Retry(RetryOn::RateLimited),
+                        retry_after: None,
+                    });
+                }
+                break;
+            }
+            Admitted::Final(e) => {
+                if let Some(c) = ctx.charge.take() {
+                    c.settle(None, Outcome::Rejected);
+                }
+                return GroupEnd::Done(Err(e));
+            }
+        };
+        let route = &group.routes[idx];
+        let began = Instant::now();
+        let Some(mut charge) = ctx.charge.take() else {
+            return GroupEnd::Done(Err(ApiError::internal("admitted without a charge")));
+        };
+        charge.set_in_flight(route.stats.start());
+        let result = attempt_route(ctx, route, charge).await;
+        let f = match result {
+            Attempt::Done(r) => return GroupEnd::Done(r),
+            Attempt::Failed(f) => f,
+        };
+        let d = &route.deployment;
+        if let Some(c) = ctx.charge.as_mut() {
+            c.attempt_failed();
+        }
+        if f.class == Class::ContextWindow {
+            return GroupEnd::TooLong(f);
+        }
+        if route.stats.failure(&policy.cooldown, began.elapsed()) {
+            metrics::counter!(crate::metrics::COOLDOWNS, "model" => d.model.to_string(), "deployment" => d.id.to_string()).increment(1);
+            tracing::warn!(
+                deployment = &*d.id,
+                endpoint = route.endpoint,
+                cooldown_ms = policy.cooldown.duration_ms,
+                "deployment endpoint cooling down after repeated failures"
+            );
+        }
+        let Class::Retry(class) = f.class else {
+            unreachable!()
+        };
+        tried.push(idx);
+        let retry_after = f.retry_after;
+        last = Some(f);
+        if attempt + 1 >= policy.attempts || !policy.retries(class) {
+            break;
+        }
+        let mut pause = policy.backoff(attempt + 1);
+        // A retry-after is about the endpoint that sent it: waited for only when the retry
+        // would go back to it (nothing else left), and then only when it is short.
+        if let Some(ra) = retry_after
+            && group.routes.len() == 1
+        {
+            if ra > MAX_RETRY_AFTER {
+                break;
+            }
+            pause = pause.max(ra);
+        }
+        tracing::debug!(deployment = &*d.id, ?class, ?pause, "retrying");
+        metrics::counter!(crate::metrics::RETRIES, "model" => group.name.to_string()).increment(1);
+        ctx.retries += 1;
+        tokio::time::sleep(pause).await;
+    }
+    GroupEnd::Failed(last)
+}
+
+/// The outcome of picking and admitting a route.
+enum Admitted {
+    Route(usize),
+    /// No route can take the request: all tried, cooling down, or at their limits (the last
+    /// limit refusal, if any).
+    Exhausted(Option<ApiError>),
+    /// Refused for good (the key's limit or budget, or limits unavailable).
+    Final(ApiError),
+}
+
+/// Picks a route by the group's strategy and reserves its deployment's limits (and, on the
+/// request's first admission, the key's). A deployment at its limit is skipped for another.
+async fn admit_route(
+    ctx: &mut Ctx<'_>,
+    group: &Group,
+    tried: &mut Vec<usize>,
+    last_resort: bool,
+) -> Admitted {
+    let mut full: Vec<usize> = Vec::new();
+    let mut refused: Option<Refused> = None;
+    let mut reused = false;
+    loop {
+        let excluded = |i: usize| tried.contains(&i) || full.contains(&i);
+        let picked = crate::routing::pick(&group.routes, group.policy.strategy, &excluded, false)
+            .or_else(|| {
+                last_resort
+                    .then(|| {
+                        crate::routing::pick(&group.routes, group.policy.strategy, &excluded, true)
+                    })
+                    .flatten()
+            });
+        let Some(idx) = picked else {
+            // Every route was tried once: retries go round again.
+            if !tried.is_empty() && !reused {
+                reused = true;
+                tried.clear();
+                continue;
+            }
+            return Admitted::Exhausted(refused.map(ApiError::from));
+        };
+        let d = &group.routes[idx].deployment;
+        let now = crate::limits::unix_now();
+        let ask = ctx.ask_for(d);
+        let first = ctx.charge.is_none();
+        let mut fresh = Reservation::default();
+        let reservation = match ctx.charge.as_mut() {
+            Some(c) => c.reservation_mut(),
+            None => &mut fresh,
+        };
+        let key = first.then_some(&**ctx.key);
+        match reserve(ctx.state, reservation, d, key, ask, now).await {
+            Ok(room) => {
+                match ctx.charge.as_mut() {
+                    Some(c) => c.set_deployment(d.clone()),
+                    None => {
+                        ctx.room = room;
+                        ctx.charge = Some(Charge::new(
+                            ctx.rid.clone(),
+                            ctx.key.clone(),
+                            d.clone(),
+                            ctx.started,
+                            fresh,
+                            ctx.state.usage_log.clone(),
+                        ));
+                    }
+                }
+                return Admitted::Route(idx);
+            }
+            Err(Denied::Deployment(r)) => {
+                full.extend(
+                    group
+                        .routes
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| Arc::ptr_eq(&r.deployment, d))
+                        .map(|(i, _)| i),
+                );
+                refused = Some(r);
+            }
+            Err(Denied::Final(e)) => return Admitted::Final(e),
+        }
+    }
+}
+
+/// Why a reservation was refused.
+enum Denied {
+    /// The deployment is at a limit: another may have room.
+    Deployment(Refused),
+    /// The key's limit or budget, or limits can't be checked (Redis down, failing closed).
+    Final(ApiError),
+}
+
+/// Reserves the request's share of `d`'s limits and, with `key`, the key's: in Redis when
+/// replicas share counters, else in this process. Returns the key's room, for headers.
+async fn reserve(
+    state: &AppState,
+    res: &mut Reservation,
+    d: &RuntimeDeployment,
+    key: Option<&RuntimeKey>,
+    ask: Ask,
+    now: u64,
+) -> std::result::Result<Option<Room>, Denied> {
+    let key_limits = key.and_then(|k| k.limits.as_ref());
+    if d.limits.is_none() && key_limits.is_none() {
+        return Ok(None);
+    }
+    if let Some(shared) = &state.shared {
+        let asks: Vec<_> = d
+            .limits
+            .iter()
+            .chain(key_limits)
+            .map(|l| (l.clone(), ask))
+            .collect();
+        let lease = res
+            .lease()
+            .map(str::to_string)
+            .unwrap_or_else(|| shared.new_lease());
+        match shared.reserve(&asks, &lease, now).await {
+            Ok(Ok(room)) => {
+                res.add_shared(shared.clone(), lease, asks, now);
+                return Ok(key_limits.is_some().then_some(room));
+            }
+            Ok(Err(r)) if r.scope == Scope::Key => return Err(Denied::Final(r.into())),
+            Ok(Err(r)) => return Err(Denied::Deployment(r)),
+            // Redis failed and the policy is to fail open: this replica's own counters decide.
+            Err(_) if shared.failure == FailureMode::Open => {}
+            Err(_) => {
+                return Err(Denied::Final(ApiError::unavailable(
+                    "limits_unavailable",
+                    "Rate limits and budgets can't be checked right now (Redis is unreachable); try again shortly.",
+                )));
+            }
+        }
+    }
+    if let Some(l) = &d.limits {
+        res.take(l, ask, now).map_err(Denied::Deployment)?;
+    }
+    match key_limits {
+        None => Ok(None),
+        Some(l) => match res.take(l, ask, now) {
+            Ok(room) => Ok(Some(room)),
+            Err(r) => {
+                if d.limits.is_some() {
+                    res.undo_last(now);
+                }
+                Err(Denied::Final(r.into()))
+            }
+        },
+    }
+}
+
+/// One attempt on one route. The charge is taken from the context and put back when the
+/// attempt fails in a way another attempt may fix.
+async fn attempt_route(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
+    let d = &route.deployment;
+    let resp = match &d.target {
         Target::Mock(mock) => {
             if !mock.latency.is_zero() {
                 tokio::time::sleep(mock.latency).await;
             }
-            let usage = mock.usage(endpoint, body.len());
-            if parsed.stream {
+            let usage = mock.usage(ctx.endpoint, ctx.body.len());
+            let request_id = ctx.rid.to_str().unwrap_or("");
+            route.stats.success(ctx.started.elapsed());
+            if ctx.parsed.stream {
                 // Always generate the usage chunk and let the relay drop it, so the mock is
                 // accounted for exactly like a real upstream.
-                let events = mock.stream_events(endpoint, &parsed.model, request_id, Some(usage));
+                let events =
+                    mock.stream_events(ctx.endpoint, &ctx.parsed.model, request_id, Some(usage));
                 stream_response(SseRelay::new(
                     mock.stream_body(events),
                     charge,
-                    !parsed.include_usage,
+                    !ctx.parsed.include_usage,
                 ))
             } else {
-                let out = mock.response(endpoint, &parsed, request_id, usage);
+                let out = mock.response(ctx.endpoint, ctx.parsed, request_id, usage);
                 let cost = charge.settle(Some(usage), Outcome::Success);
                 let mut resp = Response::new(Body::from(out));
                 let h = resp.headers_mut();
@@ -139,100 +555,15 @@ pub async fn handle(
                 resp
             }
         }
-        Target::Upstream { .. } => forward(state, endpoint, &parsed, &body, charge).await?,
+        Target::Upstream { .. } => match forward(ctx, route, charge).await {
+            Attempt::Done(Ok(resp)) => resp,
+            other => return other,
+        },
     };
     let mut resp = resp;
-    let h = resp.headers_mut();
-    h.insert(DEPLOYMENT_HEADER, deployment.id_header.clone());
-    if let Some(room) = room {
-        room.write_headers(h);
-    }
-    Ok(resp)
-}
-
-/// Picks the deployment and reserves the request's share of every limit and budget on it and
-/// on the key: in Redis when replicas share counters, else in this process. A deployment at its
-/// limit is skipped for another of the group with room; the key's refusal is final.
-async fn admit(
-    state: &AppState,
-    group: &Group,
-    first: &Arc<RuntimeDeployment>,
-    key: &Arc<RuntimeKey>,
-    ask_for: &(dyn Fn(&RuntimeDeployment) -> Ask + Sync),
-    now: u64,
-) -> Result<(Arc<RuntimeDeployment>, Reservation, Option<Room>)> {
-    let limited = key.limits.is_some() || group.deployments.iter().any(|d| d.limits.is_some());
-    if let Some(shared) = state.shared.as_ref().filter(|_| limited) {
-        let candidates = std::iter::once(first)
-            .chain(group.deployments.iter().filter(|d| !Arc::ptr_eq(d, first)));
-        let mut refused = None;
-        for d in candidates {
-            let ask = ask_for(d);
-            let asks: Vec<_> = d
-                .limits
-                .iter()
-                .chain(key.limits.iter())
-                .map(|l| (l.clone(), ask))
-                .collect();
-            if asks.is_empty() {
-                return Ok((d.clone(), Reservation::default(), None));
-            }
-            let lease = shared.new_lease();
-            match shared.reserve(&asks, &lease, now).await {
-                Ok(Ok(room)) => {
-                    let room = key.limits.is_some().then_some(room);
-                    let reservation = Reservation::shared(shared.clone(), lease, asks, now);
-                    return Ok((d.clone(), reservation, room));
-                }
-                Ok(Err(r)) if r.scope == Scope::Key => return Err(r.into()),
-                Ok(Err(r)) => refused = Some(r),
-                Err(_) if shared.failure == FailureMode::Open => {
-                    refused = None;
-                    break;
-                }
-                Err(_) => {
-                    return Err(ApiError::unavailable(
-                        "limits_unavailable",
-                        "Rate limits and budgets can't be checked right now (Redis is unreachable); try again shortly.",
-                    ));
-                }
-            }
-        }
-        if let Some(r) = refused {
-            return Err(r.into());
-        }
-        // Redis failed and the policy is to fail open: this replica's own counters decide.
-    }
-    let mut reservation = Reservation::default();
-    let deployment = match &first.limits {
-        None => first.clone(),
-        Some(l) => match reservation.take(l, ask_for(first), now) {
-            Ok(_) => first.clone(),
-            // A deployment at its limit is skipped for another of the group with room.
-            Err(refused) => group
-                .deployments
-                .iter()
-                .find(|d| {
-                    !Arc::ptr_eq(d, first)
-                        && d.limits
-                            .as_ref()
-                            .is_none_or(|l| reservation.take(l, ask_for(d), now).is_ok())
-                })
-                .cloned()
-                .ok_or_else(|| ApiError::from(refused))?,
-        },
-    };
-    let room = match &key.limits {
-        None => None,
-        Some(l) => match reservation.take(l, ask_for(&deployment), now) {
-            Ok(room) => Some(room),
-            Err(refused) => {
-                reservation.undo_last(now);
-                return Err(refused.into());
-            }
-        },
-    };
-    Ok((deployment, reservation, room))
+    resp.headers_mut()
+        .insert(DEPLOYMENT_HEADER, d.id_header.clone());
+    Attempt::Done(Ok(resp))
 }
 
 fn insert_cost(h: &mut HeaderMap, cost: tollgate_crds::config::Picodollars) {
@@ -257,19 +588,18 @@ where
     resp
 }
 
-/// Sends the request to an HTTP deployment and relays the answer.
-async fn forward(
-    state: &AppState,
-    endpoint: Endpoint,
-    parsed: &ParsedRequest<'_>,
-    body: &Bytes,
-    charge: Charge,
-) -> Result<Response> {
-    let d: &RuntimeDeployment = charge.deployment();
-    let Some((uri, auth)) = d.uri(endpoint) else {
-        return Err(ApiError::internal("deployment has no upstream URI"));
+/// Sends the request to an HTTP route and relays the answer. A failure before anything
+/// reached the client puts the charge back in `ctx` and reports what kind of failure it was.
+async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
+    let d: &RuntimeDeployment = &route.deployment;
+    let id = d.id.clone();
+    let Some((uri, auth)) = d.uri(ctx.endpoint, route.endpoint) else {
+        charge.settle(None, Outcome::UpstreamError);
+        return Attempt::Done(Err(ApiError::internal("deployment has no upstream URI")));
     };
-    let mut req = Request::new(Full::new(parsed.upstream_body(body, &d.upstream_model)));
+    let mut req = Request::new(Full::new(
+        ctx.parsed.upstream_body(ctx.body, &d.upstream_model),
+    ));
     *req.method_mut() = Method::POST;
     *req.uri_mut() = uri.clone();
     let h = req.headers_mut();
@@ -280,23 +610,40 @@ async fn forward(
     if let Some(a) = auth {
         h.insert(header::AUTHORIZATION, a.clone());
     }
-    let id = d.id.clone();
-    let first_byte = Duration::from_millis(d.timeouts.first_byte_ms);
-    let resp = match tokio::time::timeout(
-        first_byte,
-        crate::upstream::send(state.settings.connect_timeout, req),
-    )
-    .await
-    {
+    let t = d.timeouts;
+    let began = Instant::now();
+    let deadline = t
+        .total_ms
+        .map(|ms| tokio::time::Instant::from_std(began) + Duration::from_millis(ms));
+    let first_byte = Duration::from_millis(t.first_byte_ms);
+    let fail = |ctx: &mut Ctx<'_>, charge: Charge, class: RetryOn, e: ApiError| {
+        ctx.charge = Some(charge);
+        Attempt::Failed(Failure {
+            answer: Err(e),
+            outcome: Outcome::UpstreamError,
+            class: Class::Retry(class),
+            retry_after: None,
+        })
+    };
+    let send = crate::upstream::send(Duration::from_millis(t.connect_ms), req);
+    let headers_by = match deadline {
+        Some(dl) => dl.min(tokio::time::Instant::now() + first_byte),
+        None => tokio::time::Instant::now() + first_byte,
+    };
+    let resp = match tokio::time::timeout_at(headers_by, send).await {
         Err(_) => {
-            charge.settle(None, Outcome::UpstreamError);
-            return Err(ApiError::timeout(format!(
-                "Deployment {id} did not answer within {first_byte:?}."
-            )));
+            let waited = began.elapsed();
+            return fail(
+                ctx,
+                charge,
+                RetryOn::Timeout,
+                ApiError::timeout(format!(
+                    "Deployment {id} did not answer within {waited:.1?}."
+                )),
+            );
         }
         Ok(Err(e)) => {
-            charge.settle(None, Outcome::UpstreamError);
-            return Err(if e.is_connect() {
+            let e = if e.is_connect() {
                 ApiError::unavailable(
                     "upstream_unreachable",
                     format!("Could not connect to deployment {id}; is the upstream running?"),
@@ -306,37 +653,64 @@ async fn forward(
                     "upstream_connection_error",
                     format!("The connection to deployment {id} failed before a response."),
                 )
-            });
+            };
+            return fail(ctx, charge, RetryOn::ConnectError, e);
         }
         Ok(Ok(resp)) => resp,
     };
     let status = resp.status();
     let (parts, incoming) = resp.into_parts();
-    if status.is_success() && parsed.stream {
-        return Ok(stream_response(SseRelay::new(
-            incoming,
+    if status.is_success() && ctx.parsed.stream {
+        route.stats.success(began.elapsed());
+        // From here the client gets bytes: no more retries for this request.
+        return Attempt::Done(Ok(stream_response(SseRelay::new(
+            crate::upstream::Deadline::new(incoming, deadline),
             charge,
-            !parsed.include_usage,
-        )));
+            !ctx.parsed.include_usage,
+        ))));
     }
-    let bytes = match Limited::new(incoming, MAX_UPSTREAM_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
-            charge.settle(None, Outcome::UpstreamError);
-            return Err(ApiError::bad_gateway(
-                "upstream_read_error",
-                format!("Reading the response of deployment {id} failed."),
-            ));
+    let read = Limited::new(incoming, MAX_UPSTREAM_BODY).collect();
+    let read = match deadline {
+        Some(dl) => tokio::time::timeout_at(dl, read).await.ok(),
+        None => Some(read.await),
+    };
+    let bytes = match read {
+        Some(Ok(c)) => c.to_bytes(),
+        Some(Err(_)) => {
+            return fail(
+                ctx,
+                charge,
+                RetryOn::ConnectError,
+                ApiError::bad_gateway(
+                    "upstream_read_error",
+                    format!("Reading the response of deployment {id} failed."),
+                ),
+            );
+        }
+        None => {
+            return fail(
+                ctx,
+                charge,
+                RetryOn::Timeout,
+                ApiError::timeout(format!(
+                    "Deployment {id} did not finish within its total timeout."
+                )),
+            );
         }
     };
     if status.is_success() {
         let Ok(usage) = crate::usage::from_response(&bytes) else {
-            charge.settle(None, Outcome::UpstreamError);
-            return Err(ApiError::bad_gateway(
-                "upstream_invalid_response",
-                format!("Deployment {id} returned a response that is not JSON."),
-            ));
+            return fail(
+                ctx,
+                charge,
+                RetryOn::ServerError,
+                ApiError::bad_gateway(
+                    "upstream_invalid_response",
+                    format!("Deployment {id} returned a response that is not JSON."),
+                ),
+            );
         };
+        route.stats.success(began.elapsed());
         let cost = charge.settle(usage, Outcome::Success);
         let mut out = Response::new(Body::from(bytes));
         *out.status_mut() = status;
@@ -350,62 +724,104 @@ async fn forward(
                 .unwrap_or(HeaderValue::from_static("application/json")),
         );
         insert_cost(h, cost);
-        return Ok(out);
+        return Attempt::Done(Ok(out));
     }
-    upstream_error(status, &parts.headers, bytes, charge, &id)
+    match upstream_error(status, &parts.headers, bytes, &id) {
+        Attempt::Failed(f) => {
+            ctx.charge = Some(charge);
+            Attempt::Failed(f)
+        }
+        done => {
+            charge.settle(None, Outcome::Rejected);
+            done
+        }
+    }
+}
+
+/// Whether an upstream error body says the prompt was too long for the model (OpenAI's
+/// `context_length_exceeded`, vLLM's and others' wording).
+fn is_context_length_error(body: &[u8]) -> bool {
+    const NEEDLES: [&[u8]; 4] = [
+        b"context_length_exceeded",
+        b"maximum context length",
+        b"prompt is too long",
+        b"context window",
+    ];
+    NEEDLES
+        .iter()
+        .any(|n| memchr::memmem::find(body, n).is_some())
 }
 
 /// Maps an upstream error status. Client errors the upstream explains in OpenAI's shape (a bad
-/// parameter, a prompt too long) reach the client as sent; anything else, and anything about
-/// the gateway's own credentials, becomes a gateway error that doesn't echo the upstream body.
-fn upstream_error(
-    status: StatusCode,
-    headers: &HeaderMap,
-    body: Bytes,
-    charge: Charge,
-    id: &Arc<str>,
-) -> Result<Response> {
+/// parameter) reach the client as sent ([`Attempt::Done`]). Everything another attempt may fix comes
+/// back as [`Attempt::Failed`] whose answer never echoes the upstream body: auth failures (the
+/// gateway's credentials), 429, 5xx; and a prompt too long for the model, which goes to
+/// context-window fallbacks when there are any.
+fn upstream_error(status: StatusCode, headers: &HeaderMap, body: Bytes, id: &Arc<str>) -> Attempt {
     let openai_shaped = serde_json::from_slice::<serde_json::Value>(&body)
         .is_ok_and(|v| v.get("error").is_some_and(|e| e.is_object()));
+    let retry_after = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let failure = |class: RetryOn, e: ApiError| Failure {
+        answer: Err(e),
+        outcome: Outcome::UpstreamError,
+        class: Class::Retry(class),
+        retry_after: retry_after.map(Duration::from_secs),
+    };
+    let passthrough = |body: Bytes| {
+        let mut out = Response::new(Body::from(body));
+        *out.status_mut() = status;
+        out.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(ra) = headers.get(header::RETRY_AFTER) {
+            out.headers_mut().insert(header::RETRY_AFTER, ra.clone());
+        }
+        out
+    };
     match status.as_u16() {
-        401 | 403 => {
-            charge.settle(None, Outcome::UpstreamError);
-            Err(ApiError::bad_gateway(
+        401 | 403 => Attempt::Failed(failure(
+            RetryOn::ServerError,
+            ApiError::bad_gateway(
                 "upstream_auth_error",
                 format!(
                     "Deployment {id} refused the gateway's credentials (HTTP {}). Check the LLMModel's credentialsRef.",
                     status.as_u16()
                 ),
-            ))
-        }
+            ),
+        )),
         429 => {
-            charge.settle(None, Outcome::UpstreamError);
             let mut e = ApiError::bad_gateway(
                 "upstream_rate_limited",
                 format!("Deployment {id} is rate limited (HTTP 429)."),
             );
             e.status = StatusCode::TOO_MANY_REQUESTS;
-            e.retry_after = headers
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            Err(e)
+            e.retry_after = retry_after;
+            Attempt::Failed(failure(RetryOn::RateLimited, e))
         }
-        400..=499 if openai_shaped => {
-            charge.settle(None, Outcome::Rejected);
-            let mut out = Response::new(Body::from(body));
-            *out.status_mut() = status;
-            out.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            if let Some(ra) = headers.get(header::RETRY_AFTER) {
-                out.headers_mut().insert(header::RETRY_AFTER, ra.clone());
-            }
-            Ok(out)
+        400..=499 if is_context_length_error(&body) => {
+            let answer = if openai_shaped {
+                Ok(passthrough(body))
+            } else {
+                let mut e = ApiError::bad_request(
+                    "context_length_exceeded",
+                    format!("The prompt is too long for the context window of deployment {id}."),
+                );
+                e.status = status;
+                Err(e)
+            };
+            Attempt::Failed(Failure {
+                answer,
+                outcome: Outcome::Rejected,
+                class: Class::ContextWindow,
+                retry_after: None,
+            })
         }
+        400..=499 if openai_shaped => Attempt::Done(Ok(passthrough(body))),
         400..=499 => {
-            charge.settle(None, Outcome::Rejected);
             let mut e = ApiError::bad_request(
                 "upstream_rejected",
                 format!(
@@ -414,14 +830,14 @@ fn upstream_error(
                 ),
             );
             e.status = status;
-            Err(e)
+            Attempt::Done(Err(e))
         }
-        _ => {
-            charge.settle(None, Outcome::UpstreamError);
-            Err(ApiError::bad_gateway(
+        _ => Attempt::Failed(failure(
+            RetryOn::ServerError,
+            ApiError::bad_gateway(
                 "upstream_server_error",
                 format!("Deployment {id} failed (HTTP {}).", status.as_u16()),
-            ))
-        }
+            ),
+        )),
     }
 }

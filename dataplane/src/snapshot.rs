@@ -7,6 +7,7 @@ use crate::accounting::{Ledger, Outcome, UsageCounters};
 use crate::limits::{Limited, Registry, Rules, Scope};
 use crate::mock::Mock;
 use crate::request::Endpoint;
+use crate::routing::{Health, Policy, Route};
 use http::{HeaderValue, Uri};
 use metrics::{Counter, Histogram};
 use std::collections::{HashMap, HashSet};
@@ -73,13 +74,24 @@ impl DeploymentMetrics {
     }
 }
 
+/// One resolved address of an HTTP deployment (a pod, or the provider's API).
+#[derive(Debug)]
+pub struct UpstreamEndpoint {
+    /// Base URL, as configured.
+    pub base: String,
+    /// Full URIs per API endpoint (chat, completions, embeddings).
+    pub uris: Box<[Uri; 3]>,
+    /// The server's Prometheus `/metrics` (same scheme and authority as `base`).
+    pub metrics: Option<Uri>,
+}
+
 /// Where a deployment's requests go.
 #[derive(Debug)]
 pub enum Target {
-    /// An HTTP upstream.
+    /// An HTTP upstream with one or more endpoints.
     Upstream {
-        /// Full URIs per endpoint (chat, completions, embeddings).
-        uris: Box<[Uri; 3]>,
+        /// Endpoints.
+        endpoints: Vec<UpstreamEndpoint>,
         /// `Authorization` header, if the deployment has a key.
         auth: Option<HeaderValue>,
     },
@@ -108,6 +120,8 @@ pub struct RuntimeDeployment {
     pub pricing: Prices,
     /// Timeouts.
     pub timeouts: TimeoutConfig,
+    /// Context window in tokens, if known.
+    pub context_window: Option<u32>,
     /// Usage (shared across reloads).
     pub usage: Arc<UsageCounters>,
     /// Rate limits, if any.
@@ -117,52 +131,80 @@ pub struct RuntimeDeployment {
 }
 
 impl RuntimeDeployment {
-    /// The upstream URI for `endpoint`, if this is an HTTP deployment.
-    pub fn uri(&self, endpoint: Endpoint) -> Option<(&Uri, Option<&HeaderValue>)> {
+    /// The upstream URI of endpoint `i` for `endpoint`, if this is an HTTP deployment.
+    pub fn uri(&self, endpoint: Endpoint, i: usize) -> Option<(&Uri, Option<&HeaderValue>)> {
         match &self.target {
-            Target::Upstream { uris, auth } => {
-                let i = match endpoint {
+            Target::Upstream { endpoints, auth } => {
+                let which = match endpoint {
                     Endpoint::ChatCompletions => 0,
                     Endpoint::Completions => 1,
                     Endpoint::Embeddings => 2,
                 };
-                Some((&uris[i], auth.as_ref()))
+                Some((&endpoints.get(i)?.uris[which], auth.as_ref()))
             }
             Target::Mock(_) => None,
         }
     }
+
+    /// How many endpoints this deployment has (1 for the mock).
+    pub fn endpoint_count(&self) -> usize {
+        match &self.target {
+            Target::Upstream { endpoints, .. } => endpoints.len(),
+            Target::Mock(_) => 1,
+        }
+    }
 }
 
-/// All deployments of one public model name.
+/// All deployments of one public model name, and how they are routed.
 #[derive(Debug)]
 pub struct Group {
+    /// Public model name.
+    pub name: Arc<str>,
+    /// The name as a header value, for `x-tollgate-model-group`.
+    pub name_header: HeaderValue,
     /// Deployments.
     pub deployments: Vec<Arc<RuntimeDeployment>>,
-    total_weight: u32,
+    /// Every endpoint of every deployment.
+    pub routes: Vec<Route>,
+    /// The RoutePolicy, or defaults.
+    pub policy: Policy,
+    /// Whether any deployment has rate limits (admission then checks them).
+    pub limited: bool,
 }
 
 impl Group {
-    /// Picks a deployment, at random by weight (LiteLLM's `simple-shuffle`).
-    pub fn pick(&self) -> Option<&Arc<RuntimeDeployment>> {
-        match self.deployments.len() {
-            0 => None,
-            1 => self.deployments.first(),
-            _ if self.total_weight == 0 => self
-                .deployments
-                .get(fastrand::usize(..self.deployments.len())),
-            _ => {
-                let mut n = fastrand::u32(..self.total_weight);
-                self.deployments.iter().find(|d| {
-                    if n < d.weight {
-                        true
-                    } else {
-                        n -= d.weight;
-                        false
-                    }
-                })
-            }
-        }
+    /// The largest context window among the deployments; `None` when any has no limit.
+    pub fn context_window(&self) -> Option<u32> {
+        self.deployments
+            .iter()
+            .map(|d| d.context_window)
+            .try_fold(0, |acc, w| w.map(|w| acc.max(w)))
     }
+}
+
+/// Prepares the URIs of one upstream base URL.
+fn upstream_endpoint(base: &str) -> Result<UpstreamEndpoint, String> {
+    let uri = |path: &str| {
+        format!("{base}{path}")
+            .parse::<Uri>()
+            .map_err(|e| format!("invalid URL {base:?}: {e}"))
+    };
+    let parsed: Uri = base
+        .parse()
+        .map_err(|e| format!("invalid URL {base:?}: {e}"))?;
+    let metrics = match (parsed.scheme_str(), parsed.authority()) {
+        (Some(scheme), Some(auth)) => format!("{scheme}://{auth}/metrics").parse().ok(),
+        _ => None,
+    };
+    Ok(UpstreamEndpoint {
+        base: base.to_string(),
+        uris: Box::new([
+            uri(Endpoint::ChatCompletions.upstream_path())?,
+            uri(Endpoint::Completions.upstream_path())?,
+            uri(Endpoint::Embeddings.upstream_path())?,
+        ]),
+        metrics,
+    })
 }
 
 /// The runtime view of one config.
@@ -199,6 +241,7 @@ impl Snapshot {
         config: &GatewayConfig,
         ledger: &Ledger,
         registry: &Registry,
+        health: &Health,
     ) -> Result<Self, BuildError> {
         let mut groups = HashMap::with_capacity(config.models.len());
         for (name, group) in &config.models {
@@ -212,12 +255,13 @@ impl Snapshot {
                 let target = match &d.backend {
                     Backend::Mock(m) => Target::Mock(Arc::new(Mock::new(m))),
                     Backend::Urls(urls) => {
-                        let base = urls.first().ok_or_else(|| err("no backend URL".into()))?;
-                        let uri = |path: &str| {
-                            format!("{base}{path}")
-                                .parse::<Uri>()
-                                .map_err(|e| err(format!("invalid URL {base:?}: {e}")))
-                        };
+                        if urls.is_empty() {
+                            return Err(err("no backend URL".into()));
+                        }
+                        let endpoints = urls
+                            .iter()
+                            .map(|base| upstream_endpoint(base).map_err(&err))
+                            .collect::<Result<Vec<_>, _>>()?;
                         let auth = match &d.api_key {
                             Some(k) => {
                                 let mut v = HeaderValue::try_from(format!("Bearer {}", k.expose()))
@@ -230,14 +274,7 @@ impl Snapshot {
                             }
                             None => None,
                         };
-                        Target::Upstream {
-                            uris: Box::new([
-                                uri(Endpoint::ChatCompletions.upstream_path())?,
-                                uri(Endpoint::Completions.upstream_path())?,
-                                uri(Endpoint::Embeddings.upstream_path())?,
-                            ]),
-                            auth,
-                        }
+                        Target::Upstream { endpoints, auth }
                     }
                 };
                 deployments.push(Arc::new(RuntimeDeployment {
@@ -251,6 +288,7 @@ impl Snapshot {
                     weight: d.weight,
                     pricing: d.pricing,
                     timeouts: d.timeouts,
+                    context_window: d.context_window,
                     usage: ledger.deployment(name, &d.id),
                     limits: registry.limited(
                         Scope::Deployment,
@@ -263,12 +301,34 @@ impl Snapshot {
                     metrics: DeploymentMetrics::new(name, &d.id),
                 }));
             }
-            let total_weight = deployments.iter().map(|d| d.weight).sum();
+            let mut routes = Vec::new();
+            for d in &deployments {
+                let n = d.endpoint_count();
+                for i in 0..n {
+                    let url = match &d.target {
+                        Target::Upstream { endpoints, .. } => endpoints[i].base.as_str(),
+                        Target::Mock(_) => "mock",
+                    };
+                    routes.push(Route {
+                        deployment: d.clone(),
+                        endpoint: i,
+                        stats: health.endpoint(&d.id, url),
+                        weight: u64::from(d.weight) * 1000 / n as u64,
+                    });
+                }
+            }
             groups.insert(
                 name.clone(),
                 Group {
+                    name_header: HeaderValue::try_from(name.as_str()).map_err(|_| BuildError {
+                        id: name.clone(),
+                        message: "the model name is not a valid header value".into(),
+                    })?,
+                    name: model.clone(),
+                    limited: deployments.iter().any(|d| d.limits.is_some()),
                     deployments,
-                    total_weight,
+                    routes,
+                    policy: Policy::new(group.policy.as_ref()),
                 },
             );
         }

@@ -3,11 +3,11 @@
 
 use crate::accounting::Ledger;
 use crate::limits::Registry;
+use crate::routing::Health;
 use crate::snapshot::{BuildError, Snapshot};
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Arc;
-use std::time::Duration;
 use tollgate_crds::GatewayConfig;
 
 /// Settings from the command line.
@@ -17,8 +17,6 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Whether `/metrics` has per-key series.
     pub per_key_metrics: bool,
-    /// Upstream connect timeout.
-    pub connect_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -26,7 +24,6 @@ impl Default for Settings {
         Self {
             max_body_bytes: 16 << 20,
             per_key_metrics: false,
-            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -39,6 +36,8 @@ pub struct AppState {
     pub ledger: Ledger,
     /// Rate-limit and budget counters, across reloads.
     pub limits: Registry,
+    /// Endpoint health and routing statistics, across reloads.
+    pub health: Health,
     /// Settings.
     pub settings: Settings,
     /// Prometheus renderer, when the binary installed the recorder.
@@ -63,11 +62,13 @@ impl AppState {
     ) -> Result<Arc<Self>, BuildError> {
         let ledger = Ledger::default();
         let limits = Registry::default();
-        let snapshot = Snapshot::build(config, &ledger, &limits)?;
+        let health = Health::default();
+        let snapshot = Snapshot::build(config, &ledger, &limits, &health)?;
         Ok(Arc::new(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             ledger,
             limits,
+            health,
             settings,
             prometheus,
             usage_log,
@@ -78,7 +79,7 @@ impl AppState {
 
     /// Swaps in `config`. In-flight requests finish on the snapshot they started with.
     pub fn install(&self, config: &GatewayConfig) -> Result<(), BuildError> {
-        let snapshot = Snapshot::build(config, &self.ledger, &self.limits)?;
+        let snapshot = Snapshot::build(config, &self.ledger, &self.limits, &self.health)?;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }

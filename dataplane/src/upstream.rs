@@ -8,6 +8,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use std::future::Future;
 use std::time::Duration;
 
 /// The upstream client.
@@ -18,10 +19,11 @@ pub type Client = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
 const POOL_IDLE: Duration = Duration::from_secs(50);
 
 thread_local! {
-    static CLIENT: std::cell::OnceCell<Client> = const { std::cell::OnceCell::new() };
+    /// Clients by connect timeout (ms): deployments that set the same timeout share a pool.
+    static CLIENTS: std::cell::RefCell<Vec<(u64, Client)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Sends `req` with this thread's client (built on first use).
+/// Sends `req` with this thread's client for `connect_timeout` (built on first use).
 ///
 /// One pool per thread: the connection tasks the client spawns then run on the thread that
 /// uses them, so with the per-core runtime (see [`crate::cli`]) a request never hops threads
@@ -30,7 +32,18 @@ pub fn send(
     connect_timeout: Duration,
     req: http::Request<Full<Bytes>>,
 ) -> hyper_util::client::legacy::ResponseFuture {
-    CLIENT.with(|c| c.get_or_init(|| client(connect_timeout)).request(req))
+    let ms = connect_timeout.as_millis() as u64;
+    CLIENTS.with(|c| {
+        let mut clients = c.borrow_mut();
+        let client = match clients.iter().position(|(t, _)| *t == ms) {
+            Some(i) => &clients[i].1,
+            None => {
+                clients.push((ms, client(connect_timeout)));
+                &clients[clients.len() - 1].1
+            }
+        };
+        client.request(req)
+    })
 }
 
 /// Builds the client. `connect_timeout` bounds TCP + TLS set-up.
@@ -54,4 +67,51 @@ pub fn client(connect_timeout: Duration) -> Client {
         .pool_idle_timeout(POOL_IDLE)
         .pool_max_idle_per_host(1024)
         .build(https)
+}
+
+/// A response body that fails once `deadline` passes (a deployment's total timeout), so a
+/// stream that runs too long ends as an upstream error and is settled with what it used.
+pub struct Deadline<B> {
+    inner: B,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Deadline<B> {
+    /// `inner`, limited to `deadline` when there is one.
+    pub fn new(inner: B, deadline: Option<tokio::time::Instant>) -> Self {
+        Self {
+            inner,
+            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        }
+    }
+}
+
+impl<B> http_body::Body for Deadline<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Some(s) = this.sleep.as_mut()
+            && s.as_mut().poll(cx).is_ready()
+        {
+            return std::task::Poll::Ready(Some(Err(
+                "the deployment's total timeout passed".into()
+            )));
+        }
+        std::pin::Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
 }
