@@ -251,6 +251,10 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         .with_context(|| format!("reading the usage log {}", path.display()))?;
         tracing::info!(records = r.records, skipped = r.skipped, path = %path.display(), "usage log replayed");
     }
+    tokio::spawn(crate::routing::scrape_queues(
+        state.clone(),
+        args.queue_scrape_interval,
+    ));
     tokio::spawn(crate::loader::watch(
         state.clone(),
         args.manifests.clone(),

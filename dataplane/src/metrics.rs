@@ -132,3 +132,55 @@ pub fn render_ledger(ledger: &Ledger, per_key: bool, out: &mut String) {
         }
     }
 }
+
+/// Routing gauges from the current snapshot: endpoints per state and requests in flight, per
+/// deployment.
+pub fn render_routes(snapshot: &crate::snapshot::Snapshot, out: &mut String) {
+    use crate::routing::RouteState;
+    let _ = writeln!(
+        out,
+        "# HELP tollgate_deployment_endpoints Endpoints of a deployment, by routing state.\n# TYPE tollgate_deployment_endpoints gauge"
+    );
+    let mut in_flight = Vec::new();
+    for (model, g) in &snapshot.groups {
+        for d in &g.deployments {
+            let mut counts = [0u32; 4];
+            let mut busy = 0u64;
+            for r in g
+                .routes
+                .iter()
+                .filter(|r| std::sync::Arc::ptr_eq(&r.deployment, d))
+            {
+                let i = match r.stats.state(&g.policy.cooldown) {
+                    RouteState::Healthy => 0,
+                    RouteState::Failing => 1,
+                    RouteState::CoolingDown => 2,
+                    RouteState::Probing => 3,
+                };
+                counts[i] += 1;
+                busy += u64::from(r.stats.in_flight());
+            }
+            let (m, id) = (label(model), label(&d.id));
+            for (state, n) in ["healthy", "failing", "cooling_down", "probing"]
+                .iter()
+                .zip(counts)
+            {
+                let _ = writeln!(
+                    out,
+                    "tollgate_deployment_endpoints{{model=\"{m}\",deployment=\"{id}\",state=\"{state}\"}} {n}"
+                );
+            }
+            in_flight.push((m, id, busy));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tollgate_deployment_in_flight Requests in flight to a deployment.\n# TYPE tollgate_deployment_in_flight gauge"
+    );
+    for (m, id, n) in in_flight {
+        let _ = writeln!(
+            out,
+            "tollgate_deployment_in_flight{{model=\"{m}\",deployment=\"{id}\"}} {n}"
+        );
+    }
+}

@@ -508,6 +508,137 @@ pub fn parse_vllm_metrics(text: &str) -> Option<QueueGauges> {
     found.then_some(q)
 }
 
+/// Scrapes the `/metrics` of every endpoint of every queue-aware group, every `interval`, for
+/// as long as the process runs. Reads the current snapshot each round, so reloads are followed.
+pub async fn scrape_queues(state: Arc<crate::state::AppState>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = interval.clamp(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let snapshot = state.snapshot.load_full();
+        let targets: Vec<(http::Uri, Arc<EndpointStats>)> = snapshot
+            .groups
+            .values()
+            .filter(|g| g.policy.strategy == Strategy::QueueAware)
+            .flat_map(|g| g.routes.iter())
+            .filter_map(|r| match &r.deployment.target {
+                crate::snapshot::Target::Upstream { endpoints, .. } => endpoints
+                    .get(r.endpoint)
+                    .and_then(|e| e.metrics.clone())
+                    .map(|u| (u, r.stats.clone())),
+                crate::snapshot::Target::Mock(_) => None,
+            })
+            .collect();
+        if targets.is_empty() {
+            continue;
+        }
+        futures_util::future::join_all(targets.into_iter().map(|(uri, stats)| async move {
+            match tokio::time::timeout(timeout, scrape(uri.clone())).await {
+                Ok(Some(q)) => stats.set_queue(q),
+                _ => {
+                    tracing::debug!(%uri, "queue metrics scrape failed");
+                    stats.scrape_failed();
+                }
+            }
+        }))
+        .await;
+    }
+}
+
+/// One scrape: GET `uri`, parse vLLM's gauges.
+async fn scrape(uri: http::Uri) -> Option<QueueGauges> {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
+    *req.uri_mut() = uri;
+    let resp = crate::upstream::send(Duration::from_secs(2), req)
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), 4 << 20)
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
+    parse_vllm_metrics(std::str::from_utf8(&body).ok()?)
+}
+
+/// The health of every route, as `GET /health` shows it (no URLs, no secrets), and whether any
+/// route of any model can serve.
+pub fn health_report(snapshot: &crate::snapshot::Snapshot) -> (serde_json::Value, bool) {
+    use serde_json::json;
+    let now = now_ms();
+    let mut healthy = Vec::new();
+    let mut unhealthy = Vec::new();
+    let mut models = serde_json::Map::new();
+    let mut usable = false;
+    let mut names: Vec<_> = snapshot.groups.keys().collect();
+    names.sort();
+    for name in names {
+        let g = &snapshot.groups[name];
+        let mut deployments = Vec::new();
+        for d in &g.deployments {
+            let mut endpoints = Vec::new();
+            for r in g.routes.iter().filter(|r| Arc::ptr_eq(&r.deployment, d)) {
+                let state = r.stats.state(&g.policy.cooldown);
+                let entry = json!({"model": name, "deployment": &*d.id, "endpoint": r.endpoint});
+                if state == RouteState::CoolingDown {
+                    unhealthy.push(entry);
+                } else {
+                    usable = true;
+                    healthy.push(entry);
+                }
+                let mut e = json!({
+                    "endpoint": r.endpoint,
+                    "state": state.as_str(),
+                    "in_flight": r.stats.in_flight(),
+                    "latency_ms": r.stats.latency().map(|l| l.as_secs_f64() * 1e3),
+                    "cooldown_remaining_ms": r.stats.cooldown_left_ms(now),
+                    "cooldowns": r.stats.cooldowns(),
+                });
+                if g.policy.strategy == Strategy::QueueAware {
+                    e["queue"] = match r.stats.queue(now, QUEUE_MAX_AGE_MS) {
+                        Some(q) => {
+                            json!({"waiting": q.waiting, "running": q.running, "kv_cache_usage": q.kv_cache})
+                        }
+                        None => json!(null),
+                    };
+                }
+                endpoints.push(e);
+            }
+            deployments.push(json!({"id": &*d.id, "endpoints": endpoints}));
+        }
+        models.insert(
+            name.clone(),
+            json!({"strategy": strategy_name(g.policy.strategy), "deployments": deployments}),
+        );
+    }
+    let ready = usable || snapshot.groups.is_empty();
+    (
+        json!({
+            "healthy_count": healthy.len(),
+            "unhealthy_count": unhealthy.len(),
+            "healthy_endpoints": healthy,
+            "unhealthy_endpoints": unhealthy,
+            "models": models,
+        }),
+        ready,
+    )
+}
+
+/// The strategy's name as written in a RoutePolicy.
+pub fn strategy_name(s: Strategy) -> &'static str {
+    match s {
+        Strategy::SimpleShuffle => "simple-shuffle",
+        Strategy::LeastBusy => "least-busy",
+        Strategy::LatencyBased => "latency-based",
+        Strategy::CostBased => "cost-based",
+        Strategy::QueueAware => "queue-aware",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

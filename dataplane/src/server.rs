@@ -31,6 +31,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/models", get(models))
+        .route("/health", get(health))
         .route("/health/liveliness", get(live))
         .route("/health/liveness", get(live))
         .route("/health/readiness", get(ready))
@@ -157,15 +158,28 @@ async fn live() -> Response {
     json(StatusCode::OK, "\"I'm alive!\"".into())
 }
 
+/// Ready while some deployment of some model can serve (not all cooling down).
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let s = state.snapshot.load();
+    let (_, usable) = crate::routing::health_report(&s);
     let body = serde_json::json!({
-        "status": "ready",
+        "status": if usable { "ready" } else { "no deployment is usable" },
         "config_hash": s.config_hash,
         "models": s.groups.len(),
         "keys": s.keys.len(),
     });
-    json(StatusCode::OK, body.to_string())
+    let status = if usable {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, body.to_string())
+}
+
+/// Each deployment endpoint's state: healthy, failing, cooling_down or probing.
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let (report, _) = crate::routing::health_report(&state.snapshot.load());
+    json(StatusCode::OK, report.to_string())
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -175,6 +189,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .map(|p| p.render())
         .unwrap_or_default();
     crate::metrics::render_ledger(&state.ledger, state.settings.per_key_metrics, &mut out);
+    crate::metrics::render_routes(&state.snapshot.load(), &mut out);
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

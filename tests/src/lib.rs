@@ -247,6 +247,24 @@ pub enum Behavior {
         /// Reported completion tokens.
         completion: u64,
     },
+    /// Answers the first `n` requests with `status` (and `retry-after`, if set), then like `Ok`.
+    FailFirst {
+        /// Requests that fail.
+        n: usize,
+        /// Their status.
+        status: u16,
+        /// Their `retry-after`, seconds.
+        retry_after: Option<u64>,
+        /// What the rest get.
+        then: MockConfig,
+    },
+    /// Accepts the connection, reads the request and closes the socket without answering.
+    Reset,
+    /// Streams `chunks` content events, then breaks the connection mid-stream.
+    DieMidStream {
+        /// Events sent before dying.
+        chunks: usize,
+    },
     /// Streams `chunks` SSE events `delay` apart, noting whether the client stayed to the end.
     SlowStream {
         /// Events to send.
@@ -271,6 +289,8 @@ pub struct Stats {
     pub last_auth: Mutex<Option<String>>,
     /// The last request's path.
     pub last_path: Mutex<Option<String>>,
+    /// `GET /metrics` requests received (not counted in `requests`).
+    pub metrics_scrapes: AtomicUsize,
 }
 
 impl Stats {
@@ -292,6 +312,8 @@ pub struct MockUpstream {
     pub addr: SocketAddr,
     /// Its counters.
     pub stats: Arc<Stats>,
+    behavior: Arc<Mutex<Behavior>>,
+    metrics: Arc<Mutex<Option<String>>>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -315,9 +337,11 @@ impl MockUpstream {
     /// Starts a server with `behavior`.
     pub fn start(behavior: Behavior) -> Self {
         let stats = Arc::new(Stats::default());
+        let behavior = Arc::new(Mutex::new(behavior));
+        let metrics = Arc::new(Mutex::new(None::<String>));
         let (addr_tx, addr_rx) = mpsc::channel();
-        let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-        let st = stats.clone();
+        let (shutdown, mut shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let (st, bh, mt) = (stats.clone(), behavior.clone(), metrics.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -326,25 +350,63 @@ impl MockUpstream {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                let behavior = Arc::new(behavior);
+                let (st2, bh2) = (st.clone(), bh.clone());
                 let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-                    let behavior = behavior.clone();
-                    let st = st.clone();
-                    async move { respond(&behavior, &st, req).await }
+                    let (st, bh, mt) = (st2.clone(), bh2.clone(), mt.clone());
+                    async move { respond(&bh, &mt, &st, req).await }
                 });
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = shutdown_rx.await;
-                    })
-                    .await;
+                // Connections go to axum, except while the behavior is `Reset`: then the
+                // socket is read and dropped with no answer.
+                loop {
+                    let (mut sock, _) = tokio::select! {
+                        a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                        _ = &mut shutdown_rx => return,
+                    };
+                    let reset = matches!(*behavior_of(&bh), Behavior::Reset);
+                    if reset {
+                        let st = st.clone();
+                        tokio::spawn(async move {
+                            use tokio::io::AsyncReadExt;
+                            let mut buf = [0u8; 4096];
+                            let _ = sock.read(&mut buf).await;
+                            st.requests.fetch_add(1, Ordering::SeqCst);
+                            // Linger 0: the close is a TCP reset, as a crashed server's.
+                            #[expect(deprecated, reason = "linger 0 never blocks on drop")]
+                            let _ = sock.set_linger(Some(Duration::ZERO));
+                        });
+                        continue;
+                    }
+                    let svc = app.clone();
+                    tokio::spawn(async move {
+                        let io = hyper_util::rt::TokioIo::new(sock);
+                        let svc = hyper_util::service::TowerToHyperService::new(svc);
+                        let _ = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(io, svc)
+                        .await;
+                    });
+                }
             });
         });
         let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         Self {
             addr,
             stats,
+            behavior,
+            metrics,
             _shutdown: shutdown,
         }
+    }
+
+    /// Changes what the server does from the next request on.
+    pub fn set_behavior(&self, b: Behavior) {
+        *self.behavior.lock().unwrap() = b;
+    }
+
+    /// Serves `text` at `GET /metrics` (Prometheus text, e.g. vLLM's queue gauges).
+    pub fn set_metrics(&self, text: &str) {
+        *self.metrics.lock().unwrap() = Some(text.to_string());
     }
 
     /// Base URL for an LLMModel's `url`.
@@ -353,9 +415,26 @@ impl MockUpstream {
     }
 }
 
-async fn respond(behavior: &Behavior, stats: &Arc<Stats>, req: axum::extract::Request) -> Response {
+fn behavior_of(b: &Mutex<Behavior>) -> std::sync::MutexGuard<'_, Behavior> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn respond(
+    behavior: &Mutex<Behavior>,
+    metrics: &Mutex<Option<String>>,
+    stats: &Arc<Stats>,
+    req: axum::extract::Request,
+) -> Response {
     use http_body_util_shim::collect;
-    stats.requests.fetch_add(1, Ordering::SeqCst);
+    if req.method() == http::Method::GET && req.uri().path() == "/metrics" {
+        stats.metrics_scrapes.fetch_add(1, Ordering::SeqCst);
+        return match metrics.lock().unwrap().clone() {
+            Some(text) => text.into_response(),
+            None => http::StatusCode::NOT_FOUND.into_response(),
+        };
+    }
+    let behavior = &behavior_of(behavior).clone();
+    let seen = stats.requests.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_string();
     *stats.last_auth.lock().unwrap() = req
         .headers()
@@ -374,11 +453,64 @@ async fn respond(behavior: &Behavior, stats: &Arc<Stats>, req: axum::extract::Re
             };
             tollgate_dataplane::mock::serve(&Mock::new(cfg), endpoint, body).await
         }
+        Behavior::FailFirst {
+            n,
+            status,
+            retry_after,
+            then,
+        } => {
+            if seen < *n {
+                let mut r = (
+                    http::StatusCode::from_u16(*status).unwrap(),
+                    [("content-type", "application/json")],
+                    r#"{"error":{"message":"failing on purpose","type":"server_error"}}"#,
+                )
+                    .into_response();
+                if let Some(s) = retry_after {
+                    r.headers_mut()
+                        .insert("retry-after", http::HeaderValue::from(*s));
+                }
+                return r;
+            }
+            tollgate_dataplane::mock::serve(&Mock::new(then), Endpoint::ChatCompletions, body).await
+        }
         Behavior::Status(code, body) => {
             let status = http::StatusCode::from_u16(*code).unwrap();
             (status, [("content-type", "application/json")], *body).into_response()
         }
         Behavior::Garbage => (http::StatusCode::OK, "<html>definitely not json").into_response(),
+        // Handled at accept time; a connection already open when the behavior changed is
+        // simply closed.
+        Behavior::Reset => {
+            let stream = futures_util::stream::once(async {
+                Err::<Bytes, _>(std::io::Error::other("reset"))
+            });
+            Body::from_stream(stream).into_response()
+        }
+        Behavior::DieMidStream { chunks } => {
+            let chunks = *chunks;
+            // The events go out first (headers included); the connection breaks a moment later.
+            let stream = futures_util::stream::unfold(0usize, move |i| async move {
+                if i > chunks {
+                    return None;
+                }
+                if i == chunks {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return Some((Err(std::io::Error::other("upstream died")), i + 1));
+                }
+                Some((
+                    Ok(Bytes::from(format!(
+                        "data: {{\"id\":\"d\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}}}}]}}\n\n"
+                    ))),
+                    i + 1,
+                ))
+            });
+            (
+                [("content-type", "text/event-stream")],
+                Body::from_stream(stream),
+            )
+                .into_response()
+        }
         Behavior::UsageThenStall { prompt, completion } => {
             let head = Bytes::from(format!(
                 "data: {{\"id\":\"u\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"hi\"}}}}]}}\n\n\
