@@ -288,3 +288,60 @@ async fn a_crashed_replicas_reservations_end_with_their_lease() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(stream(&b).await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_retried_request_is_counted_once() {
+    use tollgate_testkit::{Behavior, MockUpstream};
+    let redis = Redis::start();
+    let bad = MockUpstream::start(Behavior::Status(
+        500,
+        r#"{"error":{"message":"boom","type":"server_error"}}"#,
+    ));
+    // The key: rpm 1000 and a budget (so it lives in Redis); the failing deployment is the
+    // cheaper, so cost-based routing tries it first every time, then retries on the mock.
+    let m = format!(
+        "{}---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: bad}}\nspec: {{modelName: m, provider: openai-compatible, url: '{}', limits: {{rpm: 1000, maxParallel: 50}}, pricing: {{inputPerMillion: 0.5, outputPerMillion: 0.5}}}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: p}}\nspec: {{models: [m], strategy: cost-based, retries: {{attempts: 2, backoff: 1ms}}, cooldown: {{allowedFails: 1000}}}}\n",
+        manifests(", limits: {rpm: 1000}, budget: {maxUsd: 100, duration: 30d}"),
+        bad.base_url()
+    );
+    let mut a = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    let mut b = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    avoid_minute_boundary().await;
+    for gw in [&a, &b, &a, &b, &a, &b] {
+        let (s, v) = chat(gw).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    assert_eq!(
+        bad.stats.requests(),
+        6,
+        "every request was tried on `bad` first"
+    );
+    assert!(a.terminate() && b.terminate());
+    // The key: six requests, the spend of six served ones, nothing left in flight.
+    let key = redis_cli(&redis, &["HGETALL", "tollgate:limits:key:default/k"]);
+    let fields: std::collections::HashMap<&str, &str> = key
+        .lines()
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .filter_map(|c| Some((*c.first()?, *c.get(1)?)))
+        .collect();
+    let per_request: u64 = (body().len() as u64 / 4 + 100) * 1_000_000;
+    assert_eq!(fields.get("requests"), Some(&"6"), "{key}");
+    assert_eq!(fields.get("inflight"), Some(&"0"), "{key}");
+    assert_eq!(fields.get("reserved"), Some(&"0"), "{key}");
+    assert_eq!(
+        fields.get("spend"),
+        Some(&(6 * per_request).to_string().as_str()),
+        "{key}"
+    );
+    // The failing deployment: six attempts, none left in flight.
+    let dep = redis_cli(
+        &redis,
+        &["HGET", "tollgate:limits:deployment:default/bad", "inflight"],
+    );
+    assert_eq!(dep.trim(), "0");
+    // One usage record per request, each for the deployment that served it.
+    assert_eq!(redis_cli(&redis, &["XLEN", "tollgate:usage"]).trim(), "6");
+    let dump = redis_cli(&redis, &["XRANGE", "tollgate:usage", "-", "+"]);
+    assert!(!dump.contains("default/bad"), "{dump}");
+}
