@@ -8,7 +8,7 @@
 
 use crate::common::{Limits, parse_duration};
 use crate::config::*;
-use crate::key::VirtualKey;
+use crate::key::{Budget, VirtualKey};
 use crate::model::{LlmModel, Provider, Timeouts};
 use crate::policy::RoutePolicy;
 use crate::secret::SecretString;
@@ -354,6 +354,21 @@ fn budget_period(s: &str) -> Result<BudgetPeriod, String> {
     })
 }
 
+fn budget_config(field: &str, b: &Budget) -> Result<BudgetConfig, (String, String)> {
+    Ok(BudgetConfig {
+        max: Picodollars::from_usd(b.max_usd).ok_or_else(|| {
+            (
+                format!("{field}.maxUsd"),
+                format!("invalid amount {}", b.max_usd),
+            )
+        })?,
+        period: match &b.duration {
+            Some(d) => budget_period(d).map_err(|e| (format!("{field}.duration"), e))?,
+            None => BudgetPeriod::Lifetime,
+        },
+    })
+}
+
 fn compile_key(k: &VirtualKey, secrets: &Secrets<'_>) -> Result<KeyConfig, (String, String)> {
     let ns = k.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
     let name = k.metadata.name.as_deref().unwrap_or("");
@@ -405,21 +420,11 @@ fn compile_key(k: &VirtualKey, secrets: &Secrets<'_>) -> Result<KeyConfig, (Stri
             },
         };
     check_limits("spec.limits", s.limits.as_ref())?;
-    let budget = match &s.budget {
-        Some(b) => Some(BudgetConfig {
-            max: Picodollars::from_usd(b.max_usd).ok_or_else(|| {
-                (
-                    "spec.budget.maxUsd".to_string(),
-                    format!("invalid amount {}", b.max_usd),
-                )
-            })?,
-            period: match &b.duration {
-                Some(d) => budget_period(d).map_err(|e| ("spec.budget.duration".to_string(), e))?,
-                None => BudgetPeriod::Lifetime,
-            },
-        }),
-        None => None,
-    };
+    let budget = s
+        .budget
+        .as_ref()
+        .map(|b| budget_config("spec.budget", b))
+        .transpose()?;
     Ok(KeyConfig {
         id: object_id(&k.metadata),
         hash,
@@ -602,6 +607,8 @@ pub fn compile(objects: &Objects) -> (GatewayConfig, Vec<ObjectError>) {
 
     let mut seen = BTreeSet::new();
     let mut hashes: HashMap<KeyHash, String> = HashMap::new();
+    // Team budgets, with the key that set each first.
+    let mut teams: BTreeMap<String, (BudgetConfig, String)> = BTreeMap::new();
     let mut keys: Vec<&VirtualKey> = objects.keys.iter().collect();
     keys.sort_by_key(|k| object_id(&k.metadata));
     for k in keys {
@@ -621,12 +628,40 @@ pub fn compile(objects: &Objects) -> (GatewayConfig, Vec<ObjectError>) {
                     );
                     continue;
                 }
+                if let Some(b) = &k.spec.team_budget {
+                    let team_budget = match (&kc.team, budget_config("spec.teamBudget", b)) {
+                        (_, Err((field, msg))) => Err((field, msg)),
+                        (None, _) => Err((
+                            "spec.teamBudget".to_string(),
+                            "needs spec.team (the team whose keys share it)".to_string(),
+                        )),
+                        (Some(team), Ok(tb)) => match teams.get(team) {
+                            Some((other, by)) if *other != tb => Err((
+                                "spec.teamBudget".to_string(),
+                                format!(
+                                    "differs from the budget of team {team:?} set by VirtualKey {by}"
+                                ),
+                            )),
+                            _ => Ok((team.clone(), tb)),
+                        },
+                    };
+                    match team_budget {
+                        Ok((team, tb)) => {
+                            teams.entry(team).or_insert((tb, id.clone()));
+                        }
+                        Err((field, msg)) => {
+                            errors.push("VirtualKey", &id, &field, msg);
+                            continue;
+                        }
+                    }
+                }
                 hashes.insert(kc.hash, id);
                 config.keys.push(kc);
             }
             Err((field, msg)) => errors.push("VirtualKey", &id, &field, msg),
         }
     }
+    config.teams = teams.into_iter().map(|(t, (b, _))| (t, b)).collect();
 
     let mut seen = BTreeSet::new();
     let mut claimed: BTreeMap<String, String> = BTreeMap::new();
@@ -759,6 +794,55 @@ stringData: {key: sk-0123456789abcdef, other: sk-fedcba9876543210, short: abc}
             e,
             [r#"LLMModel default/o: spec.credentialsRef: Secret default/s has no key "missing""#]
         );
+    }
+
+    #[test]
+    fn team_budgets_are_shared_and_must_agree() {
+        let key = |name: &str, k: &str, extra: &str| {
+            format!(
+                "apiVersion: tollgate.dev/v1alpha1\nkind: VirtualKey\nmetadata: {{name: {name}}}\nspec: {{secretRef: {{name: s, key: {k}}}{extra}}}\n"
+            )
+        };
+        let e = errors_of(&key("k", "key", ", teamBudget: {maxUsd: 5}"));
+        assert_eq!(
+            e,
+            [
+                "VirtualKey default/k: spec.teamBudget: needs spec.team (the team whose keys share it)"
+            ]
+        );
+        let e = errors_of(&format!(
+            "{}---\n{}",
+            key(
+                "k1",
+                "key",
+                ", team: t, teamBudget: {maxUsd: 5, duration: daily}"
+            ),
+            key(
+                "k2",
+                "other",
+                ", team: t, teamBudget: {maxUsd: 6, duration: daily}"
+            )
+        ));
+        assert_eq!(
+            e,
+            [
+                r#"VirtualKey default/k2: spec.teamBudget: differs from the budget of team "t" set by VirtualKey default/k1"#
+            ]
+        );
+        let mut o = Objects::default();
+        let text = format!(
+            "{BASE}---\n{}---\n{}",
+            key(
+                "k1",
+                "key",
+                ", team: t, teamBudget: {maxUsd: 5, duration: daily}"
+            ),
+            key("k2", "other", ", team: t")
+        );
+        assert!(parse_into(&mut o, &text, "t.yaml").is_empty());
+        let (config, errors) = compile(&o);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.teams["t"].max, Picodollars(5_000_000_000_000));
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct GatewayConfig {
     pub models: BTreeMap<String, ModelGroup>,
     /// Virtual keys, sorted by id.
     pub keys: Vec<KeyConfig>,
+    /// Team budgets by team name (from the keys' `teamBudget`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub teams: BTreeMap<String, BudgetConfig>,
 }
 
 impl GatewayConfig {

@@ -45,6 +45,10 @@ pub struct VirtualKeySpec {
     /// Spend limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// Spend limit shared by every key of `team` (their spend adds up against it). Keys of one
+    /// team that set it must set the same; it is enough that one key does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_budget: Option<Budget>,
     /// Rate limits of this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,

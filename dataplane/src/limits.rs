@@ -33,6 +33,8 @@ pub enum Scope {
     Key,
     /// A deployment (LLMModel).
     Deployment,
+    /// A team: the keys with the same `team`, sharing its budget.
+    Team,
 }
 
 impl Scope {
@@ -40,6 +42,7 @@ impl Scope {
         match self {
             Scope::Key => "key",
             Scope::Deployment => "deployment",
+            Scope::Team => "team",
         }
     }
 }

@@ -472,13 +472,16 @@ async fn reserve(
     now: u64,
 ) -> std::result::Result<Option<Room>, Denied> {
     let key_limits = key.and_then(|k| k.limits.as_ref());
-    if d.limits.is_none() && key_limits.is_none() {
+    let team_limits = key.and_then(|k| k.team_limits.as_ref());
+    if d.limits.is_none() && key_limits.is_none() && team_limits.is_none() {
         return Ok(None);
     }
     if let Some(shared) = &state.shared {
+        // The key last: its room goes in the response headers.
         let asks: Vec<_> = d
             .limits
             .iter()
+            .chain(team_limits)
             .chain(key_limits)
             .map(|l| (l.clone(), ask))
             .collect();
@@ -491,7 +494,7 @@ async fn reserve(
                 res.add_shared(shared.clone(), lease, asks, now);
                 return Ok(key_limits.is_some().then_some(room));
             }
-            Ok(Err(r)) if r.scope == Scope::Key => return Err(Denied::Final(r.into())),
+            Ok(Err(r)) if r.scope != Scope::Deployment => return Err(Denied::Final(r.into())),
             Ok(Err(r)) => return Err(Denied::Deployment(r)),
             // Redis failed and the policy is to fail open: this replica's own counters decide.
             Err(_) if shared.failure == FailureMode::Open => {}
@@ -503,21 +506,33 @@ async fn reserve(
             }
         }
     }
+    let mut taken = 0;
     if let Some(l) = &d.limits {
         res.take(l, ask, now).map_err(Denied::Deployment)?;
+        taken += 1;
     }
-    match key_limits {
-        None => Ok(None),
-        Some(l) => match res.take(l, ask, now) {
-            Ok(room) => Ok(Some(room)),
+    let mut room = None;
+    for (l, is_key) in team_limits
+        .map(|l| (l, false))
+        .into_iter()
+        .chain(key_limits.map(|l| (l, true)))
+    {
+        match res.take(l, ask, now) {
+            Ok(r) => {
+                taken += 1;
+                if is_key {
+                    room = Some(r);
+                }
+            }
             Err(r) => {
-                if d.limits.is_some() {
+                for _ in 0..taken {
                     res.undo_last(now);
                 }
-                Err(Denied::Final(r.into()))
+                return Err(Denied::Final(r.into()));
             }
-        },
+        }
     }
+    Ok(room)
 }
 
 /// One attempt on one route. The charge is taken from the context and put back when the

@@ -147,6 +147,7 @@ fn hash_key(l: &Limited) -> String {
     let scope = match l.subject().scope() {
         Scope::Key => "key",
         Scope::Deployment => "deployment",
+        Scope::Team => "team",
     };
     format!("tollgate:limits:{scope}:{}", l.subject().id())
 }

@@ -28,6 +28,8 @@ pub struct RuntimeKey {
     pub usage: Arc<UsageCounters>,
     /// Rate limits and budget, if any.
     pub limits: Option<Arc<Limited>>,
+    /// The team's budget, shared with the team's other keys, if the team has one.
+    pub team_limits: Option<Arc<Limited>>,
 }
 
 impl RuntimeKey {
@@ -348,6 +350,20 @@ impl Snapshot {
                             budget: k.budget.clone(),
                         },
                     ),
+                    team_limits: k
+                        .team
+                        .as_ref()
+                        .and_then(|t| Some((t, config.teams.get(t)?)))
+                        .and_then(|(t, b)| {
+                            registry.limited(
+                                Scope::Team,
+                                t,
+                                Rules {
+                                    limits: Default::default(),
+                                    budget: Some(b.clone()),
+                                },
+                            )
+                        }),
                     config: k.clone(),
                 };
                 (k.hash, Arc::new(rk))

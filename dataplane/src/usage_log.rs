@@ -283,8 +283,18 @@ pub fn replay(
                 .map(|b| (k.config.id.as_str(), b.period))
         })
         .collect();
+    let team_periods: HashMap<&str, _> = snapshot
+        .keys
+        .values()
+        .filter_map(|k| {
+            let team = k.config.team.as_deref()?;
+            let b = k.team_limits.as_ref()?.rules().budget.as_ref()?;
+            Some((team, b.period))
+        })
+        .collect();
     let mut seen = HashSet::new();
     let mut period_spend: HashMap<&str, u64> = HashMap::new();
+    let mut team_spend: HashMap<&str, u64> = HashMap::new();
     let mut out = Replay::default();
     for line in std::io::BufReader::new(file).lines() {
         let line = line?;
@@ -306,6 +316,23 @@ pub fn replay(
         {
             *period_spend.entry(id).or_default() += r.cost_pico;
         }
+        if let Some((team, p)) = r
+            .team
+            .as_deref()
+            .and_then(|t| team_periods.get_key_value(t))
+            && period_index(*p, r.ts_ms / 1000) == period_index(*p, now)
+        {
+            *team_spend.entry(team).or_default() += r.cost_pico;
+        }
+    }
+    for (team, spend) in team_spend {
+        registry.seed_spend(
+            Scope::Team,
+            team,
+            team_periods[team],
+            Picodollars(spend),
+            now,
+        );
     }
     for (key, spend) in period_spend {
         registry.seed_spend(Scope::Key, key, periods[key], Picodollars(spend), now);

@@ -300,3 +300,67 @@ async fn tpm_counts_the_real_usage_not_the_estimate() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_team_budget_is_shared_by_the_teams_keys_and_survives_a_restart() {
+    // Each request costs $0.0002; team `t` has $0.001 a day, set on one of its two keys.
+    let keys = [
+        (
+            "k1",
+            "sk-team-t-key-one-0001",
+            ", team: t, teamBudget: {maxUsd: 0.001, duration: daily}",
+        ),
+        ("k2", "sk-team-t-key-two-0002", ", team: t"),
+        ("k3", "sk-team-u-key-three-03", ", team: u"),
+    ];
+    let mut m = model(
+        "m",
+        "m",
+        ", provider: mock, mock: {promptTokens: 100, completionTokens: 100}, pricing: {inputPerMillion: 1, outputPerMillion: 1}",
+    );
+    for (name, key, extra) in keys {
+        m += &format!(
+            "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\nstringData: {{key: {key}}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: VirtualKey\nmetadata: {{name: {name}}}\nspec: {{secretRef: {{name: {name}}}{extra}}}\n"
+        );
+    }
+    let send = |gw: &Gateway, key: &'static str| {
+        let req = reqwest::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .body(
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+            );
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let mut gw = Gateway::start(BIN, &m, &["--usage-log", "{dir}/usage.jsonl"]);
+    let mut served = 0;
+    for i in 0..10 {
+        let key = keys[i % 2].1;
+        let (s, v) = send(&gw, key).await;
+        if s == 429 {
+            assert_eq!(v["error"]["code"], "budget_exceeded", "{v}");
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains("team t"),
+                "{v}"
+            );
+            break;
+        }
+        assert_eq!(s, 200, "{v}");
+        served += 1;
+    }
+    assert_eq!(
+        served, 5,
+        "five requests of $0.0002 from two keys fill the team's $0.001"
+    );
+    // Both of the team's keys are stopped; another team's key is not.
+    assert_eq!(send(&gw, keys[0].1).await.0, 429);
+    assert_eq!(send(&gw, keys[1].1).await.0, 429);
+    assert_eq!(send(&gw, keys[2].1).await.0, 200);
+    // The usage log brings the team's spend back after a restart.
+    gw.restart();
+    assert_eq!(send(&gw, keys[1].1).await.0, 429);
+    assert_eq!(send(&gw, keys[2].1).await.0, 200);
+}
