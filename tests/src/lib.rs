@@ -10,6 +10,8 @@
     reason = "test harness: a failed set-up should panic loudly"
 )]
 
+pub mod kube;
+
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
