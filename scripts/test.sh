@@ -38,6 +38,11 @@ if [ ! -x .venv/bin/pytest ] || ! cmp -s tests/python/requirements.txt .venv/.re
   cp tests/python/requirements.txt .venv/.requirements
 fi
 
+# --- Kubernetes API server (built once into a cache outside the repo) ---------------------
+log "real Kubernetes API server for the operator tests"
+TOLLGATE_KUBE_BIN="$(scripts/kube-test-env.sh)"
+export TOLLGATE_KUBE_BIN
+
 # --- checks and tests ---------------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check
