@@ -22,6 +22,7 @@ pub mod key;
 pub mod manifest;
 pub mod model;
 pub mod policy;
+pub mod publish;
 pub mod secret;
 
 pub use compile::{ObjectError, Objects, compile};

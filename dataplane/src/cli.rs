@@ -15,8 +15,27 @@ use std::time::Duration;
 pub struct Args {
     /// Manifests to serve (a YAML file or a directory of them): LLMModel, VirtualKey,
     /// RoutePolicy and v1 Secret objects. Reloaded when they change.
-    #[arg(long, env = "TOLLGATE_MANIFESTS")]
-    pub manifests: PathBuf,
+    #[arg(
+        long,
+        env = "TOLLGATE_MANIFESTS",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub manifests: Option<PathBuf>,
+    /// Cluster mode: serve the config the operator publishes in `--config-namespace` (through
+    /// the in-cluster service account, or KUBECONFIG).
+    #[arg(long, env = "TOLLGATE_KUBERNETES")]
+    pub kubernetes: bool,
+    /// Cluster mode: namespace of the published config Secrets.
+    #[arg(
+        long,
+        env = "TOLLGATE_CONFIG_NAMESPACE",
+        default_value = "tollgate-system"
+    )]
+    pub config_namespace: String,
+    /// Cluster mode: name of the head config Secret.
+    #[arg(long, env = "TOLLGATE_CONFIG_NAME", default_value = tollgate_crds::publish::DEFAULT_NAME)]
+    pub config_name: String,
     /// Address to listen on.
     #[arg(long, env = "TOLLGATE_LISTEN", default_value = "0.0.0.0:4000")]
     pub listen: SocketAddr,
@@ -180,18 +199,36 @@ async fn close(state: &AppState) {
 
 /// Loads the config, installs metrics, and starts the background tasks on this runtime.
 async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
-    let loaded = crate::loader::fingerprint(&args.manifests);
-    let config = match crate::loader::load(&args.manifests) {
-        Ok(c) => c,
-        Err(errors) => {
-            for e in &errors {
-                tracing::error!("{e}");
+    let (config, loaded, cluster) = match &args.manifests {
+        Some(path) => {
+            let loaded = crate::loader::fingerprint(path);
+            match crate::loader::load(path) {
+                Ok(c) => (c, loaded, None),
+                Err(errors) => {
+                    for e in &errors {
+                        tracing::error!("{e}");
+                    }
+                    anyhow::bail!(
+                        "{} error(s) in {}; nothing served",
+                        errors.len(),
+                        path.display()
+                    );
+                }
             }
-            anyhow::bail!(
-                "{} error(s) in {}; nothing served",
-                errors.len(),
-                args.manifests.display()
+        }
+        None => {
+            let source = crate::cluster::ConfigSource::start(
+                args.config_namespace.clone(),
+                args.config_name.clone(),
+            )
+            .await?;
+            tracing::info!(
+                namespace = args.config_namespace,
+                name = args.config_name,
+                "waiting for the operator's config"
             );
+            let (config, hash) = source.first().await?;
+            (config, 0, Some((source, hash)))
         }
     };
     let prometheus = crate::metrics::install()?;
@@ -215,10 +252,16 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         .transpose()
         .with_context(|| format!("opening the usage log {:?}", args.usage_log))?
         .unwrap_or_default();
-    let admin = args
-        .master_key
-        .as_deref()
-        .map(|k| crate::admin::Admin::new(k, args.manifests.clone()));
+    let admin = match (args.master_key.as_deref(), &args.manifests) {
+        (Some(k), Some(path)) => Some(crate::admin::Admin::new(k, path.clone())),
+        (Some(_), None) => {
+            tracing::warn!(
+                "--master-key is ignored in cluster mode: manage keys as VirtualKey objects (kubectl)"
+            );
+            None
+        }
+        (None, _) => None,
+    };
     let shared = match &args.redis_url {
         Some(url) => Some(Arc::new(
             crate::shared::SharedLimits::connect(url, args.redis_failure, args.redis_lease)
@@ -255,12 +298,20 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         state.clone(),
         args.queue_scrape_interval,
     ));
-    tokio::spawn(crate::loader::watch(
-        state.clone(),
-        args.manifests.clone(),
-        args.reload_interval,
-        loaded,
-    ));
+    match (cluster, &args.manifests) {
+        (Some((source, hash)), _) => {
+            tokio::spawn(source.follow(state.clone(), hash));
+        }
+        (None, Some(path)) => {
+            tokio::spawn(crate::loader::watch(
+                state.clone(),
+                path.clone(),
+                args.reload_interval,
+                loaded,
+            ));
+        }
+        (None, None) => {}
+    }
     Ok(state)
 }
 

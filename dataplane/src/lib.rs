@@ -10,7 +10,8 @@
 //! - [`sse`]: chunk-by-chunk stream relay that reads the usage chunk on the way.
 //! - [`accounting`], [`usage`]: cost from real usage, per key and deployment.
 //! - [`snapshot`], [`state`]: the immutable per-config view and its atomic swap.
-//! - [`loader`]: manifests on disk, and reloading them. [`metrics`]: Prometheus.
+//! - [`loader`]: manifests on disk, and reloading them. [`cluster`]: the operator's config.
+//!   [`metrics`]: Prometheus.
 //! - [`limits`]: rate limits and budgets. [`usage_log`]: records of settled requests.
 //! - [`routing`]: strategies, endpoint health, cooldowns, retry policy.
 //! - [`admin`]: the LiteLLM-compatible key and spend API.
@@ -20,6 +21,7 @@ pub mod accounting;
 pub mod admin;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod error;
 pub mod limits;
 pub mod loader;

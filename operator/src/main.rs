@@ -1,13 +1,25 @@
-//! `tollgate-operator`: reconciles LLMModel, VirtualKey and RoutePolicy into data-plane config.
-//!
-//! Not built yet: until it is, run the data plane standalone from manifests on disk (see the
-//! README). This binary says so rather than pretending to run.
+//! `tollgate-operator`: see the library docs.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "tollgate-operator {}: the operator is not implemented yet; run `tollgate-dataplane \
-         --manifests <dir>` with the same LLMModel/VirtualKey/RoutePolicy manifests instead",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::ExitCode::from(2)
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = tollgate_operator::Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    match tollgate_operator::run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

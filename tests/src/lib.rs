@@ -26,9 +26,93 @@ use tollgate_crds::config::MockConfig;
 use tollgate_dataplane::mock::Mock;
 use tollgate_dataplane::request::Endpoint;
 
+/// Where a gateway's config comes from.
+#[derive(Clone, Debug)]
+enum Source {
+    Manifests(PathBuf),
+    Cluster(PathBuf),
+}
+
+/// A running `tollgate-operator` process, logging to memory.
+pub struct Operator {
+    bin: String,
+    kubeconfig: PathBuf,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Operator {
+    /// Starts `bin` against the cluster of `kubeconfig`, publishing to `tollgate-system`.
+    pub fn start(bin: &str, kubeconfig: &Path) -> Self {
+        let (child, logs) = Self::spawn(bin, kubeconfig);
+        Self {
+            bin: bin.to_string(),
+            kubeconfig: kubeconfig.to_path_buf(),
+            child,
+            logs,
+        }
+    }
+
+    fn spawn(bin: &str, kubeconfig: &Path) -> (Child, Arc<Mutex<Vec<String>>>) {
+        let mut child = Command::new(bin)
+            .args([
+                "--config-namespace",
+                "tollgate-system",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,tollgate_operator=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        (child, logs)
+    }
+
+    /// Kills the process (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again (after [`Self::kill`]); the log starts afresh.
+    pub fn start_again(&mut self) {
+        let (child, logs) = Self::spawn(&self.bin, &self.kubeconfig);
+        self.child = child;
+        self.logs = logs;
+    }
+
+    /// Everything it logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.logs().contains(needle))
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A running `tollgate-dataplane` process serving manifests from its own temp dir.
 pub struct Gateway {
     bin: String,
+    /// Where the config comes from: `--manifests DIR`, or `--kubernetes` and a kubeconfig.
+    source: Source,
     extra_args: Vec<String>,
     child: Child,
     /// Where it listens.
@@ -47,9 +131,32 @@ impl Gateway {
             .iter()
             .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
             .collect();
-        let (child, addr, logs) = Self::spawn(bin, dir.path(), &extra_args);
+        let source = Source::Manifests(dir.path().to_path_buf());
+        let (child, addr, logs) = Self::spawn(bin, &source, &extra_args);
         Self {
             bin: bin.to_string(),
+            source,
+            extra_args,
+            child,
+            addr,
+            dir,
+            logs,
+        }
+    }
+
+    /// Starts `bin` in cluster mode (`--kubernetes`, config from the operator's Secrets in
+    /// `tollgate-system`) against the cluster of `kubeconfig`.
+    pub fn start_cluster(bin: &str, kubeconfig: &Path, extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let extra_args: Vec<String> = extra_args
+            .iter()
+            .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
+            .collect();
+        let source = Source::Cluster(kubeconfig.to_path_buf());
+        let (child, addr, logs) = Self::spawn(bin, &source, &extra_args);
+        Self {
+            bin: bin.to_string(),
+            source,
             extra_args,
             child,
             addr,
@@ -60,12 +167,20 @@ impl Gateway {
 
     fn spawn(
         bin: &str,
-        dir: &Path,
+        source: &Source,
         extra_args: &[String],
     ) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
-        let mut child = Command::new(bin)
-            .arg("--manifests")
-            .arg(dir)
+        let mut cmd = Command::new(bin);
+        match source {
+            Source::Manifests(dir) => {
+                cmd.arg("--manifests").arg(dir);
+            }
+            Source::Cluster(kubeconfig) => {
+                cmd.args(["--kubernetes", "--config-namespace", "tollgate-system"])
+                    .env("KUBECONFIG", kubeconfig);
+            }
+        }
+        let mut child = cmd
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -140,7 +255,12 @@ impl Gateway {
             "gateway did not exit cleanly on SIGTERM:\n{}",
             self.logs()
         );
-        let (child, addr, logs) = Self::spawn(&self.bin, self.dir.path(), &self.extra_args);
+        self.start_again();
+    }
+
+    /// Starts the process again after [`Self::kill`] or [`Self::terminate`] (on a new port).
+    pub fn start_again(&mut self) {
+        let (child, addr, logs) = Self::spawn(&self.bin, &self.source, &self.extra_args);
         self.child = child;
         self.addr = addr;
         self.logs = logs;

@@ -1,0 +1,467 @@
+//! `tollgate-operator`: turns the cluster's LLMModels, VirtualKeys and RoutePolicies (and the
+//! Secrets they reference) into the data plane's config, and reports on every object.
+//!
+//! The config is global (a model group spans LLMModels, a fallback spans RoutePolicies), so
+//! instead of one controller per kind the operator keeps a reflector (a watched, in-memory
+//! copy) of each kind and runs one reconcile over all of them whenever anything changes,
+//! after a short quiet time that batches bursts (`kubectl apply -f dir/`):
+//!
+//! ```text
+//! stores ──► fetch (referenced Secrets; generate missing key Secrets)
+//!        ──► compile()            pure: GatewayConfig + one error list per object
+//!        ──► publish              sharded, gzipped Secrets, head written last (changed hash only)
+//!        ──► status               pure desired status ► patch only what differs, Events on flips
+//! ```
+//!
+//! One object's error is reported on that object and leaves it out of the config; the rest
+//! keep serving. Nothing is published until every store has listed once, so a restarting
+//! operator never publishes a half-seen cluster.
+
+pub mod keys;
+pub mod publish;
+pub mod status;
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tollgate_crds::compile::{DEFAULT_NAMESPACE, Objects};
+use tollgate_crds::{LlmModel, RoutePolicy, VirtualKey};
+
+/// Command-line flags (each with an environment variable).
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "tollgate-operator", version, about)]
+pub struct Args {
+    /// Namespace the config Secrets are published in: where the data-plane pods run.
+    #[arg(
+        long,
+        env = "TOLLGATE_CONFIG_NAMESPACE",
+        default_value = "tollgate-system"
+    )]
+    pub config_namespace: String,
+    /// Name of the head config Secret (shards are named after it).
+    #[arg(long, env = "TOLLGATE_CONFIG_NAME", default_value = tollgate_crds::publish::DEFAULT_NAME)]
+    pub config_name: String,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "TOLLGATE_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "TOLLGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Quiet time after a change before reconciling (batches bursts of changes).
+    #[arg(long, env = "TOLLGATE_DEBOUNCE", default_value = "50ms", value_parser = duration)]
+    pub debounce: Duration,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "TOLLGATE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    tollgate_crds::common::parse_duration(s)
+}
+
+/// The watched copies of everything the config is made of.
+#[derive(Clone)]
+struct Stores {
+    models: Store<LlmModel>,
+    keys: Store<VirtualKey>,
+    policies: Store<RoutePolicy>,
+    secrets: Store<Secret>,
+}
+
+/// Watches `api` into a store, waking `changed` on every event.
+fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store();
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!(kind, "watch error (retrying): {e}"),
+            }
+        }
+    });
+    store
+}
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Operator metrics.
+mod metric {
+    pub const RECONCILES: &str = "tollgate_operator_reconciles_total";
+    pub const DURATION: &str = "tollgate_operator_reconcile_duration_seconds";
+    pub const PUBLISHED: &str = "tollgate_operator_config_publishes_total";
+    pub const INVALID: &str = "tollgate_operator_invalid_objects";
+    pub const STATUS_WRITES: &str = "tollgate_operator_status_writes_total";
+}
+
+/// Runs the operator until the process is stopped.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    serve_health(args.metrics_addr, prometheus, ready.clone()).await?;
+
+    let changed = Arc::new(Notify::new());
+    let ns = args.watch_namespace.as_deref();
+    let stores = Stores {
+        models: watch(api::<LlmModel>(&client, ns), changed.clone()),
+        keys: watch(api::<VirtualKey>(&client, ns), changed.clone()),
+        policies: watch(api::<RoutePolicy>(&client, ns), changed.clone()),
+        secrets: watch(api::<Secret>(&client, ns), changed.clone()),
+    };
+    for (kind, fut) in [
+        (
+            "LLMModel",
+            Box::pin(stores.models.wait_until_ready())
+                as std::pin::Pin<Box<dyn Future<Output = _> + Send>>,
+        ),
+        ("VirtualKey", Box::pin(stores.keys.wait_until_ready())),
+        ("RoutePolicy", Box::pin(stores.policies.wait_until_ready())),
+        ("Secret", Box::pin(stores.secrets.wait_until_ready())),
+    ] {
+        fut.await.with_context(|| format!("watching {kind}"))?;
+    }
+    tracing::info!("watches synced; reconciling");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "tollgate-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let mut ctx = Ctx {
+        client,
+        args,
+        stores,
+        recorder,
+        published: None,
+    };
+    ctx.published = publish::current_hash(
+        &ctx.client,
+        &ctx.args.config_namespace,
+        &ctx.args.config_name,
+    )
+    .await
+    .unwrap_or(None);
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    let resync = Duration::from_secs(60);
+    loop {
+        // A change, or the periodic resync (which retries anything that failed).
+        let _ = tokio::time::timeout(resync, changed.notified()).await;
+        tokio::time::sleep(ctx.args.debounce).await;
+        let started = Instant::now();
+        let result = reconcile(&mut ctx).await;
+        metrics::histogram!(metric::DURATION).record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => metrics::counter!(metric::RECONCILES, "result" => "ok").increment(1),
+            Err(e) => {
+                metrics::counter!(metric::RECONCILES, "result" => "error").increment(1);
+                tracing::error!("reconcile failed (retrying in 1s): {e:#}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                changed.notify_one();
+            }
+        }
+    }
+}
+
+struct Ctx {
+    client: Client,
+    args: Args,
+    stores: Stores,
+    recorder: Recorder,
+    /// Hash of the config last published (or found published at start).
+    published: Option<String>,
+}
+
+/// One pass: fetch → compile → publish → status.
+async fn reconcile(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let models: Vec<LlmModel> = ctx
+        .stores
+        .models
+        .state()
+        .iter()
+        .map(|m| (**m).clone())
+        .collect();
+    let keys: Vec<VirtualKey> = ctx
+        .stores
+        .keys
+        .state()
+        .iter()
+        .map(|k| (**k).clone())
+        .collect();
+    let policies: Vec<RoutePolicy> = ctx
+        .stores
+        .policies
+        .state()
+        .iter()
+        .map(|p| (**p).clone())
+        .collect();
+
+    // Keys with no Secret of their own get a generated one.
+    let generated = keys::ensure_generated(&ctx.client, &keys, &ctx.stores.secrets).await?;
+
+    // Only the Secrets the objects reference are read (and published, for credentials).
+    let mut wanted: BTreeSet<(String, String)> = BTreeSet::new();
+    for m in &models {
+        if let Some(r) = &m.spec.credentials_ref {
+            wanted.insert((ns_of(m), r.name.clone()));
+        }
+    }
+    for k in &keys {
+        let name = match &k.spec.secret_ref {
+            Some(r) => r.name.clone(),
+            None => tollgate_crds::compile::generated_key_secret_name(&k.name_any()),
+        };
+        wanted.insert((ns_of(k), name));
+    }
+    let mut secrets: Vec<Secret> = wanted
+        .iter()
+        .filter_map(|(ns, name)| {
+            ctx.stores
+                .secrets
+                .get(&ObjectRef::new(name).within(ns))
+                .map(|s| (*s).clone())
+        })
+        .collect();
+    for s in generated {
+        if !secrets.iter().any(|x| {
+            x.metadata.name == s.metadata.name && x.metadata.namespace == s.metadata.namespace
+        }) {
+            secrets.push(s);
+        }
+    }
+    let objects = Objects {
+        models,
+        keys,
+        policies,
+        secrets,
+        resolved_backends: Default::default(),
+    };
+    let (config, errors) = tollgate_crds::compile(&objects);
+    metrics::gauge!(metric::INVALID).set(errors.len() as f64);
+
+    let hash = config.content_hash();
+    if ctx.published.as_deref() != Some(hash.as_str()) {
+        let p = tollgate_crds::publish::encode(&config);
+        publish::publish(
+            &ctx.client,
+            &ctx.args.config_namespace,
+            &ctx.args.config_name,
+            &p,
+        )
+        .await
+        .context("publishing the config")?;
+        metrics::counter!(metric::PUBLISHED).increment(1);
+        tracing::info!(
+            hash,
+            models = config.models.len(),
+            keys = config.keys.len(),
+            shards = p.shards.len(),
+            invalid = errors.len(),
+            "published config"
+        );
+        ctx.published = Some(hash);
+    }
+
+    write_statuses(ctx, &objects, &errors).await;
+    Ok(())
+}
+
+fn ns_of<K: Resource>(o: &K) -> String {
+    o.meta()
+        .namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string())
+}
+
+fn id_of<K: Resource>(o: &K) -> String {
+    format!("{}/{}", ns_of(o), o.meta().name.as_deref().unwrap_or(""))
+}
+
+/// Writes each object's status where it differs from what it should be. A failed write is
+/// logged and retried by the next resync; it never stops the others.
+async fn write_statuses(ctx: &Ctx, objects: &Objects, errors: &[tollgate_crds::ObjectError]) {
+    let by_object = status::errors_by_object(errors);
+    let now = jiff::Timestamp::now().as_second();
+    for m in &objects.models {
+        let e = by_object.get(&("LLMModel", id_of(m)));
+        let current = m
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or(&[]);
+        let observed = m.status.as_ref().and_then(|s| s.observed_generation);
+        update(ctx, m, current, observed, &status::model_conditions(e)).await;
+    }
+    for k in &objects.keys {
+        let e = by_object.get(&("VirtualKey", id_of(k)));
+        let expired = k
+            .spec
+            .expires_at
+            .as_ref()
+            .is_some_and(|t| t.0.as_second() <= now);
+        let current = k
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or(&[]);
+        let observed = k.status.as_ref().and_then(|s| s.observed_generation);
+        update(
+            ctx,
+            k,
+            current,
+            observed,
+            &status::key_conditions(e, expired),
+        )
+        .await;
+    }
+    for p in &objects.policies {
+        let e = by_object.get(&("RoutePolicy", id_of(p)));
+        let current = p
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or(&[]);
+        let observed = p.status.as_ref().and_then(|s| s.observed_generation);
+        update(ctx, p, current, observed, &status::policy_conditions(e)).await;
+    }
+}
+
+async fn update<K>(
+    ctx: &Ctx,
+    obj: &K,
+    current: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    observed: Option<i64>,
+    want: &[status::Want],
+) where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let generation = obj.meta().generation;
+    let desired = status::Desired {
+        observed_generation: generation,
+        conditions: status::merge(current, want, generation),
+    };
+    if status::up_to_date(observed, current, &desired) {
+        return;
+    }
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns_of(obj));
+    let patch = serde_json::json!({
+        "status": {
+            "observedGeneration": desired.observed_generation,
+            "conditions": desired.conditions,
+        }
+    });
+    match api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            metrics::counter!(metric::STATUS_WRITES, "result" => "ok").increment(1);
+            for c in status::transitions(current, &desired) {
+                let ev = Event {
+                    type_: if c.status == "True" || c.type_ == "Expired" {
+                        EventType::Normal
+                    } else {
+                        EventType::Warning
+                    },
+                    reason: c.reason.clone(),
+                    note: Some(format!("{} is {}: {}", c.type_, c.status, c.message)),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                };
+                if let Err(e) = ctx
+                    .recorder
+                    .publish(&ev, &obj.object_ref(&Default::default()))
+                    .await
+                {
+                    tracing::debug!(object = %id_of(obj), "event not recorded: {e}");
+                }
+            }
+        }
+        Err(e) => {
+            metrics::counter!(metric::STATUS_WRITES, "result" => "error").increment(1);
+            tracing::warn!(object = %id_of(obj), "status not written (retried on the next pass): {e}");
+        }
+    }
+}
+
+/// Serves `/healthz`, `/readyz` (once the watches synced) and `/metrics`.
+async fn serve_health(
+    addr: SocketAddr,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(std::sync::atomic::Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ready")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "syncing")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let text = prometheus.render();
+                async move { text }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, "health and metrics listening");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(())
+}

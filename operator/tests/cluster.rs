@@ -1,0 +1,276 @@
+//! End-to-end against a real Kubernetes API server (etcd + kube-apiserver 1.20 + controller
+//! manager, see `tollgate_testkit::kube`): the operator and a data plane in cluster mode, driven
+//! with `kubectl` and HTTP. Needs `scripts/kube-test-env.sh` to have built the server, and the
+//! data-plane binary built (`cargo nextest run --workspace` builds it).
+
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tollgate_testkit::kube::KubeCluster;
+use tollgate_testkit::{Gateway, Operator, workspace_bin};
+
+const OPERATOR: &str = env!("CARGO_BIN_EXE_tollgate-operator");
+const KEY: &str = "sk-cluster-test-key-0001";
+
+fn crds_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate/crds")
+}
+
+fn dataplane() -> String {
+    let bin = workspace_bin("tollgate-dataplane");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p tollgate-dataplane)",
+        bin.display()
+    );
+    bin.display().to_string()
+}
+
+fn model(reply: &str) -> String {
+    format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: demo, namespace: team-a}}\nspec: {{modelName: demo, provider: mock, mock: {{reply: '{reply}'}}}}\n"
+    )
+}
+
+fn key() -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: app-key, namespace: team-a}}\nstringData: {{key: {KEY}}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: VirtualKey\nmetadata: {{name: app, namespace: team-a}}\nspec: {{secretRef: {{name: app-key}}, team: search}}\n"
+    )
+}
+
+async fn chat(gw: &Gateway, key: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}]}))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls `chat` until `ok` says yes; returns how long that took.
+async fn served_within(
+    gw: &Gateway,
+    key: &str,
+    limit: Duration,
+    ok: impl Fn(u16, &Value) -> bool,
+) -> Duration {
+    let t = Instant::now();
+    loop {
+        let (s, v) = chat(gw, key).await;
+        if ok(s, &v) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < limit,
+            "not served as expected within {limit:?}; last answer {s} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn reply_of(v: &Value) -> &str {
+    v["choices"][0]["message"]["content"].as_str().unwrap_or("")
+}
+
+fn condition(kube: &KubeCluster, kind: &str, ns: &str, name: &str, ty: &str) -> Option<Value> {
+    let out = kube.kubectl(&["get", kind, name, "-n", ns, "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == ty)
+        .cloned()
+}
+
+fn wait_condition(
+    kube: &KubeCluster,
+    op: &Operator,
+    kind: &str,
+    ns: &str,
+    name: &str,
+    ty: &str,
+    status: &str,
+) -> Value {
+    let t = Instant::now();
+    loop {
+        if let Some(c) = condition(kube, kind, ns, name, ty)
+            && c["status"] == status
+        {
+            return c;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{kind} {ns}/{name}: no {ty}={status}; now {:?}\noperator log:\n{}",
+            condition(kube, kind, ns, name, ty),
+            op.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test]
+async fn kubectl_apply_is_served_reported_and_survives_the_operator() {
+    let mut kube = KubeCluster::start();
+    kube.install_crds(&crds_dir());
+    // The garbage collector of 1.20 sees CRDs created after it started only on a resync.
+    kube.restart_controller_manager();
+    kube.kubectl_ok(&["create", "namespace", "tollgate-system"]);
+    kube.kubectl_ok(&["create", "namespace", "team-a"]);
+    let mut op = Operator::start(OPERATOR, kube.kubeconfig_path());
+    assert!(
+        op.wait_for_log("published config", Duration::from_secs(60)),
+        "{}",
+        op.logs()
+    );
+    let mut gw = Gateway::start_cluster(&dataplane(), kube.kubeconfig_path(), &[]);
+
+    // kubectl apply a model and a key: served within 2 s.
+    kube.apply_yaml(&format!("{}---\n{}", model("first"), key()));
+    let took = served_within(&gw, KEY, Duration::from_secs(10), |s, v| {
+        s == 200 && reply_of(v) == "first"
+    })
+    .await;
+    eprintln!("model + key served {took:?} after kubectl apply");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    wait_condition(&kube, &op, "llmmodel", "team-a", "demo", "Ready", "True");
+    let ready = wait_condition(&kube, &op, "virtualkey", "team-a", "app", "Ready", "True");
+    assert_eq!(ready["reason"], "Compiled");
+
+    // Edit the model: the new version is served within 2 s.
+    kube.apply_yaml(&model("second"));
+    let took = served_within(&gw, KEY, Duration::from_secs(10), |s, v| {
+        s == 200 && reply_of(v) == "second"
+    })
+    .await;
+    eprintln!("model edit served {took:?} after kubectl apply");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // An invalid RoutePolicy is reported on itself; everything else keeps serving.
+    kube.apply_yaml(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {name: broken, namespace: team-a}\nspec: {models: [demo], fallbacks: [no-such-model]}\n",
+    );
+    let c = wait_condition(
+        &kube,
+        &op,
+        "routepolicy",
+        "team-a",
+        "broken",
+        "Accepted",
+        "False",
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains(r#"spec.fallbacks[0]: no LLMModel has modelName "no-such-model""#),
+        "{c}"
+    );
+    let refs = wait_condition(
+        &kube,
+        &op,
+        "routepolicy",
+        "team-a",
+        "broken",
+        "ResolvedRefs",
+        "False",
+    );
+    assert_eq!(refs["reason"], "ModelNotFound");
+    assert_eq!(chat(&gw, KEY).await.0, 200);
+    let events = kube.kubectl_ok(&["get", "events", "-n", "team-a"]);
+    assert!(events.contains("broken"), "{events}");
+
+    // A VirtualKey without a Secret gets a generated key, owned by it, that works.
+    kube.apply_yaml(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: VirtualKey\nmetadata: {name: generated, namespace: team-a}\nspec: {models: [demo]}\n",
+    );
+    let t = Instant::now();
+    let generated = loop {
+        let out = kube.kubectl(&[
+            "get",
+            "secret",
+            "generated-key",
+            "-n",
+            "team-a",
+            "-o",
+            "jsonpath={.data.key}",
+        ]);
+        if out.status.success() && !out.stdout.is_empty() {
+            break String::from_utf8(out.stdout).unwrap();
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no generated Secret");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let generated = String::from_utf8(
+        std::process::Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(generated.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(generated.starts_with("sk-tg-"), "{generated}");
+    served_within(&gw, &generated, Duration::from_secs(5), |s, _| s == 200).await;
+    let vk = kube.kubectl_ok(&[
+        "get",
+        "virtualkey",
+        "generated",
+        "-n",
+        "team-a",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        !vk.contains(&generated),
+        "the key leaked into the VirtualKey: {vk}"
+    );
+
+    // Delete the key: 401 within 2 s.
+    kube.kubectl_ok(&["delete", "virtualkey", "app", "-n", "team-a"]);
+    let took = served_within(&gw, KEY, Duration::from_secs(10), |s, _| s == 401).await;
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // The operator goes down: the data plane keeps serving, also after its own restart.
+    op.kill();
+    assert_eq!(chat(&gw, &generated).await.0, 200);
+    gw.kill();
+    gw.start_again();
+    assert_eq!(chat(&gw, &generated).await.0, 200);
+    assert_eq!(chat(&gw, KEY).await.0, 401);
+
+    // Back up, it picks up what changed while it was down.
+    kube.apply_yaml(&model("third"));
+    op.start_again();
+    served_within(&gw, &generated, Duration::from_secs(30), |s, v| {
+        s == 200 && reply_of(v) == "third"
+    })
+    .await;
+
+    // Deleting the generated key's VirtualKey deletes its Secret (owner reference).
+    kube.kubectl_ok(&["delete", "virtualkey", "generated", "-n", "team-a"]);
+    assert!(tollgate_testkit::wait_until(
+        Duration::from_secs(30),
+        || {
+            !kube
+                .kubectl(&["get", "secret", "generated-key", "-n", "team-a"])
+                .status
+                .success()
+        }
+    ));
+    let logs = op.logs() + &gw.logs();
+    assert!(
+        !logs.contains(KEY) && !logs.contains(&generated),
+        "a key leaked into the logs"
+    );
+}
