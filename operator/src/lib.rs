@@ -15,9 +15,11 @@
 //!
 //! One object's error is reported on that object and leaves it out of the config; the rest
 //! keep serving. Nothing is published until every store has listed once, so a restarting
-//! operator never publishes a half-seen cluster.
+//! operator never publishes a half-seen cluster. With several replicas, a Lease elects the one
+//! that writes ([`leader`]); the others keep their watches warm to take over at once.
 
 pub mod keys;
+pub mod leader;
 pub mod publish;
 pub mod status;
 
@@ -60,6 +62,15 @@ pub struct Args {
     /// Quiet time after a change before reconciling (batches bursts of changes).
     #[arg(long, env = "TOLLGATE_DEBOUNCE", default_value = "50ms", value_parser = duration)]
     pub debounce: Duration,
+    /// Name of the Lease (in `--config-namespace`) that elects the one replica that writes.
+    #[arg(long, env = "TOLLGATE_LEASE_NAME", default_value = "tollgate-operator")]
+    pub lease_name: String,
+    /// How long the leader's lease lasts without renewal: a standby takes over within it.
+    #[arg(long, env = "TOLLGATE_LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    pub lease_duration: Duration,
+    /// This replica's identity in the Lease (default: `$POD_NAME`, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "TOLLGATE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -173,19 +184,45 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         recorder,
         published: None,
     };
-    ctx.published = publish::current_hash(
-        &ctx.client,
-        &ctx.args.config_namespace,
-        &ctx.args.config_name,
-    )
-    .await
-    .unwrap_or(None);
+    let leadership = Arc::new(leader::Leadership::default());
+    let election = leader::Election {
+        name: ctx.args.lease_name.clone(),
+        namespace: ctx.args.config_namespace.clone(),
+        identity: ctx.args.identity.clone().unwrap_or_else(default_identity),
+        duration: ctx.args.lease_duration,
+        renew: (ctx.args.lease_duration / 5).max(Duration::from_millis(200)),
+    };
+    tokio::spawn(leader::run(
+        ctx.client.clone(),
+        election,
+        leadership.clone(),
+    ));
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let resync = Duration::from_secs(60);
+    let mut was_leader = false;
     loop {
-        // A change, or the periodic resync (which retries anything that failed).
-        let _ = tokio::time::timeout(resync, changed.notified()).await;
+        // A change, leadership gained, or the periodic resync (which retries what failed).
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = leadership.gained.notified() => {}
+            _ = tokio::time::sleep(resync) => {}
+        }
         tokio::time::sleep(ctx.args.debounce).await;
+        if !leadership.is_leader() {
+            was_leader = false;
+            continue;
+        }
+        if !was_leader {
+            // Another replica may have published since this one last looked.
+            ctx.published = publish::current_hash(
+                &ctx.client,
+                &ctx.args.config_namespace,
+                &ctx.args.config_name,
+            )
+            .await
+            .unwrap_or(None);
+            was_leader = true;
+        }
         let started = Instant::now();
         let result = reconcile(&mut ctx).await;
         metrics::histogram!(metric::DURATION).record(started.elapsed().as_secs_f64());
@@ -302,6 +339,14 @@ async fn reconcile(ctx: &mut Ctx) -> anyhow::Result<()> {
 
     write_statuses(ctx, &objects, &errors).await;
     Ok(())
+}
+
+/// `host-pid`: unique enough for a replica that has no pod name.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "operator".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn ns_of<K: Resource>(o: &K) -> String {

@@ -274,3 +274,73 @@ async fn kubectl_apply_is_served_reported_and_survives_the_operator() {
         "a key leaked into the logs"
     );
 }
+
+#[tokio::test]
+async fn two_replicas_elect_one_leader_and_fail_over() {
+    let kube = KubeCluster::start();
+    kube.install_crds(&crds_dir());
+    kube.kubectl_ok(&["create", "namespace", "tollgate-system"]);
+    kube.kubectl_ok(&["create", "namespace", "team-a"]);
+    let flags = ["--lease-duration", "3s"];
+    let mut a = Operator::start_with(
+        OPERATOR,
+        kube.kubeconfig_path(),
+        &[&flags[..], &["--identity", "op-a"]].concat(),
+    );
+    assert!(
+        a.wait_for_log("became leader", Duration::from_secs(60)),
+        "{}",
+        a.logs()
+    );
+    let b = Operator::start_with(
+        OPERATOR,
+        kube.kubeconfig_path(),
+        &[&flags[..], &["--identity", "op-b"]].concat(),
+    );
+    assert!(
+        b.wait_for_log("watches synced", Duration::from_secs(60)),
+        "{}",
+        b.logs()
+    );
+    let gw = Gateway::start_cluster(&dataplane(), kube.kubeconfig_path(), &[]);
+    kube.apply_yaml(&format!("{}---\n{}", model("from-a"), key()));
+    served_within(&gw, KEY, Duration::from_secs(10), |s, v| {
+        s == 200 && reply_of(v) == "from-a"
+    })
+    .await;
+    // One leader: the standby published nothing.
+    assert!(!b.logs().contains("became leader"), "{}", b.logs());
+    assert!(!b.logs().contains("published config"), "{}", b.logs());
+    let lease = kube.kubectl_ok(&[
+        "get",
+        "lease",
+        "tollgate-operator",
+        "-n",
+        "tollgate-system",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(lease, "op-a");
+
+    // The leader dies: the standby takes over within the lease time and serves changes.
+    a.kill();
+    let t = Instant::now();
+    assert!(
+        b.wait_for_log("became leader", Duration::from_secs(10)),
+        "{}",
+        b.logs()
+    );
+    let took = t.elapsed();
+    eprintln!("standby became leader {took:?} after the leader died");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    kube.apply_yaml(&model("from-b"));
+    served_within(&gw, KEY, Duration::from_secs(10), |s, v| {
+        s == 200 && reply_of(v) == "from-b"
+    })
+    .await;
+    // A returning replica stays a standby while the new leader renews.
+    a.start_again();
+    assert!(a.wait_for_log("watches synced", Duration::from_secs(60)));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!a.logs().contains("became leader"), "{}", a.logs());
+}

@@ -37,6 +37,7 @@ enum Source {
 pub struct Operator {
     bin: String,
     kubeconfig: PathBuf,
+    extra_args: Vec<String>,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
 }
@@ -44,16 +45,27 @@ pub struct Operator {
 impl Operator {
     /// Starts `bin` against the cluster of `kubeconfig`, publishing to `tollgate-system`.
     pub fn start(bin: &str, kubeconfig: &Path) -> Self {
-        let (child, logs) = Self::spawn(bin, kubeconfig);
+        Self::start_with(bin, kubeconfig, &[])
+    }
+
+    /// Like [`Self::start`], with extra flags.
+    pub fn start_with(bin: &str, kubeconfig: &Path, extra_args: &[&str]) -> Self {
+        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let (child, logs) = Self::spawn(bin, kubeconfig, &extra_args);
         Self {
             bin: bin.to_string(),
             kubeconfig: kubeconfig.to_path_buf(),
+            extra_args,
             child,
             logs,
         }
     }
 
-    fn spawn(bin: &str, kubeconfig: &Path) -> (Child, Arc<Mutex<Vec<String>>>) {
+    fn spawn(
+        bin: &str,
+        kubeconfig: &Path,
+        extra_args: &[String],
+    ) -> (Child, Arc<Mutex<Vec<String>>>) {
         let mut child = Command::new(bin)
             .args([
                 "--config-namespace",
@@ -61,6 +73,7 @@ impl Operator {
                 "--metrics-addr",
                 "127.0.0.1:0",
             ])
+            .args(extra_args)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,tollgate_operator=debug")
             .stdout(Stdio::null())
@@ -86,7 +99,7 @@ impl Operator {
 
     /// Starts it again (after [`Self::kill`]); the log starts afresh.
     pub fn start_again(&mut self) {
-        let (child, logs) = Self::spawn(&self.bin, &self.kubeconfig);
+        let (child, logs) = Self::spawn(&self.bin, &self.kubeconfig, &self.extra_args);
         self.child = child;
         self.logs = logs;
     }
