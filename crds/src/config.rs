@@ -279,6 +279,64 @@ pub enum BudgetPeriod {
     Seconds(u64),
 }
 
+impl BudgetPeriod {
+    /// Index of the budget period containing `now` (Unix seconds). Periods are in UTC: days start
+    /// at 00:00, weeks on Monday, months on the 1st; fixed durations count from the Unix epoch.
+    pub fn index(self, now: u64) -> u64 {
+        match self {
+            BudgetPeriod::Lifetime => 0,
+            BudgetPeriod::Daily => now / DAY,
+            // 1970-01-01 was a Thursday: shift by 3 days so weeks start on Monday.
+            BudgetPeriod::Weekly => (now / DAY + 3) / 7,
+            BudgetPeriod::Monthly => {
+                let (y, m, _) = civil_from_days((now / DAY) as i64);
+                (y as u64) * 12 + (m as u64 - 1)
+            }
+            BudgetPeriod::Seconds(s) => now / s.max(1),
+        }
+    }
+
+    /// When the period containing `now` ends, or `None` for a lifetime budget.
+    pub fn end(self, now: u64) -> Option<u64> {
+        Some(match self {
+            BudgetPeriod::Lifetime => return None,
+            BudgetPeriod::Daily => (now / DAY + 1) * DAY,
+            BudgetPeriod::Weekly => ((now / DAY + 3) / 7 + 1) * 7 * DAY - 3 * DAY,
+            BudgetPeriod::Monthly => {
+                let (y, m, _) = civil_from_days((now / DAY) as i64);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                days_from_civil(ny, nm, 1) as u64 * DAY
+            }
+            BudgetPeriod::Seconds(s) => (now / s.max(1) + 1) * s.max(1),
+        })
+    }
+}
+
+const DAY: u64 = 86_400;
+
+// Howard Hinnant's civil-date algorithms: days since 1970-01-01 <-> (year, month, day).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// SHA-256 of a virtual key; serialized as hex.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyHash(pub [u8; 32]);

@@ -24,6 +24,7 @@ pub mod model;
 pub mod policy;
 pub mod publish;
 pub mod secret;
+pub mod usage;
 
 pub use compile::{ObjectError, Objects, compile};
 pub use config::GatewayConfig;

@@ -11,58 +11,15 @@
 use crate::accounting::Ledger;
 use crate::limits::{Registry, Scope, period_index};
 use crate::snapshot::Snapshot;
-use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
-use tollgate_crds::config::{Picodollars, TokenUsage};
+use tollgate_crds::config::Picodollars;
 
-/// The Redis stream usage records are appended to (`XADD`, fields `id` and `record`).
-pub const STREAM: &str = "tollgate:usage";
-
-/// One settled request.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-pub struct UsageRecord {
-    /// Unique record id (not the client's request id, which clients may reuse).
-    pub id: String,
-    /// The request id (`x-request-id`).
-    pub request_id: String,
-    /// Unix time, milliseconds.
-    pub ts_ms: u64,
-    /// VirtualKey `namespace/name`.
-    pub key: Arc<str>,
-    /// The key's team.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub team: Option<String>,
-    /// Public model name.
-    pub model: Arc<str>,
-    /// Deployment (LLMModel `namespace/name`).
-    pub deployment: Arc<str>,
-    /// Prompt tokens.
-    pub prompt_tokens: u64,
-    /// Completion tokens.
-    pub completion_tokens: u64,
-    /// Cached prompt tokens.
-    pub cached_tokens: u64,
-    /// Cost in picodollars.
-    pub cost_pico: u64,
-    /// `success`, `upstream_error`, `client_gone`, `rejected`.
-    pub outcome: String,
-}
-
-impl UsageRecord {
-    /// The usage of this record.
-    pub fn usage(&self) -> TokenUsage {
-        TokenUsage {
-            prompt: self.prompt_tokens,
-            completion: self.completion_tokens,
-            cached: self.cached_tokens,
-        }
-    }
-}
+pub use tollgate_crds::usage::{STREAM, UsageRecord};
 
 enum Msg {
     Record(UsageRecord),

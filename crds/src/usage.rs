@@ -1,0 +1,51 @@
+//! The usage record: one per settled request, written by data-plane pods (to a local JSONL
+//! file and to the Redis stream [`STREAM`]) and read back by the data plane at start-up and by
+//! the operator, which folds it into the CRDs' status. It is the contract between the two.
+
+use crate::config::TokenUsage;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The Redis stream usage records are appended to (`XADD`, fields `id` and `record`).
+pub const STREAM: &str = "tollgate:usage";
+
+/// One settled request.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// Unique record id (not the client's request id, which clients may reuse).
+    pub id: String,
+    /// The request id (`x-request-id`).
+    pub request_id: String,
+    /// Unix time, milliseconds.
+    pub ts_ms: u64,
+    /// VirtualKey `namespace/name`.
+    pub key: Arc<str>,
+    /// The key's team.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    /// Public model name.
+    pub model: Arc<str>,
+    /// Deployment (LLMModel `namespace/name`).
+    pub deployment: Arc<str>,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Cached prompt tokens.
+    pub cached_tokens: u64,
+    /// Cost in picodollars.
+    pub cost_pico: u64,
+    /// `success`, `upstream_error`, `client_gone`, `rejected`.
+    pub outcome: String,
+}
+
+impl UsageRecord {
+    /// The usage of this record.
+    pub fn usage(&self) -> TokenUsage {
+        TokenUsage {
+            prompt: self.prompt_tokens,
+            completion: self.completion_tokens,
+            cached: self.cached_tokens,
+        }
+    }
+}
