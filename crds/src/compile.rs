@@ -337,7 +337,8 @@ fn check_limits(field: &str, l: Option<&Limits>) -> Result<(), (String, String)>
     Ok(())
 }
 
-fn budget_period(s: &str) -> Result<BudgetPeriod, String> {
+/// Parses a budget's `duration` (`daily`, `weekly`, `monthly`, or a duration of a minute or more).
+pub fn budget_period(s: &str) -> Result<BudgetPeriod, String> {
     Ok(match s.trim() {
         "daily" | "1d" => BudgetPeriod::Daily,
         "weekly" | "7d" => BudgetPeriod::Weekly,

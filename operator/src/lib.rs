@@ -21,6 +21,7 @@
 pub mod keys;
 pub mod leader;
 pub mod publish;
+pub mod spend;
 pub mod status;
 
 use anyhow::Context as _;
@@ -71,6 +72,14 @@ pub struct Args {
     /// This replica's identity in the Lease (default: `$POD_NAME`, else host name and pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Redis holding the usage stream the data-plane pods write (`--redis-url` of the data
+    /// plane): spend is folded from it into VirtualKey and LLMModel status. Without it, status
+    /// has no spend.
+    #[arg(long, env = "TOLLGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// How often new usage is folded into status.
+    #[arg(long, env = "TOLLGATE_SPEND_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub spend_interval: Duration,
     /// Log format: `text` or `json`.
     #[arg(long, env = "TOLLGATE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -183,6 +192,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         stores,
         recorder,
         published: None,
+        spend: Arc::new(spend::SpendView::default()),
     };
     let leadership = Arc::new(leader::Leadership::default());
     let election = leader::Election {
@@ -197,6 +207,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         election,
         leadership.clone(),
     ));
+    if let Some(url) = ctx.args.redis_url.clone() {
+        tokio::spawn(spend::run(
+            ctx.client.clone(),
+            url,
+            ctx.args.spend_interval,
+            ctx.stores.keys.clone(),
+            ctx.stores.models.clone(),
+            leadership.clone(),
+            ctx.spend.clone(),
+            changed.clone(),
+        ));
+    }
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let resync = Duration::from_secs(60);
     let mut was_leader = false;
@@ -245,6 +267,8 @@ struct Ctx {
     recorder: Recorder,
     /// Hash of the config last published (or found published at start).
     published: Option<String>,
+    /// Budget state from the folded spend.
+    spend: Arc<spend::SpendView>,
 }
 
 /// One pass: fetch → compile → publish → status.
@@ -393,7 +417,7 @@ async fn write_statuses(ctx: &Ctx, objects: &Objects, errors: &[tollgate_crds::O
             k,
             current,
             observed,
-            &status::key_conditions(e, expired),
+            &status::key_conditions(e, expired, ctx.spend.exceeded(&id_of(k))),
         )
         .await;
     }

@@ -5,7 +5,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use std::collections::HashMap;
 use tollgate_crds::ObjectError;
-use tollgate_crds::common::condition::{ACCEPTED, EXPIRED, READY, RESOLVED_REFS};
+use tollgate_crds::common::condition::{ACCEPTED, BUDGET_EXCEEDED, EXPIRED, READY, RESOLVED_REFS};
 
 /// The status fields the operator owns on every Tollgate object.
 #[derive(Clone, Debug, PartialEq)]
@@ -73,8 +73,13 @@ pub fn model_conditions(errors: Option<&Vec<String>>) -> Vec<Want> {
     }
 }
 
-/// Conditions of a VirtualKey; `expired` when `expiresAt` has passed.
-pub fn key_conditions(errors: Option<&Vec<String>>, expired: bool) -> Vec<Want> {
+/// Conditions of a VirtualKey; `expired` when `expiresAt` has passed; `exceeded` whether its
+/// budget for this period is spent (when it has a budget and spend is known).
+pub fn key_conditions(
+    errors: Option<&Vec<String>>,
+    expired: bool,
+    exceeded: Option<bool>,
+) -> Vec<Want> {
     let mut out = vec![match errors {
         None if expired => Want::new(READY, false, "Expired", "The key's expiresAt has passed."),
         None => Want::new(
@@ -96,6 +101,21 @@ pub fn key_conditions(errors: Option<&Vec<String>>, expired: bool) -> Vec<Want> 
         // Never an empty message: the API serializes it as null, which the schema refuses.
         Want::new(EXPIRED, false, "NotExpired", "The key has not expired.")
     });
+    match exceeded {
+        Some(true) => out.push(Want::new(
+            BUDGET_EXCEEDED,
+            true,
+            "BudgetSpent",
+            "The budget for this period is spent: requests get 429 budget_exceeded until status.spend.budgetResetAt.",
+        )),
+        Some(false) => out.push(Want::new(
+            BUDGET_EXCEEDED,
+            false,
+            "WithinBudget",
+            "Spend this period is below the budget.",
+        )),
+        None => {}
+    }
     out
 }
 

@@ -344,3 +344,101 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!a.logs().contains("became leader"), "{}", a.logs());
 }
+
+fn spend_of(kube: &KubeCluster, kind: &str, name: &str) -> Value {
+    let out = kube.kubectl(&["get", kind, name, "-n", "team-a", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v["status"]["spend"].clone()
+}
+
+#[tokio::test]
+async fn spend_from_real_requests_reaches_status_exactly_once_across_an_operator_crash() {
+    let redis = tollgate_testkit::Redis::start();
+    let kube = KubeCluster::start();
+    kube.install_crds(&crds_dir());
+    kube.kubectl_ok(&["create", "namespace", "tollgate-system"]);
+    kube.kubectl_ok(&["create", "namespace", "team-a"]);
+    let mut op = Operator::start_with(
+        OPERATOR,
+        kube.kubeconfig_path(),
+        &["--redis-url", &redis.url(), "--spend-interval", "200ms"],
+    );
+    assert!(
+        op.wait_for_log("published config", Duration::from_secs(60)),
+        "{}",
+        op.logs()
+    );
+    let gw = Gateway::start_cluster(
+        &dataplane(),
+        kube.kubeconfig_path(),
+        &["--redis-url", &redis.url()],
+    );
+    // $0.0002 a request; a budget of $0.009 a day admits 45.
+    kube.apply_yaml(&format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: demo, namespace: team-a}}\nspec: {{modelName: demo, provider: mock, mock: {{promptTokens: 100, completionTokens: 100}}, pricing: {{inputPerMillion: 1, outputPerMillion: 1}}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: app-key, namespace: team-a}}\nstringData: {{key: {KEY}}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: VirtualKey\nmetadata: {{name: app, namespace: team-a}}\nspec: {{secretRef: {{name: app-key}}, budget: {{maxUsd: 0.009, duration: daily}}}}\n"
+    ));
+    served_within(&gw, KEY, Duration::from_secs(10), |s, _| s == 200).await;
+    let mut served = 1u64;
+    // Load, with the operator killed in the middle and back a little later.
+    for i in 0..40 {
+        if i == 10 {
+            op.kill();
+        }
+        if i == 25 {
+            op.start_again();
+        }
+        let (s, v) = chat(&gw, KEY).await;
+        assert_eq!(s, 200, "{v}");
+        served += 1;
+    }
+    assert_eq!(served, 41);
+    let want = |n: u64| tollgate_crds::config::Picodollars(n * 200_000_000).to_string();
+    let t = Instant::now();
+    loop {
+        let spend = spend_of(&kube, "virtualkey", "app");
+        if spend["totalUsd"] == want(served) {
+            assert_eq!(spend["currentPeriodUsd"], want(served), "{spend}");
+            assert!(spend["budgetResetAt"].is_string(), "{spend}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "spend in status {spend}, want {}\n{}",
+            want(served),
+            op.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let model = spend_of(&kube, "llmmodel", "demo");
+    assert_eq!(model["requests"], served, "{model}");
+    assert_eq!(model["totalUsd"], want(served), "{model}");
+    // Folded once, however often the operator (re)started: nothing more appears later.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        spend_of(&kube, "virtualkey", "app")["totalUsd"],
+        want(served)
+    );
+
+    // Spend the rest of the budget: the data plane refuses, and the key says why.
+    loop {
+        let (s, v) = chat(&gw, KEY).await;
+        if s == 429 {
+            assert_eq!(v["error"]["code"], "budget_exceeded", "{v}");
+            break;
+        }
+        served += 1;
+        assert!(served <= 45, "served past the budget");
+    }
+    assert_eq!(served, 45);
+    wait_condition(
+        &kube,
+        &op,
+        "virtualkey",
+        "team-a",
+        "app",
+        "BudgetExceeded",
+        "True",
+    );
+    let printed = kube.kubectl_ok(&["get", "virtualkeys", "-n", "team-a"]);
+    assert!(printed.contains("0.009"), "{printed}");
+}

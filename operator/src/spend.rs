@@ -1,0 +1,336 @@
+//! Spend into status: the leader folds the usage records that data-plane pods append to the
+//! Redis stream `tollgate:usage` into running totals, and writes them to VirtualKey and
+//! LLMModel status.
+//!
+//! Folding is exactly-once: the totals and the stream position they include (the watermark)
+//! change together, in one `MULTI`/`EXEC` guarded by `WATCH` on the watermark. An operator that
+//! dies between reading and committing a batch commits nothing, and the next leader folds the
+//! batch again from the same watermark; two operators that both believe they lead can't both
+//! commit the same batch.
+//!
+//! Totals live in Redis hashes (`tollgate:spend:key:<ns/name>`, `tollgate:spend:model:<ns/name>`:
+//! `total` pico-dollars, `requests`, `prompt`, `completion`, and per key `p:<period>:<index>`
+//! for the budget period a record fell in). Status is a copy of them, written only for objects
+//! whose totals changed (plus a full pass every minute, for period roll-overs), so status
+//! writes are batched per fold, never one per request.
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
+use redis::AsyncCommands;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tollgate_crds::config::{BudgetPeriod, Picodollars};
+use tollgate_crds::usage::{STREAM, UsageRecord};
+use tollgate_crds::{LlmModel, VirtualKey};
+
+/// The stream position folded so far.
+pub const WATERMARK: &str = "tollgate:spend:watermark";
+/// Records folded per transaction.
+const BATCH: usize = 1000;
+
+/// What the spend task shares with the reconcile loop: whether each key's budget is spent.
+#[derive(Debug, Default)]
+pub struct SpendView {
+    exceeded: Mutex<HashMap<String, bool>>,
+}
+
+impl SpendView {
+    /// Whether key `id` (`namespace/name`) has spent its budget this period, if known.
+    pub fn exceeded(&self, id: &str) -> Option<bool> {
+        self.exceeded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
+    }
+
+    /// Records `value`; returns whether it changed.
+    fn set(&self, id: &str, value: Option<bool>) -> bool {
+        let mut m = self.exceeded.lock().unwrap_or_else(|e| e.into_inner());
+        let old = match value {
+            Some(v) => m.insert(id.to_string(), v),
+            None => m.remove(id),
+        };
+        old != value
+    }
+}
+
+/// The label of a budget period in the totals' field names.
+fn period_label(p: BudgetPeriod) -> String {
+    match p {
+        BudgetPeriod::Lifetime => "l".into(),
+        BudgetPeriod::Daily => "d".into(),
+        BudgetPeriod::Weekly => "w".into(),
+        BudgetPeriod::Monthly => "m".into(),
+        BudgetPeriod::Seconds(s) => format!("s{s}"),
+    }
+}
+
+/// The budget period of each key, from its spec (`None`: no budget).
+fn key_periods(keys: &Store<VirtualKey>) -> HashMap<String, (BudgetPeriod, Picodollars)> {
+    keys.state()
+        .iter()
+        .filter_map(|k| {
+            let b = k.spec.budget.as_ref()?;
+            let period = match &b.duration {
+                Some(d) => tollgate_crds::compile::budget_period(d).ok()?,
+                None => BudgetPeriod::Lifetime,
+            };
+            Some((
+                format!("{}/{}", k.namespace().unwrap_or_default(), k.name_any()),
+                (period, Picodollars::from_usd(b.max_usd)?),
+            ))
+        })
+        .collect()
+}
+
+/// Increments of one fold.
+#[derive(Debug, Default)]
+struct Fold {
+    keys: BTreeMap<String, BTreeMap<String, u64>>,
+    models: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl Fold {
+    fn add(&mut self, r: &UsageRecord, periods: &HashMap<String, (BudgetPeriod, Picodollars)>) {
+        let k = self.keys.entry(r.key.to_string()).or_default();
+        *k.entry("total".into()).or_default() += r.cost_pico;
+        *k.entry("requests".into()).or_default() += 1;
+        *k.entry("prompt".into()).or_default() += r.prompt_tokens;
+        *k.entry("completion".into()).or_default() += r.completion_tokens;
+        if let Some((p, _)) = periods.get(&*r.key) {
+            let field = format!("p:{}:{}", period_label(*p), p.index(r.ts_ms / 1000));
+            *k.entry(field).or_default() += r.cost_pico;
+        }
+        let m = self.models.entry(r.deployment.to_string()).or_default();
+        *m.entry("total".into()).or_default() += r.cost_pico;
+        *m.entry("requests".into()).or_default() += 1;
+        *m.entry("prompt".into()).or_default() += r.prompt_tokens;
+        *m.entry("completion".into()).or_default() += r.completion_tokens;
+    }
+}
+
+/// Folds everything new in the stream. Returns the keys and models whose totals changed.
+async fn fold(
+    conn: &mut redis::aio::MultiplexedConnection,
+    periods: &HashMap<String, (BudgetPeriod, Picodollars)>,
+) -> redis::RedisResult<(BTreeSet<String>, BTreeSet<String>)> {
+    let mut keys = BTreeSet::new();
+    let mut models = BTreeSet::new();
+    // Bounded per call: a large backlog is folded over several passes.
+    for _ in 0..50 {
+        redis::cmd("WATCH")
+            .arg(WATERMARK)
+            .query_async::<()>(conn)
+            .await?;
+        let wm: Option<String> = conn.get(WATERMARK).await?;
+        let from = wm.map_or_else(|| "-".to_string(), |w| format!("({w}"));
+        let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(STREAM)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(conn)
+            .await?;
+        let Some((last, _)) = entries.last() else {
+            redis::cmd("UNWATCH").query_async::<()>(conn).await?;
+            break;
+        };
+        let mut f = Fold::default();
+        for (id, fields) in &entries {
+            match fields
+                .get("record")
+                .and_then(|j| serde_json::from_str::<UsageRecord>(j).ok())
+            {
+                Some(r) => f.add(&r, periods),
+                None => tracing::warn!(entry = id, "unreadable usage record skipped"),
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (k, fields) in &f.keys {
+            for (field, v) in fields {
+                pipe.hincr(format!("tollgate:spend:key:{k}"), field, *v)
+                    .ignore();
+            }
+        }
+        for (m, fields) in &f.models {
+            for (field, v) in fields {
+                pipe.hincr(format!("tollgate:spend:model:{m}"), field, *v)
+                    .ignore();
+            }
+        }
+        pipe.set(WATERMARK, last).ignore();
+        // `None`: the watermark moved under us (another operator folded): start over.
+        let committed: Option<()> = pipe.query_async(conn).await?;
+        if committed.is_none() {
+            tracing::warn!(
+                "another replica folded usage concurrently; retrying from its watermark"
+            );
+            continue;
+        }
+        keys.extend(f.keys.into_keys());
+        models.extend(f.models.into_keys());
+        if entries.len() < BATCH {
+            break;
+        }
+    }
+    Ok((keys, models))
+}
+
+fn usd(pico: u64) -> String {
+    Picodollars(pico).to_string()
+}
+
+/// Runs the fold-and-report loop for as long as the process runs; acts only while leading.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    client: Client,
+    redis_url: String,
+    every: Duration,
+    keys: Store<VirtualKey>,
+    models: Store<LlmModel>,
+    leadership: Arc<crate::leader::Leadership>,
+    view: Arc<SpendView>,
+    changed: Arc<tokio::sync::Notify>,
+) {
+    let mut conn = None;
+    let mut last_full = Instant::now() - Duration::from_secs(3600);
+    loop {
+        tokio::time::sleep(every).await;
+        if !leadership.is_leader() {
+            continue;
+        }
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match redis::Client::open(redis_url.as_str()) {
+                Ok(cl) => match cl.get_multiplexed_async_connection().await {
+                    Ok(c) => conn.insert(c),
+                    Err(e) => {
+                        tracing::warn!("Redis unreachable for spend (retrying): {e}");
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    tracing::error!("invalid --redis-url: {e}");
+                    return;
+                }
+            },
+        };
+        let periods = key_periods(&keys);
+        let (mut dirty_keys, mut dirty_models) = match fold(c, &periods).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("folding usage failed (retrying): {e}");
+                conn = None;
+                continue;
+            }
+        };
+        // Every minute, everything: budget periods roll over without new records.
+        if last_full.elapsed() > Duration::from_secs(60) {
+            last_full = Instant::now();
+            dirty_keys.extend(
+                keys.state()
+                    .iter()
+                    .map(|k| format!("{}/{}", k.namespace().unwrap_or_default(), k.name_any())),
+            );
+            dirty_models.extend(
+                models
+                    .state()
+                    .iter()
+                    .map(|m| format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any())),
+            );
+        }
+        let mut conditions_changed = false;
+        for id in &dirty_keys {
+            match report_key(&client, c, &keys, &periods, id, &view).await {
+                Ok(flipped) => conditions_changed |= flipped,
+                Err(e) => tracing::warn!(key = id, "spend status not written: {e}"),
+            }
+        }
+        for id in &dirty_models {
+            if let Err(e) = report_model(&client, c, &models, id).await {
+                tracing::warn!(model = id, "spend status not written: {e}");
+            }
+        }
+        if conditions_changed {
+            changed.notify_one();
+        }
+    }
+}
+
+fn split(id: &str) -> (&str, &str) {
+    id.split_once('/').unwrap_or(("default", id))
+}
+
+/// Writes one key's spend; returns whether its BudgetExceeded state flipped.
+async fn report_key(
+    client: &Client,
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Store<VirtualKey>,
+    periods: &HashMap<String, (BudgetPeriod, Picodollars)>,
+    id: &str,
+    view: &SpendView,
+) -> anyhow::Result<bool> {
+    let (ns, name) = split(id);
+    let Some(k) = keys.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns)) else {
+        return Ok(false);
+    };
+    let totals: HashMap<String, u64> = conn.hgetall(format!("tollgate:spend:key:{id}")).await?;
+    let total = totals.get("total").copied().unwrap_or(0);
+    let now = jiff::Timestamp::now().as_second().max(0) as u64;
+    let (current, reset_at, exceeded) = match periods.get(id) {
+        Some((p, max)) => {
+            let field = format!("p:{}:{}", period_label(*p), p.index(now));
+            let current = totals.get(&field).copied().unwrap_or(0);
+            (current, p.end(now), Some(current >= max.0))
+        }
+        None => (total, None, None),
+    };
+    let spend = tollgate_crds::key::KeySpend {
+        current_period_usd: usd(current),
+        total_usd: usd(total),
+        budget_reset_at: reset_at.and_then(|t| {
+            jiff::Timestamp::from_second(t as i64)
+                .ok()
+                .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
+        }),
+    };
+    let flipped = view.set(id, exceeded);
+    if k.status.as_ref().and_then(|s| s.spend.as_ref()) != Some(&spend) {
+        let api: Api<VirtualKey> = Api::namespaced(client.clone(), ns);
+        let patch = serde_json::json!({"status": {"spend": spend}});
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(flipped)
+}
+
+async fn report_model(
+    client: &Client,
+    conn: &mut redis::aio::MultiplexedConnection,
+    models: &Store<LlmModel>,
+    id: &str,
+) -> anyhow::Result<()> {
+    let (ns, name) = split(id);
+    let Some(m) = models.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns)) else {
+        return Ok(());
+    };
+    let t: HashMap<String, u64> = conn.hgetall(format!("tollgate:spend:model:{id}")).await?;
+    let spend = tollgate_crds::model::ModelSpend {
+        total_usd: usd(t.get("total").copied().unwrap_or(0)),
+        requests: t.get("requests").copied().unwrap_or(0),
+        prompt_tokens: t.get("prompt").copied().unwrap_or(0),
+        completion_tokens: t.get("completion").copied().unwrap_or(0),
+    };
+    if m.status.as_ref().and_then(|s| s.spend.as_ref()) != Some(&spend) {
+        let api: Api<LlmModel> = Api::namespaced(client.clone(), ns);
+        let patch = serde_json::json!({"status": {"spend": spend}});
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(())
+}
