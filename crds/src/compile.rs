@@ -30,6 +30,8 @@ pub struct Objects {
     /// Backends resolved by the operator for `serviceRef` / `inferenceServiceRef`, by LLMModel
     /// `namespace/name`: base URLs of the ready endpoints.
     pub resolved_backends: BTreeMap<String, Vec<String>>,
+    /// Why the operator could not resolve a backend, by LLMModel `namespace/name`.
+    pub backend_errors: BTreeMap<String, String>,
 }
 
 /// What is wrong with one object.
@@ -175,6 +177,7 @@ fn compile_model(
     m: &LlmModel,
     secrets: &Secrets<'_>,
     resolved: &BTreeMap<String, Vec<String>>,
+    backend_errors: &BTreeMap<String, String>,
 ) -> Result<Deployment, (String, String)> {
     let id = object_id(&m.metadata);
     let ns = m.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
@@ -257,6 +260,9 @@ fn compile_model(
                 } else {
                     "spec.inferenceServiceRef"
                 };
+                if let Some(e) = backend_errors.get(&id) {
+                    return Err(err(field, e.clone()));
+                }
                 match resolved.get(&id) {
                     Some(urls) if !urls.is_empty() => Backend::Urls(urls.clone()),
                     Some(_) => return Err(err(field, "no ready endpoints".into())),
@@ -595,7 +601,12 @@ pub fn compile(objects: &Objects) -> (GatewayConfig, Vec<ObjectError>) {
             errors.push("LLMModel", &id, "metadata.name", "defined more than once");
             continue;
         }
-        match compile_model(m, &secrets, &objects.resolved_backends) {
+        match compile_model(
+            m,
+            &secrets,
+            &objects.resolved_backends,
+            &objects.backend_errors,
+        ) {
             Ok(d) => config
                 .models
                 .entry(m.spec.model_name.clone())

@@ -18,6 +18,7 @@
 //! operator never publishes a half-seen cluster. With several replicas, a Lease elects the one
 //! that writes ([`leader`]); the others keep their watches warm to take over at once.
 
+pub mod backends;
 pub mod keys;
 pub mod leader;
 pub mod publish;
@@ -26,8 +27,11 @@ pub mod status;
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::DynamicObject;
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -35,6 +39,7 @@ use kube::{Client, Resource, ResourceExt};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tollgate_crds::compile::{DEFAULT_NAMESPACE, Objects};
@@ -96,6 +101,69 @@ struct Stores {
     keys: Store<VirtualKey>,
     policies: Store<RoutePolicy>,
     secrets: Store<Secret>,
+    services: Store<Service>,
+    /// EndpointSlices, and whether the cluster serves their API (v1: Kubernetes 1.21+).
+    slices: (Store<EndpointSlice>, Arc<AtomicBool>),
+    /// KServe InferenceServices, and whether KServe is installed.
+    inference_services: (Store<DynamicObject>, Arc<AtomicBool>),
+}
+
+/// Watches an API that may not be served (a CRD not installed, an API version too new): the
+/// flag says whether it is, and the watch keeps retrying so it is picked up once installed.
+fn watch_optional<K>(
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    changed: Arc<Notify>,
+) -> (Store<K>, Arc<AtomicBool>)
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let writer = reflector::store::Writer::new(dyntype.clone());
+    let store = writer.as_reader();
+    let available = Arc::new(AtomicBool::new(false));
+    let flag = available.clone();
+    let kind = K::kind(&dyntype).to_string();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => {
+                    if !flag.swap(true, Ordering::Relaxed) {
+                        changed.notify_one();
+                    }
+                    changed.notify_one();
+                }
+                Err(e) => {
+                    let missing = matches!(
+                        &e,
+                        watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404
+                    );
+                    if missing {
+                        if flag.swap(false, Ordering::Relaxed) {
+                            changed.notify_one();
+                        }
+                        tracing::debug!(
+                            kind,
+                            "API not served by this cluster (checked again later)"
+                        );
+                    } else {
+                        tracing::warn!(kind, "watch error (retrying): {e}");
+                    }
+                }
+            }
+        }
+    });
+    (store, available)
 }
 
 /// Watches `api` into a store, waking `changed` on every event.
@@ -165,6 +233,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         keys: watch(api::<VirtualKey>(&client, ns), changed.clone()),
         policies: watch(api::<RoutePolicy>(&client, ns), changed.clone()),
         secrets: watch(api::<Secret>(&client, ns), changed.clone()),
+        services: watch(api::<Service>(&client, ns), changed.clone()),
+        slices: watch_optional(api::<EndpointSlice>(&client, ns), (), changed.clone()),
+        inference_services: {
+            let ar = ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("serving.kserve.io", "v1beta1", "InferenceService"),
+                "inferenceservices",
+            );
+            let api = match ns {
+                Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+                None => Api::<DynamicObject>::all_with(client.clone(), &ar),
+            };
+            watch_optional(api, ar, changed.clone())
+        },
     };
     for (kind, fut) in [
         (
@@ -175,6 +256,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ("VirtualKey", Box::pin(stores.keys.wait_until_ready())),
         ("RoutePolicy", Box::pin(stores.policies.wait_until_ready())),
         ("Secret", Box::pin(stores.secrets.wait_until_ready())),
+        ("Service", Box::pin(stores.services.wait_until_ready())),
     ] {
         fut.await.with_context(|| format!("watching {kind}"))?;
     }
@@ -328,12 +410,32 @@ async fn reconcile(ctx: &mut Ctx) -> anyhow::Result<()> {
             secrets.push(s);
         }
     }
+    let services = ctx.stores.services.state();
+    let slices = ctx.stores.slices.0.state();
+    let isvcs = ctx.stores.inference_services.0.state();
+    let seen = backends::Seen {
+        services: services.iter().map(|s| &**s).collect(),
+        slices: ctx
+            .stores
+            .slices
+            .1
+            .load(Ordering::Relaxed)
+            .then(|| slices.iter().map(|s| &**s).collect()),
+        inference_services: ctx
+            .stores
+            .inference_services
+            .1
+            .load(Ordering::Relaxed)
+            .then(|| isvcs.iter().map(|s| &**s).collect()),
+    };
+    let (resolved_backends, backend_errors) = backends::resolve(&models, &seen);
     let objects = Objects {
         models,
         keys,
         policies,
         secrets,
-        resolved_backends: Default::default(),
+        resolved_backends,
+        backend_errors,
     };
     let (config, errors) = tollgate_crds::compile(&objects);
     metrics::gauge!(metric::INVALID).set(errors.len() as f64);
@@ -390,14 +492,35 @@ async fn write_statuses(ctx: &Ctx, objects: &Objects, errors: &[tollgate_crds::O
     let by_object = status::errors_by_object(errors);
     let now = jiff::Timestamp::now().as_second();
     for m in &objects.models {
-        let e = by_object.get(&("LLMModel", id_of(m)));
+        let id = id_of(m);
+        let e = by_object.get(&("LLMModel", id.clone()));
+        let backend = match (
+            objects.resolved_backends.get(&id),
+            objects.backend_errors.get(&id),
+        ) {
+            (_, Some(err)) => Err(err.as_str()),
+            (Some(urls), None) => Ok(urls.len()),
+            (None, None)
+                if m.spec.service_ref.is_some() || m.spec.inference_service_ref.is_some() =>
+            {
+                Err("not resolved yet")
+            }
+            (None, None) => Ok(1),
+        };
         let current = m
             .status
             .as_ref()
             .map(|s| s.conditions.as_slice())
             .unwrap_or(&[]);
         let observed = m.status.as_ref().and_then(|s| s.observed_generation);
-        update(ctx, m, current, observed, &status::model_conditions(e)).await;
+        update(
+            ctx,
+            m,
+            current,
+            observed,
+            &status::model_conditions(e, backend),
+        )
+        .await;
     }
     for k in &objects.keys {
         let e = by_object.get(&("VirtualKey", id_of(k)));

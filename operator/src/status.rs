@@ -5,7 +5,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use std::collections::HashMap;
 use tollgate_crds::ObjectError;
-use tollgate_crds::common::condition::{ACCEPTED, BUDGET_EXCEEDED, EXPIRED, READY, RESOLVED_REFS};
+use tollgate_crds::common::condition::{
+    ACCEPTED, BACKEND_RESOLVED, BUDGET_EXCEEDED, EXPIRED, READY, RESOLVED_REFS,
+};
 
 /// The status fields the operator owns on every Tollgate object.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,8 +57,23 @@ pub fn errors_by_object(errors: &[ObjectError]) -> HashMap<(&'static str, String
     out
 }
 
-/// Conditions of an LLMModel.
-pub fn model_conditions(errors: Option<&Vec<String>>) -> Vec<Want> {
+/// Conditions of an LLMModel: `Ready`, and `BackendResolved` with how many endpoints its
+/// backend resolved to (or why it didn't).
+pub fn model_conditions(errors: Option<&Vec<String>>, backend: Result<usize, &str>) -> Vec<Want> {
+    let mut out = model_ready(errors);
+    out.push(match backend {
+        Ok(n) => Want::new(
+            BACKEND_RESOLVED,
+            true,
+            "Resolved",
+            format!("{n} endpoint(s)."),
+        ),
+        Err(e) => Want::new(BACKEND_RESOLVED, false, "Unresolved", e),
+    });
+    out
+}
+
+fn model_ready(errors: Option<&Vec<String>>) -> Vec<Want> {
     match errors {
         None => vec![Want::new(
             READY,
@@ -230,16 +247,16 @@ mod tests {
 
     #[test]
     fn last_transition_time_moves_only_when_the_status_does() {
-        let first = merge(&[], &model_conditions(None), Some(1));
+        let first = merge(&[], &model_conditions(None, Ok(1)), Some(1));
         let t0 = first[0].last_transition_time.clone();
         std::thread::sleep(std::time::Duration::from_millis(5));
         // Same status, new generation and message: the time stays.
-        let again = merge(&first, &model_conditions(None), Some(2));
+        let again = merge(&first, &model_conditions(None, Ok(1)), Some(2));
         assert_eq!(again[0].last_transition_time, t0);
         assert_eq!(again[0].observed_generation, Some(2));
         // The status flips: a new time.
         let errs = vec!["spec.url: invalid URL".to_string()];
-        let flipped = merge(&again, &model_conditions(Some(&errs)), Some(3));
+        let flipped = merge(&again, &model_conditions(Some(&errs), Ok(1)), Some(3));
         assert_ne!(flipped[0].last_transition_time, t0);
         assert_eq!(flipped[0].status, "False");
         assert_eq!(flipped[0].message, "Not served: spec.url: invalid URL");
@@ -250,6 +267,7 @@ mod tests {
         assert!(up_to_date(Some(3), &flipped, &d));
         assert!(!up_to_date(Some(2), &flipped, &d));
         assert_eq!(transitions(&again, &d).len(), 1);
+        assert_eq!(flipped[1].type_, "BackendResolved");
     }
 
     #[test]

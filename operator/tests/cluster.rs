@@ -442,3 +442,116 @@ async fn spend_from_real_requests_reaches_status_exactly_once_across_an_operator
     let printed = kube.kubectl_ok(&["get", "virtualkeys", "-n", "team-a"]);
     assert!(printed.contains("0.009"), "{printed}");
 }
+
+/// A stand-in for KServe's CRD: just enough schema to hold an InferenceService's status, and
+/// no status subresource, so a test can set `status` with `kubectl apply` (there is no KServe
+/// controller here to do it).
+const KSERVE_CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: inferenceservices.serving.kserve.io}
+spec:
+  group: serving.kserve.io
+  names: {kind: InferenceService, plural: inferenceservices, singular: inferenceservice, shortNames: [isvc]}
+  scope: Namespaced
+  versions:
+  - name: v1beta1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"#;
+
+fn isvc(url: &str) -> String {
+    format!(
+        "apiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\nmetadata: {{name: llama, namespace: team-a}}\nspec: {{predictor: {{model: {{modelFormat: {{name: huggingface}}}}}}}}\nstatus: {{address: {{url: '{url}'}}}}\n"
+    )
+}
+
+#[tokio::test]
+async fn inference_services_are_followed_and_a_missing_kserve_is_reported() {
+    use tollgate_testkit::{Behavior, MockUpstream};
+    let up1 = MockUpstream::start(Behavior::Ok(Default::default()));
+    let up2 = MockUpstream::start(Behavior::Ok(Default::default()));
+    let kube = KubeCluster::start();
+    kube.install_crds(&crds_dir());
+    kube.kubectl_ok(&["create", "namespace", "tollgate-system"]);
+    kube.kubectl_ok(&["create", "namespace", "team-a"]);
+    let op = Operator::start(OPERATOR, kube.kubeconfig_path());
+    assert!(
+        op.wait_for_log("published config", Duration::from_secs(60)),
+        "{}",
+        op.logs()
+    );
+    let gw = Gateway::start_cluster(&dataplane(), kube.kubeconfig_path(), &[]);
+    kube.apply_yaml(&format!(
+        "{}---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: demo, namespace: team-a}}\nspec: {{modelName: demo, provider: openai-compatible, inferenceServiceRef: {{name: llama, path: /v1}}}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: pods, namespace: team-a}}\nspec: {{modelName: pods, provider: openai-compatible, serviceRef: {{name: vllm, port: 8000}}}}\n",
+        key()
+    ));
+    // No KServe: the model says so, and the operator carries on.
+    let c = wait_condition(
+        &kube,
+        &op,
+        "llmmodel",
+        "team-a",
+        "demo",
+        "BackendResolved",
+        "False",
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("KServe is not installed"),
+        "{c}"
+    );
+    // 1.20 serves no discovery.k8s.io/v1 EndpointSlices: serviceRef says that too.
+    let c = wait_condition(
+        &kube,
+        &op,
+        "llmmodel",
+        "team-a",
+        "pods",
+        "BackendResolved",
+        "False",
+    );
+    assert!(
+        c["message"].as_str().unwrap().contains("EndpointSlices"),
+        "{c}"
+    );
+    assert_eq!(chat(&gw, KEY).await.0, 404, "no model is served yet");
+
+    // KServe arrives, with an InferenceService: served through its address.
+    kube.apply_yaml(KSERVE_CRD);
+    kube.kubectl_ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout",
+        "30s",
+        "crd/inferenceservices.serving.kserve.io",
+    ]);
+    kube.apply_yaml(&isvc(&format!("http://{}", up1.addr)));
+    served_within(&gw, KEY, Duration::from_secs(60), |s, _| s == 200).await;
+    assert_eq!(up1.stats.requests(), 1);
+    let c = wait_condition(
+        &kube,
+        &op,
+        "llmmodel",
+        "team-a",
+        "demo",
+        "BackendResolved",
+        "True",
+    );
+    assert_eq!(c["message"], "1 endpoint(s).");
+
+    // Its address changes: followed.
+    kube.apply_yaml(&isvc(&format!("http://{}", up2.addr)));
+    let t = Instant::now();
+    while up2.stats.requests() == 0 {
+        assert_eq!(chat(&gw, KEY).await.0, 200);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the new address is not used"
+        );
+    }
+}
