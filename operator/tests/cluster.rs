@@ -484,7 +484,7 @@ async fn inference_services_are_followed_and_a_missing_kserve_is_reported() {
     );
     let gw = Gateway::start_cluster(&dataplane(), kube.kubeconfig_path(), &[]);
     kube.apply_yaml(&format!(
-        "{}---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: demo, namespace: team-a}}\nspec: {{modelName: demo, provider: openai-compatible, inferenceServiceRef: {{name: llama, path: /v1}}}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: pods, namespace: team-a}}\nspec: {{modelName: pods, provider: openai-compatible, serviceRef: {{name: vllm, port: 8000}}}}\n",
+        "{}---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: demo, namespace: team-a}}\nspec: {{modelName: demo, provider: openai-compatible, inferenceServiceRef: {{name: llama, path: /v1}}, credentialsRef: {{name: provider}}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: provider, namespace: team-a}}\nstringData: {{apiKey: sk-provider-old}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: pods, namespace: team-a}}\nspec: {{modelName: pods, provider: openai-compatible, serviceRef: {{name: vllm, port: 8000}}}}\n",
         key()
     ));
     // No KServe: the model says so, and the operator carries on.
@@ -543,6 +543,24 @@ async fn inference_services_are_followed_and_a_missing_kserve_is_reported() {
         "True",
     );
     assert_eq!(c["message"], "1 endpoint(s).");
+
+    assert_eq!(
+        up1.stats.last_auth.lock().unwrap().as_deref(),
+        Some("Bearer sk-provider-old")
+    );
+
+    // The provider key is rotated: the next requests carry the new one, no restart.
+    kube.apply_yaml(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: provider, namespace: team-a}\nstringData: {apiKey: sk-provider-new}\n",
+    );
+    let t = Instant::now();
+    while up1.stats.last_auth.lock().unwrap().as_deref() != Some("Bearer sk-provider-new") {
+        assert_eq!(chat(&gw, KEY).await.0, 200);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the rotated key is not used"
+        );
+    }
 
     // Its address changes: followed.
     kube.apply_yaml(&isvc(&format!("http://{}", up2.addr)));
