@@ -73,6 +73,36 @@ async fn served_within(
     }
 }
 
+/// Runs the official `openai` Python SDK (from the `.venv` that scripts/test.sh creates)
+/// against `gw`: one whole and one streamed completion. Returns what it printed.
+fn openai_sdk(gw: &Gateway, key: &str) -> String {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test.sh once (it creates .venv with the openai SDK)",
+        python.display()
+    );
+    let script = r#"
+import sys
+from openai import OpenAI
+c = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+r = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
+print("whole:", r.choices[0].message.content, r.usage.total_tokens)
+s = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], stream=True)
+print("streamed:", "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices))
+"#;
+    let out = std::process::Command::new(python)
+        .args(["-c", script, &gw.url("/v1"), key])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai SDK failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 fn reply_of(v: &Value) -> &str {
     v["choices"][0]["message"]["content"].as_str().unwrap_or("")
 }
@@ -140,6 +170,11 @@ async fn kubectl_apply_is_served_reported_and_survives_the_operator() {
     wait_condition(&kube, &op, "llmmodel", "team-a", "demo", "Ready", "True");
     let ready = wait_condition(&kube, &op, "virtualkey", "team-a", "app", "Ready", "True");
     assert_eq!(ready["reason"], "Compiled");
+
+    // The official openai SDK, whole and streamed, through the cluster-mode data plane.
+    let sdk = openai_sdk(&gw, KEY);
+    assert!(sdk.contains("whole: first"), "{sdk}");
+    assert!(sdk.contains("streamed: first"), "{sdk}");
 
     // Edit the model: the new version is served within 2 s.
     kube.apply_yaml(&model("second"));
