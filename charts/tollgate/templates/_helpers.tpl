@@ -30,14 +30,23 @@ Chart name and version, for the helm.sh/chart label.
 {{- end }}
 
 {{/*
-Labels on every resource.
+Labels on every resource, without the component.
 */}}
-{{- define "tollgate.labels" -}}
+{{- define "tollgate.commonLabels" -}}
 helm.sh/chart: {{ include "tollgate.chart" . }}
-{{ include "tollgate.selectorLabels" . }}
+app.kubernetes.io/name: {{ include "tollgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: tollgate
+{{- end }}
+
+{{/*
+Labels on the data plane's resources.
+*/}}
+{{- define "tollgate.labels" -}}
+{{ include "tollgate.commonLabels" . }}
+app.kubernetes.io/component: dataplane
 {{- end }}
 
 {{/*
@@ -66,4 +75,105 @@ The data-plane image.
 */}}
 {{- define "tollgate.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The deployment mode, checked: `standalone` or `cluster`.
+*/}}
+{{- define "tollgate.mode" -}}
+{{- $mode := default "standalone" .Values.mode }}
+{{- if not (has $mode (list "standalone" "cluster")) }}
+{{- fail (printf "mode must be \"standalone\" or \"cluster\", not %q" $mode) }}
+{{- end }}
+{{- $mode }}
+{{- end }}
+
+{{/*
+Whether this release runs in cluster mode ("true" or "").
+*/}}
+{{- define "tollgate.cluster" -}}
+{{- if eq (include "tollgate.mode" .) "cluster" }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the head config Secret the operator publishes and the data plane reads (cluster
+mode). `<fullname>-config`: `tollgate-config`, the binaries' default, for a release named
+`tollgate`.
+*/}}
+{{- define "tollgate.configName" -}}
+{{- default (printf "%s-config" (include "tollgate.fullname" .)) .Values.config.name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The data plane's service account (cluster mode).
+*/}}
+{{- define "tollgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (printf "%s-dataplane" (include "tollgate.fullname" .)) .Values.serviceAccount.name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the Redis URL: the user's, or the one this chart renders from
+`redis.url`. Empty when no Redis is configured.
+*/}}
+{{- define "tollgate.redisSecretName" -}}
+{{- if .Values.redis.existingSecret }}
+{{- .Values.redis.existingSecret }}
+{{- else if .Values.redis.url }}
+{{- printf "%s-redis" (include "tollgate.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/*
+`TOLLGATE_REDIS_URL` from the Redis Secret, for the env of both containers.
+*/}}
+{{- define "tollgate.redisEnv" -}}
+{{- with include "tollgate.redisSecretName" . }}
+- name: TOLLGATE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.redis.existingSecretKey | default "url" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Operator: names, labels, image.
+*/}}
+{{- define "tollgate.operatorName" -}}
+{{- printf "%s-operator" (include "tollgate.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tollgate.operatorSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "tollgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "tollgate.operatorLabels" -}}
+{{ include "tollgate.commonLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "tollgate.operatorServiceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "tollgate.operatorName" .) .Values.operator.serviceAccount.name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- default "default" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the operator's leader-election Lease: `<fullname>-operator`, so `tollgate-operator`
+(the binary's default) for a release named `tollgate`.
+*/}}
+{{- define "tollgate.leaseName" -}}
+{{- default (include "tollgate.operatorName" .) .Values.operator.leaseName }}
+{{- end }}
+
+{{- define "tollgate.operatorImage" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
 {{- end }}
