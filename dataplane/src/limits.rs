@@ -8,8 +8,9 @@
 //! reservation is undone when none has room. What is reserved:
 //!
 //! - one request, and one in flight;
-//! - the prompt tokens, estimated as request bytes / 4 (a documented over-estimate for JSON
-//!   bodies), corrected to the real prompt + completion tokens on settlement;
+//! - the prompt tokens, estimated by [`crate::tokens`] (the model's tokenizer for OpenAI
+//!   models, else bytes / 4, an over-estimate for JSON bodies), corrected to the real prompt +
+//!   completion tokens on settlement;
 //! - the estimated cost (those prompt tokens at the input price, plus `max_tokens` at the
 //!   output price when the request sets it), replaced by the real cost on settlement.
 //!

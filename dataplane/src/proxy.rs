@@ -88,7 +88,8 @@ struct Ctx<'a> {
     key: &'a Arc<RuntimeKey>,
     rid: &'a HeaderValue,
     started: Instant,
-    est_tokens: u64,
+    /// Estimated prompt tokens, per tokenizer family, computed when first needed.
+    est_tokens: [Option<u64>; 3],
     /// Opened at the first admission, settled once at the end, whatever the attempts.
     charge: Option<Charge>,
     room: Option<Room>,
@@ -96,14 +97,22 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Prompt tokens before the call: bytes / 4, an over-estimate for JSON bodies, corrected on
-    /// settlement. The cost estimate adds max_tokens at the output price when the request sets
-    /// it.
-    fn ask_for(&self, d: &RuntimeDeployment) -> Ask {
+    /// Prompt tokens before the call, as `d`'s model counts them (see [`crate::tokens`]).
+    fn prompt_tokens(&mut self, family: crate::tokens::Family) -> u64 {
+        let slot = &mut self.est_tokens[family.index()];
+        *slot.get_or_insert_with(|| {
+            crate::tokens::estimate(family, self.endpoint, self.parsed, self.body)
+        })
+    }
+
+    /// What a request reserves on `d`'s limits: its estimated prompt tokens, corrected on
+    /// settlement, and their cost plus max_tokens at the output price when the request sets it.
+    fn ask_for(&mut self, d: &RuntimeDeployment) -> Ask {
+        let tokens = self.prompt_tokens(d.tokens);
         Ask {
-            tokens: self.est_tokens,
+            tokens,
             cost: d.pricing.cost(TokenUsage {
-                prompt: self.est_tokens,
+                prompt: tokens,
                 completion: self.parsed.max_tokens.unwrap_or(0),
                 cached: 0,
             }),
@@ -177,13 +186,12 @@ pub async fn handle(
         key: &key,
         rid,
         started,
-        est_tokens: (body.len() as u64 / 4).max(1),
+        est_tokens: [None; 3],
         charge: None,
         room: None,
         retries: 0,
     };
     let policy = &requested.policy;
-    let needed = ctx.est_tokens + parsed.max_tokens.unwrap_or(0);
     // Groups tried so far, and the fallbacks still to try, in order.
     let mut tried_groups: Vec<&Group> = Vec::new();
     let mut group = requested;
@@ -191,9 +199,13 @@ pub async fn handle(
     let mut context_fallbacks: &[Arc<str>] = &policy.context_window_fallbacks;
     // A prompt that can't fit the requested model goes straight to a context-window fallback
     // that fits (when there is one; else the upstream has the last word on our estimate).
-    if requested
+    let window = requested
         .context_window()
-        .is_some_and(|w| needed > u64::from(w))
+        .filter(|_| !context_fallbacks.is_empty());
+    if let Some(window) = window
+        && let Some(first) = requested.deployments.first()
+        && let needed = ctx.prompt_tokens(first.tokens) + parsed.max_tokens.unwrap_or(0)
+        && needed > u64::from(window)
         && let Some((g, rest)) = next_group(&snapshot, &key, context_fallbacks, Some(needed))
     {
         tried_groups.push(requested);

@@ -120,6 +120,11 @@ struct StreamOptions {
 }
 
 impl<'a> ParsedRequest<'a> {
+    /// The raw JSON of top-level field `name`, if present.
+    pub fn field(&self, name: &str) -> Option<&'a RawValue> {
+        self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+
     /// Splits `body` and checks the fields the gateway relies on.
     pub fn parse(body: &'a [u8], endpoint: Endpoint) -> Result<Self, ApiError> {
         let Fields(fields) = serde_json::from_slice(body).map_err(|e| {

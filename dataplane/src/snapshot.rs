@@ -124,6 +124,8 @@ pub struct RuntimeDeployment {
     pub timeouts: TimeoutConfig,
     /// Context window in tokens, if known.
     pub context_window: Option<u32>,
+    /// How prompt tokens are estimated for this deployment's model.
+    pub tokens: crate::tokens::Family,
     /// Usage (shared across reloads).
     pub usage: Arc<UsageCounters>,
     /// Rate limits, if any.
@@ -291,6 +293,7 @@ impl Snapshot {
                     pricing: d.pricing,
                     timeouts: d.timeouts,
                     context_window: d.context_window,
+                    tokens: crate::tokens::Family::of(&d.upstream_model),
                     usage: ledger.deployment(name, &d.id),
                     limits: registry.limited(
                         Scope::Deployment,

@@ -364,3 +364,69 @@ async fn a_team_budget_is_shared_by_the_teams_keys_and_survives_a_restart() {
     assert_eq!(send(&gw, keys[1].1).await.0, 429);
     assert_eq!(send(&gw, keys[2].1).await.0, 200);
 }
+
+#[tokio::test]
+async fn openai_models_reserve_tokens_counted_with_their_tokenizer() {
+    // The same request to two upstream models: gpt-4o (o200k_base counting of the messages)
+    // and a self-hosted model (bytes / 4 of the whole body, a documented over-estimate).
+    let up = MockUpstream::start(Behavior::Ok(MockConfig {
+        prompt_tokens: Some(20),
+        completion_tokens: Some(5),
+        ..Default::default()
+    }));
+    let m = key_manifest(", limits: {tpm: 100000}")
+        + &model(
+            "gpt",
+            "gpt",
+            &format!(
+                ", provider: openai-compatible, upstreamModel: gpt-4o, url: '{}'",
+                up.base_url()
+            ),
+        )
+        + &model(
+            "llama",
+            "llama",
+            &format!(
+                ", provider: openai-compatible, upstreamModel: meta-llama/Llama-3.1-8B-Instruct, url: '{}'",
+                up.base_url()
+            ),
+        );
+    let gw = Gateway::start(BIN, &m, &[]);
+    avoid_minute_boundary().await;
+    // Much JSON around little text: a long `user` field is sent upstream but is no prompt.
+    let body = |model: &str| {
+        json!({"model": model, "user": "x".repeat(4000), "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France? Answer in one word."}
+        ]})
+        .to_string()
+    };
+    let remaining = |r: &reqwest::Response| -> u64 {
+        r.headers()["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let send = |model: &'static str| {
+        let b = body(model);
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(KEY)
+                .body(b)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = send("gpt").await;
+    assert_eq!(r.status(), 200);
+    // 29 tokens by OpenAI's counting of these two messages.
+    assert_eq!(remaining(&r), 100_000 - 29);
+    let r = send("llama").await;
+    assert_eq!(r.status(), 200);
+    // Reserved: body bytes / 4, on top of the gpt request's settled 25 tokens.
+    assert_eq!(remaining(&r), 100_000 - 25 - body("llama").len() as u64 / 4);
+}
