@@ -14,6 +14,7 @@
 //! The crate has no Kubernetes client and no runtime: both the operator and the data plane
 //! depend on it, and neither depends on the other.
 
+pub mod admin;
 pub mod common;
 pub mod compile;
 pub mod config;

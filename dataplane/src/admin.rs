@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 use tollgate_crds::config::{KeyHash, Picodollars};
 
 /// Annotation marking objects the admin API wrote.
-pub const GENERATED_BY: &str = "tollgate.dev/generated-by";
+pub use tollgate_crds::admin::GENERATED_BY;
 
 /// Admin settings.
 #[derive(Debug)]
@@ -71,40 +71,7 @@ fn admin<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Admin, ApiE
     Ok(a)
 }
 
-/// LiteLLM's `/key/generate` request.
-#[derive(Debug, Default, Deserialize)]
-pub struct GenerateRequest {
-    /// A key to use instead of a generated one.
-    #[serde(default)]
-    key: Option<String>,
-    #[serde(default)]
-    key_alias: Option<String>,
-    #[serde(default)]
-    team_id: Option<String>,
-    #[serde(default)]
-    models: Vec<String>,
-    #[serde(default)]
-    max_budget: Option<f64>,
-    #[serde(default)]
-    budget_duration: Option<String>,
-    #[serde(default)]
-    rpm_limit: Option<u64>,
-    #[serde(default)]
-    tpm_limit: Option<u64>,
-    #[serde(default)]
-    max_parallel_requests: Option<u32>,
-    /// Lifetime of the key, e.g. `30d`.
-    #[serde(default)]
-    duration: Option<String>,
-    /// Expiry as an RFC 3339 time (alternative to `duration`).
-    #[serde(default)]
-    expires: Option<String>,
-    /// Accepted and ignored (LiteLLM clients send them).
-    #[serde(default, rename = "metadata")]
-    _metadata: Option<Value>,
-    #[serde(default, rename = "user_id")]
-    _user_id: Option<String>,
-}
+pub use tollgate_crds::admin::GenerateRequest;
 
 fn new_key() -> Result<String, ApiError> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
@@ -183,125 +150,28 @@ pub async fn generate(
             )
         })?
     };
-    let key = match req.key {
-        Some(k) if k.len() >= tollgate_crds::compile::MIN_VIRTUAL_KEY_LEN => k,
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_key",
-                format!(
-                    "`key` must be at least {} characters.",
-                    tollgate_crds::compile::MIN_VIRTUAL_KEY_LEN
-                ),
-            ));
-        }
-        None => new_key()?,
-    };
-    let hash = KeyHash::of(&key);
-    let expires_at = match (&req.duration, &req.expires) {
-        (Some(d), _) => {
-            let d = tollgate_crds::common::parse_duration(d)
-                .map_err(|e| ApiError::bad_request("invalid_duration", e))?;
-            Some(crate::limits::unix_now() as i64 + d.as_secs() as i64)
-        }
-        (None, Some(t)) => Some(
-            t.parse::<jiff::Timestamp>()
-                .map_err(|e| {
-                    ApiError::bad_request(
-                        "invalid_expires",
-                        format!("`expires` must be an RFC 3339 time: {e}."),
-                    )
-                })?
-                .as_second(),
-        ),
-        (None, None) => None,
-    };
-    let expires_rfc3339 = expires_at
-        .map(|t| jiff::Timestamp::from_second(t).map(|t| t.to_string()))
-        .transpose()
-        .map_err(|_| ApiError::bad_request("invalid_duration", "The expiry is out of range."))?;
-    let name = format!("generated-{}", hash.short_id());
-    let mut spec = serde_json::Map::new();
-    spec.insert("secretRef".into(), json!({"name": format!("{name}-key")}));
-    if !req.models.is_empty() {
-        spec.insert("models".into(), json!(req.models));
-    }
-    if let Some(t) = &req.team_id {
-        spec.insert("team".into(), json!(t));
-    }
-    if let Some(al) = &req.key_alias {
-        spec.insert("alias".into(), json!(al));
-    }
-    if let Some(max) = req.max_budget {
-        let mut b = json!({"maxUsd": max});
-        if let Some(d) = &req.budget_duration {
-            b["duration"] = json!(d);
-        }
-        spec.insert("budget".into(), b);
-    }
-    let mut limits = serde_json::Map::new();
-    if let Some(v) = req.rpm_limit {
-        limits.insert("rpm".into(), json!(v));
-    }
-    if let Some(v) = req.tpm_limit {
-        limits.insert("tpm".into(), json!(v));
-    }
-    if let Some(v) = req.max_parallel_requests {
-        limits.insert("maxParallel".into(), json!(v));
-    }
-    if !limits.is_empty() {
-        spec.insert("limits".into(), Value::Object(limits));
-    }
-    if let Some(t) = &expires_rfc3339 {
-        spec.insert("expiresAt".into(), json!(t));
-    }
-    let meta =
-        json!({"name": name, "namespace": "default", "annotations": {GENERATED_BY: "admin-api"}});
-    let vk = json!({"apiVersion": "tollgate.dev/v1alpha1", "kind": "VirtualKey", "metadata": meta, "spec": spec});
-    let secret_hex = serde_json::to_value(hash).unwrap_or_default();
-    let secret = json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": format!("{name}-key"), "namespace": "default", "annotations": {GENERATED_BY: "admin-api"}},
-        "stringData": {(tollgate_crds::compile::KEY_SHA256): secret_hex},
-    });
+    let g = tollgate_crds::admin::build(req, "default", crate::limits::unix_now() as i64, || {
+        new_key().map_err(|e| tollgate_crds::admin::AdminError {
+            code: e.code,
+            message: e.message.into_owned(),
+        })
+    })
+    .map_err(|e| ApiError::bad_request(e.code, e.message))?;
     let _guard = a.write.lock().await;
-    if state.snapshot.load().keys.contains_key(&hash) {
+    if state.snapshot.load().keys.contains_key(&g.hash) {
         return Err(ApiError::bad_request(
             "key_exists",
             "That key is already in use.",
         ));
     }
     let mut docs = read_docs(&a.keys_file);
-    docs.push(vk);
-    docs.push(secret);
+    docs.push(g.virtual_key);
+    docs.push(g.secret);
     commit(state, a, docs).await?;
-    Ok(json!({
-        "key": key,
-        "key_name": abbreviate(&key),
-        "token": serde_json::to_value(hash).unwrap_or_default(),
-        "key_alias": req.key_alias,
-        "team_id": req.team_id,
-        "models": req.models,
-        "max_budget": req.max_budget,
-        "budget_duration": req.budget_duration,
-        "rpm_limit": req.rpm_limit,
-        "tpm_limit": req.tpm_limit,
-        "max_parallel_requests": req.max_parallel_requests,
-        "expires": expires_rfc3339,
-        "tollgate_id": format!("default/{name}"),
-    }))
+    Ok(g.response)
 }
 
-fn abbreviate(key: &str) -> String {
-    let tail: String = key
-        .chars()
-        .rev()
-        .take(4)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    format!("sk-...{tail}")
-}
+use tollgate_crds::admin::abbreviate;
 
 /// Looks a key up by the key itself or its hash (`token`).
 fn find_key(
