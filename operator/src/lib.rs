@@ -18,6 +18,7 @@
 //! operator never publishes a half-seen cluster. With several replicas, a Lease elects the one
 //! that writes ([`leader`]); the others keep their watches warm to take over at once.
 
+pub mod admin;
 pub mod backends;
 pub mod keys;
 pub mod leader;
@@ -85,6 +86,16 @@ pub struct Args {
     /// How often new usage is folded into status.
     #[arg(long, env = "TOLLGATE_SPEND_INTERVAL", default_value = "1s", value_parser = duration)]
     pub spend_interval: Duration,
+    /// Master key of the LiteLLM-compatible admin API (`/key/generate`, ...). Without it the
+    /// admin API is off.
+    #[arg(long, env = "TOLLGATE_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// Address of the admin API.
+    #[arg(long, env = "TOLLGATE_ADMIN_ADDR", default_value = "0.0.0.0:4001")]
+    pub admin_addr: SocketAddr,
+    /// Namespace keys made through the admin API are created in (default: `--config-namespace`).
+    #[arg(long, env = "TOLLGATE_ADMIN_NAMESPACE")]
+    pub admin_namespace: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "TOLLGATE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -275,7 +286,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         recorder,
         published: None,
         spend: Arc::new(spend::SpendView::default()),
+        compiled: Arc::default(),
     };
+    if let Some(master) = ctx.args.master_key.clone() {
+        let state = admin::AdminState {
+            client: ctx.client.clone(),
+            master: tollgate_crds::config::KeyHash::of(master.trim()),
+            namespace: ctx
+                .args
+                .admin_namespace
+                .clone()
+                .unwrap_or_else(|| ctx.args.config_namespace.clone()),
+            config: ctx.compiled.clone(),
+            keys: ctx.stores.keys.clone(),
+            models: ctx.stores.models.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind(ctx.args.admin_addr)
+            .await
+            .with_context(|| format!("binding the admin API to {}", ctx.args.admin_addr))?;
+        tracing::info!(addr = %listener.local_addr()?, "admin API listening");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, admin::router(state)).await;
+        });
+    }
     let leadership = Arc::new(leader::Leadership::default());
     let election = leader::Election {
         name: ctx.args.lease_name.clone(),
@@ -351,6 +384,8 @@ struct Ctx {
     published: Option<String>,
     /// Budget state from the folded spend.
     spend: Arc<spend::SpendView>,
+    /// The last compiled config, for the admin API's key lookups.
+    compiled: Arc<std::sync::RwLock<Arc<tollgate_crds::GatewayConfig>>>,
 }
 
 /// One pass: fetch → compile → publish → status.
@@ -438,6 +473,8 @@ async fn reconcile(ctx: &mut Ctx) -> anyhow::Result<()> {
         backend_errors,
     };
     let (config, errors) = tollgate_crds::compile(&objects);
+    let config = Arc::new(config);
+    *ctx.compiled.write().unwrap_or_else(|e| e.into_inner()) = config.clone();
     metrics::gauge!(metric::INVALID).set(errors.len() as f64);
 
     let hash = config.content_hash();

@@ -13,6 +13,29 @@ use tollgate_testkit::{Gateway, Operator, workspace_bin};
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_tollgate-operator");
 const KEY: &str = "sk-cluster-test-key-0001";
+const MASTER: &str = "sk-master-cluster-test-0001";
+
+/// The operator's admin API address, from its log.
+fn admin_url(op: &Operator) -> String {
+    assert!(
+        op.wait_for_log("admin API listening", Duration::from_secs(30)),
+        "{}",
+        op.logs()
+    );
+    let logs = op.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("admin API listening"))
+        .unwrap();
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    format!("http://{addr}")
+}
 
 fn crds_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate/crds")
@@ -151,7 +174,11 @@ async fn kubectl_apply_is_served_reported_and_survives_the_operator() {
     kube.restart_controller_manager();
     kube.kubectl_ok(&["create", "namespace", "tollgate-system"]);
     kube.kubectl_ok(&["create", "namespace", "team-a"]);
-    let mut op = Operator::start(OPERATOR, kube.kubeconfig_path());
+    let mut op = Operator::start_with(
+        OPERATOR,
+        kube.kubeconfig_path(),
+        &["--master-key", MASTER, "--admin-addr", "127.0.0.1:0"],
+    );
     assert!(
         op.wait_for_log("published config", Duration::from_secs(60)),
         "{}",
@@ -270,6 +297,72 @@ async fn kubectl_apply_is_served_reported_and_survives_the_operator() {
         !vk.contains(&generated),
         "the key leaked into the VirtualKey: {vk}"
     );
+
+    // The LiteLLM-compatible admin API, served by the operator, makes VirtualKeys.
+    let admin = admin_url(&op);
+    let http = reqwest::Client::new();
+    let made: Value = http
+        .post(format!("{admin}/key/generate"))
+        .bearer_auth(MASTER)
+        .json(&json!({"key_alias": "ci-bot", "models": ["demo"], "team_id": "search", "max_budget": 5}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let api_key = made["key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{made}"))
+        .to_string();
+    let took = served_within(&gw, &api_key, Duration::from_secs(10), |s, _| s == 200).await;
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let info: Value = http
+        .get(format!("{admin}/key/info?key={api_key}"))
+        .bearer_auth(MASTER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["info"]["key_alias"], "ci-bot", "{info}");
+    assert_eq!(info["info"]["team_id"], "search", "{info}");
+    let vks = kube.kubectl_ok(&["get", "virtualkeys", "-n", "tollgate-system", "-o", "json"]);
+    assert!(vks.contains("ci-bot") && !vks.contains(&api_key), "{vks}");
+    let secrets = kube.kubectl_ok(&["get", "secrets", "-n", "tollgate-system", "-o", "json"]);
+    assert!(
+        !secrets.contains(&api_key),
+        "the key itself is stored nowhere"
+    );
+    // Wrong master key: an OpenAI-shaped 401.
+    let r = http
+        .get(format!("{admin}/key/list"))
+        .bearer_auth("sk-not-the-master-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "invalid_api_key");
+    // Keys applied with kubectl are not the admin API's to delete.
+    let r = http
+        .post(format!("{admin}/key/delete"))
+        .bearer_auth(MASTER)
+        .json(&json!({"keys": [KEY]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .post(format!("{admin}/key/delete"))
+        .bearer_auth(MASTER)
+        .json(&json!({"key_aliases": ["ci-bot"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    served_within(&gw, &api_key, Duration::from_secs(10), |s, _| s == 401).await;
 
     // Delete the key: 401 within 2 s.
     kube.kubectl_ok(&["delete", "virtualkey", "app", "-n", "team-a"]);
