@@ -54,25 +54,41 @@ impl IntoResponse for Json {
     }
 }
 
-type ApiResult = Result<Json, Response>;
-
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    let kind = match status {
-        StatusCode::UNAUTHORIZED => "authentication_error",
-        StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST => "invalid_request_error",
-        _ => "api_error",
-    };
-    let body =
-        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": code}});
-    (status, Json(body)).into_response()
+/// A refused admin request, as an OpenAI-shaped error.
+struct Failure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
 }
 
-fn bad(code: &str, message: impl Into<String>) -> Response {
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let kind = match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST => "invalid_request_error",
+            _ => "api_error",
+        };
+        let body = json!({"error": {"message": self.message, "type": kind, "param": null, "code": self.code}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult = Result<Json, Failure>;
+
+fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Failure {
+    Failure {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> Failure {
     error(StatusCode::BAD_REQUEST, code, message)
 }
 
 impl AdminState {
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Response> {
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), Failure> {
         let presented = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
