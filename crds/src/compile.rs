@@ -319,6 +319,36 @@ fn compile_model(
         pricing,
         context_window: s.context_window,
         timeouts: timeouts(s.timeouts.as_ref())?,
+        health_check: s
+            .health_check
+            .as_ref()
+            .map(|h| -> Result<HealthCheckConfig, (String, String)> {
+                let ms = |field: &str, v: &str| {
+                    parse_duration(v)
+                        .map(|d| d.as_millis() as u64)
+                        .map_err(|e| (format!("spec.healthCheck.{field}"), e))
+                };
+                let interval_ms = ms("interval", &h.interval)?;
+                if interval_ms < 100 {
+                    return Err((
+                        "spec.healthCheck.interval".into(),
+                        "must be at least 100ms".into(),
+                    ));
+                }
+                let path = h.path.clone().unwrap_or_else(|| "/models".into());
+                if !path.starts_with('/') {
+                    return Err(("spec.healthCheck.path".into(), "must start with /".into()));
+                }
+                Ok(HealthCheckConfig {
+                    interval_ms,
+                    path,
+                    timeout_ms: h
+                        .timeout
+                        .as_deref()
+                        .map_or(Ok(5_000), |t| ms("timeout", t))?,
+                })
+            })
+            .transpose()?,
     })
 }
 

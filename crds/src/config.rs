@@ -73,6 +73,21 @@ pub struct Deployment {
     pub context_window: Option<u32>,
     /// Timeouts.
     pub timeouts: TimeoutConfig,
+    /// Active health probe, if configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// An active health probe.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheckConfig {
+    /// Interval, ms.
+    pub interval_ms: u64,
+    /// Path below the base URL (`/models`).
+    pub path: String,
+    /// Timeout, ms.
+    pub timeout_ms: u64,
 }
 
 /// Where a deployment's requests go.

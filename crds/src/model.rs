@@ -68,6 +68,9 @@ pub struct LlmModelSpec {
     /// Upstream timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
+    /// An active health probe: each endpoint is checked on its own, between requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
     /// Behaviour of the built-in `mock` provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock: Option<MockSpec>,
@@ -142,6 +145,22 @@ pub struct Pricing {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub cached_input_per_million: Option<f64>,
+}
+
+/// An active health probe of every endpoint of a deployment: `GET <url><path>` (by default the
+/// OpenAI-compatible model list, which costs no tokens). A failed probe counts as a failure for
+/// cooldowns; a successful one puts a cooling-down endpoint back in rotation.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheck {
+    /// How often each endpoint is probed, e.g. `30s`. Required.
+    pub interval: String,
+    /// Path below the deployment's URL. Default `/models`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// How long a probe may take. Default `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
 }
 
 /// Upstream timeouts, as durations (`500ms`, `30s`, `10m`).

@@ -294,6 +294,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         .with_context(|| format!("reading the usage log {}", path.display()))?;
         tracing::info!(records = r.records, skipped = r.skipped, path = %path.display(), "usage log replayed");
     }
+    tokio::spawn(crate::routing::probe_endpoints(state.clone()));
     tokio::spawn(crate::routing::scrape_queues(
         state.clone(),
         args.queue_scrape_interval,

@@ -81,6 +81,10 @@ pub struct EndpointStats {
     /// When the queue gauges were last scraped (now_ms); 0: never.
     scraped_at: AtomicU64,
     scrape_failing: AtomicBool,
+    /// When the next active probe is due (now_ms); 0: now.
+    next_probe: AtomicU64,
+    /// The last active probe: 0 none yet, 1 passed, 2 failed.
+    last_probe: std::sync::atomic::AtomicU8,
 }
 
 /// Weight of the previous average in the latency EWMA.
@@ -190,6 +194,24 @@ impl EndpointStats {
     /// Cooldowns started so far.
     pub fn cooldowns(&self) -> u64 {
         self.cooldowns.load(Relaxed)
+    }
+
+    /// Records an active probe that passed: a cooling-down endpoint is back in rotation.
+    pub fn probe_passed(&self) {
+        self.last_probe.store(1, Relaxed);
+        if self.cooldown_until.load(Relaxed) != 0 {
+            self.cooldown_until.store(0, Relaxed);
+            *self.fails.lock().unwrap_or_else(|e| e.into_inner()) = (0, 0);
+        }
+    }
+
+    /// The last active probe's result, if any.
+    pub fn last_probe(&self) -> Option<bool> {
+        match self.last_probe.load(Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
     }
 
     /// Stores freshly scraped queue gauges.
@@ -546,6 +568,63 @@ pub async fn scrape_queues(state: Arc<crate::state::AppState>, interval: Duratio
     }
 }
 
+/// Probes every endpoint of every deployment with a `healthCheck`, each on its own interval,
+/// for as long as the process runs. A failed probe is a failure like a failed request (it can
+/// start a cooldown); a passing one ends a cooldown.
+pub async fn probe_endpoints(state: Arc<crate::state::AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snapshot = state.snapshot.load_full();
+        let now = now_ms();
+        for g in snapshot.groups.values() {
+            for r in &g.routes {
+                let (Some(h), crate::snapshot::Target::Upstream { endpoints, auth }) =
+                    (&r.deployment.health_check, &r.deployment.target)
+                else {
+                    continue;
+                };
+                let Some(uri) = endpoints.get(r.endpoint).and_then(|e| e.probe.clone()) else {
+                    continue;
+                };
+                if r.stats.next_probe.load(Relaxed) > now {
+                    continue;
+                }
+                r.stats.next_probe.store(now + h.interval_ms, Relaxed);
+                let (stats, auth, cooldown) = (r.stats.clone(), auth.clone(), g.policy.cooldown);
+                let (timeout, id) = (Duration::from_millis(h.timeout_ms), r.deployment.id.clone());
+                let model = r.deployment.model.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let mut req =
+                        http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
+                    *req.uri_mut() = uri;
+                    if let Some(a) = auth {
+                        req.headers_mut().insert(http::header::AUTHORIZATION, a);
+                    }
+                    let ok = matches!(
+                        tokio::time::timeout(timeout, crate::upstream::send(timeout, req)).await,
+                        Ok(Ok(resp)) if resp.status().is_success()
+                    );
+                    if ok {
+                        stats.probe_passed();
+                    } else {
+                        stats.last_probe.store(2, Relaxed);
+                        if stats.failure(&cooldown, started.elapsed()) {
+                            metrics::counter!(crate::metrics::COOLDOWNS, "model" => model.to_string(), "deployment" => id.to_string()).increment(1);
+                            tracing::warn!(
+                                deployment = &*id,
+                                "health probe failed; endpoint cooling down"
+                            );
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
 /// One scrape: GET `uri`, parse vLLM's gauges.
 async fn scrape(uri: http::Uri) -> Option<QueueGauges> {
     use http_body_util::BodyExt;
@@ -598,6 +677,14 @@ pub fn health_report(snapshot: &crate::snapshot::Snapshot) -> (serde_json::Value
                     "cooldown_remaining_ms": r.stats.cooldown_left_ms(now),
                     "cooldowns": r.stats.cooldowns(),
                 });
+                if r.deployment.health_check.is_some() {
+                    e["probe"] =
+                        json!(
+                            r.stats
+                                .last_probe()
+                                .map(|ok| if ok { "passed" } else { "failed" })
+                        );
+                }
                 if g.policy.strategy == Strategy::QueueAware {
                     e["queue"] = match r.stats.queue(now, QUEUE_MAX_AGE_MS) {
                         Some(q) => {

@@ -85,6 +85,8 @@ pub struct UpstreamEndpoint {
     pub uris: Box<[Uri; 3]>,
     /// The server's Prometheus `/metrics` (same scheme and authority as `base`).
     pub metrics: Option<Uri>,
+    /// The active health probe's URI, if the deployment has one.
+    pub probe: Option<Uri>,
 }
 
 /// Where a deployment's requests go.
@@ -126,6 +128,8 @@ pub struct RuntimeDeployment {
     pub context_window: Option<u32>,
     /// How prompt tokens are estimated for this deployment's model.
     pub tokens: crate::tokens::Family,
+    /// Active health probe settings.
+    pub health_check: Option<tollgate_crds::config::HealthCheckConfig>,
     /// Usage (shared across reloads).
     pub usage: Arc<UsageCounters>,
     /// Rate limits, if any.
@@ -187,7 +191,10 @@ impl Group {
 }
 
 /// Prepares the URIs of one upstream base URL.
-fn upstream_endpoint(base: &str) -> Result<UpstreamEndpoint, String> {
+fn upstream_endpoint(
+    base: &str,
+    health: Option<&tollgate_crds::config::HealthCheckConfig>,
+) -> Result<UpstreamEndpoint, String> {
     let uri = |path: &str| {
         format!("{base}{path}")
             .parse::<Uri>()
@@ -208,6 +215,13 @@ fn upstream_endpoint(base: &str) -> Result<UpstreamEndpoint, String> {
             uri(Endpoint::Embeddings.upstream_path())?,
         ]),
         metrics,
+        probe: health
+            .map(|h| {
+                format!("{base}{}", h.path)
+                    .parse()
+                    .map_err(|e| format!("invalid health check URL: {e}"))
+            })
+            .transpose()?,
     })
 }
 
@@ -264,7 +278,9 @@ impl Snapshot {
                         }
                         let endpoints = urls
                             .iter()
-                            .map(|base| upstream_endpoint(base).map_err(&err))
+                            .map(|base| {
+                                upstream_endpoint(base, d.health_check.as_ref()).map_err(&err)
+                            })
                             .collect::<Result<Vec<_>, _>>()?;
                         let auth = match &d.api_key {
                             Some(k) => {
@@ -294,6 +310,7 @@ impl Snapshot {
                     timeouts: d.timeouts,
                     context_window: d.context_window,
                     tokens: crate::tokens::Family::of(&d.upstream_model),
+                    health_check: d.health_check.clone(),
                     usage: ledger.deployment(name, &d.id),
                     limits: registry.limited(
                         Scope::Deployment,

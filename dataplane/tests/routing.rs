@@ -692,3 +692,59 @@ async fn the_total_timeout_ends_a_stream_that_runs_too_long() {
         "the upstream stream is cancelled"
     );
 }
+
+#[tokio::test]
+async fn an_active_health_probe_takes_a_down_endpoint_out_and_brings_it_back() {
+    let down = MockUpstream::start(Behavior::Status(
+        503,
+        r#"{"error":{"message":"down","type":"server_error"}}"#,
+    ));
+    let good = MockUpstream::start(Behavior::Ok(ok()));
+    let probe = ", healthCheck: {interval: 100ms, timeout: 1s}";
+    let m = format!(
+        "{}{}{}{}",
+        keys(),
+        deployment("down", "gpt", &down.base_url(), probe),
+        deployment("good", "gpt", &good.base_url(), probe),
+        policy("gpt", "cooldown: {allowedFails: 1, duration: 60s}"),
+    );
+    let gw = Gateway::start(BIN, &m, &[]);
+    // No user traffic at all: the probes alone find the down endpoint.
+    let health;
+    let t = Instant::now();
+    loop {
+        let (_, h) = get_json(&gw, "/health").await;
+        if endpoint_state(&h, "gpt", "default/down") == "cooling_down" {
+            health = h;
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        health["models"]["gpt"]["deployments"][0]["endpoints"][0]["probe"], "failed",
+        "{health}"
+    );
+    assert_eq!(
+        down.stats.requests(),
+        0,
+        "found out without a single request"
+    );
+    let counts = spread(&gw, "gpt", 20, 1).await;
+    assert_eq!(counts.get("default/good"), Some(&20), "{counts:?}");
+
+    // It recovers: the next probe puts it back, well before its 60 s cooldown would end.
+    down.set_behavior(Behavior::Ok(ok()));
+    let t = Instant::now();
+    loop {
+        let (_, h) = get_json(&gw, "/health").await;
+        if endpoint_state(&h, "gpt", "default/down") == "healthy" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counts = spread(&gw, "gpt", 40, 1).await;
+    assert!(counts.contains_key("default/down"), "{counts:?}");
+    assert!(good.stats.probes.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+}

@@ -426,6 +426,8 @@ pub struct Stats {
     pub last_path: Mutex<Option<String>>,
     /// `GET /metrics` requests received (not counted in `requests`).
     pub metrics_scrapes: AtomicUsize,
+    /// `GET .../models` health probes received (not counted in `requests`).
+    pub probes: AtomicUsize,
 }
 
 impl Stats {
@@ -569,6 +571,23 @@ async fn respond(
         };
     }
     let behavior = &behavior_of(behavior).clone();
+    if req.method() == http::Method::GET && req.uri().path().ends_with("/models") {
+        // A health probe: the model list, or the failure the behavior stands for.
+        stats.probes.fetch_add(1, Ordering::SeqCst);
+        return match behavior {
+            Behavior::Status(code, body) => (
+                http::StatusCode::from_u16(*code).unwrap(),
+                [("content-type", "application/json")],
+                *body,
+            )
+                .into_response(),
+            _ => (
+                [("content-type", "application/json")],
+                r#"{"object":"list","data":[]}"#,
+            )
+                .into_response(),
+        };
+    }
     let seen = stats.requests.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_string();
     *stats.last_auth.lock().unwrap() = req
