@@ -388,29 +388,20 @@ struct Ctx {
     compiled: Arc<std::sync::RwLock<Arc<tollgate_crds::GatewayConfig>>>,
 }
 
+/// Copies of everything in `store` (compile() takes owned objects).
+fn owned<K>(store: &Store<K>) -> Vec<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store.state().iter().map(|o| (**o).clone()).collect()
+}
+
 /// One pass: fetch → compile → publish → status.
 async fn reconcile(ctx: &mut Ctx) -> anyhow::Result<()> {
-    let models: Vec<LlmModel> = ctx
-        .stores
-        .models
-        .state()
-        .iter()
-        .map(|m| (**m).clone())
-        .collect();
-    let keys: Vec<VirtualKey> = ctx
-        .stores
-        .keys
-        .state()
-        .iter()
-        .map(|k| (**k).clone())
-        .collect();
-    let policies: Vec<RoutePolicy> = ctx
-        .stores
-        .policies
-        .state()
-        .iter()
-        .map(|p| (**p).clone())
-        .collect();
+    let models = owned(&ctx.stores.models);
+    let keys = owned(&ctx.stores.keys);
+    let policies = owned(&ctx.stores.policies);
 
     // Keys with no Secret of their own get a generated one.
     let generated = keys::ensure_generated(&ctx.client, &keys, &ctx.stores.secrets).await?;
