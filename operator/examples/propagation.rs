@@ -434,8 +434,17 @@ impl Bench<'_> {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let gw_lines: Vec<String> = self.gw.logs().lines().map(str::to_string).collect();
-        sample.installed = logged_after(&gw_lines, gw_from, "installed the published config", wall);
+        // Log lines are read from a pipe by another thread: they may lag a little.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            let gw_lines: Vec<String> = self.gw.logs().lines().map(str::to_string).collect();
+            sample.installed =
+                logged_after(&gw_lines, gw_from, "installed the published config", wall);
+            if sample.installed.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Some(sample)
     }
 }
@@ -512,6 +521,24 @@ fn metric(text: &str, series: &str) -> f64 {
 
 const STATUS_OK: &str = "tollgate_operator_status_writes_total{result=\"ok\"}";
 
+/// The operator's counters at one moment.
+struct Counters {
+    reconciles: f64,
+    publishes: f64,
+    status_writes: f64,
+}
+
+impl Counters {
+    async fn read(http: &reqwest::Client, port: u16) -> Self {
+        let text = metrics(http, port).await;
+        Self {
+            reconciles: metric(&text, "tollgate_operator_reconciles_total{result=\"ok\"}"),
+            publishes: metric(&text, "tollgate_operator_config_publishes_total"),
+            status_writes: metric(&text, STATUS_OK),
+        }
+    }
+}
+
 fn print_operator_metrics(text: &str) {
     println!();
     println!("Operator metrics at the end:");
@@ -549,10 +576,11 @@ async fn main() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Info logs only: no access log line per poll (the test kit turns those on).
     let gw = Gateway::start_cluster(
         &a.dataplane_bin.display().to_string(),
         kube.kubeconfig_path(),
-        &[],
+        &["--log", "info"],
     );
     let http = reqwest::Client::new();
     let kubectl = Kubectl::new(kube.kubeconfig_path());
@@ -694,6 +722,7 @@ async fn main() {
         a.key_rounds,
         a.keys + 1
     );
+    let before = Counters::read(&http, metrics_port).await;
     let mut edits = Vec::new();
     for _ in 0..a.rounds {
         round += 1;
@@ -732,6 +761,17 @@ async fn main() {
         a.key_rounds,
     );
     let text = metrics(&http, metrics_port).await;
+    let after = Counters::read(&http, metrics_port).await;
+    println!();
+    println!(
+        "During the {} measured changes the operator ran {} reconciles, published {} configs and \
+         wrote {} statuses ({:.1} reconciles per change).",
+        a.rounds + a.key_rounds,
+        after.reconciles - before.reconciles,
+        after.publishes - before.publishes,
+        after.status_writes - before.status_writes,
+        (after.reconciles - before.reconciles) / (a.rounds + a.key_rounds).max(1) as f64
+    );
     print_operator_metrics(&text);
     let installs = gw
         .logs()

@@ -86,6 +86,35 @@ fn key_periods(keys: &Store<VirtualKey>) -> HashMap<String, (BudgetPeriod, Picod
         .collect()
 }
 
+/// Ids of recently folded records, so that a record a data-plane pod appended twice (its
+/// write retried after it had in fact succeeded) is folded once. Such a duplicate follows the
+/// original within seconds; the last [`RECENT`] ids cover that with bounded memory.
+#[derive(Debug, Default)]
+pub struct RecentIds {
+    set: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// How many record ids [`RecentIds`] remembers.
+const RECENT: usize = 200_000;
+
+impl RecentIds {
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+
+    fn insert(&mut self, id: String) {
+        if self.set.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > RECENT
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
 /// Increments of one fold.
 #[derive(Debug, Default)]
 struct Fold {
@@ -116,6 +145,7 @@ impl Fold {
 async fn fold(
     conn: &mut redis::aio::MultiplexedConnection,
     periods: &HashMap<String, (BudgetPeriod, Picodollars)>,
+    recent: &mut RecentIds,
 ) -> redis::RedisResult<(BTreeSet<String>, BTreeSet<String>)> {
     let mut keys = BTreeSet::new();
     let mut models = BTreeSet::new();
@@ -140,12 +170,19 @@ async fn fold(
             break;
         };
         let mut f = Fold::default();
+        let mut folded = std::collections::HashSet::new();
         for (id, fields) in &entries {
             match fields
                 .get("record")
                 .and_then(|j| serde_json::from_str::<UsageRecord>(j).ok())
             {
-                Some(r) => f.add(&r, periods),
+                Some(r) if recent.contains(&r.id) || folded.contains(&r.id) => {
+                    tracing::debug!(record = r.id, "duplicate usage record skipped");
+                }
+                Some(r) => {
+                    f.add(&r, periods);
+                    folded.insert(r.id);
+                }
                 None => tracing::warn!(entry = id, "unreadable usage record skipped"),
             }
         }
@@ -171,6 +208,9 @@ async fn fold(
                 "another replica folded usage concurrently; retrying from its watermark"
             );
             continue;
+        }
+        for id in folded {
+            recent.insert(id);
         }
         keys.extend(f.keys.into_keys());
         models.extend(f.models.into_keys());
@@ -198,6 +238,7 @@ pub async fn run(
     changed: Arc<tokio::sync::Notify>,
 ) {
     let mut conn = None;
+    let mut recent = RecentIds::default();
     let mut last_full = Instant::now() - Duration::from_secs(3600);
     loop {
         tokio::time::sleep(every).await;
@@ -221,7 +262,7 @@ pub async fn run(
             },
         };
         let periods = key_periods(&keys);
-        let (mut dirty_keys, mut dirty_models) = match fold(c, &periods).await {
+        let (mut dirty_keys, mut dirty_models) = match fold(c, &periods, &mut recent).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!("folding usage failed (retrying): {e}");
