@@ -130,7 +130,7 @@ fn generate(keys: usize, models: usize) -> Objects {
                     key: None,
                 }),
                 weight: Some(1 + (i % 4) as u32),
-                limits: (i % 3 == 0).then(|| Limits {
+                limits: (i % 3 == 0).then_some(Limits {
                     rpm: Some(600),
                     tpm: Some(1_000_000),
                     max_parallel: Some(64),
@@ -142,6 +142,7 @@ fn generate(keys: usize, models: usize) -> Objects {
                 }),
                 context_window: Some(32_768),
                 timeouts: None,
+                health_check: None,
                 mock: None,
             },
         );
@@ -183,7 +184,7 @@ fn generate(keys: usize, models: usize) -> Objects {
                     max_usd: 1_000.0,
                     duration: Some("monthly".into()),
                 }),
-                limits: (i % 5 == 0).then(|| Limits {
+                limits: (i % 5 == 0).then_some(Limits {
                     rpm: Some(60),
                     tpm: Some(100_000),
                     max_parallel: None,
