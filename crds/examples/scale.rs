@@ -2,8 +2,12 @@
 //! LLMModels in memory and times each step the operator and the data plane run on every change.
 //!
 //! ```text
-//! cargo run --release -p tollgate-crds --example scale -- [--keys 10000] [--models 1000] [--iters 10]
+//! cargo run --release -p tollgate-crds --example scale -- [--keys 10000] [--models 1000] [--iters 10] [--bare]
 //! ```
+//!
+//! The objects carry the metadata the API server returns after `kubectl apply` and a status
+//! write (uid, resourceVersion, the `last-applied-configuration` annotation, `managedFields` for
+//! kubectl and the operator), as the operator's watch stores hold them; `--bare` leaves it out.
 //!
 //! Steps (each run `--iters` times; the median and the max are printed):
 //! - `clone objects`: the operator copies every object out of its watch stores each reconcile.
@@ -44,6 +48,7 @@ struct Args {
     keys: usize,
     models: usize,
     iters: usize,
+    bare: bool,
 }
 
 fn args() -> Args {
@@ -51,6 +56,7 @@ fn args() -> Args {
         keys: 10_000,
         models: 1_000,
         iters: 10,
+        bare: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,8 +69,9 @@ fn args() -> Args {
             "--keys" => a.keys = num("--keys"),
             "--models" => a.models = num("--models"),
             "--iters" => a.iters = num("--iters").max(1),
+            "--bare" => a.bare = true,
             "-h" | "--help" => {
-                println!("usage: scale [--keys N] [--models M] [--iters I]");
+                println!("usage: scale [--keys N] [--models M] [--iters I] [--bare]");
                 std::process::exit(0);
             }
             other => panic!("unknown flag {other:?} (try --help)"),
@@ -99,12 +106,66 @@ fn secret(ns: &str, name: &str, key: &str, value: String) -> Secret {
     }
 }
 
+/// `managedFields` shape of a JSON object: every key as `f:key`, leaves as `{}`.
+fn fields_v1(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => serde_json::Value::Object(
+            m.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "apiVersion" | "kind"))
+                .map(|(k, v)| (format!("f:{k}"), fields_v1(v)))
+                .collect(),
+        ),
+        _ => serde_json::json!({}),
+    }
+}
+
+/// Adds what the API server returns for an object created with `kubectl apply` (and, with
+/// `status`, whose status the operator wrote): uid, resourceVersion, generation, creation time,
+/// the last-applied annotation and managedFields.
+fn as_served<K: kube::Resource + serde::Serialize>(obj: &mut K, n: usize, status: bool) {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, Time};
+    let applied = serde_json::to_value(&*obj).expect("objects serialize");
+    let t = Time(jiff::Timestamp::from_second(1_764_000_000).expect("a valid time"));
+    let entry = |manager: &str, fields: serde_json::Value, sub: Option<&str>| ManagedFieldsEntry {
+        api_version: applied["apiVersion"].as_str().map(str::to_string),
+        fields_type: Some("FieldsV1".into()),
+        fields_v1: Some(FieldsV1(fields)),
+        manager: Some(manager.into()),
+        operation: Some("Update".into()),
+        subresource: sub.map(str::to_string),
+        time: Some(t.clone()),
+    };
+    let mut fields = fields_v1(&applied);
+    fields["f:metadata"]["f:annotations"] = serde_json::json!({
+        ".": {}, "f:kubectl.kubernetes.io/last-applied-configuration": {}
+    });
+    let mut managed = vec![entry("kubectl-client-side-apply", fields, None)];
+    if status {
+        managed.push(entry(
+            "tollgate-operator",
+            serde_json::json!({"f:status": {".": {}, "f:conditions": {}, "f:observedGeneration": {}}}),
+            Some("status"),
+        ));
+    }
+    let meta = obj.meta_mut();
+    meta.uid = Some(format!("{:08x}-0000-4000-8000-{n:012x}", n as u32));
+    meta.resource_version = Some((100_000 + n).to_string());
+    meta.generation = status.then_some(1);
+    meta.creation_timestamp = Some(t);
+    meta.annotations = Some(BTreeMap::from([(
+        "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+        applied.to_string(),
+    )]));
+    meta.managed_fields = Some(managed);
+}
+
 fn model_name(i: usize, names: usize) -> String {
     format!("model-{:03}", i % names)
 }
 
-/// The objects of a cluster with `keys` VirtualKeys and `models` LLMModels.
-fn generate(keys: usize, models: usize) -> Objects {
+/// The objects of a cluster with `keys` VirtualKeys and `models` LLMModels; with `served`, as
+/// the API server returns them.
+fn generate(keys: usize, models: usize, served: bool) -> Objects {
     let names = MODEL_NAMES.min(models).max(1);
     let mut o = Objects::default();
     o.secrets.push(secret(
@@ -221,27 +282,50 @@ fn generate(keys: usize, models: usize) -> Objects {
         p.metadata.namespace = Some("models".into());
         o.policies.push(p);
     }
+    if served {
+        let mut n = 0;
+        for x in &mut o.secrets {
+            n += 1;
+            as_served(x, n, false);
+        }
+        for x in &mut o.models {
+            n += 1;
+            as_served(x, n, true);
+        }
+        for x in &mut o.keys {
+            n += 1;
+            as_served(x, n, true);
+        }
+        for x in &mut o.policies {
+            n += 1;
+            as_served(x, n, true);
+        }
+    }
     o
 }
 
-/// The objects as one multi-document YAML file, as `kubectl apply -f` (or `--manifests`) reads.
+/// The objects as one multi-document YAML file, as `kubectl apply -f` (or `--manifests`) reads
+/// (names and namespaces only: no metadata the API server adds).
 fn to_yaml(o: &Objects) -> String {
-    let mut out = String::new();
-    let mut doc = |v: String| {
+    fn doc<K: kube::Resource + Clone + serde::Serialize>(out: &mut String, obj: &K) {
+        let mut obj = obj.clone();
+        let meta = obj.meta_mut();
+        *meta = meta_of(meta);
         out.push_str("---\n");
-        out.push_str(&v);
-    };
-    let y = |r: Result<String, serde_yaml::Error>| r.expect("objects serialize to YAML");
-    o.secrets
-        .iter()
-        .for_each(|s| doc(y(serde_yaml::to_string(s))));
-    o.models
-        .iter()
-        .for_each(|m| doc(y(serde_yaml::to_string(m))));
-    o.keys.iter().for_each(|k| doc(y(serde_yaml::to_string(k))));
-    o.policies
-        .iter()
-        .for_each(|p| doc(y(serde_yaml::to_string(p))));
+        out.push_str(&serde_yaml::to_string(&obj).expect("objects serialize to YAML"));
+    }
+    fn meta_of(m: &ObjectMeta) -> ObjectMeta {
+        ObjectMeta {
+            name: m.name.clone(),
+            namespace: m.namespace.clone(),
+            ..Default::default()
+        }
+    }
+    let mut out = String::new();
+    o.secrets.iter().for_each(|x| doc(&mut out, x));
+    o.models.iter().for_each(|x| doc(&mut out, x));
+    o.keys.iter().for_each(|x| doc(&mut out, x));
+    o.policies.iter().for_each(|x| doc(&mut out, x));
     out
 }
 
@@ -285,14 +369,19 @@ fn kib(n: usize) -> String {
 fn main() {
     let a = args();
     let t = Instant::now();
-    let objects = generate(a.keys, a.models);
+    let objects = generate(a.keys, a.models, !a.bare);
     println!(
-        "generated {} LLMModels ({} model names), {} VirtualKeys, {} RoutePolicies, {} Secrets in {}",
+        "generated {} LLMModels ({} model names), {} VirtualKeys, {} RoutePolicies, {} Secrets{} in {}",
         objects.models.len(),
         MODEL_NAMES.min(a.models).max(1),
         objects.keys.len(),
         objects.policies.len(),
         objects.secrets.len(),
+        if a.bare {
+            " (bare: no API-server metadata)"
+        } else {
+            " with API-server metadata (managedFields, last-applied annotation)"
+        },
         ms(t.elapsed())
     );
 
