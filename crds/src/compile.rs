@@ -624,7 +624,7 @@ pub fn compile(objects: &Objects) -> (GatewayConfig, Vec<ObjectError>) {
     let mut config = GatewayConfig::default();
     let mut seen = BTreeSet::new();
     let mut models: Vec<&LlmModel> = objects.models.iter().collect();
-    models.sort_by_key(|m| object_id(&m.metadata));
+    models.sort_by_cached_key(|m| object_id(&m.metadata));
     for m in models {
         let id = object_id(&m.metadata);
         if !seen.insert(id.clone()) {
@@ -652,7 +652,7 @@ pub fn compile(objects: &Objects) -> (GatewayConfig, Vec<ObjectError>) {
     // Team budgets, with the key that set each first.
     let mut teams: BTreeMap<String, (BudgetConfig, String)> = BTreeMap::new();
     let mut keys: Vec<&VirtualKey> = objects.keys.iter().collect();
-    keys.sort_by_key(|k| object_id(&k.metadata));
+    keys.sort_by_cached_key(|k| object_id(&k.metadata));
     for k in keys {
         let id = object_id(&k.metadata);
         if !seen.insert(id.clone()) {
@@ -709,7 +709,7 @@ pub fn compile(objects: &Objects) -> (GatewayConfig, Vec<ObjectError>) {
     let mut claimed: BTreeMap<String, String> = BTreeMap::new();
     let mut compiled = Vec::new();
     let mut policies: Vec<&RoutePolicy> = objects.policies.iter().collect();
-    policies.sort_by_key(|p| object_id(&p.metadata));
+    policies.sort_by_cached_key(|p| object_id(&p.metadata));
     for p in policies {
         let id = object_id(&p.metadata);
         if !seen.insert(id.clone()) {

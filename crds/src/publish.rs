@@ -9,8 +9,9 @@
 //! a pod that restarts while the operator is down reads the last good config from the API.
 //!
 //! Why shards of gzip: Kubernetes objects are limited to about 1 MiB. 10,000 keys and 1,000
-//! models are about 4 MiB of JSON, about 1.5 MiB gzipped (key hashes don't compress); shards
-//! keep any size publishable, and gzip keeps etcd writes and watch traffic small.
+//! models are about 2.1 MiB of JSON, 468 KiB gzipped (one shard; measured in docs/scale.md);
+//! past about 15,000 keys a second shard is needed. Shards keep any size publishable, and gzip
+//! keeps etcd writes and watch traffic small.
 
 use crate::GatewayConfig;
 use sha2::{Digest, Sha256};

@@ -189,6 +189,26 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    watch_filtered(api, changed, |_| true)
+}
+
+/// Like [`watch`], waking `changed` only for objects `relevant` says matter (the operator's
+/// own config Secrets, for one, change only because it wrote them).
+fn watch_filtered<K>(
+    api: Api<K>,
+    changed: Arc<Notify>,
+    relevant: impl Fn(&K) -> bool + Send + 'static,
+) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let (store, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
     let stream = watcher(api, watcher::Config::default())
@@ -198,6 +218,7 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) if !relevant(&o) => {}
                 Ok(_) => changed.notify_one(),
                 Err(e) => tracing::warn!(kind, "watch error (retrying): {e}"),
             }
@@ -243,7 +264,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         models: watch(api::<LlmModel>(&client, ns), changed.clone()),
         keys: watch(api::<VirtualKey>(&client, ns), changed.clone()),
         policies: watch(api::<RoutePolicy>(&client, ns), changed.clone()),
-        secrets: watch(api::<Secret>(&client, ns), changed.clone()),
+        secrets: watch_filtered(api::<Secret>(&client, ns), changed.clone(), |s: &Secret| {
+            !s.labels().contains_key(tollgate_crds::publish::LABEL)
+        }),
         services: watch(api::<Service>(&client, ns), changed.clone()),
         slices: watch_optional(api::<EndpointSlice>(&client, ns), (), changed.clone()),
         inference_services: {
@@ -519,6 +542,9 @@ fn id_of<K: Resource>(o: &K) -> String {
 async fn write_statuses(ctx: &Ctx, objects: &Objects, errors: &[tollgate_crds::ObjectError]) {
     let by_object = status::errors_by_object(errors);
     let now = jiff::Timestamp::now().as_second();
+    // Written concurrently (a bounded number at a time): after a bulk import, thousands of
+    // first-time status writes must not hold up the next publish for long.
+    let mut writes: Vec<std::pin::Pin<Box<dyn Future<Output = ()> + '_>>> = Vec::new();
     for m in &objects.models {
         let id = id_of(m);
         let e = by_object.get(&("LLMModel", id.clone()));
@@ -541,14 +567,13 @@ async fn write_statuses(ctx: &Ctx, objects: &Objects, errors: &[tollgate_crds::O
             .map(|s| s.conditions.as_slice())
             .unwrap_or(&[]);
         let observed = m.status.as_ref().and_then(|s| s.observed_generation);
-        update(
+        writes.push(Box::pin(update(
             ctx,
             m,
             current,
             observed,
-            &status::model_conditions(e, backend),
-        )
-        .await;
+            status::model_conditions(e, backend),
+        )));
     }
     for k in &objects.keys {
         let e = by_object.get(&("VirtualKey", id_of(k)));
@@ -563,14 +588,13 @@ async fn write_statuses(ctx: &Ctx, objects: &Objects, errors: &[tollgate_crds::O
             .map(|s| s.conditions.as_slice())
             .unwrap_or(&[]);
         let observed = k.status.as_ref().and_then(|s| s.observed_generation);
-        update(
+        writes.push(Box::pin(update(
             ctx,
             k,
             current,
             observed,
-            &status::key_conditions(e, expired, ctx.spend.exceeded(&id_of(k))),
-        )
-        .await;
+            status::key_conditions(e, expired, ctx.spend.exceeded(&id_of(k))),
+        )));
     }
     for p in &objects.policies {
         let e = by_object.get(&("RoutePolicy", id_of(p)));
@@ -580,16 +604,29 @@ async fn write_statuses(ctx: &Ctx, objects: &Objects, errors: &[tollgate_crds::O
             .map(|s| s.conditions.as_slice())
             .unwrap_or(&[]);
         let observed = p.status.as_ref().and_then(|s| s.observed_generation);
-        update(ctx, p, current, observed, &status::policy_conditions(e)).await;
+        writes.push(Box::pin(update(
+            ctx,
+            p,
+            current,
+            observed,
+            status::policy_conditions(e),
+        )));
     }
+    futures_util::stream::iter(writes)
+        .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
+        .collect::<Vec<()>>()
+        .await;
 }
+
+/// Status writes in flight at once.
+const STATUS_WRITES_IN_FLIGHT: usize = 16;
 
 async fn update<K>(
     ctx: &Ctx,
     obj: &K,
     current: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     observed: Option<i64>,
-    want: &[status::Want],
+    want: Vec<status::Want>,
 ) where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -600,7 +637,7 @@ async fn update<K>(
     let generation = obj.meta().generation;
     let desired = status::Desired {
         observed_generation: generation,
-        conditions: status::merge(current, want, generation),
+        conditions: status::merge(current, &want, generation),
     };
     if status::up_to_date(observed, current, &desired) {
         return;
