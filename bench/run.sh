@@ -9,6 +9,10 @@
 # that never refuse, measures it as a fourth target (tollgate+limits) and reports its cost. With
 # --redis it also starts a redis-server and a third Tollgate, tollgate+limits plus --redis-url, as
 # a fifth target (tollgate+redis), and reports the cost of limits and budgets kept in Redis.
+# With --routing it also starts three more Tollgates whose model group has 8 deployments instead
+# of 1 (all on the same mock), one per routing strategy, measures each as a target
+# (tollgate+8, tollgate+8-least-busy, tollgate+8-latency) and reports the cost of picking among
+# 8 routes on every request.
 #
 # Usage: bench/run.sh [options]
 #   --markdown FILE        also write the results as markdown tables to FILE
@@ -27,6 +31,12 @@
 #                          tollgate+limits plus --redis-url, so every request runs a reserve and a
 #                          settle script in Redis; reports tollgate+redis / tollgate next to
 #                          tollgate+limits / tollgate, and redis-server's CPU time per request
+#   --routing              add three targets, each a Tollgate (same flags) whose model "bench" is
+#                          8 LLMModels on the same mock: tollgate+8 (no RoutePolicy: the default
+#                          simple-shuffle, weighted random), tollgate+8-least-busy and
+#                          tollgate+8-latency (a RoutePolicy with strategy least-busy or
+#                          latency-based); reports tollgate+8* / tollgate per scenario and the
+#                          added p50 at c=1
 #   --pin                  pin wrk + mock to CPU 0 and the proxy under test to CPU 1
 #                          (use with --gateway-threads 1 --nginx-workers 1)
 #   --perf DIR             afterwards, profile Tollgate with `perf record` under load and count
@@ -37,8 +47,9 @@
 #
 # Needs wrk and nginx (installed with apt-get when missing), curl and cargo; --redis also needs
 # redis-server and redis-cli (apt-get install redis-server when missing). The load takes
-# 9 * rounds * (duration + warmup) seconds (108 s by default; 12 * ..., 144 s, with --limits;
-# 15 * ..., 180 s, with --redis), plus startup, the build and --perf.
+# 3 * targets * rounds * (duration + warmup) seconds: 3 targets (108 s by default), 1 more with
+# --limits (144 s), 2 more with --redis (180 s), 3 more with --routing (216 s; 288 s with
+# --redis --routing), plus startup, the build and --perf.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,6 +61,8 @@ NGINX_WORKERS=2
 CHUNKS=20
 LIMITS=0
 REDIS=0
+ROUTING=0
+ROUTES=8 # deployments in the group of the --routing targets
 PIN=0
 PERF_DIR=""
 BUILD=1
@@ -75,6 +88,7 @@ while [[ $# -gt 0 ]]; do
         --pin) PIN=1; shift ;;
         --limits) LIMITS=1; shift ;;
         --redis) REDIS=1; LIMITS=1; shift ;;
+        --routing) ROUTING=1; shift ;;
         --perf) PERF_DIR="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --bin-dir) BIN_DIR="$2"; shift 2 ;;
@@ -194,23 +208,34 @@ PIDS+=("$MOCK_PID")
 MOCK_PORT="$(wait_listening tollgate-mock "$TMP/mock.log" "$MOCK_PID")"
 
 # Tollgate: one model on the mock, one virtual key; auth and cost accounting are on.
-# write_manifests FILE LIMITED: with LIMITED=1 the model gets deployment limits and the key
-# limits and a budget, all far above anything the load reaches, so they cost but never refuse.
+# write_manifests FILE LIMITED [DEPLOYMENTS [STRATEGY]]: with LIMITED=1 the model gets
+# deployment limits and the key limits and a budget, all far above anything the load reaches, so
+# they cost but never refuse. With DEPLOYMENTS=N > 1 the model name "bench" is served by N
+# LLMModels bench-1 ... bench-N, all on the mock; with a STRATEGY, a RoutePolicy routes them.
 write_manifests() {
+    local n="${3:-1}" strategy="${4:-}" i name=bench
     {
-        cat <<EOF
+        for ((i = 1; i <= n; i++)); do
+            if [[ $n -gt 1 ]]; then
+                name="bench-$i"
+            fi
+            if [[ $i -gt 1 ]]; then
+                echo "---"
+            fi
+            cat <<EOF
 apiVersion: tollgate.dev/v1alpha1
 kind: LLMModel
-metadata: {name: bench}
+metadata: {name: $name}
 spec:
   modelName: bench
   provider: openai-compatible
   url: http://127.0.0.1:$MOCK_PORT/v1
   pricing: {inputPerMillion: 2.5, outputPerMillion: 10}
 EOF
-        if [[ $2 -eq 1 ]]; then
-            echo "  limits: {rpm: 1000000000, tpm: 1000000000000, maxParallel: 100000}"
-        fi
+            if [[ $2 -eq 1 ]]; then
+                echo "  limits: {rpm: 1000000000, tpm: 1000000000000, maxParallel: 100000}"
+            fi
+        done
         cat <<EOF
 ---
 apiVersion: v1
@@ -227,6 +252,15 @@ EOF
         if [[ $2 -eq 1 ]]; then
             echo "  limits: {rpm: 1000000000, tpm: 1000000000000, maxParallel: 100000}"
             echo "  budget: {maxUsd: 1000000, duration: monthly}"
+        fi
+        if [[ -n "$strategy" ]]; then
+            cat <<EOF
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: RoutePolicy
+metadata: {name: bench}
+spec: {models: [bench], strategy: $strategy}
+EOF
         fi
     } >"$1"
 }
@@ -269,6 +303,30 @@ if [[ $REDIS -eq 1 ]]; then
     GWR_PID=$!
     PIDS+=("$GWR_PID")
     GWR_PORT="$(wait_listening tollgate-dataplane "$TMP/gateway-redis.log" "$GWR_PID")"
+fi
+
+# With --routing: one more data plane per strategy, same flags, whose group "bench" has $ROUTES
+# deployments on the same mock (they share the upstream connection pool, which is per
+# authority), so against tollgate the only difference is picking a route per request.
+# ROUTING_TARGETS lists them as "target|strategy" ("" for no RoutePolicy: simple-shuffle).
+ROUTING_TARGETS=(
+    "tollgate+$ROUTES|"
+    "tollgate+$ROUTES-least-busy|least-busy"
+    "tollgate+$ROUTES-latency|latency-based"
+)
+declare -A RT_PID RT_PORT RT_STRATEGY
+if [[ $ROUTING -eq 1 ]]; then
+    for rt in "${ROUTING_TARGETS[@]}"; do
+        IFS='|' read -r t strategy <<<"$rt"
+        f="$TMP/manifests-$t.yaml"
+        write_manifests "$f" 0 "$ROUTES" "$strategy"
+        "${PIN_PROXY[@]}" "$GATEWAY" --manifests "$f" --listen 127.0.0.1:0 \
+            --worker-threads "$GW_THREADS" >"$TMP/gateway-$t.log" 2>&1 &
+        RT_PID[$t]=$!
+        PIDS+=("${RT_PID[$t]}")
+        RT_PORT[$t]="$(wait_listening tollgate-dataplane "$TMP/gateway-$t.log" "${RT_PID[$t]}")"
+        RT_STRATEGY[$t]="${strategy:-simple-shuffle}"
+    done
 fi
 
 # nginx: a plain keep-alive reverse proxy to the same mock.
@@ -347,6 +405,16 @@ if [[ $REDIS -eq 1 ]]; then
     URL[tollgate+redis]="http://127.0.0.1:$GWR_PORT/v1/chat/completions"
     TARGETS+=(tollgate+redis)
 fi
+RTARGETS=() # the --routing targets
+if [[ $ROUTING -eq 1 ]]; then
+    for rt in "${ROUTING_TARGETS[@]}"; do
+        t="${rt%%|*}"
+        URL[$t]="http://127.0.0.1:${RT_PORT[$t]}/v1/chat/completions"
+        TARGETS+=("$t")
+        RTARGETS+=("$t")
+        ((${#t} <= TW)) || TW=${#t}
+    done
+fi
 # The process(es) doing the serving for each target, whose CPU time is counted.
 target_pids() {
     case "$1" in
@@ -354,27 +422,21 @@ target_pids() {
         tollgate) echo "$GW_PID" ;;
         tollgate+limits) echo "$GWL_PID" ;;
         tollgate+redis) echo "$GWR_PID" ;;
+        tollgate+*) echo "${RT_PID[$1]}" ;;
         nginx) children "$NGINX_PID" ;;
     esac
 }
-# The order in which a round measures the targets. With --limits, tollgate and tollgate+limits
-# run back to back (so drift hits both alike), in turn first: tollgate first in odd rounds.
-# With --redis, tollgate, tollgate+limits and tollgate+redis run back to back, in the reverse
-# order in even rounds.
+# The order in which a round measures the targets: direct, then every Tollgate target back to
+# back (so drift hits them alike), then nginx. The Tollgates run in the order of TARGETS
+# (tollgate, tollgate+limits, tollgate+redis, the --routing ones) in odd rounds and in the
+# reverse order in even rounds, so each goes first as often as last.
 run_order() { # round
-    if [[ $LIMITS -eq 0 ]]; then
-        echo "${TARGETS[@]}"
-    elif [[ $REDIS -eq 1 ]]; then
-        if (($1 % 2)); then
-            echo direct tollgate tollgate+limits tollgate+redis nginx
-        else
-            echo direct tollgate+redis tollgate+limits tollgate nginx
-        fi
-    elif (($1 % 2)); then
-        echo direct tollgate tollgate+limits nginx
-    else
-        echo direct tollgate+limits tollgate nginx
-    fi
+    local t gws=()
+    for t in "${TARGETS[@]}"; do
+        [[ $t == tollgate* ]] || continue
+        if (($1 % 2)); then gws+=("$t"); else gws=("$t" "${gws[@]}"); fi
+    done
+    echo direct "${gws[@]}" nginx
 }
 CLK_TCK="$(getconf CLK_TCK)"
 log "mock :$MOCK_PORT (pid $MOCK_PID), tollgate :$GW_PORT (pid $GW_PID, $GW_THREADS threads), nginx :$NGINX_PORT (pid $NGINX_PID, $NGINX_WORKERS workers)"
@@ -384,6 +446,9 @@ fi
 if [[ $REDIS -eq 1 ]]; then
     log "tollgate+redis :$GWR_PORT (pid $GWR_PID; as tollgate+limits, counters in redis-server $REDIS_VERSION :$REDIS_PORT, pid $REDIS_PID)"
 fi
+for t in "${RTARGETS[@]}"; do
+    log "$t :${RT_PORT[$t]} (pid ${RT_PID[$t]}, $GW_THREADS threads; $ROUTES deployments, ${RT_STRATEGY[$t]})"
+done
 
 # ---------------------------------------------------------------------------------------------
 # Sanity: every target answers 200 with the same body; Tollgate really authenticates and prices.
@@ -437,6 +502,33 @@ if [[ $REDIS -eq 1 ]]; then
     REDIS_KEYS="$(redis-cli -p "$REDIS_PORT" --scan --pattern 'tollgate:limits:*' | sort)"
     [[ -n "$REDIS_KEYS" ]] || { cat "$TMP/gateway-redis.log" >&2; die "tollgate+redis: no tollgate:limits:* keys in Redis (counters not shared?)"; }
     log "sanity ok: tollgate+redis enforces, Redis holds $(paste -sd' ' <<<"$REDIS_KEYS")"
+fi
+if [[ $ROUTING -eq 1 ]]; then
+    # /health lists the deployments of each group and its strategy: tollgate must have 1, each
+    # routing gateway $ROUTES under its own strategy, or the comparison measures nothing. Each
+    # routing gateway prices, and spreads 32 sequential requests over several deployments
+    # (x-tollgate-deployment names the one that served).
+    deployments() { # health JSON -> number of distinct deployment ids
+        grep -o '"id":"[^"]*"' <<<"$1" | sort -u | wc -l || true
+    }
+    health="$(curl -sS --max-time 5 "http://127.0.0.1:$GW_PORT/health")" || die "tollgate: GET /health failed"
+    n="$(deployments "$health")"
+    [[ $n -eq 1 ]] || { echo "$health" >&2; die "tollgate: /health lists $n deployments, not 1"; }
+    for t in "${RTARGETS[@]}"; do
+        health="$(curl -sS --max-time 5 "http://127.0.0.1:${RT_PORT[$t]}/health")" || die "$t: GET /health failed"
+        n="$(deployments "$health")"
+        [[ $n -eq $ROUTES ]] || { echo "$health" >&2; die "$t: /health lists $n deployments, not $ROUTES"; }
+        grep -q "\"strategy\":\"${RT_STRATEGY[$t]}\"" <<<"$health" ||
+            { echo "$health" >&2; die "$t: /health does not show strategy ${RT_STRATEGY[$t]}"; }
+        out="$(post "${URL[$t]}" "$BODY" | tr -d '\r')" || die "$t: request failed"
+        grep -qi '^x-tollgate-cost-usd:' <<<"$out" || { echo "$out" >&2; die "$t: no x-tollgate-cost-usd header"; }
+        seen="$(for ((i = 0; i < 32; i++)); do
+            post "${URL[$t]}" "$BODY" | tr -d '\r' | sed -n 's/^x-tollgate-deployment: *//Ip'
+        done | sort -u)"
+        nseen="$(grep -c . <<<"$seen" || true)"
+        [[ $nseen -ge 4 ]] || { cat "$TMP/gateway-$t.log" >&2; die "$t: 32 requests reached only $nseen deployment(s): $(paste -sd' ' <<<"$seen")"; }
+        log "sanity ok: $t serves bench from $n deployments (${RT_STRATEGY[$t]}); 32 requests reached $nseen of them"
+    done
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -582,6 +674,10 @@ fi
 if [[ $REDIS -eq 1 ]]; then
     ADDED_RED="$(awk -v a="${P50[plain-c1,tollgate+redis]}" -v b="${P50[plain-c1,tollgate]}" 'BEGIN {printf "%+.0f", a - b}')"
 fi
+declare -A ADDED_RT
+for t in "${RTARGETS[@]}"; do
+    ADDED_RT[$t]="$(awk -v a="${P50[plain-c1,$t]}" -v b="${P50[plain-c1,tollgate]}" 'BEGIN {printf "%+.0f", a - b}')"
+done
 
 describe() {
     case "$1" in
@@ -597,6 +693,13 @@ if [[ $LIMITS -eq 1 ]]; then
 fi
 if [[ $REDIS -eq 1 ]]; then
     SETUP="${SETUP%; tollgate and tollgate+limits measured*}; tollgate+redis: a third tollgate, the same as tollgate+limits plus --redis-url to a local redis-server $REDIS_VERSION (no persistence, $( [[ $PIN -eq 1 ]] && echo "pinned to CPU 0" || echo "sharing the CPUs")); tollgate, tollgate+limits and tollgate+redis measured back to back, reversing the order every other round"
+fi
+if [[ $ROUTING -eq 1 ]]; then
+    rt_desc=""
+    for t in "${RTARGETS[@]}"; do
+        rt_desc="${rt_desc:+$rt_desc, }$t ($( [[ ${RT_STRATEGY[$t]} == simple-shuffle ]] && echo "no RoutePolicy: simple-shuffle" || echo "RoutePolicy strategy ${RT_STRATEGY[$t]}"))"
+    done
+    SETUP="${SETUP%; tollgate* measured back to back*}; $rt_desc: one more tollgate each, same flags, whose model bench is $ROUTES LLMModels on the same mock; every tollgate target measured back to back, reversing the order every other round"
 fi
 
 {
@@ -643,6 +746,22 @@ fi
         done
         echo "  added p50 at c=1 by limits and budgets in Redis: ${ADDED_RED} µs (tollgate+redis p50 - tollgate p50)"
         echo "  Redis errors counted by tollgate+redis (tollgate_redis_errors_total): $REDIS_ERRORS"
+    fi
+    if [[ $ROUTING -eq 1 ]]; then
+        echo
+        echo "Cost of routing among $ROUTES deployments (vs tollgate: 1 deployment)"
+        for name in plain-c1 plain-c64 stream-c16; do
+            for t in "${RTARGETS[@]}"; do
+                printf '  %-22s %-*s %5s   CPU µs/req %6s   (%s)\n' "$(describe "$name")" $((TW + 9)) "$t/tollgate" \
+                    "$(ratio "${RPS[$name,$t]}" "${RPS[$name,tollgate]}")" \
+                    "$(sdiff "${CPU[$name,$t]}" "${CPU[$name,tollgate]}")" "$(unit "$name")"
+            done
+        done
+        line=""
+        for t in "${RTARGETS[@]}"; do
+            line="${line:+$line, }$t ${ADDED_RT[$t]} µs"
+        done
+        echo "  added p50 at c=1 over tollgate (target p50 - tollgate p50): $line"
     fi
     echo
     echo "Memory (VmRSS)"
@@ -701,6 +820,23 @@ if [[ -n "$MARKDOWN" ]]; then
             else
                 echo "Added p50 latency at c=1 by limits and budgets (tollgate+limits p50 − tollgate p50): **${ADDED_LIM} µs**."
             fi
+        fi
+        if [[ $ROUTING -eq 1 ]]; then
+            echo
+            echo "| $ROUTES deployments vs 1 (tollgate) | non-streaming c=1 | non-streaming c=64 | streaming c=16 |"
+            echo "|---|---:|---:|---:|"
+            for t in "${RTARGETS[@]}"; do
+                echo "| rate, $t / tollgate | $(ratio "${RPS[plain-c1,$t]}" "${RPS[plain-c1,tollgate]}") | $(ratio "${RPS[plain-c64,$t]}" "${RPS[plain-c64,tollgate]}") | $(ratio "${RPS[stream-c16,$t]}" "${RPS[stream-c16,tollgate]}") |"
+            done
+            for t in "${RTARGETS[@]}"; do
+                echo "| CPU µs/req, $t − tollgate | $(sdiff "${CPU[plain-c1,$t]}" "${CPU[plain-c1,tollgate]}") | $(sdiff "${CPU[plain-c64,$t]}" "${CPU[plain-c64,tollgate]}") | $(sdiff "${CPU[stream-c16,$t]}" "${CPU[stream-c16,tollgate]}") |"
+            done
+            echo
+            line=""
+            for t in "${RTARGETS[@]}"; do
+                line="${line:+$line, }$t (${RT_STRATEGY[$t]}) **${ADDED_RT[$t]} µs**"
+            done
+            echo "Added p50 latency at c=1 over tollgate (1 deployment): $line."
         fi
         echo
         echo "| memory (VmRSS) | idle | after the load runs |"
