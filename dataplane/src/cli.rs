@@ -2,7 +2,6 @@
 
 use crate::state::{AppState, Settings};
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use clap::{Parser, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -364,14 +363,7 @@ fn bind(addr: SocketAddr, reuse_port: ReusePort) -> anyhow::Result<tokio::net::T
 }
 
 async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
-    // Without TCP_NODELAY the last small write of a response waits for the client's delayed
-    // ACK: ~40 ms at the end of every stream.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, crate::server::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    crate::server::serve(listener, state, shutdown_signal()).await;
     tracing::info!("shut down");
     Ok(())
 }

@@ -44,7 +44,11 @@ pub const DEPLOYMENT_HEADER: &str = "x-tollgate-deployment";
 pub const COST_HEADER: &str = "x-tollgate-cost-usd";
 
 /// Reads the request body, refusing more than `limit` bytes.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes> {
+async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -155,12 +159,16 @@ enum GroupEnd {
 }
 
 /// Serves one OpenAI API request.
-pub async fn handle(
+pub async fn handle<B>(
     state: &AppState,
     endpoint: Endpoint,
-    req: Request<Body>,
+    req: Request<B>,
     rid: &HeaderValue,
-) -> Result<Response> {
+) -> Result<Response>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let started = Instant::now();
     let snapshot = state.snapshot.load_full();
     let (parts, body) = req.into_parts();
@@ -620,7 +628,7 @@ where
 async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
     let d: &RuntimeDeployment = &route.deployment;
     let id = d.id.clone();
-    let Some((uri, auth)) = d.uri(ctx.endpoint, route.endpoint) else {
+    let Some((upstream, uri, auth)) = d.uri(ctx.endpoint, route.endpoint) else {
         charge.settle(None, Outcome::UpstreamError);
         return Attempt::Done(Err(ApiError::internal("deployment has no upstream URI")));
     };
@@ -652,7 +660,11 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
             retry_after: None,
         })
     };
-    let send = crate::upstream::send(Duration::from_millis(t.connect_ms), req);
+    let send = crate::upstream::send_to(
+        upstream.origin.as_ref(),
+        Duration::from_millis(t.connect_ms),
+        req,
+    );
     let headers_by = match deadline {
         Some(dl) => dl.min(tokio::time::Instant::now() + first_byte),
         None => tokio::time::Instant::now() + first_byte,

@@ -83,6 +83,8 @@ pub struct UpstreamEndpoint {
     pub base: String,
     /// Full URIs per API endpoint (chat, completions, embeddings).
     pub uris: Box<[Uri; 3]>,
+    /// Where the connections go, for a plain-HTTP URL (`None` for https).
+    pub origin: Option<crate::upstream::Origin>,
     /// The server's Prometheus `/metrics` (same scheme and authority as `base`).
     pub metrics: Option<Uri>,
     /// The active health probe's URI, if the deployment has one.
@@ -140,7 +142,11 @@ pub struct RuntimeDeployment {
 
 impl RuntimeDeployment {
     /// The upstream URI of endpoint `i` for `endpoint`, if this is an HTTP deployment.
-    pub fn uri(&self, endpoint: Endpoint, i: usize) -> Option<(&Uri, Option<&HeaderValue>)> {
+    pub fn uri(
+        &self,
+        endpoint: Endpoint,
+        i: usize,
+    ) -> Option<(&UpstreamEndpoint, &Uri, Option<&HeaderValue>)> {
         match &self.target {
             Target::Upstream { endpoints, auth } => {
                 let which = match endpoint {
@@ -148,7 +154,8 @@ impl RuntimeDeployment {
                     Endpoint::Completions => 1,
                     Endpoint::Embeddings => 2,
                 };
-                Some((&endpoints.get(i)?.uris[which], auth.as_ref()))
+                let e = endpoints.get(i)?;
+                Some((e, &e.uris[which], auth.as_ref()))
             }
             Target::Mock(_) => None,
         }
@@ -208,6 +215,7 @@ fn upstream_endpoint(
         _ => None,
     };
     Ok(UpstreamEndpoint {
+        origin: crate::upstream::Origin::of(&parsed),
         base: base.to_string(),
         uris: Box::new([
             uri(Endpoint::ChatCompletions.upstream_path())?,

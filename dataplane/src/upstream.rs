@@ -1,36 +1,249 @@
 //! The pooled HTTP client for upstreams: keep-alive connections, TCP_NODELAY, rustls for https
 //! (the system's roots, or Mozilla's when the system has none), HTTP/2 where the server offers
 //! it through ALPN.
+//!
+//! Plain-HTTP upstreams (vLLM and KServe pods, Ollama, the mock) are the common case inside a
+//! cluster and take the fast path: hyper's HTTP/1.1 connection API with a pool per thread, kept
+//! here. A connection goes back to the pool when its response body has been read to the end,
+//! and a request that a reused connection turned out to be closed for is sent again on a new
+//! one. `https` upstreams go through hyper-util's pooling client, which adds TLS and HTTP/2.
 
 use bytes::Bytes;
+use http::header::HOST;
+use http::uri::Scheme;
+use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
-/// The upstream client.
+/// The pooling client for `https` upstreams.
 pub type Client = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// How long an idle upstream connection is kept. Below the 60-120 s that providers' and
 /// proxies' idle timeouts usually are, so we don't reuse a connection the far end is closing.
 const POOL_IDLE: Duration = Duration::from_secs(50);
+/// Most idle connections kept per upstream (per thread).
+const POOL_MAX_IDLE: usize = 1024;
+/// TCP keepalive on upstream connections.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
-thread_local! {
-    /// Clients by connect timeout (ms): deployments that set the same timeout share a pool.
-    static CLIENTS: std::cell::RefCell<Vec<(u64, Client)>> = const { std::cell::RefCell::new(Vec::new()) };
+/// An idle plain-HTTP connection, and when it became idle.
+struct Idle {
+    send: SendRequest<Full<Bytes>>,
+    since: Instant,
 }
 
-/// Sends `req` with this thread's client for `connect_timeout` (built on first use).
+thread_local! {
+    /// `https` clients by connect timeout (ms): deployments that set the same timeout share a pool.
+    static CLIENTS: RefCell<Vec<(u64, Client)>> = const { RefCell::new(Vec::new()) };
+    /// Idle plain-HTTP connections by `host:port`, most recently used last.
+    static POOL: RefCell<HashMap<Arc<str>, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub struct SendError {
+    connect: bool,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SendError {
+    /// Whether no connection could be made (nothing was sent).
+    pub fn is_connect(&self) -> bool {
+        self.connect
+    }
+
+    fn connect(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            connect: true,
+            source: e.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.source)
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// Where a plain-HTTP upstream's connections go, worked out once per configured URL.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// `host:port`: what is connected to, and the pool's key.
+    addr: Arc<str>,
+    /// The `Host` header.
+    host: HeaderValue,
+}
+
+impl Origin {
+    /// The origin of an absolute `http://` URI; `None` for other schemes (https goes through
+    /// the pooling client) and URIs without a host.
+    pub fn of(uri: &Uri) -> Option<Origin> {
+        if uri.scheme() != Some(&Scheme::HTTP) {
+            return None;
+        }
+        let authority = uri.authority()?;
+        let addr = match authority.port() {
+            Some(_) => authority.as_str().into(),
+            None => format!("{}:80", authority.host()).into(),
+        };
+        Some(Origin {
+            addr,
+            host: HeaderValue::from_str(authority.as_str()).ok()?,
+        })
+    }
+}
+
+/// Sends `req` (an absolute URI) and returns the response once its head has arrived.
 ///
-/// One pool per thread: the connection tasks the client spawns then run on the thread that
-/// uses them, so with the per-core runtime (see [`crate::cli`]) a request never hops threads
-/// on its way upstream and back.
-pub fn send(
+/// Connections are pooled per thread: the connection tasks run on the thread that uses them,
+/// so with the per-core runtime (see [`crate::cli`]) a request never hops threads on its way
+/// upstream and back.
+pub async fn send(
     connect_timeout: Duration,
-    req: http::Request<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<UpstreamBody>, SendError> {
+    let origin = Origin::of(req.uri());
+    send_to(origin.as_ref(), connect_timeout, req).await
+}
+
+/// [`send`], with the origin of the request's URI worked out beforehand (`None` for https).
+pub async fn send_to(
+    origin: Option<&Origin>,
+    connect_timeout: Duration,
+    mut req: Request<Full<Bytes>>,
+) -> Result<Response<UpstreamBody>, SendError> {
+    let Some(origin) = origin else {
+        let resp = legacy(connect_timeout, req).await.map_err(|e| SendError {
+            connect: e.is_connect(),
+            source: e.into(),
+        })?;
+        return Ok(resp.map(|inner| UpstreamBody { inner, back: None }));
+    };
+    // HTTP/1.1 wants the origin form (`/v1/chat/completions`) and a Host header.
+    req.headers_mut()
+        .entry(HOST)
+        .or_insert_with(|| origin.host.clone());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    *req.uri_mut() = path;
+    // A pooled connection the upstream closed meanwhile hands the request back unsent: it then
+    // goes out on a new connection.
+    let mut fresh_only = false;
+    loop {
+        let (mut send, reused) = match (!fresh_only).then(|| checkout(&origin.addr)).flatten() {
+            Some(s) => (s, true),
+            None => (connect(&origin.addr, connect_timeout).await?, false),
+        };
+        if reused && send.ready().await.is_err() {
+            continue;
+        }
+        match send.try_send_request(req).await {
+            Ok(resp) => {
+                return Ok(resp.map(|inner| UpstreamBody {
+                    inner,
+                    back: Some((origin.addr.clone(), send)),
+                }));
+            }
+            Err(mut e) => match e.take_message() {
+                Some(r) if reused => {
+                    req = r;
+                    fresh_only = true;
+                }
+                _ => {
+                    return Err(SendError {
+                        connect: false,
+                        source: e.into_error().into(),
+                    });
+                }
+            },
+        }
+    }
+}
+
+/// The most recently used idle connection to `key` that is still open.
+fn checkout(key: &str) -> Option<SendRequest<Full<Bytes>>> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let idle = p.get_mut(key)?;
+        while let Some(i) = idle.pop_back() {
+            if i.since.elapsed() > POOL_IDLE {
+                // The rest are older still.
+                idle.clear();
+                break;
+            }
+            if !i.send.is_closed() {
+                return Some(i.send);
+            }
+        }
+        None
+    })
+}
+
+/// Puts a connection whose response was read to the end back in the pool.
+fn release(key: Arc<str>, send: SendRequest<Full<Bytes>>) {
+    if send.is_closed() {
+        return;
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let idle = p.entry(key).or_default();
+        let now = Instant::now();
+        while idle
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) > POOL_IDLE)
+            || idle.len() >= POOL_MAX_IDLE
+        {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { send, since: now });
+    });
+}
+
+/// A new plain-HTTP connection to `addr` (`host:port`), its task spawned on this thread.
+async fn connect(addr: &str, timeout: Duration) -> Result<SendRequest<Full<Bytes>>, SendError> {
+    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(SendError::connect(e)),
+        Err(_) => {
+            return Err(SendError::connect(format!(
+                "connecting to {addr} timed out"
+            )));
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let _ = socket2::SockRef::from(&tcp)
+        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(SendError::connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("upstream connection ended: {e}");
+        }
+    });
+    Ok(send)
+}
+
+/// Sends `req` with this thread's pooling client for `connect_timeout` (built on first use).
+fn legacy(
+    connect_timeout: Duration,
+    req: Request<Full<Bytes>>,
 ) -> hyper_util::client::legacy::ResponseFuture {
     let ms = connect_timeout.as_millis() as u64;
     CLIENTS.with(|c| {
@@ -46,13 +259,13 @@ pub fn send(
     })
 }
 
-/// Builds the client. `connect_timeout` bounds TCP + TLS set-up.
+/// Builds the pooling client. `connect_timeout` bounds TCP + TLS set-up.
 pub fn client(connect_timeout: Duration) -> Client {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(30)));
+    http.set_keepalive(Some(TCP_KEEPALIVE));
     let builder = HttpsConnectorBuilder::new();
     let builder = match builder.with_native_roots() {
         Ok(b) => b,
@@ -65,8 +278,46 @@ pub fn client(connect_timeout: Duration) -> Client {
         .wrap_connector(http);
     HyperClient::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
-        .pool_max_idle_per_host(1024)
+        .pool_max_idle_per_host(POOL_MAX_IDLE)
         .build(https)
+}
+
+/// An upstream response body. A plain-HTTP connection goes back to the pool once the body has
+/// been read to the end; a body dropped before that closes its connection.
+pub struct UpstreamBody {
+    inner: Incoming,
+    back: Option<(Arc<str>, SendRequest<Full<Bytes>>)>,
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(_)) if !this.inner.is_end_stream() => {}
+            Some(Err(_)) => this.back = None,
+            _ => {
+                if let Some((key, send)) = this.back.take() {
+                    release(key, send);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response body that fails once `deadline` passes (a deployment's total timeout), so a

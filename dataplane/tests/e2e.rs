@@ -163,6 +163,8 @@ async fn chat_passes_through_with_cost_rename_and_provider_key() {
     );
     // The access line carries the request id, the key id (never the key), and the cost.
     let rid = h["x-request-id"].to_str().unwrap();
+    // Logs arrive through a pipe: give the line a moment.
+    gw.wait_for_log(rid, Duration::from_secs(5));
     let line = gw
         .logs()
         .lines()
@@ -668,4 +670,99 @@ async fn a_client_leaving_after_the_usage_chunk_is_still_charged_exactly() {
     assert_eq!(metric(&gw, gone).await.as_deref(), Some("1"));
     // 1000 × $2.5/M + 500 × $10/M, though the stream never finished.
     assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.0075"));
+}
+
+/// A raw HTTP/1.1 upstream on 127.0.0.1 that answers every request with a fixed chat completion
+/// and counts connections and requests. With `close_after_each`, it closes the connection
+/// after each response without saying so (as a server whose idle timeout is short does).
+struct RawUpstream {
+    addr: std::net::SocketAddr,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RawUpstream {
+    fn start(close_after_each: bool) -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (c, r) = (connections.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for sock in listener.incoming() {
+                let Ok(sock) = sock else { return };
+                c.fetch_add(1, SeqCst);
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(sock.try_clone().unwrap());
+                    let mut sock = sock;
+                    loop {
+                        let mut len = 0usize;
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            if let Some(v) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        reader.read_exact(&mut body).unwrap();
+                        r.fetch_add(1, SeqCst);
+                        let json = r#"{"id":"raw","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"raw"},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":5}}"#;
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+                            json.len()
+                        );
+                        sock.write_all(resp.as_bytes()).unwrap();
+                        if close_after_each {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            connections,
+            requests,
+        }
+    }
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_a_closed_one_loses_no_request() {
+    use std::sync::atomic::Ordering::SeqCst;
+    for close_after_each in [false, true] {
+        let up = RawUpstream::start(close_after_each);
+        let gw = Gateway::start(BIN, &manifests(&format!("http://{}/v1", up.addr)), &[]);
+        for i in 0..20 {
+            let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+            assert_eq!(
+                resp.status(),
+                200,
+                "request {i}, closing={close_after_each}"
+            );
+            assert_eq!(resp.headers()["x-tollgate-cost-usd"], "0.000075");
+            // No pause: with the closing upstream the next request often races the close, and
+            // must then go out again on a new connection.
+        }
+        // Every request reached the upstream once; with keep-alive they shared a connection
+        // per gateway thread (the test's gateway runs two).
+        assert_eq!(up.requests.load(SeqCst), 20);
+        let conns = up.connections.load(SeqCst);
+        if close_after_each {
+            assert_eq!(conns, 20);
+        } else {
+            assert!(conns <= 2, "upstream connections were not reused: {conns}");
+        }
+    }
 }
