@@ -168,11 +168,23 @@ fn followed_by_object(s: &[u8]) -> bool {
     it.find(|b| !b.is_ascii_whitespace()) == Some(b'{')
 }
 
-/// The end (exclusive) of the last complete event in `buf`.
+/// The end (exclusive) of the last complete event in `buf`: just after the last blank line
+/// (`\n\n` or `\r\n\r\n`). Walks back line by line from the end, so a chunk that ends with an
+/// event (the usual case) costs one or two `memrchr`s.
 fn last_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::rfind(buf, b"\n\n").map(|p| p + 2);
-    let crlf = memmem::rfind(buf, b"\r\n\r\n").map(|p| p + 4);
-    lf.max(crlf)
+    let mut end = buf.len();
+    while let Some(lf) = memchr::memrchr(b'\n', &buf[..end]) {
+        let line_end = &buf[..lf];
+        if line_end
+            .strip_suffix(b"\r")
+            .unwrap_or(line_end)
+            .ends_with(b"\n")
+        {
+            return Some(lf + 1);
+        }
+        end = lf;
+    }
+    None
 }
 
 /// The `data:` payload of one event (lines joined with `\n`, as the SSE spec says).
@@ -286,5 +298,24 @@ impl<B> Drop for SseRelay<B> {
         // Dropped before the end: the client went away. What the upstream already reported is
         // still charged.
         self.settle(Outcome::ClientGone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_event_end;
+
+    #[test]
+    fn last_event_end_finds_the_last_blank_line() {
+        assert_eq!(last_event_end(b"data: a\n\n"), Some(9));
+        assert_eq!(last_event_end(b"data: a\n\ndata: b\n\n"), Some(18));
+        assert_eq!(last_event_end(b"data: a\n\ndata: b\n"), Some(9));
+        assert_eq!(last_event_end(b"data: a\n\ndata: partial"), Some(9));
+        assert_eq!(last_event_end(b"data: a\r\n\r\ndata: b"), Some(11));
+        assert_eq!(last_event_end(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(last_event_end(b"\n\n"), Some(2));
+        assert_eq!(last_event_end(b"data: a\ndata: b\n"), None);
+        assert_eq!(last_event_end(b"data: a\r\n"), None);
+        assert_eq!(last_event_end(b""), None);
     }
 }

@@ -229,7 +229,9 @@ async fn connect(addr: &str, timeout: Duration) -> Result<SendRequest<Full<Bytes
     let _ = tcp.set_nodelay(true);
     let _ = socket2::SockRef::from(&tcp)
         .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (send, conn) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(tcp))
         .await
         .map_err(SendError::connect)?;
     tokio::spawn(async move {
@@ -350,6 +352,13 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        // The timer is looked at only while the upstream has nothing ready: a body that is
+        // flowing costs no timer poll per chunk, and one that stalls past the deadline wakes
+        // on it.
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            std::task::Poll::Pending => {}
+            ready => return ready.map(|f| f.map(|r| r.map_err(Into::into))),
+        }
         if let Some(s) = this.sleep.as_mut()
             && s.as_mut().poll(cx).is_ready()
         {
@@ -357,9 +366,7 @@ where
                 "the deployment's total timeout passed".into()
             )));
         }
-        std::pin::Pin::new(&mut this.inner)
-            .poll_frame(cx)
-            .map(|f| f.map(|r| r.map_err(Into::into)))
+        std::task::Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
