@@ -235,8 +235,16 @@ impl fmt::Display for Picodollars {
         if frac == 0 {
             return write!(f, "{whole}");
         }
-        let digits = format!("{frac:012}");
-        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+        // Twelve fractional digits on the stack (this runs for every response's cost header).
+        let mut digits = [b'0'; 12];
+        let mut n = frac;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        let len = 12 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+        write!(f, "{whole}.")?;
+        f.write_str(std::str::from_utf8(&digits[..len]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -493,6 +501,11 @@ mod tests {
         assert_eq!(c.to_string(), "0.00725");
         assert_eq!(Picodollars(0).to_string(), "0");
         assert_eq!(Picodollars(3_000_000_000_000).to_string(), "3");
+        assert_eq!(Picodollars(1).to_string(), "0.000000000001");
+        assert_eq!(
+            Picodollars(12_500_000_000_010).to_string(),
+            "12.50000000001"
+        );
         assert_eq!(
             Picodollars::from_usd(0.1),
             Some(Picodollars(100_000_000_000))

@@ -54,11 +54,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// How long a client may take to send a request's head before the connection is closed.
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a connection may sit without a complete request head: hyper starts this clock when
+/// a connection goes idle, so it is also the keep-alive idle timeout. Longer than the idle
+/// timeouts of the load balancers and ingresses that pool connections to the gateway (60-350 s
+/// for cloud load balancers, 60 s for ingress-nginx), so the gateway is never the side that
+/// closes a pooled connection under a request in flight (the 620 s Google advises for backends).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(620);
 
 /// Serves connections from `listener` until `shutdown` resolves, then lets the open ones finish
 /// their requests (keep-alive connections are closed after their current request).
+///
+/// HTTP/1.1, and HTTP/2 for clients that start with its preface (h2c, as meshes and
+/// `appProtocol: h2c` backends do).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -68,12 +75,6 @@ pub async fn serve(
         router: router(state.clone()),
         state,
     });
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        // One write of head and body, not writev over both: a little less kernel time per
-        // response in the benchmark (docs/benchmarks.md).
-        .writev(false);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -91,13 +92,19 @@ pub async fn serve(
         // delayed ACK: ~40 ms at the end of every stream.
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, std::convert::Infallible>(dispatch(&shared, req).await) }
-        });
-        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc));
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(dispatch(&shared, req).await) }
+            });
+            let mut http =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            http.http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(IDLE_TIMEOUT);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::trace!("connection ended: {e}");
             }
         });

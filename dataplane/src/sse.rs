@@ -127,13 +127,8 @@ impl<B> SseRelay<B> {
             if !followed_by_object(&complete[search..]) {
                 continue;
             }
-            let start = memmem::rfind(&complete[..at], b"\n\n")
-                .map(|p| p + 2)
-                .unwrap_or(0)
-                .max(from);
-            let end = memmem::find(&complete[at..], b"\n\n")
-                .map(|p| at + p + 2)
-                .unwrap_or(complete.len());
+            let start = last_event_end(&complete[..at]).unwrap_or(0).max(from);
+            let end = first_event_end(&complete[at..]).map_or(complete.len(), |p| at + p);
             let Some((usage, only_usage)) =
                 event_data(&complete[start..end]).and_then(|d| crate::usage::from_chunk(&d))
             else {
@@ -185,6 +180,20 @@ fn last_event_end(buf: &[u8]) -> Option<usize> {
         end = lf;
     }
     None
+}
+
+/// The end (exclusive) of the first complete event in `buf`: just after its first blank line.
+fn first_event_end(buf: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', buf).find_map(|lf| {
+        let rest = &buf[lf + 1..];
+        if rest.starts_with(b"\n") {
+            Some(lf + 2)
+        } else if rest.starts_with(b"\r\n") {
+            Some(lf + 3)
+        } else {
+            None
+        }
+    })
 }
 
 /// The `data:` payload of one event (lines joined with `\n`, as the SSE spec says).
@@ -303,7 +312,7 @@ impl<B> Drop for SseRelay<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::last_event_end;
+    use super::{first_event_end, last_event_end};
 
     #[test]
     fn last_event_end_finds_the_last_blank_line() {
@@ -317,5 +326,14 @@ mod tests {
         assert_eq!(last_event_end(b"data: a\ndata: b\n"), None);
         assert_eq!(last_event_end(b"data: a\r\n"), None);
         assert_eq!(last_event_end(b""), None);
+    }
+
+    #[test]
+    fn first_event_end_finds_the_first_blank_line() {
+        assert_eq!(first_event_end(b"data: a\n\ndata: b\n\n"), Some(9));
+        assert_eq!(first_event_end(b"data: a\r\n\r\ndata: b\r\n\r\n"), Some(11));
+        assert_eq!(first_event_end(b"data: a\ndata: b\n\n"), Some(17));
+        assert_eq!(first_event_end(b"data: a\n"), None);
+        assert_eq!(first_event_end(b"data: a"), None);
     }
 }

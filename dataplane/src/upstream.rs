@@ -48,6 +48,8 @@ thread_local! {
     static CLIENTS: RefCell<Vec<(u64, Client)>> = const { RefCell::new(Vec::new()) };
     /// Idle plain-HTTP connections by `host:port`, most recently used last.
     static POOL: RefCell<HashMap<Arc<str>, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+    /// Whether this thread's pool has its sweeper task.
+    static SWEEPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Why a request got no response.
@@ -95,14 +97,16 @@ impl Origin {
         if uri.scheme() != Some(&Scheme::HTTP) {
             return None;
         }
-        let authority = uri.authority()?;
-        let addr = match authority.port() {
-            Some(_) => authority.as_str().into(),
-            None => format!("{}:80", authority.host()).into(),
+        // Host and port only: user info in the URL is neither connected to nor sent.
+        let host = uri.host()?;
+        let addr: Arc<str> = format!("{host}:{}", uri.port_u16().unwrap_or(80)).into();
+        let host = match uri.port() {
+            Some(p) => HeaderValue::from_str(&format!("{host}:{p}")),
+            None => HeaderValue::from_str(host),
         };
         Some(Origin {
             addr,
-            host: HeaderValue::from_str(authority.as_str()).ok()?,
+            host: host.ok()?,
         })
     }
 }
@@ -203,16 +207,39 @@ fn release(key: Arc<str>, send: SendRequest<Full<Bytes>>) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let idle = p.entry(key).or_default();
-        let now = Instant::now();
-        while idle
-            .front()
-            .is_some_and(|i| now.duration_since(i.since) > POOL_IDLE)
-            || idle.len() >= POOL_MAX_IDLE
-        {
+        if idle.len() >= POOL_MAX_IDLE {
             idle.pop_front();
         }
-        idle.push_back(Idle { send, since: now });
+        idle.push_back(Idle {
+            send,
+            since: Instant::now(),
+        });
     });
+    if !SWEEPER.with(|s| s.replace(true))
+        && let Ok(rt) = tokio::runtime::Handle::try_current()
+    {
+        rt.spawn(sweep_idle());
+    }
+}
+
+/// Closes this thread's connections that have been idle longer than [`POOL_IDLE`], and forgets
+/// the closed ones, every few seconds: an upstream that gets no more requests (a model removed
+/// from the config, a pod gone) doesn't keep its sockets open. (On the per-core runtime the
+/// task runs on the thread whose pool it sweeps; on the work-stealing one, on whichever thread
+/// it lands.)
+async fn sweep_idle() {
+    let mut tick = tokio::time::interval(POOL_IDLE / 5);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        POOL.with(|p| {
+            p.borrow_mut().retain(|_, idle| {
+                idle.retain(|i| now.duration_since(i.since) <= POOL_IDLE && !i.send.is_closed());
+                !idle.is_empty()
+            })
+        });
+    }
 }
 
 /// A new plain-HTTP connection to `addr` (`host:port`), its task spawned on this thread.
@@ -230,7 +257,6 @@ async fn connect(addr: &str, timeout: Duration) -> Result<SendRequest<Full<Bytes
     let _ = socket2::SockRef::from(&tcp)
         .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
     let (send, conn) = hyper::client::conn::http1::Builder::new()
-        .writev(false)
         .handshake(TokioIo::new(tcp))
         .await
         .map_err(SendError::connect)?;

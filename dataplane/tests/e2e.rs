@@ -717,11 +717,23 @@ impl RawUpstream {
                         let mut body = vec![0; len];
                         reader.read_exact(&mut body).unwrap();
                         r.fetch_add(1, SeqCst);
-                        let json = r#"{"id":"raw","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"raw"},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":5}}"#;
-                        let resp = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
-                            json.len()
-                        );
+                        let resp = if String::from_utf8_lossy(&body).contains(r#""stream":true"#) {
+                            // SSE framed with CRLF (as sse-starlette does), and the usage event
+                            // and [DONE] in one chunk.
+                            let content = "data: {\"id\":\"raw\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"raw\"}}]}\r\n\r\n";
+                            let last = "data: {\"id\":\"raw\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":5}}\r\n\r\ndata: [DONE]\r\n\r\n";
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{content}\r\n{:x}\r\n{last}\r\n0\r\n\r\n",
+                                content.len(),
+                                last.len()
+                            )
+                        } else {
+                            let json = r#"{"id":"raw","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"raw"},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":5}}"#;
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+                                json.len()
+                            )
+                        };
                         sock.write_all(resp.as_bytes()).unwrap();
                         if close_after_each {
                             return;
@@ -765,4 +777,39 @@ async fn upstream_connections_are_reused_and_a_closed_one_loses_no_request() {
             assert!(conns <= 2, "upstream connections were not reused: {conns}");
         }
     }
+}
+
+#[tokio::test]
+async fn crlf_framed_stream_is_charged_and_its_usage_event_dropped() {
+    let up = RawUpstream::start(false);
+    let gw = Gateway::start(BIN, &manifests(&format!("http://{}/v1", up.addr)), &[]);
+    let body =
+        json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let resp = post(&gw, "/v1/chat/completions", Some(KEY), body.to_string()).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    // The client didn't ask for usage: the usage event is gone, the rest is as sent.
+    assert!(text.contains(r#""content":"raw""#), "{text}");
+    assert!(!text.contains("usage"), "{text}");
+    assert!(text.ends_with("data: [DONE]\r\n\r\n"), "{text:?}");
+    // 10 x $2.5/M + 5 x $10/M, settled when the stream ended.
+    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.000075"));
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_clients_are_served() {
+    let up = ok_upstream();
+    let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "-w", "\n%{http_version}"])
+        .args(["-H", &format!("Authorization: Bearer {KEY}")])
+        .args(["-H", "content-type: application/json", "-d", &chat("gpt")])
+        .arg(gw.url("/v1/chat/completions"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    let (body, version) = out.rsplit_once('\n').unwrap();
+    assert_eq!(version, "2", "{out}");
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "hello from upstream");
 }
