@@ -37,6 +37,10 @@
 #                          tollgate+8-latency (a RoutePolicy with strategy least-busy or
 #                          latency-based); reports tollgate+8* / tollgate per scenario and the
 #                          added p50 at c=1
+#   --bare                 add the target hyper-floor: dataplane/examples/bare_proxy.rs, a
+#                          pass-through proxy on the same HTTP stack as Tollgate (hyper server
+#                          and HTTP/1.1 client, per-thread runtimes and pool, same threads) doing
+#                          nothing else; reports what Tollgate's own work costs on top of it
 #   --pin                  pin wrk + mock to CPU 0 and the proxy under test to CPU 1
 #                          (use with --gateway-threads 1 --nginx-workers 1)
 #   --perf DIR             afterwards, profile Tollgate with `perf record` under load and count
@@ -62,6 +66,7 @@ CHUNKS=20
 LIMITS=0
 REDIS=0
 ROUTING=0
+BARE=0
 ROUTES=8 # deployments in the group of the --routing targets
 PIN=0
 PERF_DIR=""
@@ -89,6 +94,7 @@ while [[ $# -gt 0 ]]; do
         --limits) LIMITS=1; shift ;;
         --redis) REDIS=1; LIMITS=1; shift ;;
         --routing) ROUTING=1; shift ;;
+        --bare) BARE=1; shift ;;
         --perf) PERF_DIR="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --bin-dir) BIN_DIR="$2"; shift 2 ;;
@@ -138,7 +144,12 @@ fi
 if [[ $BUILD -eq 1 ]]; then
     log "building release binaries"
     (cd "$ROOT" && cargo build --release -q -p tollgate-dataplane) || die "cargo build failed"
+    if [[ $BARE -eq 1 ]]; then
+        (cd "$ROOT" && cargo build --release -q -p tollgate-dataplane --example bare_proxy) || die "cargo build failed"
+    fi
 fi
+BARE_BIN="$BIN_DIR/examples/bare_proxy"
+[[ $BARE -eq 0 || -x "$BARE_BIN" ]] || die "no $BARE_BIN (cargo build --release -p tollgate-dataplane --example bare_proxy)"
 GATEWAY="$BIN_DIR/tollgate-dataplane"
 MOCK="$BIN_DIR/tollgate-mock"
 [[ -x "$GATEWAY" && -x "$MOCK" ]] || die "no binaries in $BIN_DIR (build with cargo build --release -p tollgate-dataplane)"
@@ -329,6 +340,14 @@ if [[ $ROUTING -eq 1 ]]; then
     done
 fi
 
+# --bare: the HTTP stack alone, same threads, same upstream.
+if [[ $BARE -eq 1 ]]; then
+    "${PIN_PROXY[@]}" "$BARE_BIN" 127.0.0.1:0 "127.0.0.1:$MOCK_PORT" "$GW_THREADS" >"$TMP/bare.log" 2>&1 &
+    BARE_PID=$!
+    PIDS+=("$BARE_PID")
+    BARE_PORT="$(wait_listening bare_proxy "$TMP/bare.log" "$BARE_PID")"
+fi
+
 # nginx: a plain keep-alive reverse proxy to the same mock.
 NGINX_PORT="$(free_port)"
 mkdir -p "$TMP/nginx"
@@ -405,6 +424,11 @@ if [[ $REDIS -eq 1 ]]; then
     URL[tollgate+redis]="http://127.0.0.1:$GWR_PORT/v1/chat/completions"
     TARGETS+=(tollgate+redis)
 fi
+if [[ $BARE -eq 1 ]]; then
+    URL[hyper-floor]="http://127.0.0.1:$BARE_PORT/v1/chat/completions"
+    TARGETS+=(hyper-floor)
+    ((TW >= 11)) || TW=11
+fi
 RTARGETS=() # the --routing targets
 if [[ $ROUTING -eq 1 ]]; then
     for rt in "${ROUTING_TARGETS[@]}"; do
@@ -424,6 +448,7 @@ target_pids() {
         tollgate+redis) echo "$GWR_PID" ;;
         tollgate+*) echo "${RT_PID[$1]}" ;;
         nginx) children "$NGINX_PID" ;;
+        hyper-floor) echo "$BARE_PID" ;;
     esac
 }
 # The order in which a round measures the targets: direct, then every Tollgate target back to
@@ -436,7 +461,7 @@ run_order() { # round
         [[ $t == tollgate* ]] || continue
         if (($1 % 2)); then gws+=("$t"); else gws=("$t" "${gws[@]}"); fi
     done
-    echo direct "${gws[@]}" nginx
+    echo direct "${gws[@]}" nginx "$( ((BARE)) && echo hyper-floor)"
 }
 CLK_TCK="$(getconf CLK_TCK)"
 log "mock :$MOCK_PORT (pid $MOCK_PID), tollgate :$GW_PORT (pid $GW_PID, $GW_THREADS threads), nginx :$NGINX_PORT (pid $NGINX_PID, $NGINX_WORKERS workers)"
@@ -587,6 +612,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for sc in "${SCENARIOS[@]}"; do
         IFS='|' read -r name lua conns <<<"$sc"
         for t in $(run_order "$round"); do
+            # The bare proxy passes a stream through one write per event (no coalescing): no floor.
+            [[ $t == hyper-floor && $name == stream-* ]] && continue
             [[ "$WARMUP" != 0 ]] && run_wrk "$lua" "$conns" "$WARMUP" "${URL[$t]}" >/dev/null
             # shellcheck disable=SC2046
             cpu0="$(cpu_ticks $(target_pids "$t"))"
@@ -710,6 +737,7 @@ fi
     for sc in "${SCENARIOS[@]}"; do
         IFS='|' read -r name _ _ <<<"$sc"
         for t in "${TARGETS[@]}"; do
+            [[ $t == hyper-floor && $name == stream-* ]] && continue
             printf "%-22s %-${TW}s %16s %8s %8s %12s %7s\n" "$(describe "$name")" "$t" \
                 "${RPS[$name,$t]} $(unit "$name")" "${P50[$name,$t]}" "${P99[$name,$t]}" "${CPU[$name,$t]}" "${ERR[$name,$t]}"
         done
@@ -725,6 +753,17 @@ fi
             "$(ratio "${RPS[$name,nginx]}" "${RPS[$name,direct]}")" "$(unit "$name")"
     done
     echo "  added p50 at c=1 over direct: tollgate ${ADDED_GW} µs, nginx ${ADDED_NGINX} µs"
+    if [[ $BARE -eq 1 ]]; then
+        echo
+        echo "The HTTP stack alone (hyper-floor: a bare pass-through on hyper, same threads; not run on streams)"
+        for name in plain-c1 plain-c64; do
+            printf '  %-22s hyper-floor/nginx %s   tollgate/hyper-floor %s   CPU µs/req tollgate %s, hyper-floor %s, nginx %s   (%s)\n' "$(describe "$name")" \
+                "$(ratio "${RPS[$name,hyper-floor]}" "${RPS[$name,nginx]}")" \
+                "$(ratio "${RPS[$name,tollgate]}" "${RPS[$name,hyper-floor]}")" \
+                "${CPU[$name,tollgate]}" "${CPU[$name,hyper-floor]}" "${CPU[$name,nginx]}" "$(unit "$name")"
+        done
+        echo "  added p50 at c=1 over direct: hyper-floor $(sub "${P50[plain-c1,hyper-floor]}" "${P50[plain-c1,direct]}") µs"
+    fi
     if [[ $LIMITS -eq 1 ]]; then
         echo
         echo "Cost of limits and budgets (tollgate+limits vs tollgate)"
@@ -784,6 +823,7 @@ if [[ -n "$MARKDOWN" ]]; then
         for sc in "${SCENARIOS[@]}"; do
             IFS='|' read -r name _ _ <<<"$sc"
             for t in "${TARGETS[@]}"; do
+                [[ $t == hyper-floor && $name == stream-* ]] && continue
                 echo "| $(describe "$name") | $t | ${RPS[$name,$t]} $(unit "$name") | ${P50[$name,$t]} | ${P99[$name,$t]} | ${CPU[$name,$t]} | ${ERR[$name,$t]} |"
             done
         done
