@@ -37,7 +37,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -148,10 +148,12 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
+                // A (re)list under way: nothing to act on until it is done. (A watch of an API
+                // that isn't served starts a list on every retry; waking on those cost two
+                // idle passes per retry.)
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Ok(_) => {
-                    if !flag.swap(true, Ordering::Relaxed) {
-                        changed.notify_one();
-                    }
+                    flag.store(true, Ordering::Relaxed);
                     changed.notify_one();
                 }
                 Err(e) => {
@@ -227,6 +229,69 @@ where
     store
 }
 
+/// Like [`watch`] for the operator's own kinds (which have a status subresource): an update
+/// that changed only the status wakes nothing. Those are mostly the operator's own status
+/// writes; without this each change cost a second, idle pass (a full compile at 10k keys).
+/// A change of spec (the generation), labels, annotations or deletion state wakes as before.
+fn watch_spec<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store();
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(watcher::Event::Apply(o)) => {
+                    let (uid, fp) = spec_fingerprint(o.meta());
+                    if seen.insert(uid, fp) != Some(fp) {
+                        changed.notify_one();
+                    }
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    let (uid, fp) = spec_fingerprint(o.meta());
+                    seen.insert(uid, fp);
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    seen.remove(o.meta().uid.as_deref().unwrap_or_default());
+                    changed.notify_one();
+                }
+                Ok(watcher::Event::Init) => seen.clear(),
+                Ok(watcher::Event::InitDone) => changed.notify_one(),
+                Err(e) => tracing::warn!(kind, "watch error (retrying): {e}"),
+            }
+        }
+    });
+    store
+}
+
+/// An object's uid, and a hash of what a status-only update leaves alone.
+fn spec_fingerprint(meta: &kube::api::ObjectMeta) -> (String, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.labels.hash(&mut h);
+    meta.annotations.hash(&mut h);
+    meta.deletion_timestamp.as_ref().map(|t| t.0).hash(&mut h);
+    meta.owner_references
+        .as_ref()
+        .map(|o| o.iter().map(|r| &r.uid).collect::<Vec<_>>())
+        .hash(&mut h);
+    (meta.uid.clone().unwrap_or_default(), h.finish())
+}
+
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
@@ -261,9 +326,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
     let ns = args.watch_namespace.as_deref();
     let stores = Stores {
-        models: watch(api::<LlmModel>(&client, ns), changed.clone()),
-        keys: watch(api::<VirtualKey>(&client, ns), changed.clone()),
-        policies: watch(api::<RoutePolicy>(&client, ns), changed.clone()),
+        models: watch_spec(api::<LlmModel>(&client, ns), changed.clone()),
+        keys: watch_spec(api::<VirtualKey>(&client, ns), changed.clone()),
+        policies: watch_spec(api::<RoutePolicy>(&client, ns), changed.clone()),
         secrets: watch_filtered(api::<Secret>(&client, ns), changed.clone(), |s: &Secret| {
             !s.labels().contains_key(tollgate_crds::publish::LABEL)
         }),
@@ -386,6 +451,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let started = Instant::now();
         let result = reconcile(&mut ctx).await;
         metrics::histogram!(metric::DURATION).record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            took_ms = started.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "reconcile pass"
+        );
         match result {
             Ok(()) => metrics::counter!(metric::RECONCILES, "result" => "ok").increment(1),
             Err(e) => {

@@ -203,7 +203,11 @@ async fn kubectl_apply_is_served_reported_and_survives_the_operator() {
     assert!(sdk.contains("whole: first"), "{sdk}");
     assert!(sdk.contains("streamed: first"), "{sdk}");
 
-    // Edit the model: the new version is served within 2 s.
+    // Edit the model: the new version is served within 2 s, in one reconcile pass: the
+    // statuses that pass writes don't wake another.
+    let passes = |op: &Operator| op.logs().matches("reconcile pass").count();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = passes(&op);
     kube.apply_yaml(&model("second"));
     let took = served_within(&gw, KEY, Duration::from_secs(10), |s, v| {
         s == 200 && reply_of(v) == "second"
@@ -211,6 +215,14 @@ async fn kubectl_apply_is_served_reported_and_survives_the_operator() {
     .await;
     eprintln!("model edit served {took:?} after kubectl apply");
     assert!(took < Duration::from_secs(2), "took {took:?}");
+    wait_condition(&kube, &op, "llmmodel", "team-a", "demo", "Ready", "True");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        passes(&op) - before,
+        1,
+        "reconcile passes for one edit:\n{}",
+        op.logs()
+    );
 
     // An invalid RoutePolicy is reported on itself; everything else keeps serving.
     kube.apply_yaml(
