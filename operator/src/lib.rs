@@ -143,6 +143,7 @@ where
     let kind = K::kind(&dyntype).to_string();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(strip_managed_fields)
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -215,6 +216,7 @@ where
     let kind = K::kind(&K::DynamicType::default()).to_string();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(strip_managed_fields)
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -248,6 +250,7 @@ where
     let kind = K::kind(&K::DynamicType::default()).to_string();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(strip_managed_fields)
         .reflect(writer);
     tokio::spawn(async move {
         let mut seen: HashMap<String, u64> = HashMap::new();
@@ -275,6 +278,12 @@ where
         }
     });
     store
+}
+
+/// Drops `metadata.managedFields` before an object is stored: nothing here reads them, and they
+/// are often the largest part of an object, copied on every pass (see [`owned`]).
+fn strip_managed_fields<K: kube::Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
 }
 
 /// An object's uid, and a hash of what a status-only update leaves alone.
