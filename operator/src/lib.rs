@@ -212,23 +212,10 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let (store, writer) = reflector::store();
-    let kind = K::kind(&K::DynamicType::default()).to_string();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(strip_managed_fields)
-        .reflect(writer);
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) if !relevant(&o) => {}
-                Ok(_) => changed.notify_one(),
-                Err(e) => tracing::warn!(kind, "watch error (retrying): {e}"),
-            }
-        }
-    });
-    store
+    watch_with(api, changed, move |ev| match ev {
+        watcher::Event::Apply(o) | watcher::Event::Delete(o) => relevant(o),
+        _ => true,
+    })
 }
 
 /// Like [`watch`] for the operator's own kinds (which have a status subresource): an update
@@ -246,6 +233,46 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    watch_with(api, changed, move |ev| match ev {
+        watcher::Event::Apply(o) => {
+            let (uid, fp) = spec_fingerprint(o.meta());
+            seen.insert(uid, fp) != Some(fp)
+        }
+        watcher::Event::InitApply(o) => {
+            let (uid, fp) = spec_fingerprint(o.meta());
+            seen.insert(uid, fp);
+            false
+        }
+        watcher::Event::Delete(o) => {
+            seen.remove(o.meta().uid.as_deref().unwrap_or_default());
+            true
+        }
+        watcher::Event::Init => {
+            seen.clear();
+            false
+        }
+        watcher::Event::InitDone => true,
+    })
+}
+
+/// Watches `api` into a store (without managedFields), waking `changed` on the events `wakes`
+/// says matter.
+fn watch_with<K>(
+    api: Api<K>,
+    changed: Arc<Notify>,
+    mut wakes: impl FnMut(&watcher::Event<K>) -> bool + Send + 'static,
+) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let (store, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
     let stream = watcher(api, watcher::Config::default())
@@ -253,26 +280,14 @@ where
         .modify(strip_managed_fields)
         .reflect(writer);
     tokio::spawn(async move {
-        let mut seen: HashMap<String, u64> = HashMap::new();
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(watcher::Event::Apply(o)) => {
-                    let (uid, fp) = spec_fingerprint(o.meta());
-                    if seen.insert(uid, fp) != Some(fp) {
+                Ok(ev) => {
+                    if wakes(&ev) {
                         changed.notify_one();
                     }
                 }
-                Ok(watcher::Event::InitApply(o)) => {
-                    let (uid, fp) = spec_fingerprint(o.meta());
-                    seen.insert(uid, fp);
-                }
-                Ok(watcher::Event::Delete(o)) => {
-                    seen.remove(o.meta().uid.as_deref().unwrap_or_default());
-                    changed.notify_one();
-                }
-                Ok(watcher::Event::Init) => seen.clear(),
-                Ok(watcher::Event::InitDone) => changed.notify_one(),
                 Err(e) => tracing::warn!(kind, "watch error (retrying): {e}"),
             }
         }
