@@ -655,17 +655,9 @@ async fn write_statuses(ctx: &Ctx, objects: &Objects, errors: &[tollgate_crds::O
             }
             (None, None) => Ok(1),
         };
-        let current = m
-            .status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or(&[]);
-        let observed = m.status.as_ref().and_then(|s| s.observed_generation);
         writes.push(Box::pin(update(
             ctx,
             m,
-            current,
-            observed,
             status::model_conditions(e, backend),
         )));
     }
@@ -676,35 +668,15 @@ async fn write_statuses(ctx: &Ctx, objects: &Objects, errors: &[tollgate_crds::O
             .expires_at
             .as_ref()
             .is_some_and(|t| t.0.as_second() <= now);
-        let current = k
-            .status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or(&[]);
-        let observed = k.status.as_ref().and_then(|s| s.observed_generation);
         writes.push(Box::pin(update(
             ctx,
             k,
-            current,
-            observed,
             status::key_conditions(e, expired, ctx.spend.exceeded(&id_of(k))),
         )));
     }
     for p in &objects.policies {
         let e = by_object.get(&("RoutePolicy", id_of(p)));
-        let current = p
-            .status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or(&[]);
-        let observed = p.status.as_ref().and_then(|s| s.observed_generation);
-        writes.push(Box::pin(update(
-            ctx,
-            p,
-            current,
-            observed,
-            status::policy_conditions(e),
-        )));
+        writes.push(Box::pin(update(ctx, p, status::policy_conditions(e))));
     }
     futures_util::stream::iter(writes)
         .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
@@ -715,19 +687,18 @@ async fn write_statuses(ctx: &Ctx, objects: &Objects, errors: &[tollgate_crds::O
 /// Status writes in flight at once.
 const STATUS_WRITES_IN_FLIGHT: usize = 16;
 
-async fn update<K>(
-    ctx: &Ctx,
-    obj: &K,
-    current: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-    observed: Option<i64>,
-    want: Vec<status::Want>,
-) where
+/// Patches `obj`'s status to `want` (merged into its current conditions) unless it already
+/// says that, and records an Event per condition that changed.
+async fn update<K>(ctx: &Ctx, obj: &K, want: Vec<status::Want>)
+where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + status::Reported
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
     K::DynamicType: Default,
 {
+    let (current, observed) = obj.reported();
     let generation = obj.meta().generation;
     let desired = status::Desired {
         observed_generation: generation,

@@ -9,6 +9,30 @@ use tollgate_crds::common::condition::{
     ACCEPTED, BACKEND_RESOLVED, BUDGET_EXCEEDED, EXPIRED, READY, RESOLVED_REFS,
 };
 
+/// What an object's status says now: its conditions and the generation they are about.
+pub trait Reported {
+    /// `status.conditions` (empty without a status) and `status.observedGeneration`.
+    fn reported(&self) -> (&[Condition], Option<i64>);
+}
+
+macro_rules! reported {
+    ($($kind:ty),*) => {$(
+        impl Reported for $kind {
+            fn reported(&self) -> (&[Condition], Option<i64>) {
+                self.status.as_ref().map_or((&[], None), |s| {
+                    (s.conditions.as_slice(), s.observed_generation)
+                })
+            }
+        }
+    )*};
+}
+
+reported!(
+    tollgate_crds::LlmModel,
+    tollgate_crds::VirtualKey,
+    tollgate_crds::RoutePolicy
+);
+
 /// The status fields the operator owns on every Tollgate object.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Desired {
