@@ -140,32 +140,28 @@ impl Gateway {
     pub fn start(bin: &str, manifests: &str, extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("gateway.yaml"), manifests).unwrap();
-        let extra_args: Vec<String> = extra_args
-            .iter()
-            .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
-            .collect();
         let source = Source::Manifests(dir.path().to_path_buf());
-        let (child, addr, logs) = Self::spawn(bin, &source, &extra_args);
-        Self {
-            bin: bin.to_string(),
-            source,
-            extra_args,
-            child,
-            addr,
-            dir,
-            logs,
-        }
+        Self::start_in(bin, dir, source, extra_args)
     }
 
     /// Starts `bin` in cluster mode (`--kubernetes`, config from the operator's Secrets in
     /// `tollgate-system`) against the cluster of `kubeconfig`.
     pub fn start_cluster(bin: &str, kubeconfig: &Path, extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        Self::start_in(
+            bin,
+            dir,
+            Source::Cluster(kubeconfig.to_path_buf()),
+            extra_args,
+        )
+    }
+
+    /// Starts `bin` on `source`; `{dir}` in `extra_args` stands for `dir`.
+    fn start_in(bin: &str, dir: tempfile::TempDir, source: Source, extra_args: &[&str]) -> Self {
         let extra_args: Vec<String> = extra_args
             .iter()
             .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
             .collect();
-        let source = Source::Cluster(kubeconfig.to_path_buf());
         let (child, addr, logs) = Self::spawn(bin, &source, &extra_args);
         Self {
             bin: bin.to_string(),
