@@ -4,8 +4,10 @@
 //! upstream pool, bodies passed through as they arrive. `bench/run.sh --bare` runs it as the
 //! target `hyper-floor`, so the gateway can be compared with what the HTTP stack alone costs.
 //!
-//! `bare_proxy LISTEN UPSTREAM THREADS`, e.g. `bare_proxy 127.0.0.1:0 127.0.0.1:8001 2`; it
-//! prints `listening on ADDR`.
+//! `bare_proxy LISTEN UPSTREAM THREADS [--raw]`, e.g. `bare_proxy 127.0.0.1:0 127.0.0.1:8001 2`;
+//! it prints `listening on ADDR`. With `--raw` the upstream leg is a minimal HTTP/1.1 client
+//! written for the experiment instead of hyper's (non-streaming responses only): it measures
+//! what hyper's client costs (`docs/benchmarks.md`).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -18,6 +20,79 @@ use std::net::SocketAddr;
 
 thread_local! {
     static POOL: RefCell<Vec<SendRequest<Full<Bytes>>>> = const { RefCell::new(Vec::new()) };
+    static RAW: RefCell<Vec<RawConn>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An upstream connection driven by the request itself: no connection task, no channels.
+struct RawConn {
+    tcp: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+/// `--raw`: the upstream leg as a minimal HTTP/1.1 client written for this (httparse for the
+/// head; Content-Length bodies only, which is all the non-streaming benchmark needs). An
+/// experiment measuring what hyper's client costs, not something to serve with.
+async fn proxy_raw(
+    req: hyper::Request<Incoming>,
+    up: SocketAddr,
+) -> Result<hyper::Response<Full<Bytes>>, Box<dyn std::error::Error + Send + Sync>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let mut conn = match RAW.with(|p| p.borrow_mut().pop()) {
+        Some(c) => c,
+        None => {
+            let tcp = tokio::net::TcpStream::connect(up).await?;
+            tcp.set_nodelay(true)?;
+            RawConn {
+                tcp,
+                buf: bytes::BytesMut::with_capacity(8192),
+            }
+        }
+    };
+    let mut out = Vec::with_capacity(128 + body.len());
+    out.extend_from_slice(b"POST ");
+    out.extend_from_slice(parts.uri.path().as_bytes());
+    out.extend_from_slice(
+        b" HTTP/1.1\r\nhost: upstream\r\ncontent-type: application/json\r\ncontent-length: ",
+    );
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(&body);
+    conn.tcp.write_all(&out).await?;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head) = resp.parse(&conn.buf)? {
+            let status = resp.code.unwrap_or(502);
+            let mut map = http::HeaderMap::with_capacity(resp.headers.len());
+            let mut len = 0usize;
+            for h in resp.headers.iter() {
+                if h.name.eq_ignore_ascii_case("content-length") {
+                    len = std::str::from_utf8(h.value)?.trim().parse()?;
+                }
+                map.append(
+                    http::HeaderName::from_bytes(h.name.as_bytes())?,
+                    http::HeaderValue::from_bytes(h.value)?,
+                );
+            }
+            while conn.buf.len() < head + len {
+                if conn.tcp.read_buf(&mut conn.buf).await? == 0 {
+                    return Err("upstream closed".into());
+                }
+            }
+            let _ = conn.buf.split_to(head);
+            let body = conn.buf.split_to(len).freeze();
+            RAW.with(|p| p.borrow_mut().push(conn));
+            let mut r = hyper::Response::new(Full::new(body));
+            *r.status_mut() = http::StatusCode::from_u16(status)?;
+            *r.headers_mut() = map;
+            return Ok(r);
+        }
+        if conn.tcp.read_buf(&mut conn.buf).await? == 0 {
+            return Err("upstream closed".into());
+        }
+    }
 }
 
 async fn upstream(addr: SocketAddr) -> std::io::Result<SendRequest<Full<Bytes>>> {
@@ -111,6 +186,7 @@ fn main() -> std::io::Result<()> {
         .parse()
         .map_err(std::io::Error::other)?;
     let threads: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let raw = args.get(4).is_some_and(|a| a == "--raw");
     let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
         let s = tokio::net::TcpSocket::new_v4()?;
         s.set_reuseaddr(true)?;
@@ -152,7 +228,18 @@ fn main() -> std::io::Result<()> {
                             let _ = hyper::server::conn::http1::Builder::new()
                                 .serve_connection(
                                     TokioIo::new(tcp),
-                                    service_fn(move |r| proxy(r, up)),
+                                    service_fn(move |r| {
+                                        use http_body_util::BodyExt;
+                                        async move {
+                                            if raw {
+                                                proxy_raw(r, up).await.map(|r| {
+                                                    r.map(|b| b.map_err(|e| match e {}).boxed())
+                                                })
+                                            } else {
+                                                proxy(r, up).await.map(|r| r.map(|b| b.boxed()))
+                                            }
+                                        }
+                                    }),
                                 )
                                 .await;
                         });
