@@ -399,3 +399,35 @@ where
         self.inner.is_end_stream()
     }
 }
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::Origin;
+
+    fn origin(url: &str) -> Option<(String, String)> {
+        Origin::of(&url.parse().unwrap())
+            .map(|o| (o.addr.to_string(), o.host.to_str().unwrap().to_string()))
+    }
+
+    #[test]
+    fn origins_connect_to_host_and_port_only() {
+        let o = |a: &str, h: &str| Some((a.to_string(), h.to_string()));
+        assert_eq!(
+            origin("http://vllm.ns.svc:8000/v1"),
+            o("vllm.ns.svc:8000", "vllm.ns.svc:8000")
+        );
+        assert_eq!(origin("http://ollama/v1"), o("ollama:80", "ollama"));
+        assert_eq!(
+            origin("http://[::1]:9000/v1"),
+            o("[::1]:9000", "[::1]:9000")
+        );
+        // User info is neither connected to nor sent as Host.
+        assert_eq!(
+            origin("http://user:secret@up:8000/v1"),
+            o("up:8000", "up:8000")
+        );
+        // https goes through the pooling client.
+        assert_eq!(origin("https://api.openai.com/v1"), None);
+    }
+}
