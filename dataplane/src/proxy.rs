@@ -632,19 +632,22 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
         charge.settle(None, Outcome::UpstreamError);
         return Attempt::Done(Err(ApiError::internal("deployment has no upstream URI")));
     };
-    let mut req = Request::new(Full::new(
-        ctx.parsed.upstream_body(ctx.body, &d.upstream_model),
-    ));
-    *req.method_mut() = Method::POST;
-    *req.uri_mut() = uri.clone();
-    let h = req.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some(a) = auth {
-        h.insert(header::AUTHORIZATION, a.clone());
-    }
+    // Built again only if a pooled connection turns out closed under it (see upstream::send_to).
+    let (parsed, body) = (ctx.parsed, ctx.body);
+    let make = || {
+        let mut req = Request::new(Full::new(parsed.upstream_body(body, &d.upstream_model)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = uri.clone();
+        let h = req.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, a.clone());
+        }
+        req
+    };
     let t = d.timeouts;
     let began = Instant::now();
     let deadline = t
@@ -663,7 +666,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
     let send = crate::upstream::send_to(
         upstream.origin.as_ref(),
         Duration::from_millis(t.connect_ms),
-        req,
+        make,
     );
     let headers_by = match deadline {
         Some(dl) => dl.min(tokio::time::Instant::now() + first_byte),

@@ -121,33 +121,52 @@ pub async fn send(
     req: Request<Full<Bytes>>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let origin = Origin::of(req.uri());
-    send_to(origin.as_ref(), connect_timeout, req).await
+    let copy = || {
+        let mut r = Request::new(req.body().clone());
+        *r.method_mut() = req.method().clone();
+        *r.uri_mut() = req.uri().clone();
+        *r.headers_mut() = req.headers().clone();
+        r
+    };
+    send_to(origin.as_ref(), connect_timeout, copy).await
 }
 
-/// [`send`], with the origin of the request's URI worked out beforehand (`None` for https).
+/// [`send`], with the origin of the request's URI worked out beforehand (`None` for https),
+/// and the request built by `make`: once, or twice when a pooled connection was closed by the
+/// upstream under the request.
+///
+/// That race is what a keep-alive connection meets when the upstream's idle timeout ends it
+/// just as a request goes out (uvicorn, which serves vLLM, closes after 5 s idle). A request
+/// hyper hands back unsent goes out again on a new connection. One it had sent when the
+/// connection turned out closed or reset, before any byte of an answer, is sent again too,
+/// once, as browsers do on a reused connection: the upstream closed it rather than answer.
 pub async fn send_to(
     origin: Option<&Origin>,
     connect_timeout: Duration,
-    mut req: Request<Full<Bytes>>,
+    make: impl Fn() -> Request<Full<Bytes>>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let Some(origin) = origin else {
-        let resp = legacy(connect_timeout, req).await.map_err(|e| SendError {
-            connect: e.is_connect(),
-            source: e.into(),
-        })?;
+        let resp = legacy(connect_timeout, make())
+            .await
+            .map_err(|e| SendError {
+                connect: e.is_connect(),
+                source: e.into(),
+            })?;
         return Ok(resp.map(|inner| UpstreamBody { inner, back: None }));
     };
-    // HTTP/1.1 wants the origin form (`/v1/chat/completions`) and a Host header.
-    req.headers_mut()
-        .entry(HOST)
-        .or_insert_with(|| origin.host.clone());
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-    *req.uri_mut() = path;
-    // A pooled connection the upstream closed meanwhile hands the request back unsent: it then
-    // goes out on a new connection.
+    let origin_form = |mut req: Request<Full<Bytes>>| {
+        // HTTP/1.1 wants the origin form (`/v1/chat/completions`) and a Host header.
+        req.headers_mut()
+            .entry(HOST)
+            .or_insert_with(|| origin.host.clone());
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        *req.uri_mut() = path;
+        req
+    };
+    let mut req = origin_form(make());
     let mut fresh_only = false;
     loop {
         let (mut send, reused) = match (!fresh_only).then(|| checkout(&origin.addr)).flatten() {
@@ -167,6 +186,15 @@ pub async fn send_to(
             Err(mut e) => match e.take_message() {
                 Some(r) if reused => {
                     req = r;
+                    fresh_only = true;
+                }
+                // Sent, then the connection ended (closed or reset) before any answer.
+                None if reused && !e.error().is_parse() => {
+                    tracing::debug!(
+                        upstream = &*origin.addr,
+                        "pooled connection closed under the request; sending it again"
+                    );
+                    req = origin_form(make());
                     fresh_only = true;
                 }
                 _ => {
