@@ -119,6 +119,23 @@ struct Stores {
     inference_services: (Store<DynamicObject>, Arc<AtomicBool>),
 }
 
+/// What a kind needs to be watched into a store.
+trait Watched:
+    kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Watches an API that may not be served (a CRD not installed, an API version too new): the
 /// flag says whether it is, and the watch keeps retrying so it is picked up once installed.
 fn watch_optional<K>(
@@ -127,13 +144,7 @@ fn watch_optional<K>(
     changed: Arc<Notify>,
 ) -> (Store<K>, Arc<AtomicBool>)
 where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let writer = reflector::store::Writer::new(dyntype.clone());
@@ -183,13 +194,7 @@ where
 /// Watches `api` into a store, waking `changed` on every event.
 fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
 where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     watch_filtered(api, changed, |_| true)
@@ -203,13 +208,7 @@ fn watch_filtered<K>(
     relevant: impl Fn(&K) -> bool + Send + 'static,
 ) -> Store<K>
 where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     watch_with(api, changed, move |ev| match ev {
@@ -224,13 +223,7 @@ where
 /// A change of spec (the generation), labels, annotations or deletion state wakes as before.
 fn watch_spec<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
 where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let mut seen: HashMap<String, u64> = HashMap::new();
@@ -264,13 +257,7 @@ fn watch_with<K>(
     mut wakes: impl FnMut(&watcher::Event<K>) -> bool + Send + 'static,
 ) -> Store<K>
 where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store();
