@@ -1,13 +1,15 @@
-//! The floor of the stack: a pass-through HTTP/1.1 proxy on hyper with nothing else (no auth,
-//! no JSON, no accounting, no metrics), built the way the data plane is: a current-thread
-//! runtime per thread, `SO_REUSEPORT`, hyper's server and HTTP/1.1 client, a thread-local
-//! upstream pool, bodies passed through as they arrive. `bench/run.sh --bare` runs it as the
-//! target `hyper-floor`, so the gateway can be compared with what the HTTP stack alone costs.
+//! The floor of the stack: a pass-through HTTP/1.1 proxy with nothing else (no auth, no JSON,
+//! no accounting, no metrics), built the way the data plane is: a current-thread runtime per
+//! thread, `SO_REUSEPORT`, hyper's HTTP/1.1 server, the data plane's own upstream client
+//! ([`tollgate_dataplane::h1`]) with a thread-local pool, bodies passed through as they arrive.
+//! `bench/run.sh --bare` runs it as the target `hyper-floor`, so the gateway can be compared
+//! with what the HTTP stack alone costs.
 //!
-//! `bare_proxy LISTEN UPSTREAM THREADS [--raw]`, e.g. `bare_proxy 127.0.0.1:0 127.0.0.1:8001 2`;
-//! it prints `listening on ADDR`. With `--raw` the upstream leg is a minimal HTTP/1.1 client
-//! written for the experiment instead of hyper's (non-streaming responses only): it measures
-//! what hyper's client costs (`docs/benchmarks.md`).
+//! `bare_proxy LISTEN UPSTREAM THREADS [--hyper-client]`, e.g.
+//! `bare_proxy 127.0.0.1:0 127.0.0.1:8001 2`; it prints `listening on ADDR`. With
+//! `--hyper-client` the upstream leg is hyper's HTTP/1.1 client (a connection task per
+//! connection) instead: what the data plane used before `h1`, kept to measure the difference
+//! (`docs/benchmarks.md`).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -17,82 +19,70 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use tollgate_dataplane::h1;
+
+type Conn = h1::Conn<tokio::net::TcpStream>;
 
 thread_local! {
     static POOL: RefCell<Vec<SendRequest<Full<Bytes>>>> = const { RefCell::new(Vec::new()) };
-    static RAW: RefCell<Vec<RawConn>> = const { RefCell::new(Vec::new()) };
+    static H1_POOL: RefCell<Vec<Conn>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An upstream connection driven by the request itself: no connection task, no channels.
-struct RawConn {
-    tcp: tokio::net::TcpStream,
-    buf: bytes::BytesMut,
+/// The upstream's body through the data plane's client; its connection goes back to the pool
+/// at the end.
+struct H1PassThrough {
+    inner: h1::Body<tokio::net::TcpStream>,
 }
 
-/// `--raw`: the upstream leg as a minimal HTTP/1.1 client written for this (httparse for the
-/// head; Content-Length bodies only, which is all the non-streaming benchmark needs). An
-/// experiment measuring what hyper's client costs, not something to serve with.
-async fn proxy_raw(
+impl hyper::body::Body for H1PassThrough {
+    type Data = Bytes;
+    type Error = h1::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, h1::Error>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(conn) = this.inner.take_reusable() {
+            H1_POOL.with(|p| p.borrow_mut().push(conn));
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+/// Through the data plane's upstream client.
+async fn proxy_h1(
     req: hyper::Request<Incoming>,
     up: SocketAddr,
-) -> Result<hyper::Response<Full<Bytes>>, Box<dyn std::error::Error + Send + Sync>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+) -> Result<hyper::Response<H1PassThrough>, Box<dyn std::error::Error + Send + Sync>> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await?.to_bytes();
-    let mut conn = match RAW.with(|p| p.borrow_mut().pop()) {
+    let mut out = hyper::Request::new(body);
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = parts.uri;
+    out.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    out.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("upstream"),
+    );
+    let conn = match H1_POOL.with(|p| p.borrow_mut().pop()) {
         Some(c) => c,
         None => {
             let tcp = tokio::net::TcpStream::connect(up).await?;
             tcp.set_nodelay(true)?;
-            RawConn {
-                tcp,
-                buf: bytes::BytesMut::with_capacity(8192),
-            }
+            h1::Conn::new(tcp)
         }
     };
-    let mut out = Vec::with_capacity(128 + body.len());
-    out.extend_from_slice(b"POST ");
-    out.extend_from_slice(parts.uri.path().as_bytes());
-    out.extend_from_slice(
-        b" HTTP/1.1\r\nhost: upstream\r\ncontent-type: application/json\r\ncontent-length: ",
-    );
-    out.extend_from_slice(body.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(&body);
-    conn.tcp.write_all(&out).await?;
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        if let httparse::Status::Complete(head) = resp.parse(&conn.buf)? {
-            let status = resp.code.unwrap_or(502);
-            let mut map = http::HeaderMap::with_capacity(resp.headers.len());
-            let mut len = 0usize;
-            for h in resp.headers.iter() {
-                if h.name.eq_ignore_ascii_case("content-length") {
-                    len = std::str::from_utf8(h.value)?.trim().parse()?;
-                }
-                map.append(
-                    http::HeaderName::from_bytes(h.name.as_bytes())?,
-                    http::HeaderValue::from_bytes(h.value)?,
-                );
-            }
-            while conn.buf.len() < head + len {
-                if conn.tcp.read_buf(&mut conn.buf).await? == 0 {
-                    return Err("upstream closed".into());
-                }
-            }
-            let _ = conn.buf.split_to(head);
-            let body = conn.buf.split_to(len).freeze();
-            RAW.with(|p| p.borrow_mut().push(conn));
-            let mut r = hyper::Response::new(Full::new(body));
-            *r.status_mut() = http::StatusCode::from_u16(status)?;
-            *r.headers_mut() = map;
-            return Ok(r);
-        }
-        if conn.tcp.read_buf(&mut conn.buf).await? == 0 {
-            return Err("upstream closed".into());
-        }
-    }
+    let resp = conn.send(out).await?;
+    Ok(resp.map(|inner| H1PassThrough { inner }))
 }
 
 async fn upstream(addr: SocketAddr) -> std::io::Result<SendRequest<Full<Bytes>>> {
@@ -173,6 +163,12 @@ async fn proxy(
     }))
 }
 
+fn box_err(
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let listen: SocketAddr = args
@@ -186,7 +182,7 @@ fn main() -> std::io::Result<()> {
         .parse()
         .map_err(std::io::Error::other)?;
     let threads: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(2);
-    let raw = args.get(4).is_some_and(|a| a == "--raw");
+    let hyper_client = args.get(4).is_some_and(|a| a == "--hyper-client");
     let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
         let s = tokio::net::TcpSocket::new_v4()?;
         s.set_reuseaddr(true)?;
@@ -231,12 +227,14 @@ fn main() -> std::io::Result<()> {
                                     service_fn(move |r| {
                                         use http_body_util::BodyExt;
                                         async move {
-                                            if raw {
-                                                proxy_raw(r, up).await.map(|r| {
-                                                    r.map(|b| b.map_err(|e| match e {}).boxed())
-                                                })
+                                            if hyper_client {
+                                                proxy(r, up)
+                                                    .await
+                                                    .map(|r| r.map(|b| b.map_err(box_err).boxed()))
                                             } else {
-                                                proxy(r, up).await.map(|r| r.map(|b| b.boxed()))
+                                                proxy_h1(r, up)
+                                                    .await
+                                                    .map(|r| r.map(|b| b.map_err(box_err).boxed()))
                                             }
                                         }
                                     }),

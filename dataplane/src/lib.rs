@@ -6,7 +6,7 @@
 //! - [`auth`]: virtual key lookup by hash.
 //! - [`request`]: reading `model`/`stream` without decoding the rest; minimal body rewrites.
 //! - [`proxy`]: the request path, from parsed request to relayed response.
-//! - [`upstream`]: the pooled HTTP client. [`mock`]: the built-in provider and mock server.
+//! - [`upstream`]: the pooled HTTP client, [`h1`] its HTTP/1.1 connections. [`mock`]: the built-in provider and mock server.
 //! - [`sse`]: chunk-by-chunk stream relay that reads the usage chunk on the way.
 //! - [`accounting`], [`usage`]: cost from real usage, per key and deployment.
 //! - [`snapshot`], [`state`]: the immutable per-config view and its atomic swap.
@@ -23,6 +23,7 @@ pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod error;
+pub mod h1;
 pub mod limits;
 pub mod loader;
 pub mod metrics;

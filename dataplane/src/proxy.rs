@@ -29,7 +29,7 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_crds::config::TokenUsage;
@@ -635,7 +635,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
     // Built again only if a pooled connection turns out closed under it (see upstream::send_to).
     let (parsed, body) = (ctx.parsed, ctx.body);
     let make = || {
-        let mut req = Request::new(Full::new(parsed.upstream_body(body, &d.upstream_model)));
+        let mut req = Request::new(parsed.upstream_body(body, &d.upstream_model));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = uri.clone();
         let h = req.headers_mut();
@@ -705,11 +705,15 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
     if status.is_success() && ctx.parsed.stream {
         route.stats.success(began.elapsed());
         // From here the client gets bytes: no more retries for this request.
-        return Attempt::Done(Ok(stream_response(SseRelay::new(
-            crate::upstream::Deadline::new(incoming, deadline),
-            charge,
-            !ctx.parsed.include_usage,
-        ))));
+        let whole_reads = incoming.frames_are_whole_reads();
+        return Attempt::Done(Ok(stream_response(
+            SseRelay::new(
+                crate::upstream::Deadline::new(incoming, deadline),
+                charge,
+                !ctx.parsed.include_usage,
+            )
+            .wait_for_more(!whole_reads),
+        )));
     }
     let read = Limited::new(incoming, MAX_UPSTREAM_BODY).collect();
     let read = match deadline {

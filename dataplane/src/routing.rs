@@ -597,8 +597,7 @@ pub async fn probe_endpoints(state: Arc<crate::state::AppState>) {
                 let model = r.deployment.model.clone();
                 tokio::spawn(async move {
                     let started = Instant::now();
-                    let mut req =
-                        http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
+                    let mut req = http::Request::new(bytes::Bytes::new());
                     *req.uri_mut() = uri;
                     if let Some(a) = auth {
                         req.headers_mut().insert(http::header::AUTHORIZATION, a);
@@ -628,7 +627,7 @@ pub async fn probe_endpoints(state: Arc<crate::state::AppState>) {
 /// One scrape: GET `uri`, parse vLLM's gauges.
 async fn scrape(uri: http::Uri) -> Option<QueueGauges> {
     use http_body_util::BodyExt;
-    let mut req = http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
+    let mut req = http::Request::new(bytes::Bytes::new());
     *req.uri_mut() = uri;
     let resp = crate::upstream::send(Duration::from_secs(2), req)
         .await

@@ -46,6 +46,9 @@ pub struct SseRelay<B> {
     failed: Option<Box<dyn std::error::Error + Send + Sync>>,
     yields: u32,
     idle_yields: u32,
+    /// Whether to yield once more before writing, to let a body that hands over one chunk per
+    /// poll (hyper's client) deliver the rest of a burst.
+    wait_for_more: bool,
 }
 
 impl<B> SseRelay<B> {
@@ -64,7 +67,17 @@ impl<B> SseRelay<B> {
             failed: None,
             yields: 0,
             idle_yields: 0,
+            wait_for_more: true,
         }
+    }
+
+    /// Whether to put a write off for a poll or two while the upstream body keeps delivering
+    /// (on by default). Off for a body whose every frame is all that was read from the upstream
+    /// ([`crate::h1`]): there, nothing more is ready when it says pending, and waiting would
+    /// only cost wake-ups.
+    pub fn wait_for_more(mut self, wait: bool) -> Self {
+        self.wait_for_more = wait;
+        self
     }
 
     fn queue(&mut self, b: Bytes) {
@@ -261,6 +274,7 @@ where
             this.idle_yields = 0;
         }
         if upstream_pending
+            && this.wait_for_more
             && !this.ready.is_empty()
             && this.idle_yields < IDLE_YIELDS
             && this.yields < MAX_YIELDS

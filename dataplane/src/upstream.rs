@@ -3,31 +3,36 @@
 //! it through ALPN.
 //!
 //! Plain-HTTP upstreams (vLLM and KServe pods, Ollama, the mock) are the common case inside a
-//! cluster and take the fast path: hyper's HTTP/1.1 connection API with a pool per thread, kept
-//! here. A connection goes back to the pool when its response body has been read to the end,
-//! and a request that a reused connection turned out to be closed for is sent again on a new
-//! one. `https` upstreams go through hyper-util's pooling client, which adds TLS and HTTP/2.
+//! cluster and take the fast path: [`crate::h1`], an HTTP/1.1 client driven by the request's
+//! own task, with a pool of connections per thread kept here. A connection goes back to the
+//! pool when its response body has been read to the end, and a request that a reused
+//! connection turned out to be closed for is sent again on a new one. `https` upstreams go
+//! through hyper-util's pooling client, which adds TLS and HTTP/2.
 
+use crate::h1;
 use bytes::Bytes;
 use http::header::HOST;
 use http::uri::Scheme;
 use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
 
 /// The pooling client for `https` upstreams.
 pub type Client = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A plain-HTTP upstream connection.
+type Conn = h1::Conn<TcpStream>;
 
 /// How long an idle upstream connection is kept. Below the 60-120 s that providers' and
 /// proxies' idle timeouts usually are, so we don't reuse a connection the far end is closing.
@@ -39,7 +44,7 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// An idle plain-HTTP connection, and when it became idle.
 struct Idle {
-    send: SendRequest<Full<Bytes>>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -113,12 +118,12 @@ impl Origin {
 
 /// Sends `req` (an absolute URI) and returns the response once its head has arrived.
 ///
-/// Connections are pooled per thread: the connection tasks run on the thread that uses them,
-/// so with the per-core runtime (see [`crate::cli`]) a request never hops threads on its way
-/// upstream and back.
+/// Connections are pooled per thread and driven by the request that uses them, so with the
+/// per-core runtime (see [`crate::cli`]) a request never hops threads on its way upstream and
+/// back.
 pub async fn send(
     connect_timeout: Duration,
-    req: Request<Full<Bytes>>,
+    req: Request<Bytes>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let origin = Origin::of(req.uri());
     let copy = || {
@@ -137,79 +142,75 @@ pub async fn send(
 ///
 /// That race is what a keep-alive connection meets when the upstream's idle timeout ends it
 /// just as a request goes out (uvicorn, which serves vLLM, closes after 5 s idle). A request
-/// hyper hands back unsent goes out again on a new connection. One it had sent when the
-/// connection turned out closed or reset, before any byte of an answer, is sent again too,
-/// once, as browsers do on a reused connection: the upstream closed it rather than answer.
+/// sent on a reused connection that then ended (closed or reset) before any byte of an answer
+/// is sent again, once, on a new connection, as browsers do: the upstream closed it rather
+/// than answer.
 pub async fn send_to(
     origin: Option<&Origin>,
     connect_timeout: Duration,
-    make: impl Fn() -> Request<Full<Bytes>>,
+    make: impl Fn() -> Request<Bytes>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let Some(origin) = origin else {
-        let resp = legacy(connect_timeout, make())
+        let resp = legacy(connect_timeout, make().map(Full::new))
             .await
             .map_err(|e| SendError {
                 connect: e.is_connect(),
                 source: e.into(),
             })?;
-        return Ok(resp.map(|inner| UpstreamBody { inner, back: None }));
+        return Ok(resp.map(|inner| UpstreamBody {
+            inner: Inner::Hyper(inner),
+        }));
     };
-    let origin_form = |mut req: Request<Full<Bytes>>| {
-        // HTTP/1.1 wants the origin form (`/v1/chat/completions`) and a Host header.
+    let with_host = |mut req: Request<Bytes>| {
         req.headers_mut()
             .entry(HOST)
             .or_insert_with(|| origin.host.clone());
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-        *req.uri_mut() = path;
         req
     };
-    let mut req = origin_form(make());
     let mut fresh_only = false;
     loop {
-        let (mut send, reused) = match (!fresh_only).then(|| checkout(&origin.addr)).flatten() {
-            Some(s) => (s, true),
+        let (conn, reused) = match (!fresh_only).then(|| checkout(&origin.addr)).flatten() {
+            Some(c) => (c, true),
             None => (connect(&origin.addr, connect_timeout).await?, false),
         };
-        if reused && send.ready().await.is_err() {
-            continue;
-        }
-        match send.try_send_request(req).await {
+        match conn.send(with_host(make())).await {
             Ok(resp) => {
-                return Ok(resp.map(|inner| UpstreamBody {
-                    inner,
-                    back: Some((origin.addr.clone(), send)),
+                return Ok(resp.map(|body| UpstreamBody {
+                    inner: Inner::H1 {
+                        body,
+                        pool: origin.addr.clone(),
+                    },
                 }));
             }
-            Err(mut e) => match e.take_message() {
-                Some(r) if reused => {
-                    req = r;
-                    fresh_only = true;
-                }
-                // Sent, then the connection ended (closed or reset) before any answer.
-                None if reused && !e.error().is_parse() => {
-                    tracing::debug!(
-                        upstream = &*origin.addr,
-                        "pooled connection closed under the request; sending it again"
-                    );
-                    req = origin_form(make());
-                    fresh_only = true;
-                }
-                _ => {
-                    return Err(SendError {
-                        connect: false,
-                        source: e.into_error().into(),
-                    });
-                }
-            },
+            Err(e) if reused && e.is_closed() => {
+                tracing::debug!(
+                    upstream = &*origin.addr,
+                    "pooled connection closed under the request; sending it again"
+                );
+                fresh_only = true;
+            }
+            Err(e) => {
+                return Err(SendError {
+                    connect: false,
+                    source: e.into(),
+                });
+            }
         }
     }
 }
 
+/// Whether an idle connection is still open, as far as is known without waiting: a close or
+/// stray bytes from the upstream are seen here once the reactor has reported them. Costs no
+/// system call while the socket has reported nothing.
+fn still_open(conn: &Conn) -> bool {
+    matches!(
+        conn.io().try_read(&mut [0u8; 1]),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
+}
+
 /// The most recently used idle connection to `key` that is still open.
-fn checkout(key: &str) -> Option<SendRequest<Full<Bytes>>> {
+fn checkout(key: &str) -> Option<Conn> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let idle = p.get_mut(key)?;
@@ -219,8 +220,8 @@ fn checkout(key: &str) -> Option<SendRequest<Full<Bytes>>> {
                 idle.clear();
                 break;
             }
-            if !i.send.is_closed() {
-                return Some(i.send);
+            if still_open(&i.conn) {
+                return Some(i.conn);
             }
         }
         None
@@ -228,10 +229,7 @@ fn checkout(key: &str) -> Option<SendRequest<Full<Bytes>>> {
 }
 
 /// Puts a connection whose response was read to the end back in the pool.
-fn release(key: Arc<str>, send: SendRequest<Full<Bytes>>) {
-    if send.is_closed() {
-        return;
-    }
+fn release(key: Arc<str>, conn: Conn) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let idle = p.entry(key).or_default();
@@ -239,7 +237,7 @@ fn release(key: Arc<str>, send: SendRequest<Full<Bytes>>) {
             idle.pop_front();
         }
         idle.push_back(Idle {
-            send,
+            conn,
             since: Instant::now(),
         });
     });
@@ -250,11 +248,11 @@ fn release(key: Arc<str>, send: SendRequest<Full<Bytes>>) {
     }
 }
 
-/// Closes this thread's connections that have been idle longer than [`POOL_IDLE`], and forgets
-/// the closed ones, every few seconds: an upstream that gets no more requests (a model removed
-/// from the config, a pod gone) doesn't keep its sockets open. (On the per-core runtime the
-/// task runs on the thread whose pool it sweeps; on the work-stealing one, on whichever thread
-/// it lands.)
+/// Closes this thread's connections that have been idle longer than [`POOL_IDLE`], and the
+/// ones the upstream closed, every few seconds: an upstream that gets no more requests (a
+/// model removed from the config, a pod gone) doesn't keep its sockets open. (On the per-core
+/// runtime the task runs on the thread whose pool it sweeps; on the work-stealing one, on
+/// whichever thread it lands.)
 async fn sweep_idle() {
     let mut tick = tokio::time::interval(POOL_IDLE / 5);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -263,16 +261,16 @@ async fn sweep_idle() {
         let now = Instant::now();
         POOL.with(|p| {
             p.borrow_mut().retain(|_, idle| {
-                idle.retain(|i| now.duration_since(i.since) <= POOL_IDLE && !i.send.is_closed());
+                idle.retain(|i| now.duration_since(i.since) <= POOL_IDLE && still_open(&i.conn));
                 !idle.is_empty()
             })
         });
     }
 }
 
-/// A new plain-HTTP connection to `addr` (`host:port`), its task spawned on this thread.
-async fn connect(addr: &str, timeout: Duration) -> Result<SendRequest<Full<Bytes>>, SendError> {
-    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+/// A new plain-HTTP connection to `addr` (`host:port`).
+async fn connect(addr: &str, timeout: Duration) -> Result<Conn, SendError> {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return Err(SendError::connect(e)),
         Err(_) => {
@@ -284,16 +282,7 @@ async fn connect(addr: &str, timeout: Duration) -> Result<SendRequest<Full<Bytes
     let _ = tcp.set_nodelay(true);
     let _ = socket2::SockRef::from(&tcp)
         .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
-    let (send, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(tcp))
-        .await
-        .map_err(SendError::connect)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("upstream connection ended: {e}");
-        }
-    });
-    Ok(send)
+    Ok(h1::Conn::new(tcp))
 }
 
 /// Sends `req` with this thread's pooling client for `connect_timeout` (built on first use).
@@ -341,38 +330,62 @@ pub fn client(connect_timeout: Duration) -> Client {
 /// An upstream response body. A plain-HTTP connection goes back to the pool once the body has
 /// been read to the end; a body dropped before that closes its connection.
 pub struct UpstreamBody {
-    inner: Incoming,
-    back: Option<(Arc<str>, SendRequest<Full<Bytes>>)>,
+    inner: Inner,
+}
+
+enum Inner {
+    H1 {
+        body: h1::Body<TcpStream>,
+        pool: Arc<str>,
+    },
+    Hyper(Incoming),
+}
+
+impl UpstreamBody {
+    /// Whether each frame holds everything the upstream had sent when it was polled (so a
+    /// relay gains nothing by waiting for more before writing). hyper's client hands a body
+    /// over one chunk per poll; [`crate::h1`] hands over all that one read brought.
+    pub fn frames_are_whole_reads(&self) -> bool {
+        matches!(self.inner, Inner::H1 { .. })
+    }
 }
 
 impl http_body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let frame = ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            Some(Ok(_)) if !this.inner.is_end_stream() => {}
-            Some(Err(_)) => this.back = None,
-            _ => {
-                if let Some((key, send)) = this.back.take() {
-                    release(key, send);
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match &mut self.inner {
+            Inner::H1 { body, pool } => {
+                let frame = ready!(std::pin::Pin::new(&mut *body).poll_frame(cx));
+                if body.is_end_stream()
+                    && let Some(conn) = body.take_reusable()
+                {
+                    release(pool.clone(), conn);
                 }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
+            Inner::Hyper(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(Into::into))),
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::H1 { body, .. } => body.is_end_stream(),
+            Inner::Hyper(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::H1 { body, .. } => body.size_hint(),
+            Inner::Hyper(b) => b.size_hint(),
+        }
     }
 }
 

@@ -1,0 +1,789 @@
+//! The HTTP/1.1 client side of one upstream connection, driven by the request that uses it.
+//!
+//! Plain-HTTP upstreams (vLLM and KServe pods, Ollama, TGI, the mock) are the common case in a
+//! cluster and the gateway's hot path. hyper's client runs each connection as a task of its own
+//! and passes the request to it, the response head back and every body chunk across through
+//! channels: about three task wake-ups and as many channel operations per proxied request, and
+//! a stream's body handed over one chunk per poll. Here the request's own task writes the
+//! request and reads the answer, so there is no connection task and no channel; a read that
+//! brings many chunks of a chunked body yields them as one frame (decoded in place).
+//!
+//! Parsing is httparse's (as in hyper); this module only frames: `Content-Length`, `chunked`
+//! (with extensions and trailers, which are skipped), read-to-close, and the bodiless statuses.
+//! What it does not do, because the gateway never asks for it: pipelining, `Expect:
+//! 100-continue`, upgrades, HEAD. 1xx interim responses are skipped. Anything malformed is an
+//! error and the connection is not reused.
+//!
+//! A connection is reusable when its response was read to the end, the upstream did not ask to
+//! close it (`Connection: close`, HTTP/1.0 without keep-alive) and nothing followed the
+//! response. [`crate::upstream`] pools such connections per thread.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest response head (status line and headers).
+const MAX_HEAD: usize = 64 << 10;
+/// Most response headers.
+const MAX_HEADERS: usize = 100;
+/// Largest chunk-size line or trailer line of a chunked body.
+const MAX_LINE: usize = 4 << 10;
+/// Bytes a read asks the socket for at least.
+const READ_SIZE: usize = 16 << 10;
+/// Request bodies up to this size are copied behind the head and sent in one write.
+const COPY_BODY: usize = 16 << 10;
+
+/// Why a request got no (complete) answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The connection ended (closed or reset) before any byte of an answer arrived: the
+    /// upstream closed it rather than answer, which on a reused connection is its idle timeout.
+    #[error("the upstream closed the connection before answering")]
+    Closed(#[source] Option<std::io::Error>),
+    /// Reading or writing failed after part of the answer arrived.
+    #[error("upstream connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The upstream's answer is not HTTP/1.1 the way it should be.
+    #[error("invalid HTTP response from the upstream: {0}")]
+    Parse(&'static str),
+}
+
+impl Error {
+    /// Whether the request may be sent again on a new connection: nothing came back.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Error::Closed(_))
+    }
+}
+
+fn closed_kind(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    )
+}
+
+/// One upstream connection: the socket and what has been read from it but not used yet.
+pub struct Conn<T> {
+    io: T,
+    buf: BytesMut,
+    /// The request head being written, kept to reuse its allocation.
+    head: Vec<u8>,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
+    /// A connection over `io`, nothing sent yet.
+    pub fn new(io: T) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            head: Vec::new(),
+        }
+    }
+
+    /// The socket, e.g. to check whether the upstream closed an idle connection.
+    pub fn io(&self) -> &T {
+        &self.io
+    }
+
+    /// Sends `req` (origin-form URI, `Host` among its headers) and reads the response head. The
+    /// body is read through the returned response, which owns the connection.
+    pub async fn send(mut self, req: Request<Bytes>) -> Result<Response<Body<T>>, Error> {
+        let (parts, body) = req.into_parts();
+        self.head.clear();
+        write_head(&mut self.head, &parts, body.len());
+        let sent = if body.len() <= COPY_BODY {
+            self.head.extend_from_slice(&body);
+            self.io.write_all(&self.head).await
+        } else {
+            match self.io.write_all(&self.head).await {
+                Ok(()) => self.io.write_all(&body).await,
+                Err(e) => Err(e),
+            }
+        };
+        match sent {
+            Ok(()) => {}
+            Err(e) if closed_kind(&e) => return Err(Error::Closed(Some(e))),
+            Err(e) => return Err(Error::Io(e)),
+        }
+        let mut any = false;
+        loop {
+            if let Some(head) = self.parse_head()? {
+                if head.status.is_informational() {
+                    if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                        return Err(Error::Parse("unexpected 101 Switching Protocols"));
+                    }
+                    // 100 Continue, 103 Early Hints: the real answer follows.
+                    continue;
+                }
+                return Ok(self.into_response(head));
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(Error::Parse("response head too large"));
+            }
+            reserve(&mut self.buf);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) if !any => return Err(Error::Closed(None)),
+                Ok(0) => return Err(Error::Parse("connection closed inside the response head")),
+                Ok(_) => any = true,
+                Err(e) if !any && closed_kind(&e) => return Err(Error::Closed(Some(e))),
+                Err(e) => return Err(Error::Io(e)),
+            }
+        }
+    }
+
+    /// A complete response head at the start of the buffer, consumed; `None` when more bytes
+    /// are needed.
+    fn parse_head(&mut self) -> Result<Option<Head>, Error> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let len = match resp.parse(&self.buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Parse("too many response headers"));
+            }
+            Err(_) => return Err(Error::Parse("malformed response head")),
+        };
+        let status = resp
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or(Error::Parse("invalid status code"))?;
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let mut map = HeaderMap::with_capacity(resp.headers.len());
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut encoded = false;
+        let mut close = version == Version::HTTP_10;
+        for h in resp.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| Error::Parse("invalid header name"))?;
+            let value = HeaderValue::from_bytes(h.value)
+                .map_err(|_| Error::Parse("invalid header value"))?;
+            if name == http::header::CONTENT_LENGTH {
+                let n = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or(Error::Parse("invalid content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(Error::Parse("conflicting content-length headers"));
+                }
+                length = Some(n);
+            } else if name == http::header::TRANSFER_ENCODING {
+                encoded = true;
+                // Chunked must be the last coding; anything else is read to the close.
+                chunked = h
+                    .value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name == http::header::CONNECTION {
+                for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive")
+                        && version == Version::HTTP_10
+                    {
+                        close = false;
+                    }
+                }
+            }
+            map.append(name, value);
+        }
+        self.buf.advance(len);
+        let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            Framing::Length(0)
+        } else if encoded {
+            // Transfer-Encoding wins over Content-Length (RFC 9112 6.3).
+            if chunked {
+                Framing::Chunked(Chunked::Size)
+            } else {
+                Framing::Close
+            }
+        } else {
+            match length {
+                Some(n) => Framing::Length(n),
+                None => Framing::Close,
+            }
+        };
+        Ok(Some(Head {
+            status,
+            version,
+            headers: map,
+            framing,
+            close,
+        }))
+    }
+
+    fn into_response(self, head: Head) -> Response<Body<T>> {
+        let keep_alive = !head.close && !matches!(head.framing, Framing::Close);
+        let mut body = Body {
+            conn: Some(self),
+            framing: head.framing,
+            keep_alive,
+            done: false,
+        };
+        body.check_done();
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        resp
+    }
+}
+
+/// Writes the request line and headers, with `Content-Length` for `body_len`.
+fn write_head(out: &mut Vec<u8>, parts: &http::request::Parts, body_len: usize) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        // The framing is this module's to say.
+        if name == http::header::CONTENT_LENGTH
+            || name == http::header::TRANSFER_ENCODING
+            || name == http::header::CONNECTION
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let bodiless = matches!(
+        parts.method,
+        http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::OPTIONS
+    );
+    if body_len > 0 || !bodiless {
+        use std::io::Write;
+        let _ = write!(out, "content-length: {body_len}\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Makes room for a read.
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_SIZE / 4 {
+        buf.reserve(READ_SIZE);
+    }
+}
+
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    framing: Framing,
+    close: bool,
+}
+
+/// How the body's end is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes are left.
+    Length(u64),
+    /// Chunked, in this state.
+    Chunked(Chunked),
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// Where a chunked body's decoder is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunked {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk, expecting trailer lines or the final empty line.
+    Trailers,
+    /// The body is complete.
+    Done,
+}
+
+/// Decodes as much of a chunked body from the start of `buf` as is there, moving the data
+/// bytes to the front of `buf` in place. Returns how many bytes of `buf` were consumed and
+/// how many data bytes now start it (`data <= consumed`).
+fn decode_chunked(buf: &mut [u8], state: &mut Chunked) -> Result<(usize, usize), Error> {
+    let mut pos = 0;
+    let mut data = 0;
+    loop {
+        match *state {
+            Chunked::Done => break,
+            Chunked::Size => {
+                let Some(lf) = memchr::memchr(b'\n', &buf[pos..]) else {
+                    if buf.len() - pos > MAX_LINE {
+                        return Err(Error::Parse("chunk size line too long"));
+                    }
+                    break;
+                };
+                let line = &buf[pos..pos + lf];
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                // Extensions (`;name=value`) are ignored.
+                let hex = line
+                    .split(|b| *b == b';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_ascii();
+                if hex.is_empty() || hex.len() > 15 {
+                    return Err(Error::Parse("invalid chunk size"));
+                }
+                let mut size = 0u64;
+                for &b in hex {
+                    let d = (b as char)
+                        .to_digit(16)
+                        .ok_or(Error::Parse("invalid chunk size"))?;
+                    size = size * 16 + u64::from(d);
+                }
+                pos += lf + 1;
+                *state = if size == 0 {
+                    Chunked::Trailers
+                } else {
+                    Chunked::Data(size)
+                };
+            }
+            Chunked::Data(left) => {
+                let n = (buf.len() - pos).min(usize::try_from(left).unwrap_or(usize::MAX));
+                if n == 0 {
+                    break;
+                }
+                if pos != data {
+                    buf.copy_within(pos..pos + n, data);
+                }
+                pos += n;
+                data += n;
+                let left = left - n as u64;
+                *state = if left == 0 {
+                    Chunked::DataEnd
+                } else {
+                    Chunked::Data(left)
+                };
+            }
+            Chunked::DataEnd => {
+                let rest = &buf[pos..];
+                if rest.starts_with(b"\r\n") {
+                    pos += 2;
+                } else if rest.starts_with(b"\n") {
+                    pos += 1;
+                } else if rest.is_empty() || rest == b"\r" {
+                    break;
+                } else {
+                    return Err(Error::Parse("chunk data not followed by CRLF"));
+                }
+                *state = Chunked::Size;
+            }
+            Chunked::Trailers => {
+                let Some(lf) = memchr::memchr(b'\n', &buf[pos..]) else {
+                    if buf.len() - pos > MAX_LINE {
+                        return Err(Error::Parse("trailer line too long"));
+                    }
+                    break;
+                };
+                let line = &buf[pos..pos + lf];
+                pos += lf + 1;
+                if line.is_empty() || line == b"\r" {
+                    *state = Chunked::Done;
+                }
+            }
+        }
+    }
+    Ok((pos, data))
+}
+
+/// A response body read straight from its connection. Dropped before its end, it closes the
+/// connection (which is how an upstream learns the client went away).
+pub struct Body<T> {
+    conn: Option<Conn<T>>,
+    framing: Framing,
+    keep_alive: bool,
+    done: bool,
+}
+
+impl<T> Body<T> {
+    fn check_done(&mut self) {
+        if matches!(
+            self.framing,
+            Framing::Length(0) | Framing::Chunked(Chunked::Done)
+        ) {
+            self.done = true;
+        }
+    }
+
+    /// The connection, once the body has been read to the end, when it can carry another
+    /// request.
+    pub fn take_reusable(&mut self) -> Option<Conn<T>> {
+        if !self.done || !self.keep_alive {
+            return None;
+        }
+        self.conn.take().filter(|c| c.buf.is_empty())
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Body<T> {
+    /// Reads more from the socket into the buffer; `Ok(0)` at the end of the stream.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        reserve(&mut conn.buf);
+        let read = std::pin::pin!(conn.io.read_buf(&mut conn.buf));
+        read.poll(cx)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> http_body::Body for Body<T> {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buf = &mut conn.buf;
+            match &mut this.framing {
+                Framing::Length(left) => {
+                    if !buf.is_empty() {
+                        let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                        *left -= n as u64;
+                        let data = buf.split_to(n).freeze();
+                        this.check_done();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(state) => {
+                    if !buf.is_empty() {
+                        let (used, data) = match decode_chunked(buf, state) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                this.conn = None;
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                        };
+                        let out = if data > 0 {
+                            let mut out = buf.split_to(used);
+                            out.truncate(data);
+                            Some(out.freeze())
+                        } else {
+                            buf.advance(used);
+                            None
+                        };
+                        this.check_done();
+                        if let Some(out) = out {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                        if this.done {
+                            return Poll::Ready(None);
+                        }
+                    }
+                }
+                Framing::Close => {
+                    if !buf.is_empty() {
+                        let data = buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+            }
+            match ready!(this.poll_read(cx)) {
+                Ok(0) => {
+                    this.conn = None;
+                    if this.framing == Framing::Close {
+                        this.done = true;
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection inside the response body",
+                    )))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Error::Io(e))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn decode_all(input: &[u8], step: usize) -> Result<(Vec<u8>, usize), Error> {
+        // Feeds `input` `step` bytes at a time, as reads would, keeping what wasn't consumed.
+        let mut state = Chunked::Size;
+        let mut pending: Vec<u8> = Vec::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        while fed < input.len() && state != Chunked::Done {
+            let end = (fed + step).min(input.len());
+            pending.extend_from_slice(&input[fed..end]);
+            fed = end;
+            let (used, data) = decode_chunked(&mut pending, &mut state)?;
+            out.extend_from_slice(&pending[..data]);
+            pending.drain(..used);
+        }
+        assert_eq!(state, Chunked::Done, "body incomplete");
+        Ok((out, pending.len() + input.len() - fed))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_they_are_split() {
+        let body =
+            b"5\r\nhello\r\n1;ext=1\r\n \r\nB\r\nworld, wide\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for step in 1..body.len() {
+            let (data, rest) = decode_all(body, step).unwrap();
+            assert_eq!(data, b"hello world, wide", "step {step}");
+            // What follows the body is left alone.
+            assert!(rest <= 4, "step {step}");
+        }
+        let (data, rest) = decode_all(b"0\r\n\r\n", 64).unwrap();
+        assert!(data.is_empty());
+        assert_eq!(rest, 0);
+        // Bare LF line ends are accepted.
+        let (data, _) = decode_all(b"3\nabc\n0\n\n", 64).unwrap();
+        assert_eq!(data, b"abc");
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"ffffffffffffffff\r\n",
+        ] {
+            let mut state = Chunked::Size;
+            let mut buf = bad.to_vec();
+            assert!(
+                decode_chunked(&mut buf, &mut state).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut state = Chunked::Size;
+        let mut long = vec![b'1'; MAX_LINE + 10];
+        assert!(decode_chunked(&mut long, &mut state).is_err());
+    }
+
+    /// Sends a request over an in-memory pipe whose other end answers `answer`; returns what
+    /// the upstream received, the response and its body (or the error), and whether the
+    /// connection came back reusable.
+    async fn exchange(
+        req: Request<Bytes>,
+        answer: &'static [u8],
+        close_after: bool,
+    ) -> (
+        Vec<u8>,
+        Result<(Response<()>, Result<Bytes, Error>, bool), Error>,
+    ) {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let upstream = tokio::spawn(async move {
+            let mut got = vec![0u8; 4096];
+            let n = server.read(&mut got).await.unwrap();
+            got.truncate(n);
+            server.write_all(answer).await.unwrap();
+            (got, (!close_after).then_some(server))
+        });
+        let result = Conn::new(client).send(req).await;
+        let result = match result {
+            Ok(resp) => {
+                let (parts, mut body) = resp.into_parts();
+                let mut data = BytesMut::new();
+                let mut err = None;
+                while let Some(f) = body.frame().await {
+                    match f {
+                        Ok(f) => data.extend_from_slice(&f.into_data().unwrap()),
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let reusable = body.take_reusable().is_some();
+                let body = match err {
+                    Some(e) => Err(e),
+                    None => Ok(data.freeze()),
+                };
+                Ok((Response::from_parts(parts, ()), body, reusable))
+            }
+            Err(e) => Err(e),
+        };
+        let (got, _server) = upstream.await.unwrap();
+        (got, result)
+    }
+
+    fn post(body: &'static str) -> Request<Bytes> {
+        let mut req = Request::new(Bytes::from_static(body.as_bytes()));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = "/v1/chat/completions?x=1".parse().unwrap();
+        req.headers_mut()
+            .insert(http::header::HOST, HeaderValue::from_static("up:8000"));
+        req.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        req
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_out_as_http_1_1_with_its_length() {
+        let (got, result) = exchange(
+            post("{\"a\":1}"),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        )
+        .await;
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: up:8000\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+        );
+        let (resp, body, reusable) = result.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(&body.unwrap()[..], b"ok");
+        assert!(reusable);
+    }
+
+    #[tokio::test]
+    async fn responses_are_framed_by_length_chunks_or_close() {
+        // Chunked, with a 100 Continue before it and headers kept.
+        let (_, r) = exchange(
+            post("{}"),
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata: \r\n2\r\nx\n\r\n0\r\n\r\n",
+            false,
+        )
+        .await;
+        let (resp, body, reusable) = r.unwrap();
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        assert_eq!(&body.unwrap()[..], b"data: x\n");
+        assert!(reusable);
+        // Read to the close: never reused.
+        let (_, r) = exchange(post("{}"), b"HTTP/1.1 200 OK\r\n\r\nuntil close", true).await;
+        let (_, body, reusable) = r.unwrap();
+        assert_eq!(&body.unwrap()[..], b"until close");
+        assert!(!reusable);
+        // Connection: close is honoured; HTTP/1.0 closes unless it says keep-alive.
+        let (_, r) = exchange(
+            post("{}"),
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx",
+            false,
+        )
+        .await;
+        assert!(!r.unwrap().2);
+        let (_, r) = exchange(
+            post("{}"),
+            b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\nx",
+            false,
+        )
+        .await;
+        assert!(!r.unwrap().2);
+        let (_, r) = exchange(
+            post("{}"),
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 1\r\n\r\nx",
+            false,
+        )
+        .await;
+        assert!(r.unwrap().2);
+        // 204 has no body whatever it says.
+        let (_, r) = exchange(
+            post("{}"),
+            b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+            false,
+        )
+        .await;
+        let (resp, body, reusable) = r.unwrap();
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        assert!(body.unwrap().is_empty());
+        assert!(reusable);
+    }
+
+    #[tokio::test]
+    async fn broken_answers_are_errors_of_their_kind() {
+        // Nothing at all: closed, so a reused connection's request may go out again.
+        let (_, r) = exchange(post("{}"), b"", true).await;
+        assert!(r.unwrap_err().is_closed());
+        // Garbage is a parse error, not "closed".
+        let (_, r) = exchange(post("{}"), b"SSH-2.0-OpenSSH\r\n\r\n", true).await;
+        assert!(matches!(r.unwrap_err(), Error::Parse(_)));
+        let (_, r) = exchange(post("{}"), b"HTTP/1.1 200 OK\r\ncontent-le", true).await;
+        assert!(matches!(r.unwrap_err(), Error::Parse(_)));
+        let (_, r) = exchange(
+            post("{}"),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nxx",
+            true,
+        )
+        .await;
+        assert!(matches!(r.unwrap_err(), Error::Parse(_)));
+        // A body cut short is an error, and the connection is gone.
+        let (_, r) = exchange(
+            post("{}"),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+            true,
+        )
+        .await;
+        let (_, body, reusable) = r.unwrap();
+        assert!(body.is_err());
+        assert!(!reusable);
+        let (_, r) = exchange(
+            post("{}"),
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+            true,
+        )
+        .await;
+        assert!(r.unwrap().1.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_get_has_no_content_length() {
+        let mut req = Request::new(Bytes::new());
+        *req.uri_mut() = "/metrics".parse().unwrap();
+        req.headers_mut()
+            .insert(http::header::HOST, HeaderValue::from_static("up"));
+        let (got, r) = exchange(req, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false).await;
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "GET /metrics HTTP/1.1\r\nhost: up\r\n\r\n"
+        );
+        assert!(r.unwrap().2);
+    }
+}
