@@ -38,9 +38,10 @@
 #                          latency-based); reports tollgate+8* / tollgate per scenario and the
 #                          added p50 at c=1
 #   --bare                 add the target hyper-floor: dataplane/examples/bare_proxy.rs, a
-#                          pass-through proxy on the same HTTP stack as Tollgate (hyper server
-#                          and HTTP/1.1 client, per-thread runtimes and pool, same threads) doing
-#                          nothing else; reports what Tollgate's own work costs on top of it
+#                          pass-through proxy on the same HTTP stack as Tollgate (hyper's server,
+#                          the data plane's h1 upstream client, per-thread runtimes and pool,
+#                          same threads) doing nothing else; reports what Tollgate's own work
+#                          costs on top of it
 #   --pin                  pin wrk + mock to CPU 0 and the proxy under test to CPU 1
 #                          (use with --gateway-threads 1 --nginx-workers 1)
 #   --perf DIR             afterwards, profile Tollgate with `perf record` under load and count
