@@ -14,6 +14,10 @@
 //! 100-continue`, upgrades, HEAD. 1xx interim responses are skipped. Anything malformed is an
 //! error and the connection is not reused.
 //!
+//! The response's headers are the upstream's, less the ones that frame this hop
+//! (`Content-Length`, `Transfer-Encoding`, `Connection`, `Keep-Alive`): the body's size hint
+//! carries the length.
+//!
 //! A connection is reusable when its response was read to the end, the upstream did not ask to
 //! close it (`Connection: close`, HTTP/1.0 without keep-alive) and nothing followed the
 //! response. [`crate::upstream`] pools such connections per thread.
@@ -167,11 +171,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         let mut encoded = false;
         let mut close = version == Version::HTTP_10;
         for h in resp.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| Error::Parse("invalid header name"))?;
-            let value = HeaderValue::from_bytes(h.value)
-                .map_err(|_| Error::Parse("invalid header value"))?;
-            if name == http::header::CONTENT_LENGTH {
+            // The framing headers are read here and not passed on: they describe this hop.
+            let raw = h.name.as_bytes();
+            if raw.eq_ignore_ascii_case(b"content-length") {
                 let n = std::str::from_utf8(h.value)
                     .ok()
                     .and_then(|v| v.trim().parse::<u64>().ok())
@@ -180,7 +182,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                     return Err(Error::Parse("conflicting content-length headers"));
                 }
                 length = Some(n);
-            } else if name == http::header::TRANSFER_ENCODING {
+            } else if raw.eq_ignore_ascii_case(b"transfer-encoding") {
                 encoded = true;
                 // Chunked must be the last coding; anything else is read to the close.
                 chunked = h
@@ -188,7 +190,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                     .rsplit(|b| *b == b',')
                     .next()
                     .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if name == http::header::CONNECTION {
+            } else if raw.eq_ignore_ascii_case(b"connection") {
                 for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
@@ -198,8 +200,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                         close = false;
                     }
                 }
+            } else if !raw.eq_ignore_ascii_case(b"keep-alive") {
+                let name =
+                    HeaderName::from_bytes(raw).map_err(|_| Error::Parse("invalid header name"))?;
+                let value = HeaderValue::from_bytes(h.value)
+                    .map_err(|_| Error::Parse("invalid header value"))?;
+                map.append(name, value);
             }
-            map.append(name, value);
         }
         self.buf.advance(len);
         let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
@@ -695,6 +702,8 @@ mod tests {
         .await;
         let (resp, body, reusable) = r.unwrap();
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        // This hop's framing is not passed on.
+        assert!(!resp.headers().contains_key("transfer-encoding"));
         assert_eq!(&body.unwrap()[..], b"data: x\n");
         assert!(reusable);
         // Read to the close: never reused.

@@ -28,7 +28,7 @@ use crate::state::AppState;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,9 +39,9 @@ use tollgate_crds::policy::RetryOn;
 const MAX_UPSTREAM_BODY: usize = 64 << 20;
 
 /// `x-tollgate-deployment`.
-pub const DEPLOYMENT_HEADER: &str = "x-tollgate-deployment";
+pub const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-tollgate-deployment");
 /// `x-tollgate-cost-usd`.
-pub const COST_HEADER: &str = "x-tollgate-cost-usd";
+pub const COST_HEADER: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
 
 /// Reads the request body, refusing more than `limit` bytes.
 async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes>
@@ -73,11 +73,11 @@ where
 
 /// `x-tollgate-model-group`: the model group that served the request (differs from the
 /// requested model after a fallback).
-pub const MODEL_GROUP_HEADER: &str = "x-tollgate-model-group";
+pub const MODEL_GROUP_HEADER: HeaderName = HeaderName::from_static("x-tollgate-model-group");
 /// `x-tollgate-attempted-retries`: retries made before the answer (absent when none).
-pub const RETRIES_HEADER: &str = "x-tollgate-attempted-retries";
+pub const RETRIES_HEADER: HeaderName = HeaderName::from_static("x-tollgate-attempted-retries");
 /// `x-tollgate-attempted-fallbacks`: fallback groups tried (absent when none).
-pub const FALLBACKS_HEADER: &str = "x-tollgate-attempted-fallbacks";
+pub const FALLBACKS_HEADER: HeaderName = HeaderName::from_static("x-tollgate-attempted-fallbacks");
 
 /// Longest upstream `retry-after` waited for before retrying the same endpoint; a longer one
 /// ends the group's attempts (fallbacks are tried instead).
@@ -430,9 +430,15 @@ async fn admit_route(
             return Admitted::Exhausted(refused.map(ApiError::from));
         };
         let d = &group.routes[idx].deployment;
-        let now = crate::limits::unix_now();
-        let ask = ctx.ask_for(d);
         let first = ctx.charge.is_none();
+        // The estimate (a BPE count for OpenAI models) only when a limit or budget needs it.
+        let limited = d.limits.is_some()
+            || (first && (ctx.key.limits.is_some() || ctx.key.team_limits.is_some()));
+        let (ask, now) = if limited {
+            (ctx.ask_for(d), crate::limits::unix_now())
+        } else {
+            (Ask::default(), 0)
+        };
         let mut fresh = Reservation::default();
         let reservation = match ctx.charge.as_mut() {
             Some(c) => c.reservation_mut(),
@@ -668,10 +674,8 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
         Duration::from_millis(t.connect_ms),
         make,
     );
-    let headers_by = match deadline {
-        Some(dl) => dl.min(tokio::time::Instant::now() + first_byte),
-        None => tokio::time::Instant::now() + first_byte,
-    };
+    let headers_by = tokio::time::Instant::from_std(began) + first_byte;
+    let headers_by = deadline.map_or(headers_by, |dl| dl.min(headers_by));
     let resp = match tokio::time::timeout_at(headers_by, send).await {
         Err(_) => {
             let waited = began.elapsed();

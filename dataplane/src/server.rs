@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// `x-request-id`.
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// The data plane's routes. Paths work with and without the `/v1` prefix, as in OpenAI's SDKs
 /// configured with either base URL.
