@@ -1,5 +1,5 @@
 # One entry point for every task. `make help` lists them.
-.PHONY: help run test fmt lint generate bench
+.PHONY: help run test fmt lint generate bench instructions
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -21,3 +21,6 @@ generate: ## Regenerate the CRD YAML in charts/tollgate/crds
 
 bench: ## Gateway vs direct vs nginx, in one run
 	./bench/run.sh
+
+instructions: ## Instructions per request under callgrind (deterministic, for small changes)
+	./bench/instructions.sh
