@@ -109,6 +109,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 Err(e) => Err(e),
             }
         };
+        if self.head.capacity() > 2 * COPY_BODY {
+            // Don't keep a large request (prompt text) in an idle pooled connection.
+            self.head = Vec::new();
+        }
         match sent {
             Ok(()) => {}
             Err(e) if closed_kind(&e) => return Err(Error::Closed(Some(e))),
@@ -174,9 +178,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             // The framing headers are read here and not passed on: they describe this hop.
             let raw = h.name.as_bytes();
             if raw.eq_ignore_ascii_case(b"content-length") {
-                let n = std::str::from_utf8(h.value)
+                let digits = h.value.trim_ascii();
+                if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                    return Err(Error::Parse("invalid content-length"));
+                }
+                let n = std::str::from_utf8(digits)
                     .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
                     .ok_or(Error::Parse("invalid content-length"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(Error::Parse("conflicting content-length headers"));
@@ -209,6 +217,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             }
         }
         self.buf.advance(len);
+        if encoded && (length.is_some() || version == Version::HTTP_10) {
+            // Both framings, or chunking in HTTP/1.0: read it, but don't trust the connection
+            // with another request (RFC 9112 6.1, 6.3).
+            close = true;
+        }
         let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Length(0)
         } else if encoded {
@@ -733,6 +746,16 @@ mod tests {
         )
         .await;
         assert!(r.unwrap().2);
+        // Chunked with a Content-Length too: read as chunked, never reused.
+        let (_, r) = exchange(
+            post("{}"),
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+            false,
+        )
+        .await;
+        let (_, body, reusable) = r.unwrap();
+        assert_eq!(&body.unwrap()[..], b"x");
+        assert!(!reusable);
         // 204 has no body whatever it says.
         let (_, r) = exchange(
             post("{}"),
@@ -759,6 +782,13 @@ mod tests {
         let (_, r) = exchange(
             post("{}"),
             b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nxx",
+            true,
+        )
+        .await;
+        assert!(matches!(r.unwrap_err(), Error::Parse(_)));
+        let (_, r) = exchange(
+            post("{}"),
+            b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nxx",
             true,
         )
         .await;

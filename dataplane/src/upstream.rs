@@ -394,6 +394,8 @@ impl http_body::Body for UpstreamBody {
 pub struct Deadline<B> {
     inner: B,
     sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The deadline passed while the body was flowing: the next poll fails.
+    expired: bool,
 }
 
 impl<B> Deadline<B> {
@@ -402,8 +404,13 @@ impl<B> Deadline<B> {
         Self {
             inner,
             sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            expired: false,
         }
     }
+}
+
+fn timed_out() -> Box<dyn std::error::Error + Send + Sync> {
+    "the deployment's total timeout passed".into()
 }
 
 impl<B> http_body::Body for Deadline<B>
@@ -418,33 +425,76 @@ where
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
         let this = &mut *self;
-        // The timer is looked at only while the upstream has nothing ready: a body that is
-        // flowing costs no timer poll per chunk, and one that stalls past the deadline wakes
-        // on it.
+        if this.expired {
+            return Poll::Ready(Some(Err(timed_out())));
+        }
+        // A body that stalls wakes on the timer; one that keeps delivering (each frame is a
+        // whole read, so an upstream faster than the client may never leave it pending) is
+        // checked against the clock once per frame.
         match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
-            std::task::Poll::Pending => {}
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(s) = &this.sleep
+                    && tokio::time::Instant::now() >= s.deadline()
+                {
+                    this.expired = true;
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
             ready => return ready.map(|f| f.map(|r| r.map_err(Into::into))),
         }
         if let Some(s) = this.sleep.as_mut()
             && s.as_mut().poll(cx).is_ready()
         {
-            return std::task::Poll::Ready(Some(Err(
-                "the deployment's total timeout passed".into()
-            )));
+            return Poll::Ready(Some(Err(timed_out())));
         }
-        std::task::Poll::Pending
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        !self.expired && self.inner.is_end_stream()
     }
 }
 
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
-    use super::Origin;
+    use super::{Deadline, Origin};
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    /// A body that always has another frame ready, like an upstream faster than its client.
+    struct Endless;
+
+    impl http_body::Body for Endless {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                b"data: {}\n\n",
+            )))))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_total_timeout_ends_a_body_that_never_pauses() {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(50);
+        let mut body = Deadline::new(Endless, Some(deadline));
+        for _ in 0..3 {
+            assert!(body.frame().await.unwrap().is_ok());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        // The frame read as the deadline passed is still delivered; the next poll fails.
+        assert!(body.frame().await.unwrap().is_ok());
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("total timeout"), "{err}");
+    }
 
     fn origin(url: &str) -> Option<(String, String)> {
         Origin::of(&url.parse().unwrap())
