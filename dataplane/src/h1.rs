@@ -12,7 +12,10 @@
 //! (with extensions and trailers, which are skipped), read-to-close, and the bodiless statuses.
 //! What it does not do, because the gateway never asks for it: pipelining, `Expect:
 //! 100-continue`, upgrades, HEAD. 1xx interim responses are skipped. Anything malformed is an
-//! error and the connection is not reused.
+//! error and the connection is not reused. The request is written whole before the answer is
+//! read, so an upstream that answers early (a 413 to a body larger than the socket buffers)
+//! and closes while the body is still going out is reported as a failed connection rather
+//! than with its answer; hyper read while writing.
 //!
 //! The response's headers are the upstream's, less the ones that frame this hop
 //! (`Content-Length`, `Transfer-Encoding`, `Connection`, `Keep-Alive`): the body's size hint
