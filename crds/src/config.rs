@@ -227,24 +227,50 @@ impl Picodollars {
     }
 }
 
+impl Picodollars {
+    /// The amount as a decimal USD string with no trailing zeros (`0.0001234`, `12`, `0`),
+    /// written into `buf` without `fmt` or an allocation: it goes into every response's cost
+    /// header. Returns the written bytes.
+    pub fn write_usd(self, buf: &mut [u8; 40]) -> &[u8] {
+        let whole = self.0 / 1_000_000_000_000;
+        let frac = self.0 % 1_000_000_000_000;
+        // Digits are written backwards from the end of `buf`: the fraction (trailing zeros
+        // dropped), the point, then the whole part.
+        let mut at = buf.len();
+        if frac != 0 {
+            let mut n = frac;
+            let mut trailing = true;
+            for _ in 0..12 {
+                let d = (n % 10) as u8;
+                n /= 10;
+                if trailing && d == 0 {
+                    continue;
+                }
+                trailing = false;
+                at -= 1;
+                buf[at] = b'0' + d;
+            }
+            at -= 1;
+            buf[at] = b'.';
+        }
+        let mut n = whole;
+        loop {
+            at -= 1;
+            buf[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        &buf[at..]
+    }
+}
+
 impl fmt::Display for Picodollars {
     /// A decimal USD string with no trailing zeros: `0.0001234`, `12`, `0`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let whole = self.0 / 1_000_000_000_000;
-        let frac = self.0 % 1_000_000_000_000;
-        if frac == 0 {
-            return write!(f, "{whole}");
-        }
-        // Twelve fractional digits on the stack (this runs for every response's cost header).
-        let mut digits = [b'0'; 12];
-        let mut n = frac;
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (n % 10) as u8;
-            n /= 10;
-        }
-        let len = 12 - digits.iter().rev().take_while(|&&d| d == b'0').count();
-        write!(f, "{whole}.")?;
-        f.write_str(std::str::from_utf8(&digits[..len]).map_err(|_| fmt::Error)?)
+        let mut buf = [0u8; 40];
+        f.write_str(std::str::from_utf8(self.write_usd(&mut buf)).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -500,6 +526,10 @@ mod tests {
         // 800 × 2.5e-6 + 200 × 1.25e-6 + 500 × 1e-5 = 0.002 + 0.00025 + 0.005
         assert_eq!(c.to_string(), "0.00725");
         assert_eq!(Picodollars(0).to_string(), "0");
+        assert_eq!(Picodollars(u64::MAX).to_string(), "18446744.073709551615");
+        assert_eq!(Picodollars(75_000_000).to_string(), "0.000075");
+        assert_eq!(Picodollars(10_000_000_000_000).to_string(), "10");
+        assert_eq!(Picodollars(100_000_000_000).to_string(), "0.1");
         assert_eq!(Picodollars(3_000_000_000_000).to_string(), "3");
         assert_eq!(Picodollars(1).to_string(), "0.000000000001");
         assert_eq!(

@@ -608,7 +608,8 @@ async fn attempt_route(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Atte
 }
 
 fn insert_cost(h: &mut HeaderMap, cost: tollgate_crds::config::Picodollars) {
-    if let Ok(v) = HeaderValue::try_from(cost.to_string()) {
+    let mut buf = [0u8; 40];
+    if let Ok(v) = HeaderValue::from_bytes(cost.write_usd(&mut buf)) {
         h.insert(COST_HEADER, v);
     }
 }

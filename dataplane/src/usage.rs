@@ -44,7 +44,13 @@ struct WithUsage {
 /// is checked (a 2xx that isn't JSON is the upstream's failure), but only `usage` is decoded:
 /// the choices are skipped over.
 pub fn from_response(body: &[u8]) -> Result<Option<TokenUsage>, serde_json::Error> {
-    serde_json::from_slice::<WithUsage>(body).map(|w| w.usage.map(Into::into))
+    /// Everything but `usage` is skipped as it is read (and so still checked to be JSON).
+    #[derive(Deserialize)]
+    struct UsageOnly {
+        #[serde(default)]
+        usage: Option<UsageJson>,
+    }
+    serde_json::from_slice::<UsageOnly>(body).map(|w| w.usage.map(Into::into))
 }
 
 /// Usage of one stream chunk's JSON, and whether the chunk carries nothing else (its `choices`
