@@ -432,9 +432,7 @@ async fn admit_route(
         let d = &group.routes[idx].deployment;
         let first = ctx.charge.is_none();
         // The estimate (a BPE count for OpenAI models) only when a limit or budget needs it.
-        let limited = d.limits.is_some()
-            || (first && (ctx.key.limits.is_some() || ctx.key.team_limits.is_some()));
-        let (ask, now) = if limited {
+        let (ask, now) = if reserves(d, first.then_some(&**ctx.key)) {
             (ctx.ask_for(d), crate::limits::unix_now())
         } else {
             (Ask::default(), 0)
@@ -487,6 +485,12 @@ enum Denied {
     Final(ApiError),
 }
 
+/// Whether admitting a request to `d` (and, with `key`, the key's first admission) reserves
+/// anything: a limit or budget on the deployment, the key or its team.
+fn reserves(d: &RuntimeDeployment, key: Option<&RuntimeKey>) -> bool {
+    d.limits.is_some() || key.is_some_and(|k| k.limits.is_some() || k.team_limits.is_some())
+}
+
 /// Reserves the request's share of `d`'s limits and, with `key`, the key's: in Redis when
 /// replicas share counters, else in this process. Returns the key's room, for headers.
 async fn reserve(
@@ -497,11 +501,11 @@ async fn reserve(
     ask: Ask,
     now: u64,
 ) -> std::result::Result<Option<Room>, Denied> {
-    let key_limits = key.and_then(|k| k.limits.as_ref());
-    let team_limits = key.and_then(|k| k.team_limits.as_ref());
-    if d.limits.is_none() && key_limits.is_none() && team_limits.is_none() {
+    if !reserves(d, key) {
         return Ok(None);
     }
+    let key_limits = key.and_then(|k| k.limits.as_ref());
+    let team_limits = key.and_then(|k| k.team_limits.as_ref());
     if let Some(shared) = &state.shared {
         // The key last: its room goes in the response headers.
         let asks: Vec<_> = d
