@@ -1,6 +1,7 @@
 //! HTTP surface: the listener, routes, thin handlers, request ids.
 //!
-//! Connections are served by hyper's HTTP/1.1 server directly ([`serve`]). The three proxied
+//! Connections are served by hyper's HTTP/1.1 server directly, or its HTTP/2 server for h2c
+//! clients ([`serve`]). The three proxied
 //! endpoints (`POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, with or without
 //! `/v1`) go straight to [`crate::proxy::handle`]; everything else (models, health, metrics,
 //! admin, 404/405) goes through the axum [`router`]. Skipping the router on the hot path saves
@@ -98,19 +99,55 @@ pub async fn serve(
                 let shared = shared.clone();
                 async move { Ok::<_, std::convert::Infallible>(dispatch(&shared, req).await) }
             });
-            let mut http =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            http.http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(IDLE_TIMEOUT);
-            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
-            if let Err(e) = watcher.watch(conn).await {
+            let h2 = match tokio::time::timeout(IDLE_TIMEOUT, speaks_h2(&tcp)).await {
+                Ok(Ok(h2)) => h2,
+                Ok(Err(_)) | Err(_) => return,
+            };
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let ended = if h2 {
+                let conn =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(io, svc);
+                watcher.watch(conn).await
+            } else {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(IDLE_TIMEOUT)
+                    .serve_connection(io, svc);
+                watcher.watch(conn).await
+            };
+            if let Err(e) = ended {
                 tracing::trace!("connection ended: {e}");
             }
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Whether a new connection starts with HTTP/2's preface (h2c with prior knowledge), from its
+/// first bytes, peeked so that the chosen server still reads them.
+///
+/// Deciding once per connection, on a peek, is what lets each protocol's server read the socket
+/// directly: hyper-util's auto-detecting server instead reads through a rewind buffer for the
+/// connection's whole life, which costs every request. The preface starts with `PRI`, a method
+/// HTTP/2 reserved so that no HTTP/1.1 request can start that way (RFC 9113, 3.4).
+async fn speaks_h2(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    const PRI: &[u8] = b"PRI";
+    let mut first = [0u8; 3];
+    loop {
+        let n = tcp.peek(&mut first).await?;
+        if n == 0 || first[..n] != PRI[..n] {
+            // Closed before a byte (HTTP/1's server then sees the end), or not the preface.
+            return Ok(false);
+        }
+        if n == PRI.len() {
+            return Ok(true);
+        }
+        // "P" or "PR" so far (a POST, or the preface split across packets): a peek returns at
+        // once while those bytes sit unread, so wait a moment for more instead of spinning.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
 }
 
 /// What every connection of a listener shares.
