@@ -29,7 +29,6 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_crds::config::TokenUsage;
@@ -56,19 +55,62 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(ApiError::too_large(limit))
-        }
-        Err(_) => Err(ApiError::bad_request(
+    match read_all(body, limit).await {
+        Ok(bytes) => Ok(bytes),
+        Err(ReadError::TooLarge) => Err(ApiError::too_large(limit)),
+        Err(ReadError::Read) => Err(ApiError::bad_request(
             "body_read_error",
             "The request body could not be read.",
         )),
     }
+}
+
+/// Why a body could not be read whole.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadError {
+    /// It is longer than the limit.
+    TooLarge,
+    /// The body failed (the connection broke, a timeout, bad framing).
+    Read,
+}
+
+/// Reads a whole body of at most `limit` bytes.
+///
+/// A body that arrives as one data frame (the usual case: it came in the same read as its
+/// head) is returned as that frame, without a copy; more frames are joined into one buffer.
+/// `http_body_util`'s `collect` queues every frame and keeps trailers, which neither body the
+/// gateway reads whole needs: that was an allocation and a pass over the frames per request.
+async fn read_all<B>(body: B, limit: usize) -> Result<Bytes, ReadError>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut total = 0usize;
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let Ok(data) = frame.map_err(|_| ReadError::Read)?.into_data() else {
+            continue; // trailers: not needed
+        };
+        total += data.len();
+        if total > limit {
+            return Err(ReadError::TooLarge);
+        }
+        if let Some(buf) = joined.as_mut() {
+            buf.extend_from_slice(&data);
+        } else if let Some(head) = first.take() {
+            let mut buf = bytes::BytesMut::with_capacity(total.max(2 * head.len()));
+            buf.extend_from_slice(&head);
+            buf.extend_from_slice(&data);
+            joined = Some(buf);
+        } else {
+            first = Some(data);
+        }
+    }
+    Ok(joined
+        .map(bytes::BytesMut::freeze)
+        .or(first)
+        .unwrap_or_default())
 }
 
 /// `x-tollgate-model-group`: the model group that served the request (differs from the
@@ -724,13 +766,13 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
             .wait_for_more(!whole_reads),
         )));
     }
-    let read = Limited::new(incoming, MAX_UPSTREAM_BODY).collect();
+    let read = read_all(incoming, MAX_UPSTREAM_BODY);
     let read = match deadline {
         Some(dl) => tokio::time::timeout_at(dl, read).await.ok(),
         None => Some(read.await),
     };
     let bytes = match read {
-        Some(Ok(c)) => c.to_bytes(),
+        Some(Ok(bytes)) => bytes,
         Some(Err(_)) => {
             return fail(
                 ctx,
@@ -894,5 +936,70 @@ fn upstream_error(status: StatusCode, headers: &HeaderMap, body: Bytes, id: &Arc
                 format!("Deployment {id} failed (HTTP {}).", status.as_u16()),
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A body that hands over the given frames, one per poll, each after a `Pending`.
+    struct Frames(VecDeque<Result<Bytes, std::io::Error>>, bool);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+            self.1 = !self.1;
+            if self.1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(self.0.pop_front().map(|r| r.map(http_body::Frame::data)))
+        }
+    }
+
+    fn frames(parts: &[&'static str]) -> Frames {
+        Frames(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p.as_bytes())))
+                .collect(),
+            false,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_and_a_single_frame_is_not_copied() {
+        let one = Bytes::from_static(b"{\"model\":\"m\"}");
+        let got = read_all(Frames(VecDeque::from([Ok(one.clone())]), false), 100)
+            .await
+            .expect("read");
+        assert_eq!(got.as_ptr(), one.as_ptr(), "the frame itself, not a copy");
+        let got = read_all(frames(&["ab", "", "cde", "f"]), 6).await;
+        assert_eq!(got, Ok(Bytes::from_static(b"abcdef")));
+        assert_eq!(read_all(frames(&[]), 6).await, Ok(Bytes::new()));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_or_broken_is_refused() {
+        assert_eq!(
+            read_all(frames(&["abc", "defg"]), 6).await,
+            Err(ReadError::TooLarge)
+        );
+        let broken = Frames(
+            VecDeque::from([
+                Ok(Bytes::from_static(b"abc")),
+                Err(std::io::Error::other("reset")),
+            ]),
+            false,
+        );
+        assert_eq!(read_all(broken, 6).await, Err(ReadError::Read));
     }
 }
