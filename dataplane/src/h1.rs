@@ -296,8 +296,9 @@ fn write_head(out: &mut Vec<u8>, parts: &http::request::Parts, body_len: usize) 
         http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::OPTIONS
     );
     if body_len > 0 || !bodiless {
-        use std::io::Write;
-        let _ = write!(out, "content-length: {body_len}\r\n");
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
