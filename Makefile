@@ -1,5 +1,5 @@
 # One entry point for every task. `make help` lists them.
-.PHONY: help run test fmt lint generate bench instructions
+.PHONY: help run test fmt lint generate bench instructions perfdiff
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -24,3 +24,6 @@ bench: ## Gateway vs direct vs nginx, in one run
 
 instructions: ## Instructions per request under callgrind (deterministic, for small changes)
 	./bench/instructions.sh
+
+perfdiff: ## Where Tollgate's CPU per request goes beyond the bare HTTP stack, in real time (perf)
+	./bench/perfdiff.sh

@@ -25,7 +25,9 @@ UPSTREAM_MODEL=""
 BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 OUT=""
 BUILD=1
-KEY="sk-bench-0123456789abcdef"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+KEY="$BENCH_KEY"
 
 die() { echo "instructions.sh: $*" >&2; exit 1; }
 while [[ $# -gt 0 ]]; do
@@ -59,44 +61,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() { # log pid -> port from "listening on 127.0.0.1:PORT"
-    local i port
-    for ((i = 0; i < 600; i++)); do
-        port="$(grep -o 'listening on 127\.0\.0\.1:[0-9]*' "$1" 2>/dev/null | head -n1 | cut -d: -f2 || true)"
-        [[ -n "$port" ]] && { echo "$port"; return 0; }
-        kill -0 "$2" 2>/dev/null || { cat "$1" >&2; die "a process exited during startup"; }
-        sleep 0.1
-    done
-    die "no 'listening on' in $1 within 60 s"
-}
-
 "$BIN_DIR/tollgate-mock" --listen 127.0.0.1:0 --threads 1 --chunks 20 \
     --prompt-tokens 12 --completion-tokens 25 >"$TMP/mock.log" 2>&1 &
 PIDS+=($!)
 MOCK_PORT="$(wait_port "$TMP/mock.log" "${PIDS[-1]}")"
 
-cat >"$TMP/manifests.yaml" <<EOF
-apiVersion: tollgate.dev/v1alpha1
-kind: LLMModel
-metadata: {name: bench}
-spec:
-  modelName: bench
-  provider: openai-compatible
-  url: http://127.0.0.1:$MOCK_PORT/v1
-  pricing: {inputPerMillion: 2.5, outputPerMillion: 10}
-${UPSTREAM_MODEL:+  upstreamModel: $UPSTREAM_MODEL}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: bench-key}
-stringData: {key: $KEY}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: VirtualKey
-metadata: {name: bench}
-spec:
-  secretRef: {name: bench-key}
-EOF
+write_bench_manifests "$TMP/manifests.yaml" "$MOCK_PORT" "$UPSTREAM_MODEL"
 
 PROFILE="$TMP/callgrind.out"
 case "$TARGET" in
