@@ -52,14 +52,7 @@ if [[ $BUILD -eq 1 ]]; then
     (cd "$ROOT" && cargo build --release -q -p tollgate-dataplane --bins --example bare_proxy) || die "cargo build failed"
 fi
 
-TMP="$(mktemp -d -t tollgate-instr.XXXXXX)"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+bench_tmp instr
 
 "$BIN_DIR/tollgate-mock" --listen 127.0.0.1:0 --threads 1 --chunks 20 \
     --prompt-tokens 12 --completion-tokens 25 >"$TMP/mock.log" 2>&1 &

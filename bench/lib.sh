@@ -32,6 +32,19 @@ spec:
 EOF2
 }
 
+# bench_tmp NAME: a new temporary folder in TMP; on exit every pid in PIDS is stopped and the
+# folder removed.
+PIDS=()
+bench_tmp() {
+    TMP="$(mktemp -d -t "tollgate-$1.XXXXXX")"
+    trap bench_cleanup EXIT
+}
+bench_cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+
 # wait_port LOG PID: the port from the process's "listening on 127.0.0.1:PORT" line.
 wait_port() {
     local i port

@@ -38,14 +38,7 @@ if [[ $BUILD -eq 1 ]]; then
     (cd "$ROOT" && cargo build --release -q -p tollgate-dataplane --bins --example bare_proxy)
 fi
 
-TMP="$(mktemp -d -t tollgate-perfdiff.XXXXXX)"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+bench_tmp perfdiff
 
 "$BIN_DIR/tollgate-mock" --listen 127.0.0.1:0 --threads 1 >"$TMP/mock.log" 2>&1 &
 PIDS+=($!)
