@@ -1,12 +1,12 @@
 //! HTTP surface: the listener, routes, thin handlers, request ids.
 //!
 //! Connections are served by hyper's HTTP/1.1 server directly, or its HTTP/2 server for h2c
-//! clients ([`serve`]). The three proxied
-//! endpoints (`POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, with or without
-//! `/v1`) go straight to [`crate::proxy::handle`]; everything else (models, health, metrics,
-//! admin, 404/405) goes through the axum [`router`]. Skipping the router on the hot path saves
-//! its matching, boxing and the tower layers: about a tenth of the gateway's own CPU per request
-//! (see `docs/benchmarks.md`).
+//! clients ([`serve`]). The three proxied endpoints (`POST /v1/chat/completions`,
+//! `/v1/completions`, `/v1/embeddings`, with or without `/v1`) go straight to
+//! [`crate::proxy::handle`]; everything else (models, health, metrics, admin, 404/405) goes
+//! through the axum [`router`]. Skipping the router on the hot path saves its matching, boxing
+//! and the tower layers: about a tenth of the gateway's own CPU per request (see
+//! `docs/benchmarks.md`).
 //!
 //! Every response carries `x-request-id` (the client's, or a new one), and every error is
 //! OpenAI-shaped (see [`crate::error`]).
