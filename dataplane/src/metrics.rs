@@ -3,7 +3,7 @@
 //! Request counts and latency histograms go through the `metrics` facade with handles
 //! registered per deployment when a snapshot is built (an increment is an atomic add, no label
 //! lookup). Token and spend totals are rendered at scrape time straight from the exact
-//! [`Ledger`](crate::accounting::Ledger) counters. Labels are model and deployment names, which
+//! [`Ledger`] counters. Labels are model and deployment names, which
 //! the config bounds; per-key series are opt-in (`--per-key-metrics`).
 
 use crate::accounting::Ledger;
