@@ -103,6 +103,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         let (parts, body) = req.into_parts();
         self.head.clear();
         write_head(&mut self.head, &parts, body.len());
+        self.exchange(body).await
+    }
+
+    /// [`send`](Self::send) with a request line and headers written beforehand (see
+    /// [`RequestHead`]): only `Content-Length` is added per request.
+    pub async fn send_with_head(
+        mut self,
+        head: &RequestHead,
+        body: Bytes,
+    ) -> Result<Response<Body<T>>, Error> {
+        self.head.clear();
+        self.head.extend_from_slice(&head.0);
+        write_content_length(&mut self.head, body.len());
+        self.head.extend_from_slice(b"\r\n");
+        self.exchange(body).await
+    }
+
+    /// Writes the head in `self.head` and `body`, then reads the response head.
+    async fn exchange(mut self, body: Bytes) -> Result<Response<Body<T>>, Error> {
         let sent = if body.len() <= COPY_BODY {
             self.head.extend_from_slice(&body);
             self.io.write_all(&self.head).await
@@ -296,11 +315,48 @@ fn write_head(out: &mut Vec<u8>, parts: &http::request::Parts, body_len: usize) 
         http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::OPTIONS
     );
     if body_len > 0 || !bodiless {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_content_length(out, body_len);
     }
     out.extend_from_slice(b"\r\n");
+}
+
+fn write_content_length(out: &mut Vec<u8>, len: usize) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The request line and headers of a `POST`, written once (per deployment endpoint and API, when
+/// a config is loaded) instead of per request: no header map is built, filled and walked for
+/// every request. It can hold a credential (`Authorization`), so `Debug` shows none of it.
+#[derive(Clone)]
+pub struct RequestHead(Bytes);
+
+impl RequestHead {
+    /// `POST path_and_query HTTP/1.1` and `headers`, without `Content-Length` (added per
+    /// request) and without the blank line that ends the head.
+    pub fn post<'a>(
+        path_and_query: &str,
+        headers: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    ) -> Self {
+        let mut out = Vec::with_capacity(128);
+        out.extend_from_slice(b"POST ");
+        out.extend_from_slice(path_and_query.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Self(Bytes::from(out))
+    }
+}
+
+impl std::fmt::Debug for RequestHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestHead(..)")
+    }
 }
 
 /// Makes room for a read.
@@ -688,6 +744,35 @@ mod tests {
             HeaderValue::from_static("application/json"),
         );
         req
+    }
+
+    #[tokio::test]
+    async fn a_prebuilt_head_goes_out_as_send_would_write_it_and_hides_its_credential() {
+        let req = post("{\"a\":1}");
+        let head = RequestHead::post("/v1/chat/completions?x=1", req.headers());
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let upstream = tokio::spawn(async move {
+            let mut got = vec![0u8; 4096];
+            let n = server.read(&mut got).await.unwrap();
+            got.truncate(n);
+            server
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            got
+        });
+        let resp = Conn::new(client)
+            .send_with_head(&head, req.body().clone())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        let (via_send, _) =
+            exchange(post("{\"a\":1}"), b"HTTP/1.1 204 No Content\r\n\r\n", true).await;
+        assert_eq!(upstream.await.unwrap(), via_send);
+
+        let secret = HeaderValue::from_static("Bearer sk-upstream-secret");
+        let head = RequestHead::post("/x", [(&http::header::AUTHORIZATION, &secret)]);
+        assert!(!format!("{head:?}").contains("sk-upstream"));
     }
 
     #[tokio::test]

@@ -685,7 +685,8 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
         charge.settle(None, Outcome::UpstreamError);
         return Attempt::Done(Err(ApiError::internal("deployment has no upstream URI")));
     };
-    // Built again only if a pooled connection turns out closed under it (see upstream::send_to).
+    // For https: built again only if a pooled connection turns out closed under it (see
+    // upstream::send_to).
     let (parsed, body) = (ctx.parsed, ctx.body);
     let make = || {
         let mut req = Request::new(parsed.upstream_body(body, &d.upstream_model));
@@ -716,11 +717,23 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
             retry_after: None,
         })
     };
-    let send = crate::upstream::send_to(
-        upstream.origin.as_ref(),
-        Duration::from_millis(t.connect_ms),
-        make,
-    );
+    let connect = Duration::from_millis(t.connect_ms);
+    // Plain HTTP: the head was written when the config loaded; only the body is per request.
+    let send = match (&upstream.origin, &upstream.heads) {
+        (Some(origin), Some(heads)) => {
+            futures_util::future::Either::Left(crate::upstream::send_with_head(
+                origin,
+                connect,
+                &heads[ctx.endpoint.index()],
+                parsed.upstream_body(body, &d.upstream_model),
+            ))
+        }
+        _ => futures_util::future::Either::Right(crate::upstream::send_to(
+            upstream.origin.as_ref(),
+            connect,
+            make,
+        )),
+    };
     let headers_by = tokio::time::Instant::from_std(began) + first_byte;
     let headers_by = deadline.map_or(headers_by, |dl| dl.min(headers_by));
     let resp = match tokio::time::timeout_at(headers_by, send).await {

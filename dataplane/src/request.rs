@@ -35,6 +35,15 @@ impl Endpoint {
         }
     }
 
+    /// Position in per-API tables (chat, completions, embeddings).
+    pub fn index(self) -> usize {
+        match self {
+            Endpoint::ChatCompletions => 0,
+            Endpoint::Completions => 1,
+            Endpoint::Embeddings => 2,
+        }
+    }
+
     /// The field that must be present.
     fn required_field(self) -> &'static str {
         match self {

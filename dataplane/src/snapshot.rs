@@ -83,6 +83,9 @@ pub struct UpstreamEndpoint {
     pub base: String,
     /// Full URIs per API endpoint (chat, completions, embeddings).
     pub uris: Box<[Uri; 3]>,
+    /// For a plain-HTTP URL, the request head per API endpoint (same order as `uris`): request
+    /// line, `Host`, `Content-Type` and the deployment's `Authorization`, written once here.
+    pub heads: Option<Box<[crate::h1::RequestHead; 3]>>,
     /// Where the connections go, for a plain-HTTP URL (`None` for https).
     pub origin: Option<crate::upstream::Origin>,
     /// The server's Prometheus `/metrics` (same scheme and authority as `base`).
@@ -149,13 +152,8 @@ impl RuntimeDeployment {
     ) -> Option<(&UpstreamEndpoint, &Uri, Option<&HeaderValue>)> {
         match &self.target {
             Target::Upstream { endpoints, auth } => {
-                let which = match endpoint {
-                    Endpoint::ChatCompletions => 0,
-                    Endpoint::Completions => 1,
-                    Endpoint::Embeddings => 2,
-                };
                 let e = endpoints.get(i)?;
-                Some((e, &e.uris[which], auth.as_ref()))
+                Some((e, &e.uris[endpoint.index()], auth.as_ref()))
             }
             Target::Mock(_) => None,
         }
@@ -197,10 +195,11 @@ impl Group {
     }
 }
 
-/// Prepares the URIs of one upstream base URL.
+/// Prepares the URIs (and, for plain HTTP, the request heads) of one upstream base URL.
 fn upstream_endpoint(
     base: &str,
     health: Option<&tollgate_crds::config::HealthCheckConfig>,
+    auth: Option<&HeaderValue>,
 ) -> Result<UpstreamEndpoint, String> {
     let uri = |path: &str| {
         format!("{base}{path}")
@@ -214,14 +213,31 @@ fn upstream_endpoint(
         (Some(scheme), Some(auth)) => format!("{scheme}://{auth}/metrics").parse().ok(),
         _ => None,
     };
+    let uris = Box::new([
+        uri(Endpoint::ChatCompletions.upstream_path())?,
+        uri(Endpoint::Completions.upstream_path())?,
+        uri(Endpoint::Embeddings.upstream_path())?,
+    ]);
+    let origin = crate::upstream::Origin::of(&parsed);
+    let heads = origin.as_ref().map(|o| {
+        let json = HeaderValue::from_static("application/json");
+        Box::new(uris.each_ref().map(|u| {
+            let headers = [
+                (&http::header::HOST, o.host()),
+                (&http::header::CONTENT_TYPE, &json),
+            ];
+            let auth = auth.map(|a| (&http::header::AUTHORIZATION, a));
+            crate::h1::RequestHead::post(
+                u.path_and_query().map_or("/", |pq| pq.as_str()),
+                headers.into_iter().chain(auth),
+            )
+        }))
+    });
     Ok(UpstreamEndpoint {
-        origin: crate::upstream::Origin::of(&parsed),
+        origin,
         base: base.to_string(),
-        uris: Box::new([
-            uri(Endpoint::ChatCompletions.upstream_path())?,
-            uri(Endpoint::Completions.upstream_path())?,
-            uri(Endpoint::Embeddings.upstream_path())?,
-        ]),
+        uris,
+        heads,
         metrics,
         probe: health
             .map(|h| {
@@ -315,12 +331,6 @@ impl Snapshot {
                         if urls.is_empty() {
                             return Err(err("no backend URL".into()));
                         }
-                        let endpoints = urls
-                            .iter()
-                            .map(|base| {
-                                upstream_endpoint(base, d.health_check.as_ref()).map_err(&err)
-                            })
-                            .collect::<Result<Vec<_>, _>>()?;
                         let auth = match &d.api_key {
                             Some(k) => {
                                 let mut v = HeaderValue::try_from(format!("Bearer {}", k.expose()))
@@ -333,6 +343,13 @@ impl Snapshot {
                             }
                             None => None,
                         };
+                        let endpoints = urls
+                            .iter()
+                            .map(|base| {
+                                upstream_endpoint(base, d.health_check.as_ref(), auth.as_ref())
+                                    .map_err(&err)
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
                         Target::Upstream { endpoints, auth }
                     }
                 };

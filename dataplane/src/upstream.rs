@@ -114,6 +114,11 @@ impl Origin {
             host: host.ok()?,
         })
     }
+
+    /// The `Host` header for this origin.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
 }
 
 /// Sends `req` (an absolute URI) and returns the response once its head has arrived.
@@ -167,13 +172,41 @@ pub async fn send_to(
             .or_insert_with(|| origin.host.clone());
         req
     };
+    send_h1(origin, connect_timeout, |conn| conn.send(with_host(make()))).await
+}
+
+/// [`send_to`] for a plain-HTTP origin, with the request's head written beforehand (see
+/// [`crate::h1::RequestHead`], which must carry `Host`).
+pub async fn send_with_head(
+    origin: &Origin,
+    connect_timeout: Duration,
+    head: &crate::h1::RequestHead,
+    body: Bytes,
+) -> Result<Response<UpstreamBody>, SendError> {
+    send_h1(origin, connect_timeout, |conn| {
+        conn.send_with_head(head, body.clone())
+    })
+    .await
+}
+
+/// Sends over a pooled connection to `origin` with `send`, and once more over a new
+/// connection when a reused one turns out closed under the request (see [`send_to`]).
+async fn send_h1<F, Fut>(
+    origin: &Origin,
+    connect_timeout: Duration,
+    send: F,
+) -> Result<Response<UpstreamBody>, SendError>
+where
+    F: Fn(Conn) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<h1::Body<TcpStream>>, h1::Error>>,
+{
     let mut fresh_only = false;
     loop {
         let (conn, reused) = match (!fresh_only).then(|| checkout(&origin.addr)).flatten() {
             Some(c) => (c, true),
             None => (connect(&origin.addr, connect_timeout).await?, false),
         };
-        match conn.send(with_host(make())).await {
+        match send(conn).await {
             Ok(resp) => {
                 return Ok(resp.map(|body| UpstreamBody {
                     inner: Inner::H1 {
