@@ -719,20 +719,14 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
     };
     let connect = Duration::from_millis(t.connect_ms);
     // Plain HTTP: the head was written when the config loaded; only the body is per request.
-    let send = match (&upstream.origin, &upstream.heads) {
-        (Some(origin), Some(heads)) => {
-            futures_util::future::Either::Left(crate::upstream::send_with_head(
-                origin,
-                connect,
-                &heads[ctx.endpoint.index()],
-                parsed.upstream_body(body, &d.upstream_model),
-            ))
-        }
-        _ => futures_util::future::Either::Right(crate::upstream::send_to(
-            upstream.origin.as_ref(),
+    let send = match &upstream.plain {
+        Some(plain) => futures_util::future::Either::Left(crate::upstream::send_with_head(
+            &plain.origin,
             connect,
-            make,
+            &plain.heads[ctx.endpoint.index()],
+            parsed.upstream_body(body, &d.upstream_model),
         )),
+        None => futures_util::future::Either::Right(crate::upstream::send_to(None, connect, make)),
     };
     let headers_by = tokio::time::Instant::from_std(began) + first_byte;
     let headers_by = deadline.map_or(headers_by, |dl| dl.min(headers_by));

@@ -83,15 +83,23 @@ pub struct UpstreamEndpoint {
     pub base: String,
     /// Full URIs per API endpoint (chat, completions, embeddings).
     pub uris: Box<[Uri; 3]>,
-    /// For a plain-HTTP URL, the request head per API endpoint (same order as `uris`): request
-    /// line, `Host`, `Content-Type` and the deployment's `Authorization`, written once here.
-    pub heads: Option<Box<[crate::h1::RequestHead; 3]>>,
-    /// Where the connections go, for a plain-HTTP URL (`None` for https).
-    pub origin: Option<crate::upstream::Origin>,
+    /// For a plain-HTTP URL, where connections go and the prepared request heads (`None` for
+    /// https, which goes through hyper's client with a built request).
+    pub plain: Option<PlainHttp>,
     /// The server's Prometheus `/metrics` (same scheme and authority as `base`).
     pub metrics: Option<Uri>,
     /// The active health probe's URI, if the deployment has one.
     pub probe: Option<Uri>,
+}
+
+/// A plain-HTTP upstream endpoint, served through [`crate::h1`].
+#[derive(Debug)]
+pub struct PlainHttp {
+    /// Where the connections go.
+    pub origin: crate::upstream::Origin,
+    /// The request head per API endpoint (indexed by [`Endpoint::index`]): request line,
+    /// `Host`, `Content-Type` and the deployment's `Authorization`, written once per config.
+    pub heads: [crate::h1::RequestHead; 3],
 }
 
 /// Where a deployment's requests go.
@@ -218,12 +226,11 @@ fn upstream_endpoint(
         uri(Endpoint::Completions.upstream_path())?,
         uri(Endpoint::Embeddings.upstream_path())?,
     ]);
-    let origin = crate::upstream::Origin::of(&parsed);
-    let heads = origin.as_ref().map(|o| {
+    let plain = crate::upstream::Origin::of(&parsed).map(|origin| {
         let json = HeaderValue::from_static("application/json");
-        Box::new(uris.each_ref().map(|u| {
+        let heads = uris.each_ref().map(|u| {
             let headers = [
-                (&http::header::HOST, o.host()),
+                (&http::header::HOST, origin.host()),
                 (&http::header::CONTENT_TYPE, &json),
             ];
             let auth = auth.map(|a| (&http::header::AUTHORIZATION, a));
@@ -231,13 +238,13 @@ fn upstream_endpoint(
                 u.path_and_query().map_or("/", |pq| pq.as_str()),
                 headers.into_iter().chain(auth),
             )
-        }))
+        });
+        PlainHttp { origin, heads }
     });
     Ok(UpstreamEndpoint {
-        origin,
+        plain,
         base: base.to_string(),
         uris,
-        heads,
         metrics,
         probe: health
             .map(|h| {
