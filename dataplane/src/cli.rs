@@ -41,6 +41,13 @@ pub struct Args {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES", default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
+    /// How long a client connection may stay open without a request (keep-alive idle, or a
+    /// request head that never completes) before the gateway closes it. Longer than the idle
+    /// timeouts of the load balancers and ingresses that pool connections to the gateway (60 to
+    /// 350 s for cloud load balancers, 60 s for ingress-nginx), so that the gateway is never
+    /// the side that closes a pooled connection as a request is sent on it.
+    #[arg(long, env = "TOLLGATE_IDLE_TIMEOUT", default_value = "620s", value_parser = humantime_duration)]
+    pub idle_timeout: Duration,
     /// How often the manifests are checked for changes.
     #[arg(long, env = "TOLLGATE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime_duration)]
     pub reload_interval: Duration,
@@ -243,6 +250,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
         per_key_metrics: args.per_key_metrics,
+        idle_timeout: args.idle_timeout,
     };
     let usage_log = args
         .usage_log

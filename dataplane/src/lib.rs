@@ -2,7 +2,7 @@
 //! built-in mock, with virtual keys, cost accounting and Prometheus metrics.
 //!
 //! Module map, in request order:
-//! - [`server`]: routes and thin handlers; request ids.
+//! - [`server`]: routes and thin handlers; request ids. [`connections`]: idle timeout, shutdown.
 //! - [`auth`]: virtual key lookup by hash.
 //! - [`request`]: reading `model`/`stream` without decoding the rest; minimal body rewrites.
 //! - [`proxy`]: the request path, from parsed request to relayed response.
@@ -22,6 +22,7 @@ pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod cluster;
+pub mod connections;
 pub mod error;
 pub mod h1;
 pub mod limits;

@@ -11,6 +11,7 @@
 //! Every response carries `x-request-id` (the client's, or a new one), and every error is
 //! OpenAI-shaped (see [`crate::error`]).
 
+use crate::connections::{ConnState, Connections};
 use crate::error::{ApiError, ErrorSource};
 use crate::request::Endpoint;
 use crate::state::AppState;
@@ -55,28 +56,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// How long a connection may sit without a complete request head: hyper starts this clock when
-/// a connection goes idle, so it is also the keep-alive idle timeout. Longer than the idle
-/// timeouts of the load balancers and ingresses that pool connections to the gateway (60-350 s
-/// for cloud load balancers, 60 s for ingress-nginx), so the gateway is never the side that
-/// closes a pooled connection under a request in flight (the 620 s Google advises for backends).
-const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(620);
-
 /// Serves connections from `listener` until `shutdown` resolves, then lets the open ones finish
 /// their requests (keep-alive connections are closed after their current request).
 ///
 /// HTTP/1.1, and HTTP/2 for clients that start with its preface (h2c, as meshes and
-/// `appProtocol: h2c` backends do).
+/// `appProtocol: h2c` backends do). Connections idle for the idle timeout are closed (see
+/// [`crate::connections`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let idle_timeout = state.settings.idle_timeout;
+    let conns = Connections::new(idle_timeout);
+    let sweeper = tokio::spawn(conns.clone().sweep_forever());
     let shared = Arc::new(Shared {
         router: router(state.clone()),
         state,
     });
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let tcp = tokio::select! {
@@ -93,28 +90,34 @@ pub async fn serve(
         // delayed ACK: ~40 ms at the end of every stream.
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
-        let watcher = graceful.watcher();
+        let registration = conns.open();
         tokio::spawn(async move {
+            let conn = registration.state.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(dispatch(&shared, req).await) }
+                let conn = conn.clone();
+                conn.started();
+                async move {
+                    let resp = dispatch(&shared, req).await;
+                    Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, conn }))
+                }
             });
-            let h2 = match tokio::time::timeout(IDLE_TIMEOUT, speaks_h2(&tcp)).await {
+            // A client that connects and sends nothing is the sweeper's too, but it isn't
+            // served yet: this wait has its own bound.
+            let h2 = match tokio::time::timeout(idle_timeout, speaks_h2(&tcp)).await {
                 Ok(Ok(h2)) => h2,
                 Ok(Err(_)) | Err(_) => return,
             };
             let io = hyper_util::rt::TokioIo::new(tcp);
+            let state = &registration.state;
             let ended = if h2 {
                 let conn =
                     hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .serve_connection(io, svc);
-                watcher.watch(conn).await
+                Connections::serve(state, conn, true).await
             } else {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(IDLE_TIMEOUT)
-                    .serve_connection(io, svc);
-                watcher.watch(conn).await
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
+                Connections::serve(state, conn, false).await
             };
             if let Err(e) = ended {
                 tracing::trace!("connection ended: {e}");
@@ -122,7 +125,41 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    conns.shutdown().await;
+    sweeper.abort();
+}
+
+/// A response body that counts its request finished when it is dropped (sent, or abandoned by
+/// a client that went away), for the idle timeout (see [`crate::connections`]).
+struct Tracked {
+    body: Body,
+    conn: Arc<ConnState>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.conn.finished();
+    }
 }
 
 /// Whether a new connection starts with HTTP/2's preface (h2c with prior knowledge), from its

@@ -17,6 +17,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Whether `/metrics` has per-key series.
     pub per_key_metrics: bool,
+    /// How long a client connection may stay open without a request before it is closed.
+    pub idle_timeout: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -24,6 +26,7 @@ impl Default for Settings {
         Self {
             max_body_bytes: 16 << 20,
             per_key_metrics: false,
+            idle_timeout: std::time::Duration::from_secs(620),
         }
     }
 }

@@ -1,0 +1,159 @@
+//! Client connections: the idle timeout (keep-alive idle, and request heads that never finish)
+//! and shutdown, against the real binary over TCP on 127.0.0.1.
+
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tollgate_testkit::Gateway;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
+const KEY: &str = "sk-conn-test-000000001";
+
+/// A mock model `slow` whose streamed reply takes 10 × 250 ms, and a key.
+fn manifests() -> String {
+    format!(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: LLMModel
+metadata: {{name: slow}}
+spec:
+  modelName: slow
+  provider: mock
+  mock: {{reply: "a b c d e f g h i j", chunks: 10, chunkDelay: 250ms}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: keys}}
+stringData: {{key: {KEY}}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: VirtualKey
+metadata: {{name: k}}
+spec: {{secretRef: {{name: keys, key: key}}}}
+"#
+    )
+}
+
+fn request(stream: bool) -> String {
+    let body = format!(
+        r#"{{"model":"slow","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+    );
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Reads until the peer closes the connection (or `within` passes); returns what was read and
+/// whether it closed.
+async fn read_to_close(sock: &mut TcpStream, within: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let end = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sock.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into(), false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_and_unfinished_connections_are_closed_after_the_idle_timeout() {
+    let gw = Gateway::start(BIN, &manifests(), &["--idle-timeout", "1s"]);
+    let started = Instant::now();
+
+    // Connected, never sent a byte.
+    let mut silent = TcpStream::connect(gw.addr).await.unwrap();
+    // A keep-alive connection after one request.
+    let mut kept = TcpStream::connect(gw.addr).await.unwrap();
+    kept.write_all(request(false).as_bytes()).await.unwrap();
+    // A request head sent a header every 200 ms, never finished.
+    let mut slow_head = TcpStream::connect(gw.addr).await.unwrap();
+    slow_head
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\n")
+        .await
+        .unwrap();
+    let dripping = tokio::spawn(async move {
+        for i in 0..40 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow_head
+                .write_all(format!("x-drip-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return true;
+            }
+        }
+        let (_, closed) = read_to_close(&mut slow_head, Duration::from_millis(100)).await;
+        closed
+    });
+    // A stream that lasts longer than the idle timeout, on its own connection.
+    let mut streaming = TcpStream::connect(gw.addr).await.unwrap();
+    streaming.write_all(request(true).as_bytes()).await.unwrap();
+
+    let (kept_read, kept_closed) = read_to_close(&mut kept, Duration::from_secs(5)).await;
+    assert!(kept_read.starts_with("HTTP/1.1 200"), "{kept_read}");
+    assert!(kept_closed, "an idle keep-alive connection stays open");
+    let (_, silent_closed) = read_to_close(&mut silent, Duration::from_secs(5)).await;
+    assert!(silent_closed, "a silent connection stays open");
+    // Closed for idleness, not at once: after at least the timeout.
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(
+        dripping.await.unwrap(),
+        "a request head that never ends keeps its connection"
+    );
+
+    // The stream (10 × 250 ms) outlives the 1 s timeout and ends whole; then its connection,
+    // idle, is closed too.
+    let (stream_read, stream_closed) = read_to_close(&mut streaming, Duration::from_secs(8)).await;
+    assert!(stream_read.starts_with("HTTP/1.1 200"), "{stream_read}");
+    assert!(stream_read.contains("data: [DONE]"), "{stream_read}");
+    assert!(
+        stream_read.matches("\"content\":").count() >= 10,
+        "{stream_read}"
+    );
+    assert!(stream_closed);
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_stream_finish_and_closes_idle_connections() {
+    let mut gw = Gateway::start(BIN, &manifests(), &[]);
+    let mut idle = TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(request(false).as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+
+    let mut streaming = TcpStream::connect(gw.addr).await.unwrap();
+    streaming.write_all(request(true).as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    streaming.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    // A client that never finishes its request head doesn't hold up shutdown either.
+    let mut half = TcpStream::connect(gw.addr).await.unwrap();
+    half.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\n")
+        .await
+        .unwrap();
+
+    // SIGTERM mid-stream.
+    let stopped = tokio::task::spawn_blocking(move || {
+        let clean = gw.terminate();
+        (clean, gw.logs())
+    });
+    let (idle_read, idle_closed) = read_to_close(&mut idle, Duration::from_secs(5)).await;
+    assert!(idle_closed, "an idle connection holds up shutdown");
+    assert!(!idle_read.contains("HTTP/1.1"), "{idle_read}");
+    let (_, half_closed) = read_to_close(&mut half, Duration::from_secs(5)).await;
+    assert!(half_closed, "an unfinished request head holds up shutdown");
+    let (rest, closed) = read_to_close(&mut streaming, Duration::from_secs(8)).await;
+    assert!(rest.contains("data: [DONE]"), "the stream was cut: {rest}");
+    assert!(closed);
+    let (clean, logs) = stopped.await.unwrap();
+    assert!(clean, "no clean exit after SIGTERM:\n{logs}");
+}
