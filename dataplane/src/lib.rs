@@ -41,3 +41,4 @@ pub mod tokens;
 pub mod upstream;
 pub mod usage;
 pub mod usage_log;
+pub mod values;

@@ -21,7 +21,7 @@
 //! counters in Redis are the next step).
 
 use crate::error::ApiError;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tollgate_crds::common::Limits;
@@ -214,7 +214,12 @@ impl Room {
 
     /// Adds OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
     pub fn write_headers(&self, h: &mut HeaderMap) {
-        let reset = HeaderValue::try_from(format!("{}s", self.reset_secs)).ok();
+        let mut secs = itoa::Buffer::new();
+        let mut reset = [0u8; 21];
+        let digits = secs.format(self.reset_secs).as_bytes();
+        reset[..digits.len()].copy_from_slice(digits);
+        reset[digits.len()] = b's';
+        let reset = crate::values::header_value(&reset[..=digits.len()]);
         for (what, v) in [("requests", self.requests), ("tokens", self.tokens)] {
             let Some((limit, remaining)) = v else {
                 continue;
@@ -231,8 +236,8 @@ impl Room {
                     "x-ratelimit-reset-tokens",
                 ],
             };
-            h.insert(names[0], HeaderValue::from(limit));
-            h.insert(names[1], HeaderValue::from(remaining));
+            h.insert(names[0], crate::values::number(limit));
+            h.insert(names[1], crate::values::number(remaining));
             if let Some(r) = &reset {
                 h.insert(names[2], r.clone());
             }

@@ -655,7 +655,7 @@ async fn attempt_route(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Atte
 
 fn insert_cost(h: &mut HeaderMap, cost: tollgate_crds::config::Picodollars) {
     let mut buf = [0u8; 40];
-    if let Ok(v) = HeaderValue::from_bytes(cost.write_usd(&mut buf)) {
+    if let Some(v) = crate::values::header_value(cost.write_usd(&mut buf)) {
         h.insert(COST_HEADER, v);
     }
 }

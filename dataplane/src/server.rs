@@ -261,7 +261,7 @@ fn request_id<B>(req: &http::Request<B>) -> HeaderValue {
     for (i, b) in hex.iter_mut().enumerate() {
         *b = b"0123456789abcdef"[((id >> (4 * (19 - i))) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"))
+    crate::values::header_value(&hex).unwrap_or(HeaderValue::from_static("0"))
 }
 
 async fn proxied<B>(state: &AppState, endpoint: Endpoint, req: http::Request<B>) -> Response
