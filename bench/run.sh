@@ -646,6 +646,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
             errs=$(($(field io_errors "$line") + $(field status_errors "$line")))
             cpu="$(awk -v c=$((cpu1 - cpu0)) -v hz="$CLK_TCK" -v r="$reqs" 'BEGIN {printf "%.1f", r ? c * 1e6 / hz / r : 0}')"
             echo "$name $t $rps $(field p50_us "$line") $(field p99_us "$line") $errs $cpu$extra" >>"$SAMPLES"
+            echo "$round $name $t $rps" >>"$SAMPLES.rounds"
             log "round $round $name $t: $rps $(unit "$name"), p50 $(field p50_us "$line") µs, p99 $(field p99_us "$line") µs, errors $errs, CPU $cpu µs/req$extra_log"
         done
     done
@@ -682,6 +683,14 @@ done
 # Report
 # ---------------------------------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b == 0) print "n/a"; else printf "%.2f", a / b}'; }
+# round_ratios SCENARIO A B: A's rate over B's in each round (measured minutes apart at most, so
+# less exposed to the machine's drift than a ratio of medians), then their median.
+round_ratios() {
+    awk -v n="$1" -v a="$2" -v b="$3" '$2 == n && $3 == a {x[$1] = $4} $2 == n && $3 == b {y[$1] = $4}
+        END {for (r in x) if (r in y && y[r] > 0) printf "%.2f\n", x[r] / y[r]}' "$SAMPLES.rounds" |
+        sort -n | awk '{a[NR] = $1; s = s (NR > 1 ? " " : "") $1}
+            END {if (NR == 0) print "n/a"; else printf "%s (median %s)", s, (NR % 2) ? a[(NR + 1) / 2] : sprintf("%.2f", (a[NR / 2] + a[NR / 2 + 1]) / 2)}'
+}
 mb() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
 verdict() { [[ "$1" == 1 ]] && echo "MET" || echo "MISSED"; }
 
@@ -754,6 +763,7 @@ fi
             "$(ratio "${RPS[$name,nginx]}" "${RPS[$name,direct]}")" "$(unit "$name")"
     done
     echo "  added p50 at c=1 over direct: tollgate ${ADDED_GW} µs, nginx ${ADDED_NGINX} µs"
+    echo "  tollgate/nginx round by round, sorted: c=64 $(round_ratios plain-c64 tollgate nginx); streams $(round_ratios stream-c16 tollgate nginx)"
     if [[ $BARE -eq 1 ]]; then
         echo
         echo "The HTTP stack alone (hyper-floor: a bare pass-through on hyper, same threads; not run on streams)"
@@ -838,6 +848,8 @@ if [[ -n "$MARKDOWN" ]]; then
             read -r a b <<<"$pair"
             echo "| $a / $b | $(ratio "${RPS[plain-c1,$a]}" "${RPS[plain-c1,$b]}") | $(ratio "${RPS[plain-c64,$a]}" "${RPS[plain-c64,$b]}") | $(ratio "${RPS[stream-c16,$a]}" "${RPS[stream-c16,$b]}") |"
         done
+        echo
+        echo "Tollgate/nginx round by round (each round's own pair of runs, sorted): c=64 $(round_ratios plain-c64 tollgate nginx); streams c=16 $(round_ratios stream-c16 tollgate nginx)."
         echo
         echo "Added p50 latency at c=1 over direct: Tollgate **${ADDED_GW} µs**, nginx ${ADDED_NGINX} µs."
         if [[ $LIMITS -eq 1 ]]; then
