@@ -135,6 +135,11 @@ fn init_logging(args: &Args) {
 /// Runs the data plane until SIGINT or SIGTERM.
 pub fn run(args: Args) -> anyhow::Result<()> {
     init_logging(&args);
+    anyhow::ensure!(
+        args.idle_timeout >= Duration::from_secs(1),
+        "--idle-timeout must be at least 1s (it is {:?})",
+        args.idle_timeout
+    );
     let threads = args
         .worker_threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))

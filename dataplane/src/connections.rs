@@ -7,19 +7,20 @@
 //! every time the connection is polled. Together they were about 1,100 instructions per
 //! proxied request (callgrind), some 2.5 % of the gateway's own work. Here:
 //!
-//! - every connection has a [`ConnState`]: a close flag, the requests it started and finished,
-//!   and its task's waker (registered once, when the connection is first polled);
+//! - every connection has a [`ConnState`]: a close flag, the requests it started and finished
+//!   (an [`InFlight`] guard per request, dropped with the response body, or with the handler
+//!   if the client cancelled first), and its task's waker (registered once);
 //! - [`Connections::sweep_forever`] looks at every connection of its listener four times per
 //!   idle timeout, and closes those that had no request in flight and started none for a whole
-//!   idle timeout: idle keep-alive connections, and clients that never finish a request head;
+//!   idle timeout (between one and one and a quarter): idle keep-alive connections, clients that
+//!   connected and sent nothing, and clients that never finish a request head;
 //! - [`Connections::shutdown`] closes them all and waits until they are gone.
 //!
-//! A connection with no request in flight (idle, or still reading a head) is dropped at once;
-//! one with a request in flight gets hyper's graceful shutdown: it finishes the request, then
-//! ends. HTTP/2 connections always get the graceful shutdown, which sends GOAWAY. A closed
-//! connection whose client is still sending a head is dropped too: hyper's graceful shutdown
-//! would wait for the head, so a client dripping a header now and then could hold a connection,
-//! and a shutdown, forever.
+//! Closing is hyper's graceful shutdown: a connection serving a request finishes it (and
+//! flushes it) and ends, an idle one ends at once, HTTP/2 gets a GOAWAY. hyper waits for a
+//! request head that has started to arrive, so a closed connection that still has no request
+//! in flight [`CLOSE_GRACE`] later (a client dripping a header, or not reading its last
+//! response) is dropped.
 
 use hyper_util::server::graceful::GracefulConnection;
 use std::collections::HashMap;
@@ -31,6 +32,10 @@ use std::time::Duration;
 /// Sweeps per idle timeout: a connection is closed after between one idle timeout and one and
 /// a quarter of idleness.
 const TICKS: u8 = 4;
+
+/// How long a connection told to close may take to end before it is dropped, if it has no
+/// request in flight: time to flush a response already written.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// [`ConnState::close`]: keep the connection.
 const OPEN: u8 = 0;
@@ -44,25 +49,81 @@ const SHUTDOWN: u8 = 2;
 pub struct ConnState {
     /// [`OPEN`], [`IDLE`] or [`SHUTDOWN`].
     close: AtomicU8,
+    /// `started` when the sweeper found the connection idle: a request since cancels [`IDLE`].
+    idle_at: AtomicU64,
     started: AtomicU64,
     finished: AtomicU64,
     waker: Mutex<Option<Waker>>,
 }
 
+/// A request in flight on a connection, until dropped: with the response body once it is sent
+/// (or abandoned), or with the handler's future if that is dropped first (an HTTP/2 client
+/// cancelled the stream).
+#[derive(Debug)]
+pub struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Release);
+    }
+}
+
 impl ConnState {
-    /// Counts a request that started; [`ConnState::finished`] when its response is done.
-    pub fn started(&self) {
-        self.started.fetch_add(1, Ordering::Relaxed);
+    /// Counts a request that started, until the guard is dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.started.fetch_add(1, Ordering::Release);
+        InFlight(self.clone())
     }
 
-    /// Counts a request whose response was sent (or dropped).
-    pub fn finished(&self) {
-        self.finished.fetch_add(1, Ordering::Relaxed);
+    /// Stores the calling task's waker, once per task (a task's waker doesn't change). Called
+    /// before the close flag is read, so that a close in between still wakes the task.
+    fn register(&self, registered: &mut Option<Waker>, cx: &std::task::Context<'_>) {
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let w = cx.waker().clone();
+            *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(w.clone());
+            *registered = Some(w);
+        }
+    }
+
+    /// Whether the connection should close now: [`IDLE`] with no request since the sweep, or
+    /// [`SHUTDOWN`]. An [`IDLE`] overtaken by a request is withdrawn.
+    fn should_close(&self) -> bool {
+        match self.close.load(Ordering::Acquire) {
+            OPEN => false,
+            IDLE if self.started.load(Ordering::Relaxed)
+                != self.idle_at.load(Ordering::Relaxed) =>
+            {
+                let _ =
+                    self.close
+                        .compare_exchange(IDLE, OPEN, Ordering::AcqRel, Ordering::Acquire);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Resolves when the connection is told to close (for a connection not served yet).
+    pub async fn closed(&self) {
+        let mut registered = None;
+        std::future::poll_fn(|cx| {
+            self.register(&mut registered, cx);
+            if self.should_close() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
     }
 
     /// Whether no request is in flight.
+    ///
+    /// `finished` is read first: a request counts as started before it counts as finished, so
+    /// a request that starts or ends between the two reads makes the answer "busy", never
+    /// "idle" while one is in flight.
     fn is_idle(&self) -> bool {
-        self.started.load(Ordering::Relaxed) == self.finished.load(Ordering::Relaxed)
+        let finished = self.finished.load(Ordering::Acquire);
+        self.started.load(Ordering::Acquire) == finished
     }
 
     /// Asks the connection's task to close it, for `why` ([`IDLE`] or [`SHUTDOWN`]).
@@ -94,7 +155,9 @@ struct Entry {
     state: Arc<ConnState>,
     /// `started` at the last sweep.
     seen_started: u64,
-    /// Sweeps in a row that found the connection idle.
+    /// Whether the last sweep found no request in flight.
+    was_idle: bool,
+    /// Sweeps in a row that found the connection idle since the sweep before.
     idle_sweeps: u8,
 }
 
@@ -142,6 +205,7 @@ impl Connections {
             Entry {
                 state: state.clone(),
                 seen_started: 0,
+                was_idle: false,
                 idle_sweeps: 0,
             },
         );
@@ -153,44 +217,30 @@ impl Connections {
     }
 
     /// Drives `conn` until it ends, closing it when its state says so (see the module docs).
-    /// With `goaway` (HTTP/2) an idle connection is closed gracefully too.
-    pub async fn serve<C: GracefulConnection>(
-        state: &ConnState,
-        conn: C,
-        goaway: bool,
-    ) -> Result<(), C::Error> {
+    pub async fn serve<C: GracefulConnection>(state: &ConnState, conn: C) -> Result<(), C::Error> {
         let mut conn = std::pin::pin!(conn);
         let mut registered: Option<Waker> = None;
-        let mut closing = false;
+        // Set once the connection was told to close: when it may be dropped if still idle.
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         std::future::poll_fn(|cx| {
-            // The waker first, then the flag: a close between the two still wakes this task.
-            // A task's waker doesn't change, so this stores it once.
-            if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                let w = cx.waker().clone();
-                *state.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(w.clone());
-                registered = Some(w);
+            state.register(&mut registered, cx);
+            if grace.is_none() && state.should_close() {
+                conn.as_mut().graceful_shutdown();
+                grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
             }
-            if !closing {
-                let why = state.close.load(Ordering::Acquire);
-                if why != OPEN {
-                    let idle = state.is_idle();
-                    if why == IDLE && !idle {
-                        // A request started after the sweep: it is not idle after all.
-                        let _ = state.close.compare_exchange(
-                            IDLE,
-                            OPEN,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        );
-                    } else if idle && !goaway {
-                        return std::task::Poll::Ready(Ok(()));
-                    } else {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
+            if let std::task::Poll::Ready(ended) = conn.as_mut().poll(cx) {
+                return std::task::Poll::Ready(ended);
+            }
+            if let Some(g) = grace.as_mut()
+                && g.as_mut().poll(cx).is_ready()
+            {
+                if state.is_idle() {
+                    return std::task::Poll::Ready(Ok(()));
                 }
+                // Serving a request: hyper ends the connection after it.
+                g.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
             }
-            conn.as_mut().poll(cx)
+            std::task::Poll::Pending
         })
         .await
     }
@@ -211,15 +261,20 @@ impl Connections {
         let mut open = self.lock();
         for e in open.conns.values_mut() {
             let started = e.state.started.load(Ordering::Relaxed);
-            if !e.state.is_idle() || started != e.seen_started {
-                e.seen_started = started;
+            let idle = e.state.is_idle();
+            // A sweep counts only when the whole interval before it was idle: idle now and at
+            // the last sweep, and nothing started in between.
+            if idle && e.was_idle && started == e.seen_started {
+                e.idle_sweeps = e.idle_sweeps.saturating_add(1);
+                if e.idle_sweeps == TICKS {
+                    e.state.idle_at.store(started, Ordering::Relaxed);
+                    e.state.close(IDLE);
+                }
+            } else {
                 e.idle_sweeps = 0;
-                continue;
             }
-            e.idle_sweeps = e.idle_sweeps.saturating_add(1);
-            if e.idle_sweeps == TICKS {
-                e.state.close(IDLE);
-            }
+            e.was_idle = idle;
+            e.seen_started = started;
         }
     }
 
@@ -251,27 +306,55 @@ mod tests {
         let idle = conns.open();
         let busy = conns.open();
         let active = conns.open();
-        busy.state.started();
-        for sweep in 1..=TICKS {
-            active.state.started();
-            active.state.finished();
+        let request = busy.state.start();
+        // The first sweep sees them for the first time: the interval before it doesn't count.
+        for sweep in 0..=TICKS {
+            drop(active.state.start());
             conns.sweep();
             let closed = idle.state.close.load(Ordering::Relaxed) == IDLE;
             assert_eq!(closed, sweep == TICKS, "idle closed after sweep {sweep}");
         }
+        assert!(idle.state.should_close());
         // A request in flight (a long stream) keeps its connection open, and so do new requests.
         assert_eq!(busy.state.close.load(Ordering::Relaxed), OPEN);
         assert_eq!(active.state.close.load(Ordering::Relaxed), OPEN);
-        // Once the response is done, the idle clock starts.
-        busy.state.finished();
-        for _ in 0..TICKS + 1 {
+        // Once the response is done, a whole timeout of idleness starts at the next sweep.
+        drop(request);
+        for _ in 0..TICKS {
             conns.sweep();
         }
+        assert_eq!(busy.state.close.load(Ordering::Relaxed), OPEN);
+        conns.sweep();
         assert_eq!(busy.state.close.load(Ordering::Relaxed), IDLE);
         // Shutdown overrides, and a later sweep doesn't undo it.
         busy.state.close(SHUTDOWN);
         busy.state.close(IDLE);
         assert_eq!(busy.state.close.load(Ordering::Relaxed), SHUTDOWN);
+    }
+
+    #[test]
+    fn a_request_after_the_sweep_withdraws_the_idle_close() {
+        let conns = Connections::new(Duration::from_secs(4));
+        let c = conns.open();
+        for _ in 0..=TICKS {
+            conns.sweep();
+        }
+        assert_eq!(c.state.close.load(Ordering::Relaxed), IDLE);
+        // A request started (and even finished) before the connection's task saw the flag.
+        drop(c.state.start());
+        assert!(!c.state.should_close());
+        assert_eq!(c.state.close.load(Ordering::Relaxed), OPEN);
+    }
+
+    #[test]
+    fn a_dropped_guard_counts_its_request_finished() {
+        let conns = Connections::new(Duration::from_secs(4));
+        let c = conns.open();
+        let guard = c.state.start();
+        assert!(!c.state.is_idle());
+        // As when an HTTP/2 client cancels a stream and hyper drops the handler's future.
+        drop(guard);
+        assert!(c.state.is_idle());
     }
 
     #[test]

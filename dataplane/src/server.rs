@@ -11,7 +11,7 @@
 //! Every response carries `x-request-id` (the client's, or a new one), and every error is
 //! OpenAI-shaped (see [`crate::error`]).
 
-use crate::connections::{ConnState, Connections};
+use crate::connections::{Connections, InFlight};
 use crate::error::{ApiError, ErrorSource};
 use crate::request::Endpoint;
 use crate::state::AppState;
@@ -67,9 +67,8 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let idle_timeout = state.settings.idle_timeout;
-    let conns = Connections::new(idle_timeout);
-    let sweeper = tokio::spawn(conns.clone().sweep_forever());
+    let conns = Connections::new(state.settings.idle_timeout);
+    let _sweeper = AbortOnDrop(tokio::spawn(conns.clone().sweep_forever()));
     let shared = Arc::new(Shared {
         router: router(state.clone()),
         state,
@@ -95,29 +94,31 @@ pub async fn serve(
             let conn = registration.state.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                let conn = conn.clone();
-                conn.started();
+                let in_flight = conn.start();
                 async move {
                     let resp = dispatch(&shared, req).await;
-                    Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, conn }))
+                    Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, in_flight }))
                 }
             });
-            // A client that connects and sends nothing is the sweeper's too, but it isn't
-            // served yet: this wait has its own bound.
-            let h2 = match tokio::time::timeout(idle_timeout, speaks_h2(&tcp)).await {
-                Ok(Ok(h2)) => h2,
-                Ok(Err(_)) | Err(_) => return,
+            let state = &registration.state;
+            // Not served yet, but already the sweeper's (a client that sends nothing is closed
+            // after the idle timeout) and shutdown's.
+            let h2 = tokio::select! {
+                h2 = speaks_h2(&tcp) => match h2 {
+                    Ok(h2) => h2,
+                    Err(_) => return,
+                },
+                () = state.closed() => return,
             };
             let io = hyper_util::rt::TokioIo::new(tcp);
-            let state = &registration.state;
             let ended = if h2 {
                 let conn =
                     hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .serve_connection(io, svc);
-                Connections::serve(state, conn, true).await
+                Connections::serve(state, conn).await
             } else {
                 let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
-                Connections::serve(state, conn, false).await
+                Connections::serve(state, conn).await
             };
             if let Err(e) = ended {
                 tracing::trace!("connection ended: {e}");
@@ -126,14 +127,23 @@ pub async fn serve(
     }
     drop(listener);
     conns.shutdown().await;
-    sweeper.abort();
+}
+
+/// Aborts a background task when dropped (when [`serve`] ends or is dropped).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A response body that counts its request finished when it is dropped (sent, or abandoned by
 /// a client that went away), for the idle timeout (see [`crate::connections`]).
 struct Tracked {
     body: Body,
-    conn: Arc<ConnState>,
+    #[expect(dead_code, reason = "held for its Drop")]
+    in_flight: InFlight,
 }
 
 impl http_body::Body for Tracked {
@@ -153,12 +163,6 @@ impl http_body::Body for Tracked {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        self.conn.finished();
     }
 }
 
