@@ -46,7 +46,7 @@ pub struct Args {
     /// timeouts of the load balancers and ingresses that pool connections to the gateway (60 to
     /// 350 s for cloud load balancers, 60 s for ingress-nginx), so that the gateway is never
     /// the side that closes a pooled connection as a request is sent on it.
-    #[arg(long, env = "TOLLGATE_IDLE_TIMEOUT", default_value = "620s", value_parser = humantime_duration)]
+    #[arg(long, env = "TOLLGATE_IDLE_TIMEOUT", default_value = "620s", value_parser = idle_timeout)]
     pub idle_timeout: Duration,
     /// How often the manifests are checked for changes.
     #[arg(long, env = "TOLLGATE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime_duration)]
@@ -120,6 +120,15 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
     tollgate_crds::common::parse_duration(s)
 }
 
+/// `--idle-timeout`: a duration of at least a second (the sweeper looks four times per timeout).
+fn idle_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
+}
+
 fn init_logging(args: &Args) {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -135,11 +144,6 @@ fn init_logging(args: &Args) {
 /// Runs the data plane until SIGINT or SIGTERM.
 pub fn run(args: Args) -> anyhow::Result<()> {
     init_logging(&args);
-    anyhow::ensure!(
-        args.idle_timeout >= Duration::from_secs(1),
-        "--idle-timeout must be at least 1s (it is {:?})",
-        args.idle_timeout
-    );
     let threads = args
         .worker_threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))

@@ -169,3 +169,15 @@ async fn shutdown_lets_a_stream_finish_and_closes_idle_connections() {
     let (clean, logs) = stopped.await.unwrap();
     assert!(clean, "no clean exit after SIGTERM:\n{logs}");
 }
+
+#[test]
+fn an_idle_timeout_under_a_second_is_refused() {
+    let out = std::process::Command::new(BIN)
+        .args(["--manifests", "/nonexistent", "--idle-timeout", "500ms"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'500ms' for '--idle-timeout"), "{err}");
+    assert!(err.contains("must be at least 1s"), "{err}");
+}
