@@ -59,7 +59,7 @@ bench_tmp instr
 PIDS+=($!)
 MOCK_PORT="$(wait_port "$TMP/mock.log" "${PIDS[-1]}")"
 
-write_bench_manifests "$TMP/manifests.yaml" "$MOCK_PORT" "$UPSTREAM_MODEL"
+write_bench_manifests "$TMP/manifests.yaml" "$MOCK_PORT" ${UPSTREAM_MODEL:+--upstream-model "$UPSTREAM_MODEL"}
 
 PROFILE="$TMP/callgrind.out"
 case "$TARGET" in

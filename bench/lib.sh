@@ -1,23 +1,49 @@
-# Shared by bench/instructions.sh and bench/perfdiff.sh (sourced, not run): the benchmark's
-# manifests and waiting for a process's port. bench/run.sh writes its own, with the variants
-# (limits, routing) only it needs.
+# Shared by bench/run.sh, bench/instructions.sh and bench/perfdiff.sh (sourced, not run): the
+# benchmark's key, body and manifests; instructions.sh and perfdiff.sh also use the temporary
+# folder and port helpers (run.sh has its own, which also stop nginx and redis).
 
 BENCH_KEY="sk-bench-0123456789abcdef"
 BENCH_BODY='{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
 
-# write_bench_manifests FILE MOCK_PORT [UPSTREAM_MODEL]: one model "bench" on the mock, with
-# pricing, and one virtual key ($BENCH_KEY) without limits.
+# write_bench_manifests FILE MOCK_PORT [OPTION...]: the model "bench" on the mock, with pricing,
+# and one virtual key ($BENCH_KEY) without limits. Options:
+#   --limits            deployment limits, and key limits and a budget, all far above anything
+#                       the load reaches: they cost but never refuse
+#   --deployments N     "bench" served by N LLMModels bench-1 ... bench-N, all on the mock
+#   --strategy S        a RoutePolicy that routes them with strategy S
+#   --upstream-model M  the LLMModels' upstreamModel (e.g. gpt-4o, whose prompts are counted
+#                       with a BPE tokenizer when a limit needs it)
 write_bench_manifests() {
-    cat >"$1" <<EOF2
+    local file="$1" port="$2" limits=0 n=1 strategy="" upstream="" i name=bench
+    shift 2
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --limits) limits=1; shift ;;
+            --deployments) n="$2"; shift 2 ;;
+            --strategy) strategy="$2"; shift 2 ;;
+            --upstream-model) upstream="$2"; shift 2 ;;
+            *) echo "write_bench_manifests: unknown option $1" >&2; return 1 ;;
+        esac
+    done
+    local far="{rpm: 1000000000, tpm: 1000000000000, maxParallel: 100000}"
+    {
+        for ((i = 1; i <= n; i++)); do
+            if [[ $n -gt 1 ]]; then name="bench-$i"; fi
+            if [[ $i -gt 1 ]]; then echo "---"; fi
+            cat <<EOF2
 apiVersion: tollgate.dev/v1alpha1
 kind: LLMModel
-metadata: {name: bench}
+metadata: {name: $name}
 spec:
   modelName: bench
   provider: openai-compatible
-  url: http://127.0.0.1:$2/v1
+  url: http://127.0.0.1:$port/v1
   pricing: {inputPerMillion: 2.5, outputPerMillion: 10}
-${3:+  upstreamModel: $3}
+EOF2
+            if [[ -n "$upstream" ]]; then echo "  upstreamModel: $upstream"; fi
+            if [[ $limits -eq 1 ]]; then echo "  limits: $far"; fi
+        done
+        cat <<EOF2
 ---
 apiVersion: v1
 kind: Secret
@@ -30,6 +56,20 @@ metadata: {name: bench}
 spec:
   secretRef: {name: bench-key}
 EOF2
+        if [[ $limits -eq 1 ]]; then
+            echo "  limits: $far"
+            echo "  budget: {maxUsd: 1000000, duration: monthly}"
+        fi
+        if [[ -n "$strategy" ]]; then
+            cat <<EOF2
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: RoutePolicy
+metadata: {name: bench}
+spec: {models: [bench], strategy: $strategy}
+EOF2
+        fi
+    } >"$file"
 }
 
 # bench_tmp NAME: a new temporary folder in TMP; on exit every pid in PIDS is stopped and the

@@ -75,8 +75,10 @@ BUILD=1
 MARKDOWN=""
 BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 
-KEY="sk-bench-0123456789abcdef"
-BODY='{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+KEY="$BENCH_KEY"
+BODY="$BENCH_BODY"
 STREAM_BODY='{"model":"bench","messages":[{"role":"user","content":"hello"}],"stream":true}'
 
 die() { echo "run.sh: $*" >&2; exit 1; }
@@ -219,64 +221,9 @@ MOCK_PID=$!
 PIDS+=("$MOCK_PID")
 MOCK_PORT="$(wait_listening tollgate-mock "$TMP/mock.log" "$MOCK_PID")"
 
-# Tollgate: one model on the mock, one virtual key; auth and cost accounting are on.
-# write_manifests FILE LIMITED [DEPLOYMENTS [STRATEGY]]: with LIMITED=1 the model gets
-# deployment limits and the key limits and a budget, all far above anything the load reaches, so
-# they cost but never refuse. With DEPLOYMENTS=N > 1 the model name "bench" is served by N
-# LLMModels bench-1 ... bench-N, all on the mock; with a STRATEGY, a RoutePolicy routes them.
-write_manifests() {
-    local n="${3:-1}" strategy="${4:-}" i name=bench
-    {
-        for ((i = 1; i <= n; i++)); do
-            if [[ $n -gt 1 ]]; then
-                name="bench-$i"
-            fi
-            if [[ $i -gt 1 ]]; then
-                echo "---"
-            fi
-            cat <<EOF
-apiVersion: tollgate.dev/v1alpha1
-kind: LLMModel
-metadata: {name: $name}
-spec:
-  modelName: bench
-  provider: openai-compatible
-  url: http://127.0.0.1:$MOCK_PORT/v1
-  pricing: {inputPerMillion: 2.5, outputPerMillion: 10}
-EOF
-            if [[ $2 -eq 1 ]]; then
-                echo "  limits: {rpm: 1000000000, tpm: 1000000000000, maxParallel: 100000}"
-            fi
-        done
-        cat <<EOF
----
-apiVersion: v1
-kind: Secret
-metadata: {name: bench-key}
-stringData: {key: $KEY}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: VirtualKey
-metadata: {name: bench}
-spec:
-  secretRef: {name: bench-key}
-EOF
-        if [[ $2 -eq 1 ]]; then
-            echo "  limits: {rpm: 1000000000, tpm: 1000000000000, maxParallel: 100000}"
-            echo "  budget: {maxUsd: 1000000, duration: monthly}"
-        fi
-        if [[ -n "$strategy" ]]; then
-            cat <<EOF
----
-apiVersion: tollgate.dev/v1alpha1
-kind: RoutePolicy
-metadata: {name: bench}
-spec: {models: [bench], strategy: $strategy}
-EOF
-        fi
-    } >"$1"
-}
-write_manifests "$TMP/manifests.yaml" 0
+# Tollgate: one model on the mock, one virtual key; auth and cost accounting are on (the
+# manifests are bench/lib.sh's write_bench_manifests).
+write_bench_manifests "$TMP/manifests.yaml" "$MOCK_PORT"
 "${PIN_PROXY[@]}" "$GATEWAY" --manifests "$TMP/manifests.yaml" --listen 127.0.0.1:0 \
     --worker-threads "$GW_THREADS" >"$TMP/gateway.log" 2>&1 &
 GW_PID=$!
@@ -285,7 +232,7 @@ GW_PORT="$(wait_listening tollgate-dataplane "$TMP/gateway.log" "$GW_PID")"
 
 # With --limits: the same data plane, same flags, on the limited manifests.
 if [[ $LIMITS -eq 1 ]]; then
-    write_manifests "$TMP/manifests-limits.yaml" 1
+    write_bench_manifests "$TMP/manifests-limits.yaml" "$MOCK_PORT" --limits
     "${PIN_PROXY[@]}" "$GATEWAY" --manifests "$TMP/manifests-limits.yaml" --listen 127.0.0.1:0 \
         --worker-threads "$GW_THREADS" >"$TMP/gateway-limits.log" 2>&1 &
     GWL_PID=$!
@@ -331,7 +278,7 @@ if [[ $ROUTING -eq 1 ]]; then
     for rt in "${ROUTING_TARGETS[@]}"; do
         IFS='|' read -r t strategy <<<"$rt"
         f="$TMP/manifests-$t.yaml"
-        write_manifests "$f" 0 "$ROUTES" "$strategy"
+        write_bench_manifests "$f" "$MOCK_PORT" --deployments "$ROUTES" --strategy "$strategy"
         "${PIN_PROXY[@]}" "$GATEWAY" --manifests "$f" --listen 127.0.0.1:0 \
             --worker-threads "$GW_THREADS" >"$TMP/gateway-$t.log" 2>&1 &
         RT_PID[$t]=$!
