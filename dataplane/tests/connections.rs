@@ -6,12 +6,13 @@
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tollgate_testkit::Gateway;
+use tollgate_testkit::{Gateway, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
 const KEY: &str = "sk-conn-test-000000001";
 
-/// A mock model `slow` whose streamed reply takes 10 × 250 ms, and a key.
+/// A mock model `slow` whose streamed reply takes 10 × 250 ms, a mock model `wait` that takes a
+/// minute to answer, and a key.
 fn manifests() -> String {
     format!(
         r#"
@@ -22,6 +23,14 @@ spec:
   modelName: slow
   provider: mock
   mock: {{reply: "a b c d e f g h i j", chunks: 10, chunkDelay: 250ms}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: LLMModel
+metadata: {{name: wait}}
+spec:
+  modelName: wait
+  provider: mock
+  mock: {{latency: 60s}}
 ---
 apiVersion: v1
 kind: Secret
@@ -180,4 +189,48 @@ fn an_idle_timeout_under_a_second_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("'500ms' for '--idle-timeout"), "{err}");
     assert!(err.contains("must be at least 1s"), "{err}");
+}
+
+/// Server-side connections on `port` that are open (ESTABLISHED), from `/proc/net/tcp`.
+fn open_connections(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&local) && f[3] == "01"
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn an_http2_connection_whose_stream_was_cancelled_is_closed_when_idle() {
+    let gw = Gateway::start(BIN, &manifests(), &["--idle-timeout", "1s"]);
+    let port = gw.addr.port();
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // The client gives up after 300 ms: its stream is reset while the handler still waits for
+    // the mock, and the handler is dropped.
+    let err = client
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(r#"{"model":"wait","messages":[{"role":"user","content":"hi"}]}"#)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert_eq!(open_connections(port), 1, "the client's HTTP/2 connection");
+    // Nothing is in flight any more, so the connection is idle and closed (GOAWAY) after the
+    // timeout, though the client keeps it pooled.
+    assert!(
+        eventually(Duration::from_secs(6), || open_connections(port) == 0).await,
+        "the connection of a cancelled request stays open"
+    );
+    drop(client);
 }
