@@ -68,7 +68,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let conns = Connections::new(state.settings.idle_timeout);
-    let _sweeper = AbortOnDrop(tokio::spawn(conns.clone().sweep_forever()));
+    // Aborted when dropped, as serve() ends or is dropped.
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(conns.clone().sweep_forever());
     let shared = Arc::new(Shared {
         router: router(state.clone()),
         state,
@@ -127,15 +129,6 @@ pub async fn serve(
     }
     drop(listener);
     conns.shutdown().await;
-}
-
-/// Aborts a background task when dropped (when [`serve`] ends or is dropped).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// A response body that counts its request finished when it is dropped (sent, or abandoned by
