@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod connections;
 pub mod error;
 pub mod h1;
+pub mod json;
 pub mod limits;
 pub mod loader;
 pub mod metrics;

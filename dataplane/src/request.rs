@@ -2,7 +2,8 @@
 //! it only when something must change.
 //!
 //! The body is split once into its top-level fields, each kept as raw JSON text borrowed from
-//! the request. Routing reads `model`, `stream` and `stream_options`; every other field (the
+//! the request (by [`crate::json::members`]; serde_json decides on bodies that scan refuses, and
+//! words the error). Routing reads `model`, `stream` and `stream_options`; every other field (the
 //! messages, tools, images) is never decoded. When nothing must change the original bytes go
 //! upstream untouched; otherwise the fields are re-joined, copying raw slices, with only the
 //! changed values written anew.
@@ -65,7 +66,8 @@ impl Endpoint {
 
 /// A request body split into top-level fields.
 pub struct ParsedRequest<'a> {
-    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// Top-level fields: key and raw JSON value.
+    fields: Vec<(Cow<'a, str>, &'a str)>,
     /// The `model` the client asked for.
     pub model: Cow<'a, str>,
     /// Whether the client asked for a stream.
@@ -76,7 +78,7 @@ pub struct ParsedRequest<'a> {
     pub max_tokens: Option<u64>,
 }
 
-struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+struct Fields<'a>(Vec<(Cow<'a, str>, &'a str)>);
 
 impl<'de> serde::Deserialize<'de> for Fields<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -90,7 +92,7 @@ impl<'de> serde::Deserialize<'de> for Fields<'de> {
                 let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
                 while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
                     let value: &'de RawValue = map.next_value()?;
-                    fields.push((key, value));
+                    fields.push((key, value.get()));
                 }
                 Ok(Fields(fields))
             }
@@ -130,22 +132,27 @@ struct StreamOptions {
 
 impl<'a> ParsedRequest<'a> {
     /// The raw JSON of top-level field `name`, if present.
-    pub fn field(&self, name: &str) -> Option<&'a RawValue> {
+    pub fn field(&self, name: &str) -> Option<&'a str> {
         self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
     }
 
     /// Splits `body` and checks the fields the gateway relies on.
     pub fn parse(body: &'a [u8], endpoint: Endpoint) -> Result<Self, ApiError> {
-        let Fields(fields) = serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(
-                "invalid_json",
-                format!("The request body is not valid JSON ({e}). Send a JSON object with `model` and `{}`.", endpoint.required_field()),
-            )
-        })?;
+        let mut fields = Vec::with_capacity(8);
+        if crate::json::members(body, |k, v| fields.push((k, v))).is_err() {
+            fields = serde_json::from_slice::<Fields<'a>>(body)
+                .map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_json",
+                        format!("The request body is not valid JSON ({e}). Send a JSON object with `model` and `{}`.", endpoint.required_field()),
+                    )
+                })?
+                .0;
+        }
         let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
         let model: Cow<'a, str> = match get("model") {
             Some(v) => {
-                serde_json::from_str::<CowStr<'a>>(v.get())
+                serde_json::from_str::<CowStr<'a>>(v)
                     .map_err(|_| {
                         ApiError::bad_request("invalid_model", "`model` must be a string.")
                     })?
@@ -160,7 +167,7 @@ impl<'a> ParsedRequest<'a> {
         };
         let required = endpoint.required_field();
         match get(required) {
-            Some(v) if v.get() != "null" => {}
+            Some(v) if v != "null" => {}
             _ => {
                 return Err(ApiError::bad_request(
                     "missing_field",
@@ -170,7 +177,7 @@ impl<'a> ParsedRequest<'a> {
         }
         let stream = match get("stream") {
             None => false,
-            Some(v) => match v.get() {
+            Some(v) => match v {
                 "true" => true,
                 "false" | "null" => false,
                 _ => {
@@ -188,7 +195,7 @@ impl<'a> ParsedRequest<'a> {
             ));
         }
         let include_usage = match get("stream_options") {
-            Some(v) if v.get() != "null" => serde_json::from_str::<StreamOptions>(v.get())
+            Some(v) if v != "null" => serde_json::from_str::<StreamOptions>(v)
                 .map_err(|_| {
                     ApiError::bad_request(
                         "invalid_stream_options",
@@ -201,7 +208,7 @@ impl<'a> ParsedRequest<'a> {
         };
         let max_tokens = get("max_completion_tokens")
             .or_else(|| get("max_tokens"))
-            .and_then(|v| v.get().parse::<u64>().ok());
+            .and_then(|v| v.parse::<u64>().ok());
         Ok(Self {
             max_tokens,
             fields,
@@ -217,7 +224,7 @@ impl<'a> ParsedRequest<'a> {
         let Some((_, raw)) = self.fields.iter().find(|(k, _)| k == "input") else {
             return Vec::new();
         };
-        match serde_json::from_str::<serde_json::Value>(raw.get()) {
+        match serde_json::from_str::<serde_json::Value>(raw) {
             Ok(serde_json::Value::String(s)) => vec![s],
             Ok(serde_json::Value::Array(items)) if items.iter().all(|i| i.is_string()) => items
                 .into_iter()
@@ -265,12 +272,12 @@ impl<'a> ParsedRequest<'a> {
                 "stream_options" if add_usage => {
                     saw_options = true;
                     let mut opts: serde_json::Map<String, serde_json::Value> =
-                        serde_json::from_str(v.get()).unwrap_or_default();
+                        serde_json::from_str(v).unwrap_or_default();
                     opts.insert("include_usage".into(), serde_json::Value::Bool(true));
                     let bytes = serde_json::to_vec(&opts).unwrap_or_default();
                     push_field(&mut out, k, &bytes);
                 }
-                _ => push_field(&mut out, k, v.get().as_bytes()),
+                _ => push_field(&mut out, k, v.as_bytes()),
             }
         }
         if add_usage && !saw_options {

@@ -68,7 +68,7 @@ pub fn estimate(family: Family, endpoint: Endpoint, req: &ParsedRequest<'_>, bod
     let count = |s: &str| tokenizer.count(s) as u64;
     let parse = |name: &str| {
         req.field(name)
-            .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+            .and_then(|raw| serde_json::from_str::<Value>(raw).ok())
     };
     let counted = match endpoint {
         Endpoint::ChatCompletions => parse("messages").map(|messages| {
@@ -87,7 +87,7 @@ pub fn estimate(family: Family, endpoint: Endpoint, req: &ParsedRequest<'_>, bod
                 }
             }
             if let Some(tools) = req.field("tools") {
-                n += count(tools.get());
+                n += count(tools);
             }
             n
         }),

@@ -41,9 +41,31 @@ struct WithUsage {
 }
 
 /// Usage of a complete response body; `Err` when the body isn't a JSON object. The whole body
-/// is checked (a 2xx that isn't JSON is the upstream's failure), but only `usage` is decoded:
-/// the choices are skipped over.
+/// is checked (a 2xx that isn't JSON is the upstream's failure), but only `usage` is decoded.
+///
+/// The body is scanned by [`crate::json::members`]; what the scan refuses goes to serde_json,
+/// which decides (and may still accept it: a body the scan leaves to it, like one nested too
+/// deeply, or a top-level array, which serde reads as the struct's fields in order).
 pub fn from_response(body: &[u8]) -> Result<Option<TokenUsage>, serde_json::Error> {
+    let mut usage = None;
+    let mut seen = 0;
+    let scanned = crate::json::members(body, |key, value| {
+        if key == "usage" {
+            usage = Some(value);
+            seen += 1;
+        }
+    });
+    // serde refuses a duplicate `usage`, so the scan leaves that to it too.
+    if scanned.is_ok() && seen <= 1 {
+        match usage {
+            None => return Ok(None),
+            Some(raw) => {
+                if let Ok(u) = serde_json::from_str::<Option<UsageJson>>(raw) {
+                    return Ok(u.map(Into::into));
+                }
+            }
+        }
+    }
     /// Everything but `usage` is skipped as it is read (and so still checked to be JSON).
     #[derive(Deserialize)]
     struct UsageOnly {
@@ -79,5 +101,56 @@ mod tests {
         assert!(from_response(b"<html>bad gateway</html>").is_err());
         assert!(from_response(b"{not json}").is_err());
         assert!(from_response(br#"{garbage,"usage":{"prompt_tokens":1}}"#).is_err());
+        assert!(from_response(br#"{"usage":{"prompt_tokens":"x"}}"#).is_err());
+        assert!(from_response(br#"{"usage":null,"usage":null}"#).is_err());
+    }
+
+    /// What the scan leaves to serde_json still gets serde's answer.
+    #[test]
+    fn bodies_the_scan_refuses_get_serde_json_answer() {
+        let deep = format!(
+            r#"{{"choices":{}{},"usage":{{"prompt_tokens":2}}}}"#,
+            "[".repeat(110),
+            "]".repeat(110)
+        );
+        assert_eq!(from_response(deep.as_bytes()).unwrap().unwrap().prompt, 2);
+        let array = br#"[{"prompt_tokens":7,"completion_tokens":1}]"#;
+        assert_eq!(from_response(array).unwrap().unwrap().prompt, 7);
+        let escaped_key = br#"{"us\u0061ge":{"prompt_tokens":4}}"#;
+        assert_eq!(from_response(escaped_key).unwrap().unwrap().prompt, 4);
+    }
+
+    /// The scan's answer is serde_json's on mutated responses: the same usage, the same
+    /// refusals.
+    #[test]
+    fn agrees_with_serde_json_on_mutated_responses() {
+        fn serde_only(body: &[u8]) -> Option<Option<TokenUsage>> {
+            #[derive(Deserialize)]
+            struct UsageOnly {
+                #[serde(default)]
+                usage: Option<UsageJson>,
+            }
+            serde_json::from_slice::<UsageOnly>(body)
+                .ok()
+                .map(|w| w.usage.map(Into::into))
+        }
+        let seeds: &[&[u8]] = &[
+            br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":12,"completion_tokens":25,"total_tokens":37}}"#,
+            br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":1,"audio_tokens":0},"completion_tokens_details":null}}"#,
+            br#"{"usage":{"prompt_tokens_details":{"cached_tokens":null},"prompt_tokens":18446744073709551615}}"#,
+            br#"{"usage":null,"data":[{"embedding":[0.1,-2e-3]}]}"#,
+        ];
+        let mut with_usage = 0;
+        for body in crate::json::mutations(seeds, 40_000) {
+            let fast = from_response(&body).ok();
+            assert_eq!(
+                fast,
+                serde_only(&body),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+            with_usage += usize::from(matches!(fast, Some(Some(_))));
+        }
+        assert!(with_usage > 5_000, "{with_usage}");
     }
 }
