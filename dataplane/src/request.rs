@@ -336,6 +336,18 @@ mod tests {
         assert_eq!(v["stream_options"]["foo"], 1);
     }
 
+    /// A body the scan refuses is worded by serde_json, as before the scan.
+    #[test]
+    fn invalid_json_is_explained_where_it_breaks() {
+        let e = parse(r#"{"model":"m","messages":[],"n":01}"#)
+            .err()
+            .expect("refused");
+        assert_eq!(
+            e.message,
+            "The request body is not valid JSON (invalid number at line 1 column 33). Send a JSON object with `model` and `messages`."
+        );
+    }
+
     #[test]
     fn rejects_bad_bodies_with_clear_codes() {
         assert_eq!(
