@@ -718,20 +718,26 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
         })
     };
     let connect = Duration::from_millis(t.connect_ms);
+    let headers_by = tokio::time::Instant::from_std(began) + first_byte;
+    let headers_by = deadline.map_or(headers_by, |dl| dl.min(headers_by));
     // Plain HTTP: the head was written when the config loaded; only the body is per request.
+    // `h1` keeps the deadline's timer with the connection (no timer per request).
     let send = match &upstream.plain {
         Some(plain) => futures_util::future::Either::Left(crate::upstream::send_with_head(
             &plain.origin,
             connect,
             &plain.heads[ctx.endpoint.index()],
             parsed.upstream_body(body, &d.upstream_model),
+            headers_by,
         )),
-        None => futures_util::future::Either::Right(crate::upstream::send_to(None, connect, make)),
+        None => futures_util::future::Either::Right(async {
+            tokio::time::timeout_at(headers_by, crate::upstream::send_to(None, connect, make))
+                .await
+                .unwrap_or_else(|_| Err(crate::upstream::SendError::timed_out()))
+        }),
     };
-    let headers_by = tokio::time::Instant::from_std(began) + first_byte;
-    let headers_by = deadline.map_or(headers_by, |dl| dl.min(headers_by));
-    let resp = match tokio::time::timeout_at(headers_by, send).await {
-        Err(_) => {
+    let resp = match send.await {
+        Err(e) if e.is_timeout() => {
             let waited = began.elapsed();
             return fail(
                 ctx,
@@ -742,7 +748,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
                 )),
             );
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             let e = if e.is_connect() {
                 ApiError::unavailable(
                     "upstream_unreachable",
@@ -756,7 +762,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
             };
             return fail(ctx, charge, RetryOn::ConnectError, e);
         }
-        Ok(Ok(resp)) => resp,
+        Ok(resp) => resp,
     };
     let status = resp.status();
     let (parts, incoming) = resp.into_parts();

@@ -61,6 +61,7 @@ thread_local! {
 #[derive(Debug)]
 pub struct SendError {
     connect: bool,
+    timeout: bool,
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
@@ -70,10 +71,25 @@ impl SendError {
         self.connect
     }
 
+    /// Whether the response head didn't arrive by the deadline given.
+    pub fn is_timeout(&self) -> bool {
+        self.timeout
+    }
+
     fn connect(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self {
             connect: true,
+            timeout: false,
             source: e.into(),
+        }
+    }
+
+    /// No response head by the deadline.
+    pub fn timed_out() -> Self {
+        Self {
+            connect: false,
+            timeout: true,
+            source: h1::Error::TimedOut.into(),
         }
     }
 }
@@ -160,6 +176,7 @@ pub async fn send_to(
             .await
             .map_err(|e| SendError {
                 connect: e.is_connect(),
+                timeout: false,
                 source: e.into(),
             })?;
         return Ok(resp.map(|inner| UpstreamBody {
@@ -172,19 +189,24 @@ pub async fn send_to(
             .or_insert_with(|| origin.host.clone());
         req
     };
-    send_h1(origin, connect_timeout, |conn| conn.send(with_host(make()))).await
+    send_h1(origin, connect_timeout, None, |conn| {
+        conn.send(with_host(make()))
+    })
+    .await
 }
 
 /// [`send_to`] for a plain-HTTP origin, with the request's head written beforehand (see
-/// [`crate::h1::RequestHead`], which must carry `Host`).
+/// [`crate::h1::RequestHead`], which must carry `Host`), and the response head due `by`
+/// (connecting included): after that the error [`is_timeout`](SendError::is_timeout).
 pub async fn send_with_head(
     origin: &Origin,
     connect_timeout: Duration,
     head: &crate::h1::RequestHead,
     body: Bytes,
+    by: tokio::time::Instant,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    send_h1(origin, connect_timeout, |conn| {
-        conn.send_with_head(head, body.clone())
+    send_h1(origin, connect_timeout, Some(by), |conn| {
+        conn.send_with_head(head, body.clone(), Some(by))
     })
     .await
 }
@@ -194,6 +216,7 @@ pub async fn send_with_head(
 async fn send_h1<F, Fut>(
     origin: &Origin,
     connect_timeout: Duration,
+    by: Option<tokio::time::Instant>,
     send: F,
 ) -> Result<Response<UpstreamBody>, SendError>
 where
@@ -204,7 +227,17 @@ where
     loop {
         let (conn, reused) = match (!fresh_only).then(|| checkout(&origin.addr)).flatten() {
             Some(c) => (c, true),
-            None => (connect(&origin.addr, connect_timeout).await?, false),
+            None => {
+                let connecting = connect(&origin.addr, connect_timeout);
+                let conn = match by {
+                    // A timer of its own: connecting is rare next to reusing.
+                    Some(by) => tokio::time::timeout_at(by, connecting)
+                        .await
+                        .map_err(|_| SendError::timed_out())??,
+                    None => connecting.await?,
+                };
+                (conn, false)
+            }
         };
         match send(conn).await {
             Ok(resp) => {
@@ -222,9 +255,11 @@ where
                 );
                 fresh_only = true;
             }
+            Err(h1::Error::TimedOut) => return Err(SendError::timed_out()),
             Err(e) => {
                 return Err(SendError {
                     connect: false,
+                    timeout: false,
                     source: e.into(),
                 });
             }

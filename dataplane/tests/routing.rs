@@ -462,6 +462,48 @@ async fn connection_resets_and_timeouts_are_retried_elsewhere() {
     );
 }
 
+/// The first-byte deadline lives with the pooled upstream connection (`h1`'s timer, moved
+/// forward per request): after answered requests on a connection, one the upstream sits on
+/// still ends at its deadline, and a later answered one isn't cut short by an old deadline.
+#[tokio::test]
+async fn the_first_byte_deadline_holds_on_a_reused_connection() {
+    let up = MockUpstream::start(Behavior::Ok(ok()));
+    let m = format!(
+        "{}{}{}",
+        keys(),
+        deployment("one", "gpt", &up.base_url(), ""),
+        policy(
+            "gpt",
+            "retries: {attempts: 1}, timeouts: {firstByte: 400ms}"
+        ),
+    );
+    // The test's client keeps one connection to the gateway, so one worker (and its thread's
+    // upstream pool) serves every request: they share one upstream connection.
+    let gw = Gateway::start(BIN, &m, &[]);
+    for _ in 0..3 {
+        assert_eq!(chat(&gw, "gpt").await.status(), 200);
+    }
+    // Past the first requests' deadlines, their timer has fired while idle.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(chat(&gw, "gpt").await.status(), 200);
+    up.set_behavior(Behavior::Ok(slow(5_000)));
+    let t = Instant::now();
+    let r = chat(&gw, "gpt").await;
+    let waited = t.elapsed();
+    assert_eq!(r.status(), 504);
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "upstream_timeout", "{body}");
+    up.set_behavior(Behavior::Ok(slow(300)));
+    let t = Instant::now();
+    assert_eq!(chat(&gw, "gpt").await.status(), 200);
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(up.stats.requests(), 6);
+}
+
 #[tokio::test]
 async fn a_failing_deployment_cools_down_then_is_probed_back_in() {
     let flaky = MockUpstream::start(Behavior::Status(
