@@ -144,47 +144,32 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         self.exchange(body, by).await
     }
 
-    /// [`exchange_inner`](Self::exchange_inner) raced against the connection's timer set to
-    /// `by`, which the response's body then carries back for the next request.
+    /// Writes the head in `self.head` and `body`, then reads the response head, by `by` if
+    /// given. The connection's timer, set to `by`, is polled only while the socket makes the
+    /// request wait (a whole-request wrapper future cost twice as much), and goes on with the
+    /// connection in the response's body.
     async fn exchange(
         mut self,
         body: Bytes,
         by: Option<Instant>,
     ) -> Result<Response<Body<T>>, Error> {
-        let Some(by) = by else {
-            return self.exchange_inner(body).await;
-        };
-        let mut timer = match self.timer.take() {
-            Some(mut t) => {
+        let mut timer = match (by, self.timer.take()) {
+            (None, kept) => {
+                self.timer = kept;
+                None
+            }
+            (Some(by), Some(mut t)) => {
                 t.as_mut().reset(by);
-                t
+                Some(t)
             }
-            None => Box::pin(tokio::time::sleep_until(by)),
+            (Some(by), None) => Some(Box::pin(tokio::time::sleep_until(by))),
         };
-        let mut exchange = std::pin::pin!(self.exchange_inner(body));
-        let answer = std::future::poll_fn(|cx| {
-            if let Poll::Ready(answer) = exchange.as_mut().poll(cx) {
-                return Poll::Ready(answer);
-            }
-            timer.as_mut().poll(cx).map(|()| Err(Error::TimedOut))
-        })
-        .await;
-        answer.map(|mut resp| {
-            if let Some(conn) = resp.body_mut().conn.as_mut() {
-                conn.timer = Some(timer);
-            }
-            resp
-        })
-    }
-
-    /// Writes the head in `self.head` and `body`, then reads the response head.
-    async fn exchange_inner(mut self, body: Bytes) -> Result<Response<Body<T>>, Error> {
         let sent = if body.len() <= COPY_BODY {
             self.head.extend_from_slice(&body);
-            self.io.write_all(&self.head).await
+            before(&mut timer, self.io.write_all(&self.head)).await?
         } else {
-            match self.io.write_all(&self.head).await {
-                Ok(()) => self.io.write_all(&body).await,
+            match before(&mut timer, self.io.write_all(&self.head)).await? {
+                Ok(()) => before(&mut timer, self.io.write_all(&body)).await?,
                 Err(e) => Err(e),
             }
         };
@@ -207,13 +192,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                     // 100 Continue, 103 Early Hints: the real answer follows.
                     continue;
                 }
+                if timer.is_some() {
+                    self.timer = timer;
+                }
                 return Ok(self.into_response(head));
             }
             if self.buf.len() >= MAX_HEAD {
                 return Err(Error::Parse("response head too large"));
             }
             reserve(&mut self.buf);
-            match self.io.read_buf(&mut self.buf).await {
+            match before(&mut timer, self.io.read_buf(&mut self.buf)).await? {
                 Ok(0) if !any => return Err(Error::Closed(None)),
                 Ok(0) => return Err(Error::Parse("connection closed inside the response head")),
                 Ok(_) => any = true,
@@ -341,6 +329,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         *resp.headers_mut() = head.headers;
         resp
     }
+}
+
+/// `io`'s output, or [`Error::TimedOut`] once `timer` (if any) has fired first. The timer is
+/// polled only when `io` isn't ready.
+async fn before<F: Future>(timer: &mut Option<Pin<Box<Sleep>>>, io: F) -> Result<F::Output, Error> {
+    let mut io = std::pin::pin!(io);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = io.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        match timer {
+            Some(t) => t.as_mut().poll(cx).map(|()| Err(Error::TimedOut)),
+            None => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Writes the request line and headers, with `Content-Length` for `body_len`.
@@ -1037,6 +1041,22 @@ mod tests {
         // whole time.
         let at = second_request_times_out_at(10, 15, 35).await;
         assert!(near(at, 35), "{at:?}");
+    }
+
+    /// An upstream that doesn't read a large request body: the deadline also bounds the write.
+    #[tokio::test(start_paused = true)]
+    async fn the_head_deadline_bounds_a_stuck_write() {
+        let (client, _server) = tokio::io::duplex(1024);
+        let host = HeaderValue::from_static("up");
+        let head = RequestHead::post("/x", [(&http::header::HOST, &host)]);
+        let by = Instant::now() + std::time::Duration::from_secs(3);
+        let err = Conn::new(client)
+            .send_with_head(&head, Bytes::from(vec![b'x'; 64 << 10]), Some(by))
+            .await
+            .err()
+            .expect("the body can't be written");
+        assert!(matches!(err, Error::TimedOut), "{err:?}");
+        assert_eq!(Instant::now(), by);
     }
 
     #[tokio::test]
