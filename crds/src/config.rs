@@ -392,8 +392,8 @@ pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
     /// Hashes a key as a client sends it.
-    pub fn of(key: &str) -> Self {
-        Self(Sha256::digest(key.as_bytes()).into())
+    pub fn of(key: impl AsRef<[u8]>) -> Self {
+        Self(Sha256::digest(key.as_ref()).into())
     }
 
     /// A short, safe identifier: the first 12 hex digits of the hash.

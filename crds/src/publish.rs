@@ -120,7 +120,7 @@ mod tests {
         for i in 0..keys {
             c.keys.push(KeyConfig {
                 id: format!("team-{}/key-{i}", i % 50),
-                hash: KeyHash::of(&format!("sk-test-{i:08}-abcdefgh")),
+                hash: KeyHash::of(format!("sk-test-{i:08}-abcdefgh")),
                 team: Some(format!("team-{}", i % 50)),
                 alias: None,
                 models: vec!["gpt-4o".into()],

@@ -8,22 +8,22 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use tollgate_crds::config::KeyHash;
 
-/// The key the client sent, if any.
-pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let v = v.trim();
-        let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
-        if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {
-            return Some(rest.trim());
+/// The key the client sent, if any, as its bytes: they are only hashed, so they aren't checked
+/// to be text first (a key that isn't printable ASCII matches no key and gets the same 401).
+pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let v = v.as_bytes().trim_ascii();
+        let (scheme, rest) = match v.iter().position(|&b| b == b' ') {
+            Some(i) => (&v[..i], v[i + 1..].trim_ascii()),
+            None => (v, &[][..]),
+        };
+        if scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty() {
+            return Some(rest);
         }
     }
     headers
         .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+        .map(|v| v.as_bytes().trim_ascii())
         .filter(|k| !k.is_empty())
 }
 
@@ -66,10 +66,21 @@ mod tests {
         let mut h = HeaderMap::new();
         assert_eq!(presented_key(&h), None);
         h.insert("x-api-key", HeaderValue::from_static("k2"));
-        assert_eq!(presented_key(&h), Some("k2"));
+        assert_eq!(presented_key(&h), Some(&b"k2"[..]));
         h.insert("authorization", HeaderValue::from_static("bearer  k1 "));
-        assert_eq!(presented_key(&h), Some("k1"));
+        assert_eq!(presented_key(&h), Some(&b"k1"[..]));
         h.insert("authorization", HeaderValue::from_static("Basic abc"));
-        assert_eq!(presented_key(&h), Some("k2"));
+        assert_eq!(presented_key(&h), Some(&b"k2"[..]));
+        h.insert("authorization", HeaderValue::from_static("Bearer"));
+        assert_eq!(presented_key(&h), Some(&b"k2"[..]));
+        h.insert("authorization", HeaderValue::from_static("BEARER\tk3"));
+        assert_eq!(
+            presented_key(&h),
+            Some(&b"k2"[..]),
+            "the scheme ends at a space"
+        );
+        h.remove("x-api-key");
+        h.insert("authorization", HeaderValue::from_static("Bearer   "));
+        assert_eq!(presented_key(&h), None);
     }
 }
