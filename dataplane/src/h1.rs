@@ -50,6 +50,9 @@ pub const KEPT_HEADERS: [HeaderName; 2] = [http::header::CONTENT_TYPE, http::hea
 const MAX_HEAD: usize = 64 << 10;
 /// Most response headers.
 const MAX_HEADERS: usize = 100;
+/// Most 1xx responses skipped before the real one (an upstream that sends them forever is
+/// broken).
+const MAX_INTERIM: usize = 16;
 /// Largest chunk-size line or trailer line of a chunked body.
 const MAX_LINE: usize = 4 << 10;
 /// Bytes a read asks the socket for at least.
@@ -97,8 +100,9 @@ pub struct Conn<T> {
     /// The request head being written, kept to reuse its allocation.
     head: Vec<u8>,
     /// The response-head deadline's timer, made on the first request that has a deadline and
-    /// reset for each later one. Between requests it may still be pending (and then fire once,
-    /// waking nothing that waits) or have fired.
+    /// reset for each later one. Between requests it may still be pending, and then fires once,
+    /// waking the last task that polled it for nothing (which keeps that task's allocation
+    /// until then); or it has fired.
     timer: Option<Pin<Box<Sleep>>>,
 }
 
@@ -183,11 +187,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             Err(e) => return Err(Error::Io(e)),
         }
         let mut any = false;
+        let mut interim = 0;
         loop {
             if let Some(head) = self.parse_head()? {
                 if head.status.is_informational() {
                     if head.status == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(Error::Parse("unexpected 101 Switching Protocols"));
+                    }
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err(Error::Parse("too many interim (1xx) responses"));
                     }
                     // 100 Continue, 103 Early Hints: the real answer follows.
                     continue;
@@ -340,7 +349,12 @@ async fn before<F: Future>(timer: &mut Option<Pin<Box<Sleep>>>, io: F) -> Result
             return Poll::Ready(Ok(out));
         }
         match timer {
-            Some(t) => t.as_mut().poll(cx).map(|()| Err(Error::TimedOut)),
+            // Outside tokio's cooperative budget: a socket that stays ready spends the budget,
+            // and a budgeted timer would then not see its deadline until the socket waits (as
+            // `tokio::time::Timeout` also does it).
+            Some(t) => Pin::new(&mut tokio::task::unconstrained(t.as_mut()))
+                .poll(cx)
+                .map(|()| Err(Error::TimedOut)),
             None => Poll::Pending,
         }
     })
@@ -1041,6 +1055,89 @@ mod tests {
         // whole time.
         let at = second_request_times_out_at(10, 15, 35).await;
         assert!(near(at, 35), "{at:?}");
+    }
+
+    /// A request without a deadline on a connection that keeps an earlier request's timer:
+    /// the timer fires during it and is not looked at.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_without_a_deadline_ignores_the_kept_timer() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let host = HeaderValue::from_static("up");
+        let head = RequestHead::post("/x", [(&http::header::HOST, &host)]);
+        let upstream = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            for wait in [0, 5] {
+                assert!(server.read(&mut buf).await.unwrap() > 0);
+                tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                server
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+        });
+        let by = Instant::now() + std::time::Duration::from_secs(1);
+        let resp = Conn::new(client)
+            .send_with_head(&head, Bytes::from_static(b"{}"), Some(by))
+            .await
+            .unwrap();
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+        let conn = body.take_reusable().expect("reusable");
+        let resp = conn.send(post("{}")).await.expect("answered after 5 s");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(Instant::now() >= by + std::time::Duration::from_secs(4));
+        upstream.await.unwrap();
+    }
+
+    /// `100 Continue` then nothing: the deadline still holds; and an endless run of 1xx
+    /// responses is refused.
+    #[tokio::test(start_paused = true)]
+    async fn interim_responses_neither_stop_the_deadline_nor_go_on_forever() {
+        let host = HeaderValue::from_static("up");
+        let head = RequestHead::post("/x", [(&http::header::HOST, &host)]);
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let upstream = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            assert!(server.read(&mut buf).await.unwrap() > 0);
+            server
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .unwrap();
+            server
+        });
+        let by = Instant::now() + std::time::Duration::from_secs(2);
+        let err = Conn::new(client)
+            .send_with_head(&head, Bytes::from_static(b"{}"), Some(by))
+            .await
+            .err()
+            .expect("no real answer");
+        assert!(matches!(err, Error::TimedOut), "{err:?}");
+        assert_eq!(Instant::now(), by);
+        drop(upstream.await.unwrap());
+
+        let flood = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(MAX_INTERIM + 1);
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            assert!(server.read(&mut buf).await.unwrap() > 0);
+            server.write_all(&flood).await.unwrap();
+            server
+        });
+        let err = Conn::new(client)
+            .send_with_head(
+                &head,
+                Bytes::from_static(b"{}"),
+                Some(by + std::time::Duration::from_secs(60)),
+            )
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, Error::Parse(m) if m.contains("interim")),
+            "{err:?}"
+        );
     }
 
     /// An upstream that doesn't read a large request body: the deadline also bounds the write.

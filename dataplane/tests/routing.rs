@@ -463,8 +463,9 @@ async fn connection_resets_and_timeouts_are_retried_elsewhere() {
 }
 
 /// The first-byte deadline lives with the pooled upstream connection (`h1`'s timer, moved
-/// forward per request): after answered requests on a connection, one the upstream sits on
-/// still ends at its deadline, and a later answered one isn't cut short by an old deadline.
+/// forward per request). On one upstream connection: requests after an idle gap past the
+/// earlier deadlines aren't cut short, nor is one that ends after the previous request's
+/// deadline but within its own; one the upstream sits on still ends at its deadline.
 #[tokio::test]
 async fn the_first_byte_deadline_holds_on_a_reused_connection() {
     let up = MockUpstream::start(Behavior::Ok(ok()));
@@ -472,35 +473,45 @@ async fn the_first_byte_deadline_holds_on_a_reused_connection() {
         "{}{}{}",
         keys(),
         deployment("one", "gpt", &up.base_url(), ""),
-        policy(
-            "gpt",
-            "retries: {attempts: 1}, timeouts: {firstByte: 400ms}"
-        ),
+        policy("gpt", "retries: {attempts: 1}, timeouts: {firstByte: 1s}"),
     );
-    // The test's client keeps one connection to the gateway, so one worker (and its thread's
-    // upstream pool) serves every request: they share one upstream connection.
     let gw = Gateway::start(BIN, &m, &[]);
+    // One client, so one keep-alive connection to the gateway: one worker (and its thread's
+    // upstream pool) serves every request, and they share one upstream connection.
+    let c = client();
+    let chat = |gw: &Gateway, model: &str| {
+        c.post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
     for _ in 0..3 {
-        assert_eq!(chat(&gw, "gpt").await.status(), 200);
+        assert_eq!(chat(&gw, "gpt").await.expect("answer").status(), 200);
     }
-    // Past the first requests' deadlines, their timer has fired while idle.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(chat(&gw, "gpt").await.status(), 200);
+    assert_eq!(
+        up.stats.connections(),
+        1,
+        "the upstream connection is reused"
+    );
+    // Past the earlier requests' deadlines: their timer fired while the connection was idle.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(chat(&gw, "gpt").await.expect("answer").status(), 200);
+    // Answered 1.3 s after that request's start: past its deadline, within the next one's.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    up.set_behavior(Behavior::Ok(slow(800)));
+    assert_eq!(chat(&gw, "gpt").await.expect("answer").status(), 200);
+    assert_eq!(up.stats.connections(), 1, "still the one connection");
     up.set_behavior(Behavior::Ok(slow(5_000)));
     let t = Instant::now();
-    let r = chat(&gw, "gpt").await;
+    let r = chat(&gw, "gpt").await.expect("answer");
     let waited = t.elapsed();
     assert_eq!(r.status(), 504);
     assert!(
-        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(4),
         "{waited:?}"
     );
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["error"]["code"], "upstream_timeout", "{body}");
-    up.set_behavior(Behavior::Ok(slow(300)));
-    let t = Instant::now();
-    assert_eq!(chat(&gw, "gpt").await.status(), 200);
-    assert!(t.elapsed() >= Duration::from_millis(300));
     assert_eq!(up.stats.requests(), 6);
 }
 

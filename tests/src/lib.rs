@@ -410,6 +410,8 @@ pub enum Behavior {
 pub struct Stats {
     /// Requests received.
     pub requests: AtomicUsize,
+    /// Connections accepted.
+    pub connections: AtomicUsize,
     /// Streams whose body was dropped before the end (the peer went away).
     pub streams_cancelled: AtomicUsize,
     /// Streams sent to the end.
@@ -430,6 +432,11 @@ impl Stats {
     /// Requests received.
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// The last request body as JSON.
@@ -495,6 +502,7 @@ impl MockUpstream {
                         a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                         _ = &mut shutdown_rx => return,
                     };
+                    st.connections.fetch_add(1, Ordering::SeqCst);
                     let reset = matches!(*behavior_of(&bh), Behavior::Reset);
                     if reset {
                         let st = st.clone();
