@@ -42,6 +42,10 @@
 #                          the data plane's h1 upstream client, per-thread runtimes and pool,
 #                          same threads) doing nothing else; reports what Tollgate's own work
 #                          costs on top of it
+#   --busy-poll DUR        add the target tollgate+busy-poll: a second Tollgate (same flags) with
+#                          --busy-poll DUR (its threads poll their sockets for DUR after their
+#                          last work before sleeping); reports tollgate+busy-poll / tollgate per
+#                          scenario, its CPU, and its added p50 at c=1 over direct
 #   --pin                  pin wrk + mock to CPU 0 and the proxy under test to CPU 1
 #                          (use with --gateway-threads 1 --nginx-workers 1)
 #   --perf DIR             afterwards, profile Tollgate with `perf record` under load and count
@@ -68,6 +72,7 @@ LIMITS=0
 REDIS=0
 ROUTING=0
 BARE=0
+BUSY_POLL="" # --busy-poll's duration
 ROUTES=8 # deployments in the group of the --routing targets
 PIN=0
 PERF_DIR=""
@@ -98,6 +103,7 @@ while [[ $# -gt 0 ]]; do
         --redis) REDIS=1; LIMITS=1; shift ;;
         --routing) ROUTING=1; shift ;;
         --bare) BARE=1; shift ;;
+        --busy-poll) BUSY_POLL="$2"; shift 2 ;;
         --perf) PERF_DIR="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --bin-dir) BIN_DIR="$2"; shift 2 ;;
@@ -288,6 +294,15 @@ if [[ $ROUTING -eq 1 ]]; then
     done
 fi
 
+# --busy-poll: the same data plane, same flags and manifests, polling after its work.
+if [[ -n "$BUSY_POLL" ]]; then
+    "${PIN_PROXY[@]}" "$GATEWAY" --manifests "$TMP/manifests.yaml" --listen 127.0.0.1:0 \
+        --worker-threads "$GW_THREADS" --busy-poll "$BUSY_POLL" >"$TMP/gateway-busy-poll.log" 2>&1 &
+    GWB_PID=$!
+    PIDS+=("$GWB_PID")
+    GWB_PORT="$(wait_listening tollgate-dataplane "$TMP/gateway-busy-poll.log" "$GWB_PID")"
+fi
+
 # --bare: the HTTP stack alone, same threads, same upstream.
 if [[ $BARE -eq 1 ]]; then
     "${PIN_PROXY[@]}" "$BARE_BIN" 127.0.0.1:0 "127.0.0.1:$MOCK_PORT" "$GW_THREADS" >"$TMP/bare.log" 2>&1 &
@@ -372,6 +387,11 @@ if [[ $REDIS -eq 1 ]]; then
     URL[tollgate+redis]="http://127.0.0.1:$GWR_PORT/v1/chat/completions"
     TARGETS+=(tollgate+redis)
 fi
+if [[ -n "$BUSY_POLL" ]]; then
+    URL[tollgate+busy-poll]="http://127.0.0.1:$GWB_PORT/v1/chat/completions"
+    TARGETS+=(tollgate+busy-poll)
+    ((TW >= 18)) || TW=18
+fi
 if [[ $BARE -eq 1 ]]; then
     URL[hyper-floor]="http://127.0.0.1:$BARE_PORT/v1/chat/completions"
     TARGETS+=(hyper-floor)
@@ -394,6 +414,7 @@ target_pids() {
         tollgate) echo "$GW_PID" ;;
         tollgate+limits) echo "$GWL_PID" ;;
         tollgate+redis) echo "$GWR_PID" ;;
+        tollgate+busy-poll) echo "$GWB_PID" ;;
         tollgate+*) echo "${RT_PID[$1]}" ;;
         nginx) children "$NGINX_PID" ;;
         hyper-floor) echo "$BARE_PID" ;;
@@ -722,6 +743,17 @@ fi
         done
         echo "  added p50 at c=1 over direct: hyper-floor $(sub "${P50[plain-c1,hyper-floor]}" "${P50[plain-c1,direct]}") µs"
     fi
+    if [[ -n "$BUSY_POLL" ]]; then
+        echo
+        echo "Busy-polling (tollgate+busy-poll: --busy-poll $BUSY_POLL, vs tollgate)"
+        for name in plain-c1 plain-c64 stream-c16; do
+            printf '  %-22s tollgate+busy-poll/tollgate %s   tollgate+busy-poll/nginx %s   CPU µs/req %s   (%s)\n' "$(describe "$name")" \
+                "$(ratio "${RPS[$name,tollgate+busy-poll]}" "${RPS[$name,tollgate]}")" \
+                "$(ratio "${RPS[$name,tollgate+busy-poll]}" "${RPS[$name,nginx]}")" \
+                "$(sdiff "${CPU[$name,tollgate+busy-poll]}" "${CPU[$name,tollgate]}")" "$(unit "$name")"
+        done
+        echo "  added p50 at c=1 over direct: tollgate+busy-poll $(sub "${P50[plain-c1,tollgate+busy-poll]}" "${P50[plain-c1,direct]}") µs, tollgate ${ADDED_GW} µs"
+    fi
     if [[ $LIMITS -eq 1 ]]; then
         echo
         echo "Cost of limits and budgets (tollgate+limits vs tollgate)"
@@ -799,6 +831,16 @@ if [[ -n "$MARKDOWN" ]]; then
         echo "Tollgate/nginx round by round (each round's own pair of runs, sorted): c=64 $(round_ratios plain-c64 tollgate nginx); streams c=16 $(round_ratios stream-c16 tollgate nginx)."
         echo
         echo "Added p50 latency at c=1 over direct: Tollgate **${ADDED_GW} µs**, nginx ${ADDED_NGINX} µs."
+        if [[ -n "$BUSY_POLL" ]]; then
+            echo
+            echo "| busy-polling (--busy-poll $BUSY_POLL) | non-streaming c=1 | non-streaming c=64 | streaming c=16 |"
+            echo "|---|---:|---:|---:|"
+            echo "| rate, tollgate+busy-poll / tollgate | $(ratio "${RPS[plain-c1,tollgate+busy-poll]}" "${RPS[plain-c1,tollgate]}") | $(ratio "${RPS[plain-c64,tollgate+busy-poll]}" "${RPS[plain-c64,tollgate]}") | $(ratio "${RPS[stream-c16,tollgate+busy-poll]}" "${RPS[stream-c16,tollgate]}") |"
+            echo "| rate, tollgate+busy-poll / nginx | $(ratio "${RPS[plain-c1,tollgate+busy-poll]}" "${RPS[plain-c1,nginx]}") | $(ratio "${RPS[plain-c64,tollgate+busy-poll]}" "${RPS[plain-c64,nginx]}") | $(ratio "${RPS[stream-c16,tollgate+busy-poll]}" "${RPS[stream-c16,nginx]}") |"
+            echo "| CPU µs/req, tollgate+busy-poll − tollgate | $(sdiff "${CPU[plain-c1,tollgate+busy-poll]}" "${CPU[plain-c1,tollgate]}") | $(sdiff "${CPU[plain-c64,tollgate+busy-poll]}" "${CPU[plain-c64,tollgate]}") | $(sdiff "${CPU[stream-c16,tollgate+busy-poll]}" "${CPU[stream-c16,tollgate]}") |"
+            echo
+            echo "Added p50 latency at c=1 over direct with busy-polling: **$(sub "${P50[plain-c1,tollgate+busy-poll]}" "${P50[plain-c1,direct]}") µs** (tollgate+busy-poll), ${ADDED_GW} µs without (tollgate)."
+        fi
         if [[ $LIMITS -eq 1 ]]; then
             echo
             echo "| $( [[ $REDIS -eq 1 ]] && echo "limits vs none (tollgate)" || echo "tollgate+limits vs tollgate") | non-streaming c=1 | non-streaming c=64 | streaming c=16 |"

@@ -96,6 +96,11 @@ pub struct Args {
     /// socket and upstream pool) or `work-stealing` (one shared multi-threaded runtime).
     #[arg(long, env = "TOLLGATE_RUNTIME", value_enum, default_value = "per-core")]
     pub runtime: RuntimeKind,
+    /// With `per-core`: how long a worker thread keeps polling its sockets after its last work
+    /// before it sleeps, so that the next event doesn't wait for an idle CPU to wake (slow on
+    /// VMs). Costs CPU while it polls; `0` turns it off. See `docs/benchmarks.md`.
+    #[arg(long, env = "TOLLGATE_BUSY_POLL", default_value = "0", value_parser = humantime_duration)]
+    pub busy_poll: Duration,
 }
 
 /// How requests are spread over threads.
@@ -150,6 +155,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .max(1);
     match args.runtime {
         RuntimeKind::PerCore => run_per_core(args, threads),
+        RuntimeKind::WorkStealing if !args.busy_poll.is_zero() => {
+            anyhow::bail!(
+                "--busy-poll needs --runtime per-core (a work-stealing runtime's threads steal work instead of polling for their own)"
+            )
+        }
         RuntimeKind::WorkStealing => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .enable_all()
@@ -171,10 +181,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// cross-thread wake-ups or work stealing on the request path. The first thread also runs the
 /// background tasks (reload, metrics upkeep).
 fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
+    let busy_poll = args.busy_poll;
     let current = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        b.enable_all();
+        if !busy_poll.is_zero() {
+            b.on_thread_unpark(crate::busy_poll::unparked);
+        }
+        let rt = b.build()?;
+        if !busy_poll.is_zero() {
+            rt.spawn(crate::busy_poll::spin(busy_poll));
+        }
+        std::io::Result::Ok(rt)
     };
     let rt = current()?;
     let (state, listener) = rt.block_on(async {

@@ -20,6 +20,7 @@
 pub mod accounting;
 pub mod admin;
 pub mod auth;
+pub mod busy_poll;
 pub mod cli;
 pub mod cluster;
 pub mod connections;

@@ -92,7 +92,8 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let registration = conns.open();
-        tokio::spawn(async move {
+        // Tracked: its polls are the work that keeps a busy-polling thread polling.
+        tokio::spawn(crate::busy_poll::tracked(async move {
             let conn = registration.state.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
@@ -125,7 +126,7 @@ pub async fn serve(
             if let Err(e) = ended {
                 tracing::trace!("connection ended: {e}");
             }
-        });
+        }));
     }
     drop(listener);
     conns.shutdown().await;
@@ -378,6 +379,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .unwrap_or_default();
     crate::metrics::render_ledger(&state.ledger, state.settings.per_key_metrics, &mut out);
     crate::metrics::render_routes(&state.snapshot.load(), &mut out);
+    crate::busy_poll::render(&mut out);
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -618,6 +618,66 @@ async fn health_and_metrics_endpoints() {
     assert_eq!((s, e["code"].as_str().unwrap()), (404, "unknown_url"));
 }
 
+/// `--busy-poll`: requests are served as without it, the threads poll for the window after
+/// their work, and an idle gateway sleeps.
+#[tokio::test]
+async fn busy_polling_serves_requests_and_sleeps_when_idle() {
+    let up = ok_upstream();
+    let gw = Gateway::start(BIN, &manifests(&up.base_url()), &["--busy-poll", "300ms"]);
+    let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "hello from upstream");
+    let body =
+        json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let events = read_sse(post(&gw, "/v1/chat/completions", Some(KEY), body).await).await;
+    assert_eq!(events.last().map(String::as_str), Some("data: [DONE]"));
+    // The request's thread polled for 300 ms after it (at least one window, closed by now).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let windows: u64 = metric(&gw, "tollgate_busy_poll_windows_total ")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    let polled: f64 = metric(&gw, "tollgate_busy_poll_seconds_total ")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(windows >= 1, "no polling window after two requests");
+    assert!(
+        polled >= 0.3 * windows as f64,
+        "{windows} windows of 300 ms polled only {polled} s"
+    );
+    // Then it sleeps: the reload check (every 100 ms here) wakes a thread without work, which
+    // starts no window. (The scrapes above started one; it is over after 300 ms.)
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let cpu = gw.cpu_ms();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = gw.cpu_ms() - cpu;
+    assert!(
+        idle <= 200,
+        "an idle gateway should sleep, but used {idle} ms of CPU in a second"
+    );
+}
+
+/// `--busy-poll` needs the per-core runtime; with the work-stealing one, startup says so.
+#[test]
+fn busy_polling_with_work_stealing_is_refused() {
+    let out = std::process::Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--manifests", "/nonexistent"])
+        .args(["--runtime", "work-stealing", "--busy-poll", "100us"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--busy-poll needs --runtime per-core"),
+        "{err}"
+    );
+}
+
 #[test]
 fn invalid_manifests_fail_startup_with_the_reason() {
     let out = std::process::Command::new(BIN)

@@ -1,0 +1,250 @@
+//! Busy-polling: a worker that just did work keeps polling its sockets for a short window
+//! before it sleeps, so that the next event (the upstream's answer, the client's next request)
+//! is picked up at once instead of after the CPU wakes from idle.
+//!
+//! Waking an idle CPU is slow on virtual machines: the guest halts the vCPU, the host
+//! deschedules it, and the wake-up goes through the host's scheduler, tens to hundreds of
+//! microseconds. Linux's `cpuidle-haltpoll` driver hides this inside the guest by polling for a
+//! while before halting (`guest_halt_poll_ns`, 200 µs by default), but many VMs run with it off
+//! (the benchmark machine has `haltpoll.guest_halt_poll_ns=0`), and then a proxy pays the wake-up
+//! twice per request, once for each hop it adds. This module does the same for the gateway's own
+//! threads only, in user space, in the spirit of Go's scheduler, which spins before parking.
+//!
+//! How: on each per-core runtime, a [`spin`] task sleeps until the thread wakes from a real park
+//! ([`unparked`], tokio's `on_thread_unpark` hook). Then, until `window` has passed with no work,
+//! it yields: a yielded task makes tokio's current-thread scheduler poll the I/O driver without
+//! blocking (`epoll_wait` with a zero timeout) before running it again, so the thread checks its
+//! sockets in a loop instead of sleeping. Work is what [`tracked`] futures (the client
+//! connections' tasks, which also drive their upstream requests) count when they are polled;
+//! any since the spinner's last look starts the window again.
+//!
+//! The cost is CPU: a thread keeps a core busy for up to `window` after its last work. An idle
+//! gateway costs nothing (it wakes for its timers a few times a second); a gateway whose threads
+//! see an event at least every `window` keeps them at 100 % (that is when the latency matters).
+//! Under CPU limits that time counts against the quota. `--busy-poll 0` turns it off.
+
+use std::cell::Cell;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Polling windows ended, by all threads (`tollgate_busy_poll_windows_total`).
+static WINDOWS_TOTAL: AtomicU64 = AtomicU64::new(0);
+/// Time spent in polling windows, by all threads, in µs (`tollgate_busy_poll_seconds_total`):
+/// an upper bound of the CPU that busy-polling costs (less when it gave the CPU away).
+static POLLED_US: AtomicU64 = AtomicU64::new(0);
+
+/// The busy-polling series, in Prometheus text format.
+pub fn render(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP tollgate_busy_poll_windows_total Polling windows a worker thread ended: times it kept polling after work instead of sleeping (--busy-poll).\n\
+         # TYPE tollgate_busy_poll_windows_total counter\n\
+         tollgate_busy_poll_windows_total {}\n\
+         # HELP tollgate_busy_poll_seconds_total Time worker threads spent polling after work instead of sleeping (--busy-poll).\n\
+         # TYPE tollgate_busy_poll_seconds_total counter\n\
+         tollgate_busy_poll_seconds_total {}",
+        WINDOWS_TOTAL.load(Relaxed),
+        POLLED_US.load(Relaxed) as f64 / 1e6
+    );
+}
+
+thread_local! {
+    /// The sleeping [`spin`] task of this thread's runtime, if any.
+    static SLEEPING: Cell<Option<Waker>> = const { Cell::new(None) };
+    /// Polls of [`tracked`] futures on this thread.
+    static WORK: Cell<u64> = const { Cell::new(0) };
+    /// Polling windows this thread's [`spin`] task started.
+    #[cfg(test)]
+    static WINDOWS: Cell<u64> = const { Cell::new(0) };
+    /// Rounds of polling (yields) of this thread's [`spin`] task.
+    #[cfg(test)]
+    static POLLS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// `f`, counting its polls as work for this thread's [`spin`] task. Costs a thread-local
+/// increment per poll.
+pub async fn tracked<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| {
+        WORK.set(WORK.get().wrapping_add(1));
+        f.as_mut().poll(cx)
+    })
+    .await
+}
+
+/// The runtime's `on_thread_unpark` hook: the thread woke from a park because it has work, so
+/// the spinning task (if this thread has one) starts a window.
+pub fn unparked() {
+    if let Some(w) = SLEEPING.take() {
+        w.wake();
+    }
+}
+
+/// Runs forever on a current-thread runtime whose `on_thread_unpark` hook calls [`unparked`]:
+/// after a wake-up that led to work, keeps the thread polling its sockets until `window` passes
+/// with no work. A wake-up that did none (a background timer: the reload check, the idle sweep)
+/// costs no polling.
+pub async fn spin(window: Duration) {
+    let mut seen = WORK.get();
+    loop {
+        // Asleep until the thread wakes from a park and does work. The tasks that the wake-up
+        // readied were queued before this one (the hook runs after the I/O driver), so their
+        // work is counted by the time this one looks.
+        loop {
+            sleep_until_unparked().await;
+            if WORK.get() != seen {
+                break;
+            }
+        }
+        #[cfg(test)]
+        WINDOWS.set(WINDOWS.get() + 1);
+        let started = Instant::now();
+        let mut until = started + window;
+        loop {
+            let work = WORK.get();
+            let now = Instant::now();
+            if work != seen {
+                seen = work;
+                until = now + window;
+            } else if now >= until {
+                WINDOWS_TOTAL.fetch_add(1, Relaxed);
+                let polled = now.duration_since(started).as_micros();
+                POLLED_US.fetch_add(u64::try_from(polled).unwrap_or(u64::MAX), Relaxed);
+                break;
+            }
+            // Let another thread that wants this CPU have it (the load generator, the mock or a
+            // neighbour pod's process): polling only takes time no one else wants.
+            std::thread::yield_now();
+            #[cfg(test)]
+            POLLS.set(POLLS.get() + 1);
+            // Back after tokio has polled the I/O driver without blocking.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Resolves once [`unparked`] is called on this thread (after this future first waits).
+async fn sleep_until_unparked() {
+    let mut waiting = false;
+    std::future::poll_fn(|cx| {
+        if waiting
+            && SLEEPING.with(|s| {
+                let w = s.take();
+                let woken = w.is_none();
+                s.set(w);
+                woken
+            })
+        {
+            return Poll::Ready(());
+        }
+        waiting = true;
+        SLEEPING.set(Some(cx.waker().clone()));
+        Poll::Pending
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_unpark(unparked)
+            .build()
+            .expect("runtime")
+    }
+
+    /// This thread's CPU time from procfs (utime + stime, in clock ticks of 10 ms): what shows
+    /// polling, which wall time can't tell from sleeping.
+    fn thread_cpu_ms() -> u64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("procfs");
+        // The fields after the command (which may hold spaces) start after its parenthesis.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        10 * (f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime"))
+    }
+
+    /// Lets the runtime run everything ready, then a little more.
+    async fn settle() {
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn wake_ups_without_work_cost_no_polling() {
+        let rt = runtime();
+        rt.block_on(async {
+            tokio::spawn(spin(Duration::from_millis(50)));
+            settle().await;
+            let cpu = thread_cpu_ms();
+            // Timers wake the thread from its park ten times; nothing tracked runs.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            assert_eq!(WINDOWS.get(), 0, "an untracked wake-up started a window");
+            assert_eq!(POLLS.get(), 0);
+            let used = thread_cpu_ms() - cpu;
+            assert!(used <= 100, "idle, the thread used {used} ms of CPU in 300");
+        });
+    }
+
+    #[test]
+    fn work_after_a_wake_up_polls_for_the_window_then_sleeps() {
+        let rt = runtime();
+        rt.block_on(async {
+            tokio::spawn(spin(Duration::from_millis(50)));
+            settle().await;
+            // Work after a wake-up from a park (the sleep's timer).
+            tracked(tokio::time::sleep(Duration::from_millis(10))).await;
+            settle().await;
+            assert_eq!(WINDOWS.get(), 1, "the work should start a window");
+            // The window: the thread polls instead of parking for this sleep's timer.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let polls = POLLS.get();
+            assert!(
+                polls >= 10,
+                "only {polls} rounds of polling in 20 ms of window"
+            );
+            // Past the window, nothing more: the thread sleeps.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (polls, cpu) = (POLLS.get(), thread_cpu_ms());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(POLLS.get(), polls, "still polling past the window");
+            let used = thread_cpu_ms() - cpu;
+            assert!(
+                used <= 100,
+                "asleep, the thread used {used} ms of CPU in 200"
+            );
+        });
+    }
+
+    #[test]
+    fn tracked_work_keeps_the_window_open() {
+        let rt = runtime();
+        rt.block_on(async {
+            tokio::spawn(spin(Duration::from_millis(100)));
+            settle().await;
+            // Tracked work every 20 ms for 300 ms: each restarts the 100 ms window, so the
+            // spinner never sleeps (one window). Untracked, each 20 ms timer would fire while
+            // polling, and the window would close 100 ms after the first.
+            tracked(async {
+                for _ in 0..15 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            assert_eq!(WINDOWS.get(), 1, "the spinner slept between tracked work");
+            let polls = POLLS.get();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(
+                POLLS.get() > polls,
+                "the window should outlast the work by 100 ms"
+            );
+        });
+    }
+}
