@@ -48,6 +48,12 @@ pub struct Args {
     /// the side that closes a pooled connection as a request is sent on it.
     #[arg(long, env = "TOLLGATE_IDLE_TIMEOUT", default_value = "620s", value_parser = idle_timeout)]
     pub idle_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests (long streams included) may run before their
+    /// connections are closed; then usage is flushed and the process exits. Keep it a few
+    /// seconds under the pod's `terminationGracePeriodSeconds` (30 s by default; the Helm chart
+    /// sets this flag from its own), so that the flush happens before Kubernetes' SIGKILL.
+    #[arg(long, env = "TOLLGATE_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = humantime_duration)]
+    pub shutdown_timeout: Duration,
     /// How often the manifests are checked for changes.
     #[arg(long, env = "TOLLGATE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime_duration)]
     pub reload_interval: Duration,
@@ -278,6 +284,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         max_body_bytes: args.max_body_bytes,
         per_key_metrics: args.per_key_metrics,
         idle_timeout: args.idle_timeout,
+        shutdown_timeout: args.shutdown_timeout,
     };
     let usage_log = args
         .usage_log

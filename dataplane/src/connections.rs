@@ -14,7 +14,10 @@
 //!   idle timeout, and closes those that had no request in flight and started none for a whole
 //!   idle timeout (between one and one and a quarter): idle keep-alive connections, clients that
 //!   connected and sent nothing, and clients that never finish a request head;
-//! - [`Connections::shutdown`] closes them all and waits until they are gone.
+//! - [`Connections::shutdown`] closes them all and waits until they are gone, for at most the
+//!   shutdown timeout: then the connections still serving a request (a long stream) are dropped,
+//!   which settles their requests as if the clients had gone, so that what the process holds
+//!   (the usage log) is flushed before Kubernetes' `SIGKILL` at the end of the grace period.
 //!
 //! Closing is hyper's graceful shutdown: a connection serving a request finishes it (and
 //! flushes it) and ends, an idle one ends at once, HTTP/2 gets a GOAWAY. hyper waits for a
@@ -43,6 +46,8 @@ const OPEN: u8 = 0;
 const IDLE: u8 = 1;
 /// Close it: the server is shutting down.
 const SHUTDOWN: u8 = 2;
+/// Drop it now, even mid-request: the shutdown timeout has passed.
+const ABORT: u8 = 3;
 
 /// What a connection shares with its listener's [`Connections`].
 #[derive(Debug, Default)]
@@ -126,7 +131,7 @@ impl ConnState {
         self.started.load(Ordering::Acquire) == finished
     }
 
-    /// Asks the connection's task to close it, for `why` ([`IDLE`] or [`SHUTDOWN`]).
+    /// Asks the connection's task to close it, for `why` ([`IDLE`], [`SHUTDOWN`] or [`ABORT`]).
     fn close(&self, why: u8) {
         self.close.fetch_max(why, Ordering::Release);
         let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -228,6 +233,10 @@ impl Connections {
                 conn.as_mut().graceful_shutdown();
                 grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
             }
+            if grace.is_some() && state.close.load(Ordering::Acquire) == ABORT {
+                // Dropped with whatever it was serving (the shutdown timeout passed).
+                return std::task::Poll::Ready(Ok(()));
+            }
             if let std::task::Poll::Ready(ended) = conn.as_mut().poll(cx) {
                 return std::task::Poll::Ready(ended);
             }
@@ -279,11 +288,28 @@ impl Connections {
     }
 
     /// Closes every connection (each finishes the request it is serving) and waits until all
-    /// have ended.
-    pub async fn shutdown(&self) {
-        for e in self.lock().conns.values() {
-            e.state.close(SHUTDOWN);
+    /// have ended, or until `timeout`: then those still open are dropped mid-request, and this
+    /// returns once their tasks have ended.
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.close_all(SHUTDOWN);
+        if tokio::time::timeout(timeout, self.emptied()).await.is_err() {
+            let n = self.lock().conns.len();
+            tracing::warn!(
+                "shutdown timeout ({timeout:?}) passed with {n} connection(s) still serving: closing them mid-request"
+            );
+            self.close_all(ABORT);
+            self.emptied().await;
         }
+    }
+
+    fn close_all(&self, why: u8) {
+        for e in self.lock().conns.values() {
+            e.state.close(why);
+        }
+    }
+
+    /// Resolves when no connection is open.
+    async fn emptied(&self) {
         loop {
             let emptied = self.emptied.notified();
             let mut emptied = std::pin::pin!(emptied);

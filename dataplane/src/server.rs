@@ -129,7 +129,7 @@ pub async fn serve(
         }));
     }
     drop(listener);
-    conns.shutdown().await;
+    conns.shutdown(shared.state.settings.shutdown_timeout).await;
 }
 
 /// A response body that counts its request finished when it is dropped (sent, or abandoned by

@@ -19,6 +19,8 @@ pub struct Settings {
     pub per_key_metrics: bool,
     /// How long a client connection may stay open without a request before it is closed.
     pub idle_timeout: std::time::Duration,
+    /// How long shutdown waits for in-flight requests before closing their connections.
+    pub shutdown_timeout: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -27,6 +29,7 @@ impl Default for Settings {
             max_body_bytes: 16 << 20,
             per_key_metrics: false,
             idle_timeout: std::time::Duration::from_secs(620),
+            shutdown_timeout: std::time::Duration::from_secs(25),
         }
     }
 }

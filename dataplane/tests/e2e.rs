@@ -662,6 +662,68 @@ async fn busy_polling_serves_requests_and_sleeps_when_idle() {
     );
 }
 
+/// SIGTERM with a stream in flight: the stream may run for the shutdown timeout, then its
+/// connection is closed, its request settled and the usage log flushed before the process
+/// exits (on Kubernetes: before the SIGKILL at the end of the grace period).
+#[tokio::test]
+async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage() {
+    // A 10 s stream: 100 chunks, 100 ms apart.
+    let up = MockUpstream::start(Behavior::Ok(MockConfig {
+        reply: "word ".repeat(100),
+        chunks: Some(100),
+        chunk_delay_ms: 100,
+        prompt_tokens: Some(10),
+        completion_tokens: Some(100),
+        ..Default::default()
+    }));
+    let mut gw = Gateway::start(
+        BIN,
+        &manifests(&up.base_url()),
+        &[
+            "--shutdown-timeout",
+            "1s",
+            "--usage-log",
+            "{dir}/usage.jsonl",
+        ],
+    );
+    let done = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+    assert_eq!(done.status(), 200);
+    done.bytes().await.unwrap();
+    let body =
+        json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let mut streaming = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    assert_eq!(streaming.status(), 200);
+    assert!(streaming.chunk().await.unwrap().is_some());
+
+    let asked = std::time::Instant::now();
+    assert!(gw.terminate(), "the gateway should exit cleanly");
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "exit should come at the 1 s shutdown timeout, not at the stream's end (10 s): {took:?}"
+    );
+    assert!(
+        gw.logs().contains("shutdown timeout"),
+        "the cut should be logged: {}",
+        gw.logs()
+    );
+    // The client sees its stream end early, without `[DONE]`.
+    let mut rest = Vec::new();
+    while let Ok(Some(c)) = streaming.chunk().await {
+        rest.extend_from_slice(&c);
+    }
+    assert!(!String::from_utf8_lossy(&rest).contains("[DONE]"));
+    // Both requests are in the flushed log: the finished one, and the cut one as a request
+    // whose client went away.
+    let log = std::fs::read_to_string(gw.manifest_dir().join("usage.jsonl")).unwrap();
+    let outcomes: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["outcome"].to_string())
+        .collect();
+    assert_eq!(outcomes, [r#""success""#, r#""client_gone""#], "{log}");
+}
+
 /// `--busy-poll` needs the per-core runtime; with the work-stealing one, startup says so.
 #[test]
 fn busy_polling_with_work_stealing_is_refused() {

@@ -556,6 +556,12 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
     ]);
     let args = args_of(&container(&kube, RELEASE));
     assert!(args.contains(&"--manifests".to_string()), "{args:?}");
+    // The grace period (60 s) less 5 s for the flush after in-flight requests.
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--shutdown-timeout" && w[1] == "55s"),
+        "{args:?}"
+    );
     // The data plane's selector is the same in both modes, so the upgrade changes the
     // Deployment in place (a selector change would make Helm fail here).
     let notes = helm.ok(&[
