@@ -13,9 +13,9 @@
 //! What it does not do, because the gateway never asks for it: pipelining, `Expect:
 //! 100-continue`, upgrades, HEAD. 1xx interim responses are skipped. Anything malformed is an
 //! error and the connection is not reused. The request is written whole before the answer is
-//! read, so an upstream that answers early (a 413 to a body larger than the socket buffers)
-//! and closes while the body is still going out is reported as a failed connection rather
-//! than with its answer; hyper read while writing.
+//! read; an upstream that answers early (a 413 to a body larger than the socket buffers) and
+//! closes while the body is still going out makes that write fail, and its answer is then read
+//! from what the socket still holds (hyper reads while it writes instead).
 //!
 //! Of the response's headers, only those the gateway reads are kept: `Content-Type`, and
 //! `Retry-After` (see [`KEPT_HEADERS`]). The ones that frame this hop (`Content-Length`,
@@ -183,7 +183,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         }
         match sent {
             Ok(()) => {}
-            Err(e) if closed_kind(&e) => return Err(Error::Closed(Some(e))),
+            Err(e) if closed_kind(&e) => {
+                return match self.early_answer(timer).await {
+                    Some(resp) => Ok(resp),
+                    None => Err(Error::Closed(Some(e))),
+                };
+            }
             Err(e) => return Err(Error::Io(e)),
         }
         let mut any = false;
@@ -218,6 +223,37 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 Err(e) => return Err(Error::Io(e)),
             }
         }
+    }
+
+    /// The answer an upstream sent before it closed the connection on a request it stopped
+    /// reading (a 413 to a body too large for it, sent as soon as the head arrived): after a
+    /// failed write, whatever the socket still holds, read until it ends. The connection is
+    /// closed (reset) by then, so the reads end at once; it is not reused. `None` if no complete
+    /// response head is there (a pooled connection the upstream had closed while idle: the
+    /// caller may then send the request again on a new one).
+    async fn early_answer(
+        mut self,
+        mut timer: Option<Pin<Box<Sleep>>>,
+    ) -> Option<Response<Body<T>>> {
+        for _ in 0..=MAX_INTERIM {
+            loop {
+                match self.parse_head() {
+                    Ok(Some(head)) if head.status.is_informational() => break,
+                    Ok(Some(mut head)) => {
+                        head.close = true;
+                        return Some(self.into_response(head));
+                    }
+                    Ok(None) if self.buf.len() < MAX_HEAD => {}
+                    _ => return None,
+                }
+                reserve(&mut self.buf);
+                match before(&mut timer, self.io.read_buf(&mut self.buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+        }
+        None
     }
 
     /// A complete response head at the start of the buffer, consumed; `None` when more bytes
@@ -1154,6 +1190,62 @@ mod tests {
             .expect("the body can't be written");
         assert!(matches!(err, Error::TimedOut), "{err:?}");
         assert_eq!(Instant::now(), by);
+    }
+
+    /// An upstream on real TCP that reads the request head, answers `answer` (if any) and
+    /// closes with the body unread, which makes the kernel reset the connection and the body's
+    /// write fail. Returns what sending a 32 MiB body to it gives.
+    async fn send_big_body_to_a_closer(
+        answer: Option<&'static [u8]>,
+    ) -> Result<Response<Body<tokio::net::TcpStream>>, Error> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the head");
+                head.extend_from_slice(&buf[..n]);
+            }
+            if let Some(a) = answer {
+                s.write_all(a).await.unwrap();
+            }
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut req = post("");
+        *req.body_mut() = Bytes::from(vec![b'x'; 32 << 20]);
+        let result = Conn::new(tcp).send(req).await;
+        upstream.await.unwrap();
+        result
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_to_a_body_never_read_comes_back() {
+        const ANSWER: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: 26\r\n\r\n{\"error\":\"body too large\"}";
+        let resp = send_big_body_to_a_closer(Some(ANSWER))
+            .await
+            .expect("the upstream's answer, not a failed connection");
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let mut body = resp.into_body();
+        let mut data = BytesMut::new();
+        while let Some(f) = body.frame().await {
+            data.extend_from_slice(&f.expect("the answer's body").into_data().unwrap());
+        }
+        assert_eq!(&data[..], b"{\"error\":\"body too large\"}");
+        assert!(
+            body.take_reusable().is_none(),
+            "a reset connection is not reused"
+        );
+
+        // Without an answer it is a closed connection, as before (a pooled one is then sent
+        // again on a new connection).
+        let err = send_big_body_to_a_closer(None)
+            .await
+            .err()
+            .expect("no answer");
+        assert!(err.is_closed(), "{err:?}");
     }
 
     #[tokio::test]

@@ -662,6 +662,43 @@ async fn busy_polling_serves_requests_and_sleeps_when_idle() {
     );
 }
 
+/// An upstream that refuses a large body as soon as it has the request head (a 413, as vLLM or
+/// a proxy in front of it may) and closes without reading the rest: the client gets that
+/// answer, not a failed connection.
+#[tokio::test]
+async fn an_upstream_answer_sent_before_the_body_was_read_reaches_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: &str = r#"{"error":{"message":"request too large for this deployment","type":"invalid_request_error","code":"request_too_large"}}"#;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let answer = format!(
+                "HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ANSWER}",
+                ANSWER.len()
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+            // Dropped with the body unread: the connection is reset.
+        }
+    });
+    let gw = Gateway::start(BIN, &manifests(&url), &[]);
+    let big =
+        json!({"model": "gpt", "messages": [{"role": "user", "content": "x".repeat(8 << 20)}]})
+            .to_string();
+    let resp = post(&gw, "/v1/chat/completions", Some(KEY), big).await;
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.text().await.unwrap(), ANSWER);
+}
+
 /// SIGTERM with a stream in flight: the stream may run for the shutdown timeout, then its
 /// connection is closed, its request settled and the usage log flushed before the process
 /// exits (on Kubernetes: before the SIGKILL at the end of the grace period).
