@@ -54,6 +54,12 @@ pub struct Args {
     /// sets this flag from its own), so that the flush happens before Kubernetes' SIGKILL.
     #[arg(long, env = "TOLLGATE_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = humantime_duration)]
     pub shutdown_timeout: Duration,
+    /// On SIGTERM, how long to keep accepting new requests (with `/health/readiness` failing)
+    /// before closing the listeners: the time Kubernetes takes to remove a terminating pod from
+    /// its Services' endpoints everywhere, during which clients still send to it. The Helm chart
+    /// sets `5s`; standalone there is nothing to wait for.
+    #[arg(long, env = "TOLLGATE_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime_duration)]
+    pub shutdown_delay: Duration,
     /// How often the manifests are checked for changes.
     #[arg(long, env = "TOLLGATE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime_duration)]
     pub reload_interval: Duration,
@@ -105,7 +111,7 @@ pub struct Args {
     /// With `per-core`: how long a worker thread keeps polling its sockets after its last work
     /// before it sleeps, so that the next event doesn't wait for an idle CPU to wake (slow on
     /// VMs). Costs CPU while it polls; `0` turns it off. See `docs/benchmarks.md`.
-    #[arg(long, env = "TOLLGATE_BUSY_POLL", default_value = "0", value_parser = humantime_duration)]
+    #[arg(long, env = "TOLLGATE_BUSY_POLL", default_value = "0", value_parser = busy_poll)]
     pub busy_poll: Duration,
 }
 
@@ -129,6 +135,16 @@ pub enum LogFormat {
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
     tollgate_crds::common::parse_duration(s)
+}
+
+/// `--busy-poll`: at most 10 ms. Probes and scrapes open a window too, and longer windows mostly
+/// burn CPU: the wake-ups it hides take tens to hundreds of microseconds.
+fn busy_poll(s: &str) -> Result<Duration, String> {
+    let d = humantime_duration(s)?;
+    if d > Duration::from_millis(10) {
+        return Err("must be at most 10ms (100us is typical)".into());
+    }
+    Ok(d)
 }
 
 /// `--idle-timeout`: a duration of at least a second (the sweeper looks four times per timeout).
@@ -175,6 +191,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let listener = bind(args.listen, ReusePort::No)?;
                 announce(&state, listener.local_addr()?);
                 serve_on(listener, state.clone()).await?;
+                if let Some(shared) = &state.shared {
+                    shared.settled(SETTLE_GRACE).await;
+                }
                 close(&state).await;
                 Ok(())
             }),
@@ -194,11 +213,19 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
         if !busy_poll.is_zero() {
             b.on_thread_unpark(crate::busy_poll::unparked);
         }
-        let rt = b.build()?;
+        b.build()
+    };
+    // Each thread's serving, from its own block_on (the spinner's state is per thread), and
+    // until the Redis settlements its cut requests started are done.
+    let serve = move |listener, state: Arc<AppState>| async move {
         if !busy_poll.is_zero() {
-            rt.spawn(crate::busy_poll::spin(busy_poll));
+            tokio::spawn(crate::busy_poll::spin(busy_poll));
         }
-        std::io::Result::Ok(rt)
+        let served = serve_on(listener, state.clone()).await;
+        if let Some(shared) = &state.shared {
+            shared.settled(SETTLE_GRACE).await;
+        }
+        served
     };
     let rt = current()?;
     let (state, listener) = rt.block_on(async {
@@ -215,18 +242,30 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
         handles.push(
             std::thread::Builder::new()
                 .name(format!("tollgate-worker-{i}"))
-                .spawn(move || rt.block_on(serve_on(listener, state)))?,
+                .spawn(move || rt.block_on(serve(listener, state)))?,
         );
     }
     announce(&state, addr);
-    rt.block_on(serve_on(listener, state.clone()))?;
-    for h in handles {
-        h.join()
-            .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
-    }
-    rt.block_on(close(&state));
-    Ok(())
+    rt.block_on(async {
+        serve(listener, state.clone()).await?;
+        // The workers are joined while this runtime still runs: the background tasks on it
+        // (the Redis connection, the usage writers) serve their last requests.
+        tokio::task::spawn_blocking(move || {
+            for h in handles {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
+            }
+            anyhow::Ok(())
+        })
+        .await??;
+        close(&state).await;
+        anyhow::Ok(())
+    })
 }
+
+/// How long a thread that stopped serving waits for the Redis settlements it started (each is
+/// one script call, normally a millisecond).
+const SETTLE_GRACE: Duration = Duration::from_secs(5);
 
 /// After the listeners stopped and in-flight requests finished: flush what is still buffered.
 async fn close(state: &AppState) {
@@ -285,6 +324,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         per_key_metrics: args.per_key_metrics,
         idle_timeout: args.idle_timeout,
         shutdown_timeout: args.shutdown_timeout,
+        shutdown_delay: args.shutdown_delay,
     };
     let usage_log = args
         .usage_log
@@ -405,7 +445,20 @@ fn bind(addr: SocketAddr, reuse_port: ReusePort) -> anyhow::Result<tokio::net::T
 }
 
 async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
-    crate::server::serve(listener, state, shutdown_signal()).await;
+    let stop = {
+        let state = state.clone();
+        async move {
+            shutdown_signal().await;
+            let delay = state.settings.shutdown_delay;
+            if state.drain() && !delay.is_zero() {
+                tracing::info!(
+                    "shutting down: readiness fails now; still accepting requests for {delay:?} (--shutdown-delay)"
+                );
+            }
+            tokio::time::sleep(delay).await;
+        }
+    };
+    crate::server::serve(listener, state, stop).await;
     tracing::info!("shut down");
     Ok(())
 }

@@ -27,7 +27,7 @@
 
 use hyper_util::server::graceful::GracefulConnection;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 use std::time::Duration;
@@ -146,7 +146,23 @@ impl ConnState {
 pub struct Connections {
     idle_timeout: Duration,
     open: Mutex<Open>,
+    /// Tasks that serve a connection's requests apart from it (HTTP/2 streams, see
+    /// [`Connections::task`]), still running.
+    tasks: AtomicUsize,
     emptied: tokio::sync::Notify,
+}
+
+/// A task serving one of a connection's requests (an HTTP/2 stream), counted until dropped:
+/// shutdown waits for these too, since they settle their requests after the connection is gone.
+#[derive(Debug)]
+pub struct Task(Arc<Connections>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        if self.0.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.emptied.notify_waiters();
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -191,8 +207,15 @@ impl Connections {
         Arc::new(Self {
             idle_timeout,
             open: Mutex::default(),
+            tasks: AtomicUsize::new(0),
             emptied: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Counts a task serving a request apart from its connection, until the guard is dropped.
+    pub fn task(self: &Arc<Self>) -> Task {
+        self.tasks.fetch_add(1, Ordering::AcqRel);
+        Task(self.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
@@ -298,7 +321,16 @@ impl Connections {
                 "shutdown timeout ({timeout:?}) passed with {n} connection(s) still serving: closing them mid-request"
             );
             self.close_all(ABORT);
-            self.emptied().await;
+            // Dropped connections end at their next poll; HTTP/2 streams' tasks see the
+            // connection gone and end too, settling their requests. Bounded all the same.
+            if tokio::time::timeout(CLOSE_GRACE, self.emptied())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "some requests were still being served {CLOSE_GRACE:?} after they were cut"
+                );
+            }
         }
     }
 
@@ -308,13 +340,13 @@ impl Connections {
         }
     }
 
-    /// Resolves when no connection is open.
+    /// Resolves when no connection is open and no [`Task`] runs.
     async fn emptied(&self) {
         loop {
             let emptied = self.emptied.notified();
             let mut emptied = std::pin::pin!(emptied);
             emptied.as_mut().enable();
-            if self.lock().conns.is_empty() {
+            if self.lock().conns.is_empty() && self.tasks.load(Ordering::Acquire) == 0 {
                 return;
             }
             emptied.await;

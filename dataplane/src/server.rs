@@ -92,6 +92,7 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let registration = conns.open();
+        let streams = Streams(conns.clone());
         // Tracked: its polls are the work that keeps a busy-polling thread polling.
         tokio::spawn(crate::busy_poll::tracked(async move {
             let conn = registration.state.clone();
@@ -116,8 +117,7 @@ pub async fn serve(
             let io = hyper_util::rt::TokioIo::new(tcp);
             let ended = if h2 {
                 let conn =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(io, svc);
+                    hyper::server::conn::http2::Builder::new(streams).serve_connection(io, svc);
                 Connections::serve(state, conn).await
             } else {
                 let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
@@ -130,6 +130,25 @@ pub async fn serve(
     }
     drop(listener);
     conns.shutdown(shared.state.settings.shutdown_timeout).await;
+}
+
+/// Runs HTTP/2 streams' tasks (hyper spawns one per request), counted so that shutdown waits
+/// for them, and tracked as work for busy-polling.
+#[derive(Clone)]
+struct Streams(Arc<Connections>);
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let task = self.0.task();
+        tokio::spawn(crate::busy_poll::tracked(async move {
+            fut.await;
+            drop(task);
+        }));
+    }
 }
 
 /// A response body that counts its request finished when it is dropped (sent, or abandoned by
@@ -349,6 +368,10 @@ async fn live() -> Response {
 
 /// Ready while some deployment of some model can serve (not all cooling down).
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        let body = serde_json::json!({"status": "shutting down"});
+        return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+    }
     let s = state.snapshot.load();
     let (_, usable) = crate::routing::health_report(&s);
     let body = serde_json::json!({

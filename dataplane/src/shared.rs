@@ -128,6 +128,25 @@ pub struct SharedLimits {
     pub failure: FailureMode,
     up: std::sync::atomic::AtomicBool,
     lease: Duration,
+    /// Settlements sent to Redis and not answered yet (see [`SharedLimits::settled`]).
+    settling: std::sync::atomic::AtomicUsize,
+    all_settled: tokio::sync::Notify,
+}
+
+/// One settlement in flight, until dropped (answered, failed, or cancelled with its runtime).
+struct Settling(Arc<SharedLimits>);
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        if self
+            .0
+            .settling
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.all_settled.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for SharedLimits {
@@ -174,6 +193,8 @@ impl SharedLimits {
             failure,
             up: std::sync::atomic::AtomicBool::new(true),
             lease,
+            settling: std::sync::atomic::AtomicUsize::new(0),
+            all_settled: tokio::sync::Notify::new(),
         })
     }
 
@@ -313,6 +334,26 @@ impl SharedLimits {
         Ok(Ok(room.unwrap_or_default()))
     }
 
+    /// Resolves once every settlement sent so far is answered, or after `within`: at shutdown,
+    /// before a thread drops its runtime (which would cancel them, leaving their reservations
+    /// held in Redis until the lease ends).
+    pub async fn settled(&self, within: Duration) {
+        let all = async {
+            loop {
+                let notified = self.all_settled.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                if self.settling.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(within, all).await.is_err() {
+            tracing::warn!("Redis settlements still unanswered {within:?} after serving stopped");
+        }
+    }
+
     /// Settles `asks` with the real usage, in the background.
     pub fn settle(
         self: &Arc<Self>,
@@ -327,7 +368,11 @@ impl SharedLimits {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        self.settling
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let settling = Settling(self.clone());
         rt.spawn(async move {
+            let _settling = settling;
             let mut inv = this.settle.prepare_invoke();
             inv.arg(now)
                 .arg(reserved_minute)

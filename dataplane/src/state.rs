@@ -21,6 +21,8 @@ pub struct Settings {
     pub idle_timeout: std::time::Duration,
     /// How long shutdown waits for in-flight requests before closing their connections.
     pub shutdown_timeout: std::time::Duration,
+    /// How long the listeners keep accepting after SIGTERM, with readiness failing.
+    pub shutdown_delay: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -30,6 +32,7 @@ impl Default for Settings {
             per_key_metrics: false,
             idle_timeout: std::time::Duration::from_secs(620),
             shutdown_timeout: std::time::Duration::from_secs(25),
+            shutdown_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -54,6 +57,8 @@ pub struct AppState {
     pub admin: Option<crate::admin::Admin>,
     /// Counters shared through Redis, when `--redis-url` is set.
     pub shared: Option<Arc<crate::shared::SharedLimits>>,
+    /// Set on SIGTERM: readiness fails from then on (see [`AppState::drain`]).
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -80,7 +85,18 @@ impl AppState {
             usage_log,
             admin,
             shared,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Starts shutting down: `/health/readiness` answers 503 from now on, so that Kubernetes
+    /// takes the pod out of its Services' endpoints while it still serves (for the shutdown
+    /// delay) the requests sent before every node and load balancer has caught up. Returns
+    /// whether this call started it (each worker thread calls it).
+    pub fn drain(&self) -> bool {
+        !self
+            .draining
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Swaps in `config`. In-flight requests finish on the snapshot they started with.

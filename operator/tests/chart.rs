@@ -556,12 +556,14 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
     ]);
     let args = args_of(&container(&kube, RELEASE));
     assert!(args.contains(&"--manifests".to_string()), "{args:?}");
-    // The grace period (60 s) less 5 s for the flush after in-flight requests.
-    assert!(
-        args.windows(2)
-            .any(|w| w[0] == "--shutdown-timeout" && w[1] == "55s"),
-        "{args:?}"
-    );
+    // After SIGTERM: 5 s still accepting, then the grace period (60 s) less those 5 s and 5 s
+    // for the flush after in-flight requests.
+    for (flag, value) in [("--shutdown-delay", "5s"), ("--shutdown-timeout", "50s")] {
+        assert!(
+            args.windows(2).any(|w| w[0] == flag && w[1] == value),
+            "{flag} {value} not in {args:?}"
+        );
+    }
     // The data plane's selector is the same in both modes, so the upgrade changes the
     // Deployment in place (a selector change would make Helm fail here).
     let notes = helm.ok(&[

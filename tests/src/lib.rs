@@ -275,7 +275,6 @@ impl Gateway {
         self.logs = logs;
     }
 
-    /// `http://addr{path}`.
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -292,6 +291,7 @@ impl Gateway {
         ticks * 10
     }
 
+    /// `http://addr{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
