@@ -662,6 +662,155 @@ async fn busy_polling_serves_requests_and_sleeps_when_idle() {
     );
 }
 
+/// An upstream that refuses a large body as soon as it has the request head (a 413, as vLLM or
+/// a proxy in front of it may) and closes without reading the rest: the client gets that
+/// answer, not a failed connection.
+#[tokio::test]
+async fn an_upstream_answer_sent_before_the_body_was_read_reaches_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: &str = r#"{"error":{"message":"request too large for this deployment","type":"invalid_request_error","code":"request_too_large"}}"#;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let answer = format!(
+                "HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ANSWER}",
+                ANSWER.len()
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+            // Dropped with the body unread: the connection is reset.
+        }
+    });
+    let gw = Gateway::start(BIN, &manifests(&url), &[]);
+    let big =
+        json!({"model": "gpt", "messages": [{"role": "user", "content": "x".repeat(8 << 20)}]})
+            .to_string();
+    let resp = post(&gw, "/v1/chat/completions", Some(KEY), big).await;
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.text().await.unwrap(), ANSWER);
+}
+
+/// SIGTERM with a stream in flight: the stream may run for the shutdown timeout, then its
+/// connection is closed, its request settled and the usage log flushed before the process
+/// exits (on Kubernetes: before the SIGKILL at the end of the grace period).
+#[tokio::test]
+async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage() {
+    // A 10 s stream: 100 chunks, 100 ms apart.
+    let up = MockUpstream::start(Behavior::Ok(MockConfig {
+        reply: "word ".repeat(100),
+        chunks: Some(100),
+        chunk_delay_ms: 100,
+        prompt_tokens: Some(10),
+        completion_tokens: Some(100),
+        ..Default::default()
+    }));
+    let mut gw = Gateway::start(
+        BIN,
+        &manifests(&up.base_url()),
+        &[
+            "--shutdown-timeout",
+            "1s",
+            "--usage-log",
+            "{dir}/usage.jsonl",
+        ],
+    );
+    let done = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+    assert_eq!(done.status(), 200);
+    done.bytes().await.unwrap();
+    let body =
+        json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let mut streaming = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    assert_eq!(streaming.status(), 200);
+    assert!(streaming.chunk().await.unwrap().is_some());
+
+    let asked = std::time::Instant::now();
+    assert!(gw.terminate(), "the gateway should exit cleanly");
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "exit should come at the 1 s shutdown timeout, not at the stream's end (10 s): {took:?}"
+    );
+    assert!(
+        gw.wait_for_log("shutdown timeout", Duration::from_secs(1)),
+        "the cut should be logged: {}",
+        gw.logs()
+    );
+    // The client sees its stream end early, without `[DONE]`.
+    let mut rest = Vec::new();
+    while let Ok(Some(c)) = streaming.chunk().await {
+        rest.extend_from_slice(&c);
+    }
+    assert!(!String::from_utf8_lossy(&rest).contains("[DONE]"));
+    // Both requests are in the flushed log: the finished one, and the cut one as a request
+    // whose client went away.
+    let log = std::fs::read_to_string(gw.manifest_dir().join("usage.jsonl")).unwrap();
+    let outcomes: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["outcome"].to_string())
+        .collect();
+    assert_eq!(outcomes, [r#""success""#, r#""client_gone""#], "{log}");
+}
+
+/// SIGTERM with `--shutdown-delay`: readiness fails at once, new connections are still served
+/// for the delay (Kubernetes is still removing the pod from its endpoints), then the process
+/// exits.
+#[tokio::test]
+async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay() {
+    let up = ok_upstream();
+    let mut gw = Gateway::start(BIN, &manifests(&up.base_url()), &["--shutdown-delay", "2s"]);
+    let ready = || async {
+        let r = client()
+            .get(gw.url("/health/readiness"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(ready().await.0, 200);
+    let asked = std::time::Instant::now();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(
+        gw.wait_for_log("readiness fails now", Duration::from_secs(1)),
+        "{}",
+        gw.logs()
+    );
+    let (status, body) = ready().await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("shutting down"))
+    );
+    // Still served, on new connections (each request here has its own client).
+    let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "the checks above took longer than the delay; the test can't tell"
+    );
+    assert!(
+        gw.terminate(),
+        "the gateway should exit cleanly after the delay"
+    );
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(8),
+        "exit should come after the 2 s delay: {took:?}"
+    );
+}
+
 /// The same over HTTP/2 (h2c), where each stream runs in a task of its own: 20 streams cut at the
 /// shutdown timeout are all settled and in the flushed log.
 #[tokio::test]
