@@ -699,12 +699,9 @@ async fn an_upstream_answer_sent_before_the_body_was_read_reaches_the_client() {
     assert_eq!(resp.text().await.unwrap(), ANSWER);
 }
 
-/// SIGTERM with a stream in flight: the stream may run for the shutdown timeout, then its
-/// connection is closed, its request settled and the usage log flushed before the process
-/// exits (on Kubernetes: before the SIGKILL at the end of the grace period).
-#[tokio::test]
-async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage() {
-    // A 10 s stream: 100 chunks, 100 ms apart.
+/// An upstream whose streams last 10 s (100 chunks, 100 ms apart), and a gateway on it with a
+/// 1 s shutdown timeout and a usage log.
+fn slow_streams_and_a_short_shutdown() -> (MockUpstream, Gateway) {
     let up = MockUpstream::start(Behavior::Ok(MockConfig {
         reply: "word ".repeat(100),
         chunks: Some(100),
@@ -713,7 +710,7 @@ async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage() {
         completion_tokens: Some(100),
         ..Default::default()
     }));
-    let mut gw = Gateway::start(
+    let gw = Gateway::start(
         BIN,
         &manifests(&up.base_url()),
         &[
@@ -723,6 +720,15 @@ async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage() {
             "{dir}/usage.jsonl",
         ],
     );
+    (up, gw)
+}
+
+/// SIGTERM with a stream in flight: the stream may run for the shutdown timeout, then its
+/// connection is closed, its request settled and the usage log flushed before the process
+/// exits (on Kubernetes: before the SIGKILL at the end of the grace period).
+#[tokio::test]
+async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage() {
+    let (_up, mut gw) = slow_streams_and_a_short_shutdown();
     let done = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
     assert_eq!(done.status(), 200);
     done.bytes().await.unwrap();
@@ -815,24 +821,7 @@ async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay()
 /// shutdown timeout are all settled and in the flushed log.
 #[tokio::test]
 async fn shutdown_settles_every_cut_http2_stream() {
-    let up = MockUpstream::start(Behavior::Ok(MockConfig {
-        reply: "word ".repeat(100),
-        chunks: Some(100),
-        chunk_delay_ms: 100,
-        prompt_tokens: Some(10),
-        completion_tokens: Some(100),
-        ..Default::default()
-    }));
-    let mut gw = Gateway::start(
-        BIN,
-        &manifests(&up.base_url()),
-        &[
-            "--shutdown-timeout",
-            "1s",
-            "--usage-log",
-            "{dir}/usage.jsonl",
-        ],
-    );
+    let (_up, mut gw) = slow_streams_and_a_short_shutdown();
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
