@@ -857,6 +857,45 @@ async fn shutdown_settles_every_cut_http2_stream() {
     assert_eq!(cut, 20, "{log}");
 }
 
+/// `--runtime work-stealing` (one multi-threaded runtime; requests may move between threads, and
+/// so do the upstream deadline's timers): answers, streams with their usage charged, and a 504
+/// at the first-byte deadline.
+#[tokio::test]
+async fn the_work_stealing_runtime_serves_streams_and_keeps_deadlines() {
+    let up = ok_upstream();
+    let slow = MockUpstream::start(Behavior::Ok(MockConfig {
+        latency_ms: 5_000,
+        ..Default::default()
+    }));
+    let m = manifests(&up.base_url())
+        + &format!(
+            "---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: slow}}\nspec: {{modelName: slow, provider: openai-compatible, url: '{}'}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: slow}}\nspec: {{models: [slow], retries: {{attempts: 1}}, timeouts: {{firstByte: 500ms}}}}\n",
+            slow.base_url()
+        );
+    let gw = Gateway::start(BIN, &m, &["--runtime", "work-stealing"]);
+    for _ in 0..5 {
+        let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+        assert_eq!(resp.status(), 200);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "hello from upstream");
+    }
+    let body =
+        json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let events = read_sse(post(&gw, "/v1/chat/completions", Some(KEY), body).await).await;
+    assert_eq!(events.last().map(String::as_str), Some("data: [DONE]"));
+    // 6 x (1000 x $2.5/M + 500 x $10/M).
+    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.045"));
+    let t = std::time::Instant::now();
+    let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("slow")).await;
+    let waited = t.elapsed();
+    assert_eq!(resp.status(), 504);
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
+
 /// `--busy-poll` needs the per-core runtime; with the work-stealing one, startup says so.
 #[test]
 fn busy_polling_with_work_stealing_is_refused() {

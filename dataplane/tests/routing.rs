@@ -515,6 +515,56 @@ async fn the_first_byte_deadline_holds_on_a_reused_connection() {
     assert_eq!(up.stats.requests(), 6);
 }
 
+/// The first-byte deadline bounds connecting too, even when the connect timeout is longer: an
+/// upstream whose accept queue is full (its SYNs dropped, the connect retried for seconds) gets
+/// a 504 at `firstByte`, not at `connect`.
+#[tokio::test]
+async fn the_first_byte_deadline_bounds_a_connect_that_hangs() {
+    // A listener that never accepts, its tiny accept queue filled by this test until a connect
+    // times out: the kernel drops the gateway's SYNs after that.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+        queued.push(c);
+        assert!(queued.len() < 10, "the accept queue never filled");
+    }
+    let m = format!(
+        "{}{}{}",
+        keys(),
+        deployment(
+            "stuck",
+            "gpt",
+            &format!("http://{addr}/v1"),
+            ", timeouts: {connect: 20s}"
+        ),
+        policy(
+            "gpt",
+            "retries: {attempts: 1}, timeouts: {firstByte: 700ms}"
+        ),
+    );
+    let gw = Gateway::start(BIN, &m, &[]);
+    let t = Instant::now();
+    let r = chat(&gw, "gpt").await;
+    let waited = t.elapsed();
+    assert_eq!(r.status(), 504);
+    assert!(
+        waited >= Duration::from_millis(650) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "upstream_timeout", "{body}");
+}
+
 #[tokio::test]
 async fn a_failing_deployment_cools_down_then_is_probed_back_in() {
     let flaky = MockUpstream::start(Behavior::Status(
