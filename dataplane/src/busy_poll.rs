@@ -209,7 +209,9 @@ mod tests {
     fn work_after_a_wake_up_polls_for_the_window_then_sleeps() {
         let rt = runtime();
         rt.block_on(async {
-            tokio::spawn(spin(Duration::from_millis(50)));
+            // Windows here are long next to the sleeps inside them, so that a loaded machine
+            // preempting the thread for a while doesn't end one early.
+            tokio::spawn(spin(Duration::from_millis(300)));
             settle().await;
             // Work after a wake-up from a park (the sleep's timer).
             tracked(tokio::time::sleep(Duration::from_millis(10))).await;
@@ -221,7 +223,7 @@ mod tests {
             assert_eq!(PARKS.get(), parks, "the thread parked inside the window");
             assert!(POLLS.get() > 0);
             // Past the window, nothing more: the thread sleeps.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(400)).await;
             let (polls, parks, cpu) = (POLLS.get(), PARKS.get(), thread_cpu_ms());
             tokio::time::sleep(Duration::from_millis(200)).await;
             assert_eq!(POLLS.get(), polls, "still polling past the window");
@@ -241,7 +243,7 @@ mod tests {
     fn work_woken_by_another_task_starts_a_window() {
         let rt = runtime();
         rt.block_on(async {
-            tokio::spawn(spin(Duration::from_millis(50)));
+            tokio::spawn(spin(Duration::from_millis(20)));
             settle().await;
             // The timer wakes an untracked task, which wakes a tracked one (as an HTTP/2
             // connection's task wakes a stream's): the tracked work is queued behind the
@@ -249,8 +251,8 @@ mod tests {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let worker = tokio::spawn(tracked(rx));
             // The worker's first poll is work the spinner sees at the next wake-up: a window,
-            // over after 50 ms.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // over after 20 ms.
+            tokio::time::sleep(Duration::from_millis(300)).await;
             assert_eq!(WINDOWS.get(), 1);
             let relay = tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -267,24 +269,25 @@ mod tests {
     fn tracked_work_keeps_the_window_open() {
         let rt = runtime();
         rt.block_on(async {
-            tokio::spawn(spin(Duration::from_millis(100)));
+            tokio::spawn(spin(Duration::from_millis(200)));
             settle().await;
-            // Tracked work every 20 ms for 300 ms: each restarts the 100 ms window, so the
-            // spinner never sleeps (one window). Untracked, each 20 ms timer would fire while
-            // polling, and the window would close 100 ms after the first.
+            // Work, then a wake-up from a park (the sleep's timer): the first window.
+            tracked(tokio::task::yield_now()).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            settle().await;
+            assert_eq!(WINDOWS.get(), 1);
+            // Tracked work every 20 ms for 600 ms: each restarts the 200 ms window, so the
+            // thread never parks. Untracked, the window would close 200 ms in, and the thread
+            // would park between the timers.
+            let parks = PARKS.get();
             tracked(async {
-                for _ in 0..15 {
+                for _ in 0..30 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             })
             .await;
-            assert_eq!(WINDOWS.get(), 1, "the spinner slept between tracked work");
-            let polls = POLLS.get();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert!(
-                POLLS.get() > polls,
-                "the window should outlast the work by 100 ms"
-            );
+            assert_eq!(PARKS.get(), parks, "the thread parked between tracked work");
+            assert_eq!(WINDOWS.get(), 1, "the window closed between tracked work");
         });
     }
 }

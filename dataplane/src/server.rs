@@ -235,16 +235,25 @@ fn proxied_endpoint(path: &str) -> Option<Endpoint> {
 }
 
 async fn dispatch(shared: &Shared, req: http::Request<hyper::body::Incoming>) -> Response {
-    if req.method() == http::Method::POST
+    let http1 = req.version() < http::Version::HTTP_2;
+    let mut resp = if req.method() == http::Method::POST
         && let Some(endpoint) = proxied_endpoint(req.uri().path())
     {
-        return proxied(&shared.state, endpoint, req).await;
+        proxied(&shared.state, endpoint, req).await
+    } else {
+        use tower_service::Service;
+        match shared.router.clone().call(req).await {
+            Ok(resp) => resp,
+            Err(e) => match e {},
+        }
+    };
+    if http1 && shared.state.draining.load(Ordering::Relaxed) {
+        // Shutting down: this connection's client should open its next one elsewhere (hyper
+        // closes an HTTP/1.1 connection after a response that says so).
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    use tower_service::Service;
-    match shared.router.clone().call(req).await {
-        Ok(resp) => resp,
-        Err(e) => match e {},
-    }
+    resp
 }
 
 async fn chat(State(s): State<Arc<AppState>>, req: Request) -> Response {

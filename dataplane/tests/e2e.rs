@@ -783,6 +783,9 @@ async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay()
         (r.status().as_u16(), r.json::<Value>().await.unwrap())
     };
     assert_eq!(ready().await.0, 200);
+    let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("connection").is_none());
     let asked = std::time::Instant::now();
     let term = std::process::Command::new("kill")
         .args(["-TERM", &gw.pid().to_string()])
@@ -799,9 +802,11 @@ async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay()
         (status, body["status"].as_str()),
         (503, Some("shutting down"))
     );
-    // Still served, on new connections (each request here has its own client).
+    // Still served, on new connections (each request here has its own client), and told to
+    // close them after.
     let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
     assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["connection"], "close");
     assert!(
         asked.elapsed() < Duration::from_secs(2),
         "the checks above took longer than the delay; the test can't tell"
