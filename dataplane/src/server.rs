@@ -235,25 +235,16 @@ fn proxied_endpoint(path: &str) -> Option<Endpoint> {
 }
 
 async fn dispatch(shared: &Shared, req: http::Request<hyper::body::Incoming>) -> Response {
-    let http1 = req.version() < http::Version::HTTP_2;
-    let mut resp = if req.method() == http::Method::POST
+    if req.method() == http::Method::POST
         && let Some(endpoint) = proxied_endpoint(req.uri().path())
     {
-        proxied(&shared.state, endpoint, req).await
-    } else {
-        use tower_service::Service;
-        match shared.router.clone().call(req).await {
-            Ok(resp) => resp,
-            Err(e) => match e {},
-        }
-    };
-    if http1 && shared.state.draining.load(Ordering::Relaxed) {
-        // Shutting down: this connection's client should open its next one elsewhere (hyper
-        // closes an HTTP/1.1 connection after a response that says so).
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return proxied(&shared.state, endpoint, req).await;
     }
-    resp
+    use tower_service::Service;
+    match shared.router.clone().call(req).await {
+        Ok(resp) => resp,
+        Err(e) => match e {},
+    }
 }
 
 async fn chat(State(s): State<Arc<AppState>>, req: Request) -> Response {
@@ -297,6 +288,9 @@ where
 {
     let rid = request_id(&req);
     let rid_str = rid.to_str().unwrap_or("");
+    // Shutting down: this client should open its next connection elsewhere (hyper closes an
+    // HTTP/1.1 connection after a response that says so).
+    let close = req.version() < http::Version::HTTP_2 && state.draining.load(Ordering::Relaxed);
     let mut resp = match crate::proxy::handle(state, endpoint, req, &rid).await {
         Ok(r) => r,
         Err(e) => {
@@ -313,6 +307,10 @@ where
         }
     };
     resp.headers_mut().insert(REQUEST_ID, rid);
+    if close {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
 }
 
