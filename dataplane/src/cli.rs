@@ -188,6 +188,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .build()?
             .block_on(async move {
                 let state = prepare(&args).await?;
+                stop_on_signal(&state)?;
                 let listener = bind(args.listen, ReusePort::No)?;
                 announce(&state, listener.local_addr()?);
                 serve_on(listener, state.clone()).await?;
@@ -230,6 +231,7 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
     let rt = current()?;
     let (state, listener) = rt.block_on(async {
         let state = prepare(&args).await?;
+        stop_on_signal(&state)?;
         anyhow::Ok((state, bind(args.listen, ReusePort::First)?))
     })?;
     // With port 0 the first socket picked the port; the others join it.
@@ -247,25 +249,37 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
     }
     announce(&state, addr);
     rt.block_on(async {
-        serve(listener, state.clone()).await?;
         // The workers are joined while this runtime still runs: the background tasks on it
         // (the Redis connection, the usage writers) serve their last requests.
-        tokio::task::spawn_blocking(move || {
+        // Every worker is joined and the usage flushed even if one failed; the first failure
+        // is what the process reports.
+        let served = serve(listener, state.clone()).await;
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut first = Ok(());
             for h in handles {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
+                let ended = h
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a worker thread panicked"))
+                    .and_then(|r| r);
+                if first.is_ok() {
+                    first = ended;
+                }
             }
-            anyhow::Ok(())
+            first
         })
-        .await??;
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
         close(&state).await;
-        anyhow::Ok(())
+        served.and(joined)
     })
 }
 
-/// How long a thread that stopped serving waits for the Redis settlements it started (each is
-/// one script call, normally a millisecond).
-const SETTLE_GRACE: Duration = Duration::from_secs(5);
+/// How long a thread that stopped serving waits for the Redis settlements still unanswered (each
+/// is one script call, normally a millisecond; a Redis call times out after 250 ms). Together
+/// with [`crate::connections::ABORT_GRACE`] it fits in the 5 s the Helm chart leaves after the
+/// shutdown timeout.
+const SETTLE_GRACE: Duration = Duration::from_secs(2);
 
 /// After the listeners stopped and in-flight requests finished: flush what is still buffered.
 async fn close(state: &AppState) {
@@ -448,7 +462,8 @@ async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> an
     let stop = {
         let state = state.clone();
         async move {
-            shutdown_signal().await;
+            let mut stopped = state.stop.subscribe();
+            let _ = stopped.wait_for(|s| *s).await;
             let delay = state.settings.shutdown_delay;
             if state.drain() && !delay.is_zero() {
                 tracing::info!(
@@ -460,6 +475,35 @@ async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> an
     };
     crate::server::serve(listener, state, stop).await;
     tracing::info!("shut down");
+    Ok(())
+}
+
+/// Subscribes to SIGTERM and SIGINT now (before any worker thread serves, so that a signal that
+/// comes during start-up isn't missed by a thread that subscribes late), and sets `state.stop`
+/// when one comes. Call inside the runtime that runs the background tasks.
+fn stop_on_signal(state: &Arc<AppState>) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("subscribing to SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("subscribing to SIGINT")?;
+        let state = state.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            state.stop.send_replace(true);
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            state.stop.send_replace(true);
+        });
+    }
     Ok(())
 }
 

@@ -40,6 +40,10 @@ const TICKS: u8 = 4;
 /// request in flight: time to flush a response already written.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// How long shutdown waits, after cutting the requests still served at the shutdown timeout, for
+/// their tasks to end (milliseconds, normally).
+pub const ABORT_GRACE: Duration = Duration::from_secs(2);
+
 /// [`ConnState::close`]: keep the connection.
 const OPEN: u8 = 0;
 /// Close it: idle for the idle timeout (unless a request started since).
@@ -316,19 +320,19 @@ impl Connections {
     pub async fn shutdown(&self, timeout: Duration) {
         self.close_all(SHUTDOWN);
         if tokio::time::timeout(timeout, self.emptied()).await.is_err() {
-            let n = self.lock().conns.len();
+            let (n, tasks) = (self.lock().conns.len(), self.tasks.load(Ordering::Acquire));
             tracing::warn!(
-                "shutdown timeout ({timeout:?}) passed with {n} connection(s) still serving: closing them mid-request"
+                "shutdown timeout ({timeout:?}) passed with {n} connection(s) and {tasks} HTTP/2 stream(s) still serving: closing them mid-request"
             );
             self.close_all(ABORT);
             // Dropped connections end at their next poll; HTTP/2 streams' tasks see the
             // connection gone and end too, settling their requests. Bounded all the same.
-            if tokio::time::timeout(CLOSE_GRACE, self.emptied())
+            if tokio::time::timeout(ABORT_GRACE, self.emptied())
                 .await
                 .is_err()
             {
                 tracing::warn!(
-                    "some requests were still being served {CLOSE_GRACE:?} after they were cut"
+                    "some requests were still being served {ABORT_GRACE:?} after they were cut"
                 );
             }
         }

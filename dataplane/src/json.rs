@@ -10,7 +10,7 @@
 //! response (whose `usage` serde_json then decodes, 1,300 more).
 //!
 //! It is a fast path, not a second authority: whatever it refuses (bad JSON, a top level that
-//! isn't an object, deeper nesting than [`MAX_DEPTH`], a key with an escape that doesn't
+//! isn't an object, deeper nesting than `MAX_DEPTH`, a key with an escape that doesn't
 //! decode) the caller hands to serde_json, which decides and says why. So the scan may refuse
 //! more than serde_json does, never less; the tests below check that on mutated bodies.
 //!

@@ -288,9 +288,7 @@ where
 {
     let rid = request_id(&req);
     let rid_str = rid.to_str().unwrap_or("");
-    // Shutting down: this client should open its next connection elsewhere (hyper closes an
-    // HTTP/1.1 connection after a response that says so).
-    let close = req.version() < http::Version::HTTP_2 && state.draining.load(Ordering::Relaxed);
+    let http1 = req.version() < http::Version::HTTP_2;
     let mut resp = match crate::proxy::handle(state, endpoint, req, &rid).await {
         Ok(r) => r,
         Err(e) => {
@@ -307,7 +305,10 @@ where
         }
     };
     resp.headers_mut().insert(REQUEST_ID, rid);
-    if close {
+    // Shutting down: this client should open its next connection elsewhere (hyper closes an
+    // HTTP/1.1 connection after a response that says so). Read after the request was served,
+    // so that one in flight at SIGTERM is told too.
+    if http1 && state.draining.load(Ordering::Relaxed) {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }

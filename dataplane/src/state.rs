@@ -59,6 +59,9 @@ pub struct AppState {
     pub shared: Option<Arc<crate::shared::SharedLimits>>,
     /// Set on SIGTERM: readiness fails from then on (see [`AppState::drain`]).
     pub draining: std::sync::atomic::AtomicBool,
+    /// Becomes `true` on SIGTERM or SIGINT: every worker thread's listener watches it (one
+    /// signal subscription for the process, made before the workers start).
+    pub stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -86,6 +89,7 @@ impl AppState {
             admin,
             shared,
             draining: std::sync::atomic::AtomicBool::new(false),
+            stop: tokio::sync::watch::Sender::new(false),
         }))
     }
 

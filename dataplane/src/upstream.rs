@@ -240,6 +240,16 @@ where
             }
         };
         match send(conn).await {
+            // A 408 on a reused connection is the upstream closing it for idleness, written
+            // before our request arrived (HAProxy does this; Go's client special-cases it too):
+            // not an answer to this request. The connection is closing; send again once.
+            Ok(resp) if reused && resp.status() == http::StatusCode::REQUEST_TIMEOUT => {
+                tracing::debug!(
+                    upstream = &*origin.addr,
+                    "pooled connection answered 408 (closed for idleness); sending it again"
+                );
+                fresh_only = true;
+            }
             Ok(resp) => {
                 return Ok(resp.map(|body| UpstreamBody {
                     inner: Inner::H1 {

@@ -565,6 +565,84 @@ async fn the_first_byte_deadline_bounds_a_connect_that_hangs() {
     assert_eq!(body["error"]["code"], "upstream_timeout", "{body}");
 }
 
+/// An upstream that closes idle keep-alive connections with a `408 Request Timeout` (as
+/// HAProxy does) answers the next request on such a connection with it: that 408 isn't an
+/// answer to the request, which is sent again on a new connection.
+#[tokio::test]
+async fn a_408_on_a_pooled_connection_is_sent_again_on_a_new_one() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const OK: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // The first request on each connection is answered; the second gets the 408
+                // the upstream would have sent for idleness, and the connection closes.
+                for n in 0.. {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(k) if k > 0 => buf.extend_from_slice(&chunk[..k]),
+                            _ => return,
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while buf.len() < head_end + len {
+                        match s.read(&mut chunk).await {
+                            Ok(k) if k > 0 => buf.extend_from_slice(&chunk[..k]),
+                            _ => return,
+                        }
+                    }
+                    if n == 0 {
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{OK}",
+                            OK.len()
+                        );
+                        s.write_all(answer.as_bytes()).await.unwrap();
+                    } else {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let m = format!("{}{}", keys(), deployment("one", "gpt", &url, ""));
+    let gw = Gateway::start(BIN, &m, &[]);
+    // One client: one connection to the gateway, so one worker and its upstream pool.
+    let c = client();
+    for _ in 0..3 {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "ok");
+    }
+    // Requests 2 and 3 each met a 408 on the pooled connection and were sent on a new one.
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+}
+
 #[tokio::test]
 async fn a_failing_deployment_cools_down_then_is_probed_back_in() {
     let flaky = MockUpstream::start(Behavior::Status(
