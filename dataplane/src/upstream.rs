@@ -6,8 +6,9 @@
 //! cluster and take the fast path: [`crate::h1`], an HTTP/1.1 client driven by the request's
 //! own task, with a pool of connections per thread kept here. A connection goes back to the
 //! pool when its response body has been read to the end, and a request that a reused
-//! connection turned out to be closed for is sent again on a new one. `https` upstreams go
-//! through hyper-util's pooling client, which adds TLS and HTTP/2.
+//! connection turned out to be closed for (no answer, or a `408` the upstream wrote as it closed
+//! the idle connection) is sent again on a new one. `https` upstreams go through hyper-util's
+//! pooling client, which adds TLS and HTTP/2.
 
 use crate::h1;
 use bytes::Bytes;
