@@ -618,21 +618,26 @@ async fn health_and_metrics_endpoints() {
     assert_eq!((s, e["code"].as_str().unwrap()), (404, "unknown_url"));
 }
 
-/// `--busy-poll`: requests are served as without it, the threads poll for the window after
-/// their work, and an idle gateway sleeps.
-#[tokio::test]
-async fn busy_polling_serves_requests_and_sleeps_when_idle() {
-    let up = ok_upstream();
-    let gw = Gateway::start(BIN, &manifests(&up.base_url()), &["--busy-poll", "10ms"]);
-    let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+/// A chat answer and a whole stream from the `ok_upstream` model `gpt`.
+async fn serves_a_chat_and_a_stream(gw: &Gateway) {
+    let resp = post(gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "hello from upstream");
     let body =
         json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
             .to_string();
-    let events = read_sse(post(&gw, "/v1/chat/completions", Some(KEY), body).await).await;
+    let events = read_sse(post(gw, "/v1/chat/completions", Some(KEY), body).await).await;
     assert_eq!(events.last().map(String::as_str), Some("data: [DONE]"));
+}
+
+/// `--busy-poll`: requests are served as without it, the threads poll for the window after
+/// their work, and an idle gateway sleeps.
+#[tokio::test]
+async fn busy_polling_serves_requests_and_sleeps_when_idle() {
+    let up = ok_upstream();
+    let gw = Gateway::start(BIN, &manifests(&up.base_url()), &["--busy-poll", "10ms"]);
+    serves_a_chat_and_a_stream(&gw).await;
     // The requests' threads polled for 10 ms after them (windows closed by now).
     tokio::time::sleep(Duration::from_millis(100)).await;
     let windows: u64 = metric(&gw, "tollgate_busy_poll_windows_total ")
@@ -879,18 +884,10 @@ async fn the_work_stealing_runtime_serves_streams_and_keeps_deadlines() {
         );
     let gw = Gateway::start(BIN, &m, &["--runtime", "work-stealing"]);
     for _ in 0..5 {
-        let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
-        assert_eq!(resp.status(), 200);
-        let v: Value = resp.json().await.unwrap();
-        assert_eq!(v["choices"][0]["message"]["content"], "hello from upstream");
+        serves_a_chat_and_a_stream(&gw).await;
     }
-    let body =
-        json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
-            .to_string();
-    let events = read_sse(post(&gw, "/v1/chat/completions", Some(KEY), body).await).await;
-    assert_eq!(events.last().map(String::as_str), Some("data: [DONE]"));
-    // 6 x (1000 x $2.5/M + 500 x $10/M).
-    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.045"));
+    // 10 x (1000 x $2.5/M + 500 x $10/M).
+    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.075"));
     let t = std::time::Instant::now();
     let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("slow")).await;
     let waited = t.elapsed();
