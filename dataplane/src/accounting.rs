@@ -85,17 +85,30 @@ pub enum Outcome {
     UpstreamError,
     /// The client disconnected before the end.
     ClientGone,
+    /// Cut by the gateway's shutdown (the shutdown timeout passed with it still running).
+    Shutdown,
     /// The upstream refused the request as the client's error (HTTP 4xx).
     Rejected,
 }
 
 impl Outcome {
+    /// The outcome of a request dropped before its end: [`Outcome::Shutdown`] once shutdown has
+    /// cut the requests still running, else [`Outcome::ClientGone`].
+    pub fn dropped() -> Self {
+        if crate::connections::cutting() {
+            Outcome::Shutdown
+        } else {
+            Outcome::ClientGone
+        }
+    }
+
     /// Metric label.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
             Outcome::UpstreamError => "upstream_error",
             Outcome::ClientGone => "client_gone",
+            Outcome::Shutdown => "shutdown",
             Outcome::Rejected => "rejected",
         }
     }
@@ -250,7 +263,7 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         // Dropped unsettled: the request's future was dropped (the client went away while the
-        // upstream was working). Release its reservations and count it.
-        self.settle_once(None, Outcome::ClientGone);
+        // upstream was working, or shutdown cut it). Release its reservations and count it.
+        self.settle_once(None, Outcome::dropped());
     }
 }

@@ -45,6 +45,7 @@ pub struct DeploymentMetrics {
     success: Counter,
     upstream_error: Counter,
     client_gone: Counter,
+    shutdown: Counter,
     rejected: Counter,
     /// Request duration.
     pub duration: Histogram,
@@ -59,6 +60,7 @@ impl DeploymentMetrics {
             success: counter(Outcome::Success.as_str()),
             upstream_error: counter(Outcome::UpstreamError.as_str()),
             client_gone: counter(Outcome::ClientGone.as_str()),
+            shutdown: counter(Outcome::Shutdown.as_str()),
             rejected: counter(Outcome::Rejected.as_str()),
             duration: metrics::histogram!(crate::metrics::DURATION, "model" => model.to_string(), "deployment" => id.to_string()),
             ttfb: metrics::histogram!(crate::metrics::TTFB, "model" => model.to_string(), "deployment" => id.to_string()),
@@ -71,6 +73,7 @@ impl DeploymentMetrics {
             Outcome::Success => &self.success,
             Outcome::UpstreamError => &self.upstream_error,
             Outcome::ClientGone => &self.client_gone,
+            Outcome::Shutdown => &self.shutdown,
             Outcome::Rejected => &self.rejected,
         }
     }

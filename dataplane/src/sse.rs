@@ -318,9 +318,9 @@ where
 
 impl<B> Drop for SseRelay<B> {
     fn drop(&mut self) {
-        // Dropped before the end: the client went away. What the upstream already reported is
-        // still charged.
-        self.settle(Outcome::ClientGone);
+        // Dropped before the end: the client went away (or shutdown cut the stream). What the
+        // upstream already reported is still charged.
+        self.settle(Outcome::dropped());
     }
 }
 

@@ -762,14 +762,13 @@ async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage() {
         rest.extend_from_slice(&c);
     }
     assert!(!String::from_utf8_lossy(&rest).contains("[DONE]"));
-    // Both requests are in the flushed log: the finished one, and the cut one as a request
-    // whose client went away.
+    // Both requests are in the flushed log: the finished one, and the cut one.
     let log = std::fs::read_to_string(gw.manifest_dir().join("usage.jsonl")).unwrap();
     let outcomes: Vec<String> = log
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["outcome"].to_string())
         .collect();
-    assert_eq!(outcomes, [r#""success""#, r#""client_gone""#], "{log}");
+    assert_eq!(outcomes, [r#""success""#, r#""shutdown""#], "{log}");
 }
 
 /// SIGTERM with `--shutdown-delay`: readiness fails at once, new connections are still served
@@ -862,7 +861,7 @@ async fn shutdown_settles_every_cut_http2_stream() {
     let log = std::fs::read_to_string(gw.manifest_dir().join("usage.jsonl")).unwrap();
     let cut = log
         .lines()
-        .filter(|l| serde_json::from_str::<Value>(l).unwrap()["outcome"] == "client_gone")
+        .filter(|l| serde_json::from_str::<Value>(l).unwrap()["outcome"] == "shutdown")
         .count();
     assert_eq!(cut, 20, "{log}");
 }
