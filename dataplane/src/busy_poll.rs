@@ -170,14 +170,9 @@ mod tests {
             .expect("runtime")
     }
 
-    /// This thread's CPU time from procfs (utime + stime, in clock ticks of 10 ms): what shows
-    /// polling, which wall time can't tell from sleeping.
+    /// This thread's CPU time: what shows polling, which wall time can't tell from sleeping.
     fn thread_cpu_ms() -> u64 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("procfs");
-        // The fields after the command (which may hold spaces) start after its parenthesis.
-        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-        let f: Vec<&str> = rest.split(' ').collect();
-        10 * (f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime"))
+        tollgate_testkit::cpu_ms("/proc/thread-self/stat")
     }
 
     /// Lets the runtime run everything ready, then a little more.

@@ -192,9 +192,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let listener = bind(args.listen, ReusePort::No)?;
                 announce(&state, listener.local_addr()?);
                 serve_on(listener, state.clone()).await?;
-                if let Some(shared) = &state.shared {
-                    shared.settled(SETTLE_GRACE).await;
-                }
                 close(&state).await;
                 Ok(())
             }),
@@ -216,17 +213,12 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
         }
         b.build()
     };
-    // Each thread's serving, from its own block_on (the spinner's state is per thread), and
-    // until the Redis settlements its cut requests started are done.
+    // Each thread's serving, from its own block_on (the spinner's state is per thread).
     let serve = move |listener, state: Arc<AppState>| async move {
         if !busy_poll.is_zero() {
             tokio::spawn(crate::busy_poll::spin(busy_poll));
         }
-        let served = serve_on(listener, state.clone()).await;
-        if let Some(shared) = &state.shared {
-            shared.settled(SETTLE_GRACE).await;
-        }
-        served
+        serve_on(listener, state).await
     };
     let rt = current()?;
     let (state, listener) = rt.block_on(async {
@@ -473,7 +465,11 @@ async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> an
             tokio::time::sleep(delay).await;
         }
     };
-    crate::server::serve(listener, state, stop).await;
+    crate::server::serve(listener, state.clone(), stop).await;
+    // Before this thread's runtime goes: the Redis settlements its cut requests started.
+    if let Some(shared) = &state.shared {
+        shared.settled(SETTLE_GRACE).await;
+    }
     tracing::info!("shut down");
     Ok(())
 }

@@ -121,6 +121,18 @@ impl Drop for Operator {
     }
 }
 
+/// User plus system CPU time, in ms, from a procfs `stat` file: `/proc/PID/stat` for a process,
+/// `/proc/thread-self/stat` for the calling thread.
+pub fn cpu_ms(stat_path: &str) -> u64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap();
+    // The fields after the command (which may hold spaces) start after its parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // Clock ticks: 100 per second on Linux (USER_HZ).
+    ticks * 10
+}
+
 /// A running `tollgate-dataplane` process serving manifests from its own temp dir.
 pub struct Gateway {
     bin: String,
@@ -282,13 +294,7 @@ impl Gateway {
 
     /// User plus system CPU time the process has used so far, in ms (from procfs).
     pub fn cpu_ms(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        // The fields after the command (which may hold spaces) start after its parenthesis.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split(' ').collect();
-        let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        // Clock ticks: 100 per second on Linux (USER_HZ).
-        ticks * 10
+        cpu_ms(&format!("/proc/{}/stat", self.pid()))
     }
 
     /// `http://addr{path}`.
