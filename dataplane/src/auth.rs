@@ -8,6 +8,9 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use tollgate_crds::config::KeyHash;
 
+/// `x-api-key`, the key as Anthropic's SDKs send it.
+pub const API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 /// The key the client sent, if any, as its bytes: they are only hashed, so they aren't checked
 /// to be text first (a key that isn't printable ASCII matches no key and gets the same 401).
 pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
@@ -22,7 +25,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
         }
     }
     headers
-        .get("x-api-key")
+        .get(API_KEY)
         .map(|v| v.as_bytes().trim_ascii())
         .filter(|k| !k.is_empty())
 }

@@ -106,7 +106,7 @@ impl ConnState {
 
     /// Whether the connection should close now: [`IDLE`] with no request since the sweep, or
     /// [`SHUTDOWN`]. An [`IDLE`] overtaken by a request is withdrawn.
-    fn should_close(&self) -> bool {
+    pub fn should_close(&self) -> bool {
         match self.close.load(Ordering::Acquire) {
             OPEN => false,
             IDLE if self.started.load(Ordering::Relaxed)
@@ -119,6 +119,29 @@ impl ConnState {
             }
             _ => true,
         }
+    }
+
+    /// Whether the connection should close now (see [`Self::should_close`]), and the calling
+    /// task woken when that changes: for a server that looks between requests
+    /// ([`crate::h1_server`]). `registered` is the caller's, kept for the connection's life.
+    pub fn poll_close(&self, registered: &mut Option<Waker>, cx: &std::task::Context<'_>) -> bool {
+        self.register(registered, cx);
+        self.should_close()
+    }
+
+    /// Runs `serving` unless the connection is aborted first (the shutdown timeout passed):
+    /// then it is dropped with whatever it was serving, and this returns `None`.
+    pub async fn unless_aborted<F: std::future::Future>(&self, serving: F) -> Option<F::Output> {
+        let mut serving = std::pin::pin!(serving);
+        let mut registered: Option<Waker> = None;
+        std::future::poll_fn(|cx| {
+            self.register(&mut registered, cx);
+            if self.close.load(Ordering::Acquire) == ABORT {
+                return std::task::Poll::Ready(None);
+            }
+            serving.as_mut().poll(cx).map(Some)
+        })
+        .await
     }
 
     /// Resolves when the connection is told to close (for a connection not served yet).

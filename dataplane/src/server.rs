@@ -13,6 +13,7 @@
 
 use crate::connections::{Connections, InFlight};
 use crate::error::{ApiError, ErrorSource};
+use crate::h1_server::{Ended, Reads, Rewound};
 use crate::request::Endpoint;
 use crate::state::AppState;
 use axum::Router;
@@ -95,7 +96,17 @@ pub async fn serve(
         let streams = Streams(conns.clone());
         // Tracked: its polls are the work that keeps a busy-polling thread polling.
         tokio::spawn(crate::busy_poll::tracked(async move {
-            let conn = registration.state.clone();
+            let mut tcp = tcp;
+            let state = &registration.state;
+            let ended = state
+                .unless_aborted(crate::h1_server::serve(&mut tcp, state, reads, |req| {
+                    dispatch(&shared, req)
+                }))
+                .await;
+            let Some(Ended::HandOver { read, h2 }) = ended else {
+                return;
+            };
+            let conn = state.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 let in_flight = conn.start();
@@ -104,17 +115,7 @@ pub async fn serve(
                     Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, in_flight }))
                 }
             });
-            let state = &registration.state;
-            // Not served yet, but already the sweeper's (a client that sends nothing is closed
-            // after the idle timeout) and shutdown's.
-            let h2 = tokio::select! {
-                h2 = speaks_h2(&tcp) => match h2 {
-                    Ok(h2) => h2,
-                    Err(_) => return,
-                },
-                () = state.closed() => return,
-            };
-            let io = hyper_util::rt::TokioIo::new(tcp);
+            let io = hyper_util::rt::TokioIo::new(Rewound::new(read, tcp));
             let ended = if h2 {
                 let conn =
                     hyper::server::conn::http2::Builder::new(streams).serve_connection(io, svc);
@@ -179,31 +180,6 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// Whether a new connection starts with HTTP/2's preface (h2c with prior knowledge), from its
-/// first bytes, peeked so that the chosen server still reads them.
-///
-/// Deciding once per connection, on a peek, is what lets each protocol's server read the socket
-/// directly: hyper-util's auto-detecting server instead reads through a rewind buffer for the
-/// connection's whole life, which costs every request. The preface starts with `PRI`, a method
-/// HTTP/2 reserved so that no HTTP/1.1 request can start that way (RFC 9113, 3.4).
-async fn speaks_h2(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
-    const PRI: &[u8] = b"PRI";
-    let mut first = [0u8; 3];
-    loop {
-        let n = tcp.peek(&mut first).await?;
-        if n == 0 || first[..n] != PRI[..n] {
-            // Closed before a byte (HTTP/1's server then sees the end), or not the preface.
-            return Ok(false);
-        }
-        if n == PRI.len() {
-            return Ok(true);
-        }
-        // "P" or "PR" so far (a POST, or the preface split across packets): a peek returns at
-        // once while those bytes sit unread, so wait a moment for more instead of spinning.
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-}
-
 /// What every connection of a listener shares.
 struct Shared {
     state: Arc<AppState>,
@@ -234,7 +210,21 @@ fn proxied_endpoint(path: &str) -> Option<Endpoint> {
     }
 }
 
-async fn dispatch(shared: &Shared, req: http::Request<hyper::body::Incoming>) -> Response {
+/// The headers the handler of a request reads: for the proxied endpoints, only those
+/// [`crate::proxy::READ_HEADERS`] lists.
+fn reads(method: &http::Method, path: &str) -> Reads {
+    if method == http::Method::POST && proxied_endpoint(path).is_some() {
+        Reads::Only(&crate::proxy::READ_HEADERS)
+    } else {
+        Reads::All
+    }
+}
+
+async fn dispatch<B>(shared: &Shared, req: http::Request<B>) -> Response
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if req.method() == http::Method::POST
         && let Some(endpoint) = proxied_endpoint(req.uri().path())
     {

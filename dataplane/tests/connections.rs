@@ -234,3 +234,139 @@ async fn an_http2_connection_whose_stream_was_cancelled_is_closed_when_idle() {
     );
     drop(client);
 }
+
+/// Reads responses from `sock` until `n` of them have arrived whole (by `content-length`), or
+/// 5 s pass. Returns each one's head and body.
+async fn read_responses(sock: &mut TcpStream, n: usize) -> Vec<(String, String)> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut chunk = [0u8; 8192];
+    while out.len() < n {
+        // Take every whole response at the front of the buffer.
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let Some((head, rest)) = text.split_once("\r\n\r\n") else {
+                break;
+            };
+            if head.starts_with("HTTP/1.1 100 ") {
+                buf.drain(..head.len() + 4);
+                continue;
+            }
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_string)
+                })
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if rest.len() < len {
+                break;
+            }
+            out.push((head.to_string(), rest[..len].to_string()));
+            buf.drain(..head.len() + 4 + len);
+        }
+        if out.len() >= n {
+            break;
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sock.read(&mut chunk)).await {
+            Ok(Ok(k)) if k > 0 => buf.extend_from_slice(&chunk[..k]),
+            _ => break,
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn pipelined_and_unusual_requests_are_all_served() {
+    let gw = Gateway::start(BIN, &manifests(), &[]);
+    let body = r#"{"model":"slow","messages":[{"role":"user","content":"hi"}]}"#;
+    let head = |extra: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\n{extra}"
+        )
+    };
+    let chunked = format!(
+        "{}transfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        head(""),
+        body.len()
+    );
+    // Three on one connection, written at once: the plain one, one with a chunked body (which
+    // hyper serves from then on), and a plain one again.
+    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
+    let all = format!("{}{chunked}{}", request(false), request(false));
+    sock.write_all(all.as_bytes()).await.unwrap();
+    let answers = read_responses(&mut sock, 3).await;
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    for (head, body) in &answers {
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(body.contains("a b c d e f g h i j"), "{body}");
+    }
+
+    // HTTP/1.0, and a client that waits for `100 Continue` before its body.
+    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
+    let old = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nauthorization: Bearer {KEY}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(old.as_bytes()).await.unwrap();
+    let (stream_read, closed) = read_to_close(&mut sock, Duration::from_secs(5)).await;
+    assert!(stream_read.starts_with("HTTP/1.0 200 OK"), "{stream_read}");
+    assert!(
+        closed,
+        "an HTTP/1.0 connection without keep-alive stays open"
+    );
+    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
+    let expect = head(&format!(
+        "expect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    ));
+    sock.write_all(expect.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 25];
+    sock.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    sock.write_all(body.as_bytes()).await.unwrap();
+    let answers = read_responses(&mut sock, 1).await;
+    assert!(answers[0].0.starts_with("HTTP/1.1 200 OK"), "{answers:?}");
+
+    // A malformed head gets hyper's 400, and the connection is closed.
+    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
+    sock.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nbad header\r\n\r\n")
+        .await
+        .unwrap();
+    let (read, closed) = read_to_close(&mut sock, Duration::from_secs(5)).await;
+    assert!(read.starts_with("HTTP/1.1 400 Bad Request"), "{read}");
+    assert!(closed);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_answer_is_counted_gone() {
+    let gw = Gateway::start(BIN, &manifests(), &[]);
+    let body = r#"{"model":"wait","messages":[{"role":"user","content":"hi"}]}"#;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
+    sock.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(sock);
+    // The handler is dropped when the client leaves, not when the mock answers a minute later.
+    let metrics = gw.url("/metrics");
+    let gone = async || {
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        text.lines().any(|l| {
+            l.starts_with("tollgate_requests_total{")
+                && l.contains(r#"model="wait""#)
+                && l.contains(r#"outcome="client_gone""#)
+                && l.ends_with(" 1")
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(5);
+    while !gone().await {
+        assert!(Instant::now() < end, "the request is still served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

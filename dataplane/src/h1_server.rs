@@ -1,0 +1,929 @@
+//! The HTTP/1.1 server side of client connections, for the requests clients send all day; hyper
+//! takes over a connection for anything else.
+//!
+//! hyper's server was most of what the data plane's HTTP stack cost per request: about 11,000
+//! of the bare pass-through proxy's 22,000 instructions (callgrind), in its dispatcher's state
+//! machines, the channel that carries a request body to the handler, and its header map and
+//! encoder. Here one loop per connection reads a request head and its whole body, calls the
+//! handler, and writes the response, in the connection's own task:
+//!
+//! - **What is served here**: `GET`, `POST` and `DELETE` in HTTP/1.1, origin-form target, no
+//!   `Transfer-Encoding`, `Expect` or `Upgrade`, a body of at most [`MAX_BODY`] bytes by
+//!   `Content-Length`, a head of at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] headers.
+//!   Anything else (HTTP/1.0, `HEAD`, chunked or larger bodies, `100-continue`, a malformed
+//!   head, HTTP/2's preface) ends this loop with [`Ended::HandOver`]: the bytes read so far go
+//!   back in front of the socket ([`Rewound`]) and hyper's HTTP/1.1 or HTTP/2 server serves the
+//!   connection from there on, as it served every connection before. So the rare and the
+//!   malformed keep hyper's handling (and its 400s), and the loop here stays small.
+//! - **The body is read before the handler runs**, so the handler gets it as one `Bytes` (no
+//!   copy when it came with the head), with no channel. Bodies over [`MAX_BODY`] go to hyper,
+//!   whose handler reads the body after the key was checked: a client without a key can't make
+//!   the gateway hold more than that per connection.
+//! - **A client that leaves is noticed** while the handler runs and while the response is
+//!   written: the socket is read (without blocking; a read after a short read costs no system
+//!   call, tokio knows the socket is drained) and end-of-stream drops the handler's future and
+//!   the response body, which cancels the upstream request. What such a read brings (a
+//!   pipelined request) is kept for the next turn of the loop, up to [`MAX_AHEAD`] bytes.
+//! - **Writes are coalesced**: the head and what the body has ready go out in one write; the
+//!   loop writes when the body has nothing more for now. A streamed body is sent chunked, a
+//!   body of known length with `Content-Length`. `Date` is added, cached per second per thread,
+//!   as hyper does.
+//! - **Idle timeout and shutdown**: between requests the loop asks the connection's
+//!   [`ConnState`] whether to close; a request head that has started to arrive gets
+//!   [`CLOSE_GRACE`] to finish. A response written after shutdown began says `Connection:
+//!   close`. The shutdown timeout's abort is [`ConnState::unless_aborted`] around this loop.
+
+use crate::connections::{CLOSE_GRACE, ConnState};
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header};
+use http_body::Body;
+use http_body_util::Full;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+
+/// Most headers a request served here may have (hyper allows 100).
+pub const MAX_HEADERS: usize = 64;
+/// Largest request head served here (hyper allows about 400 KiB).
+pub const MAX_HEAD: usize = 16 << 10;
+/// Largest request body read here before the handler runs.
+pub const MAX_BODY: usize = 1 << 20;
+/// Most bytes of what follows a request (a pipelined one) read while it is served. Reading
+/// stops there, and so does noticing that the client left, until the response is written.
+const MAX_AHEAD: usize = 64 << 10;
+/// Room made for each read.
+const READ_SIZE: usize = 16 << 10;
+/// Body data frames at least this large are written from their own buffer, not copied.
+const COPY_MAX: usize = 16 << 10;
+/// HTTP/2's connection preface starts with this (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// How a connection's loop ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The connection is done: either side closed it, it broke, or it was told to close.
+    Done,
+    /// hyper serves the connection from here, starting with `read` (read, not yet served).
+    HandOver {
+        read: Bytes,
+        /// It starts with HTTP/2's preface.
+        h2: bool,
+    },
+}
+
+/// Which of a request's headers its handler is given.
+#[derive(Clone, Copy, Debug)]
+pub enum Reads {
+    /// All of them.
+    All,
+    /// Only these, the ones the handler reads: a header map of every header a client sends
+    /// costs about 600 instructions a header, more for names that aren't standard (the OpenAI
+    /// SDKs send some fifteen headers, eight of them `x-stainless-*`).
+    Only(&'static [HeaderName]),
+}
+
+/// Serves requests on `tcp` with `handle` until the connection ends or hyper must take it over
+/// (see the module docs). `reads` says, by method and path, which headers `handle` is given.
+pub async fn serve<R, H, F, B>(
+    tcp: &mut TcpStream,
+    conn: &Arc<ConnState>,
+    reads: R,
+    handle: H,
+) -> Ended
+where
+    R: Fn(&Method, &str) -> Reads,
+    H: Fn(Request<Full<Bytes>>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+{
+    let (mut rd, mut wr) = tcp.split();
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    // The task's waker, as the connection's state last stored it.
+    let mut registered: Option<Waker> = None;
+    let mut head = Head::default();
+    loop {
+        loop {
+            match parse(&buf, &mut head) {
+                Parse::Head => break,
+                Parse::HandOver => {
+                    let h2 = buf.starts_with(H2_PREFACE);
+                    return Ended::HandOver {
+                        read: buf.freeze(),
+                        h2,
+                    };
+                }
+                Parse::Partial => {}
+            }
+            if !read_head(&mut rd, &mut buf, conn, &mut registered).await {
+                return Ended::Done;
+            }
+        }
+        let in_flight = conn.start();
+        let head_bytes = buf.split_to(head.len).freeze();
+        if buf.len() < head.body_len {
+            buf.reserve(head.body_len - buf.len());
+            while buf.len() < head.body_len {
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return Ended::Done,
+                    Ok(_) => {}
+                }
+            }
+        }
+        let body = buf.split_to(head.body_len).freeze();
+        let Some(req) = head.request(&head_bytes, body, &reads) else {
+            let _ = wr.write_all(BAD_REQUEST).await;
+            return Ended::Done;
+        };
+        drop(head_bytes);
+
+        // The handler, while watching for the client to leave.
+        let resp = {
+            let mut handler = pin!(handle(req));
+            let resp = poll_fn(|cx| {
+                if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
+                    return Poll::Ready(Some(resp));
+                }
+                if poll_gone(&mut rd, &mut buf, cx) {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            match resp {
+                Some(resp) => resp,
+                None => return Ended::Done,
+            }
+        };
+        let close = head.close || conn.should_close();
+        let kept = respond(&mut rd, &mut wr, &mut buf, &mut out, resp, close).await;
+        drop(in_flight);
+        if !kept {
+            return Ended::Done;
+        }
+    }
+}
+
+/// hyper's answer to a head it can't make a request of.
+const BAD_REQUEST: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// A request head parsed from the start of the buffer: where its parts are, by offset.
+struct Head {
+    /// The head's length, up to and including its blank line.
+    len: usize,
+    method: Method,
+    path: (u16, u16),
+    /// Name and value of each header, by offset.
+    headers: [(u16, u16, u16, u16); MAX_HEADERS],
+    count: usize,
+    body_len: usize,
+    /// The client asked to close the connection after this request.
+    close: bool,
+}
+
+impl Default for Head {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            method: Method::GET,
+            path: (0, 0),
+            headers: [(0, 0, 0, 0); MAX_HEADERS],
+            count: 0,
+            body_len: 0,
+            close: false,
+        }
+    }
+}
+
+/// What [`parse`] found.
+enum Parse {
+    /// A whole head, now in the [`Head`] passed.
+    Head,
+    Partial,
+    HandOver,
+}
+
+/// Parses the request head at the start of `buf` into `head`.
+fn parse(buf: &[u8], head: &mut Head) -> Parse {
+    if buf.is_empty() {
+        return Parse::Partial;
+    }
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parse::Partial,
+        Ok(httparse::Status::Partial) | Err(_) => return Parse::HandOver,
+    };
+    if len > MAX_HEAD || req.version != Some(1) {
+        return Parse::HandOver;
+    }
+    let method = match req.method {
+        Some("POST") => Method::POST,
+        Some("GET") => Method::GET,
+        Some("DELETE") => Method::DELETE,
+        _ => return Parse::HandOver,
+    };
+    let Some(path) = req.path.filter(|p| p.starts_with('/')) else {
+        return Parse::HandOver;
+    };
+    let base = buf.as_ptr() as usize;
+    // Offsets fit u16: the head is at most MAX_HEAD bytes.
+    let span = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        (start as u16, (start + s.len()) as u16)
+    };
+    head.len = len;
+    head.method = method;
+    head.path = span(path.as_bytes());
+    head.count = 0;
+    head.close = false;
+    let mut length: Option<usize> = None;
+    for (i, h) in req.headers.iter().enumerate() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let Some(n) = parse_length(h.value).filter(|n| length.is_none_or(|l| l == *n)) else {
+                // Not a number, or two that differ: hyper answers 400.
+                return Parse::HandOver;
+            };
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Parse::HandOver;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            head.close |= has_close(h.value);
+        }
+        let (ns, ne) = span(name);
+        let (vs, ve) = span(h.value);
+        head.headers[i] = (ns, ne, vs, ve);
+        head.count = i + 1;
+    }
+    head.body_len = length.unwrap_or(0);
+    if head.body_len > MAX_BODY {
+        return Parse::HandOver;
+    }
+    Parse::Head
+}
+
+impl Head {
+    /// The request, from the head's bytes (split off the buffer) and the body, with the
+    /// headers `reads` asks for. `None` if its target or a header is not one `http` accepts.
+    fn request(
+        &self,
+        bytes: &Bytes,
+        body: Bytes,
+        reads: &impl Fn(&Method, &str) -> Reads,
+    ) -> Option<Request<Full<Bytes>>> {
+        let at = |(s, e): (u16, u16)| bytes.slice(usize::from(s)..usize::from(e));
+        let uri = http::Uri::from_maybe_shared(at(self.path)).ok()?;
+        let reads = reads(&self.method, uri.path());
+        let mut headers = HeaderMap::with_capacity(match reads {
+            Reads::All => self.count,
+            Reads::Only(names) => names.len(),
+        });
+        for &(ns, ne, vs, ve) in &self.headers[..self.count] {
+            let raw = &bytes[usize::from(ns)..usize::from(ne)];
+            let name = match reads {
+                Reads::All => HeaderName::from_bytes(raw).ok()?,
+                Reads::Only(names) => {
+                    match names
+                        .iter()
+                        .find(|n| n.as_str().as_bytes().eq_ignore_ascii_case(raw))
+                    {
+                        Some(n) => n.clone(),
+                        None => continue,
+                    }
+                }
+            };
+            let value = HeaderValue::from_maybe_shared(at((vs, ve))).ok()?;
+            headers.append(name, value);
+        }
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        Some(req)
+    }
+}
+
+/// A `Content-Length` value: digits only.
+fn parse_length(v: &[u8]) -> Option<usize> {
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0')))
+}
+
+/// Whether a `Connection` value lists `close`.
+fn has_close(v: &[u8]) -> bool {
+    v.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+/// Makes room for a read.
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_SIZE / 4 {
+        buf.reserve(READ_SIZE);
+    }
+}
+
+/// Reads more of a request head. `false` when the connection is done: the client closed it,
+/// it broke, or it was told to close (at once if no byte of a next request came, else after
+/// [`CLOSE_GRACE`], as hyper's graceful shutdown waits for a head that started).
+async fn read_head(
+    rd: &mut ReadHalf<'_>,
+    buf: &mut BytesMut,
+    conn: &ConnState,
+    registered: &mut Option<Waker>,
+) -> bool {
+    let started = !buf.is_empty();
+    reserve(buf);
+    let mut read = pin!(rd.read_buf(buf));
+    let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    poll_fn(|cx| {
+        if grace.is_none() && conn.poll_close(registered, cx) {
+            if !started {
+                return Poll::Ready(false);
+            }
+            grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+        }
+        if let Some(g) = grace.as_mut()
+            && g.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(false);
+        }
+        match read.as_mut().poll(cx) {
+            Poll::Ready(Ok(n)) => Poll::Ready(n > 0),
+            Poll::Ready(Err(_)) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Reads what the client sent since, without waiting: whether it has gone (end of stream, or a
+/// broken connection). Keeps what it read (a next request), up to [`MAX_AHEAD`] bytes.
+fn poll_gone(rd: &mut ReadHalf<'_>, buf: &mut BytesMut, cx: &mut Context<'_>) -> bool {
+    loop {
+        if buf.len() >= MAX_AHEAD {
+            return false;
+        }
+        reserve(buf);
+        match pin!(rd.read_buf(buf)).poll(cx) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => return false,
+        }
+    }
+}
+
+/// How the response body is framed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (`204`, `304`, a body known to be empty needs `Content-Length: 0`).
+    None,
+    /// `Content-Length`: this many bytes are left.
+    Length(u64),
+    Chunked,
+}
+
+/// What happened while waiting for the response body.
+enum Next<E> {
+    Frame(Option<Result<http_body::Frame<Bytes>, E>>),
+    /// The body has nothing for now and some output waits: write it.
+    Flush,
+    /// The client left.
+    Gone,
+}
+
+/// Writes `resp`. Whether the connection can carry another request.
+async fn respond<B: Body<Data = Bytes>>(
+    rd: &mut ReadHalf<'_>,
+    wr: &mut WriteHalf<'_>,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    resp: Response<B>,
+    mut close: bool,
+) -> bool {
+    let (parts, body) = resp.into_parts();
+    let mut body = pin!(body);
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("Unknown")
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    let mut dated = false;
+    for (name, value) in &parts.headers {
+        // This hop's framing is decided here.
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if name == header::CONNECTION {
+            close |= has_close(value.as_bytes());
+            continue;
+        }
+        dated |= name == header::DATE;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    let status = parts.status.as_u16();
+    let mut framing = if status < 200 || status == 204 || status == 304 {
+        Framing::None
+    } else if body.is_end_stream() {
+        out.extend_from_slice(b"content-length: 0\r\n");
+        Framing::None
+    } else if let Some(n) = body.size_hint().exact() {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        Framing::Length(n)
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if framing == Framing::None {
+        return wr.write_all(out).await.is_ok() && !close;
+    }
+    loop {
+        let next = poll_fn(|cx| {
+            if let Poll::Ready(frame) = body.as_mut().poll_frame(cx) {
+                return Poll::Ready(Next::Frame(frame));
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Next::Flush);
+            }
+            if poll_gone(rd, buf, cx) {
+                return Poll::Ready(Next::Gone);
+            }
+            Poll::Pending
+        })
+        .await;
+        let data = match next {
+            Next::Flush => {
+                if wr.write_all(out).await.is_err() {
+                    return false;
+                }
+                out.clear();
+                continue;
+            }
+            Next::Gone => return false,
+            Next::Frame(None) => {
+                if framing == Framing::Chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                // A body shorter than its length leaves the client waiting: close.
+                let whole = matches!(framing, Framing::Chunked | Framing::Length(0));
+                return wr.write_all(out).await.is_ok() && whole && !close;
+            }
+            Next::Frame(Some(Err(_))) => {
+                // Cut short: what was sent stays incomplete (no last chunk), so the client sees
+                // the break.
+                let _ = wr.write_all(out).await;
+                return false;
+            }
+            Next::Frame(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                // Trailers are not sent; empty frames say nothing.
+                _ => continue,
+            },
+        };
+        match &mut framing {
+            Framing::Length(left) => {
+                let Some(rest) = left.checked_sub(data.len() as u64) else {
+                    // Longer than its length: the connection can't be trusted after it.
+                    let _ = wr.write_all(out).await;
+                    return false;
+                };
+                *left = rest;
+            }
+            Framing::Chunked => {
+                write_hex(out, data.len());
+                out.extend_from_slice(b"\r\n");
+            }
+            Framing::None => {}
+        }
+        if data.len() >= COPY_MAX {
+            if wr.write_all(out).await.is_err() || wr.write_all(&data).await.is_err() {
+                return false;
+            }
+            out.clear();
+        } else {
+            out.extend_from_slice(&data);
+        }
+        if framing == Framing::Chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+fn write_hex(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Writes the current time as an HTTP date, formatted once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+}
+
+/// A socket with bytes already read from it put back in front: how hyper takes over a
+/// connection from this server (see [`Ended::HandOver`]).
+#[derive(Debug)]
+pub struct Rewound<T> {
+    read: Bytes,
+    io: T,
+}
+
+impl<T> Rewound<T> {
+    pub fn new(read: Bytes, io: T) -> Self {
+        Self { read, io }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        dst: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(dst.remaining());
+            dst.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, dst)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewound<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        src: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, src)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use crate::connections::Connections;
+    use axum::body::Body as AxumBody;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    /// A handler that answers with what it was given: method, path, header names, body.
+    async fn echo(req: Request<Full<Bytes>>) -> Response<AxumBody> {
+        use http_body_util::BodyExt;
+        let (parts, body) = req.into_parts();
+        let names: Vec<&str> = parts.headers.keys().map(|n| n.as_str()).collect();
+        let body = body.collect().await.unwrap().to_bytes();
+        let text = format!(
+            "{} {} {} [{}]",
+            parts.method,
+            parts.uri.path(),
+            names.join(","),
+            String::from_utf8_lossy(&body)
+        );
+        Response::new(AxumBody::from(text))
+    }
+
+    /// Serves one connection with `handle`, the client writing `pieces` (20 ms apart) and then
+    /// reading until it has `until` (or for 2 s). Returns what the client read and how the
+    /// server's loop ended.
+    async fn exchange<H, F>(
+        reads: Reads,
+        pieces: &[&[u8]],
+        until: &str,
+        handle: H,
+    ) -> (String, Ended)
+    where
+        H: Fn(Request<Full<Bytes>>) -> F + Send + 'static,
+        F: Future<Output = Response<AxumBody>> + Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let conns = Connections::new(Duration::from_secs(60));
+            let reg = conns.open();
+            serve(
+                &mut tcp,
+                &reg.state,
+                move |_: &Method, _: &str| reads,
+                handle,
+            )
+            .await
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        for (i, p) in pieces.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            client.write_all(p).await.unwrap();
+        }
+        let mut got = Vec::new();
+        let end = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(until) {
+            match tokio::time::timeout_at(end, client.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+        drop(client);
+        let ended = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server's loop ends when the client goes")
+            .unwrap();
+        (String::from_utf8(got).unwrap(), ended)
+    }
+
+    const POST_A: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer k\r\nX-Stainless-Lang: python\r\nContent-Length: 1\r\n\r\na";
+    const POST_BB: &[u8] =
+        b"POST /v1/embeddings?x=1 HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\nbb";
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order() {
+        let both = [POST_A, POST_BB].concat();
+        let (out, ended) = exchange(Reads::All, &[&both], "[bb]", echo).await;
+        let a = out.find(
+            "POST /v1/chat/completions host,authorization,x-stainless-lang,content-length [a]",
+        );
+        let b = out.find("POST /v1/embeddings host,content-length [bb]");
+        assert!(a.is_some() && b.is_some() && a < b, "{out}");
+        assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{out}");
+        assert_eq!(out.matches("content-length: ").count(), 2, "{out}");
+        assert_eq!(out.matches("\r\ndate: ").count(), 2, "{out}");
+        assert!(matches!(ended, Ended::Done), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_in_pieces_is_read_whole() {
+        let (head, body) = POST_BB.split_at(POST_BB.len() - 2);
+        let (head1, head2) = head.split_at(9);
+        let pieces: [&[u8]; 4] = [head1, head2, &body[..1], &body[1..]];
+        let (out, _) = exchange(Reads::All, &pieces, "[bb]", echo).await;
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(
+            out.ends_with("POST /v1/embeddings host,content-length [bb]"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_headers_the_handler_reads_reach_it() {
+        static AUTH: [HeaderName; 2] = [header::AUTHORIZATION, header::CONTENT_LENGTH];
+        let (out, _) = exchange(Reads::Only(&AUTH), &[POST_A], "[a]", echo).await;
+        assert!(
+            out.ends_with("POST /v1/chat/completions authorization,content-length [a]"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_served_elsewhere_are_handed_over_with_every_byte_read() {
+        let cases: [(&str, &[u8], bool); 11] = [
+            (
+                "HTTP/1.0",
+                b"POST /v1/embeddings HTTP/1.0\r\ncontent-length: 2\r\n\r\nbb",
+                false,
+            ),
+            ("HEAD", b"HEAD /health HTTP/1.1\r\nhost: t\r\n\r\n", false),
+            (
+                "chunked",
+                b"POST /x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nbb\r\n0\r\n\r\n",
+                false,
+            ),
+            (
+                "expect",
+                b"POST /x HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n",
+                false,
+            ),
+            (
+                "upgrade",
+                b"GET /x HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+                false,
+            ),
+            (
+                "lengths that differ",
+                b"POST /x HTTP/1.1\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nbbb",
+                false,
+            ),
+            (
+                "a length that isn't a number",
+                b"POST /x HTTP/1.1\r\ncontent-length: +2\r\n\r\nbb",
+                false,
+            ),
+            (
+                "a body over the limit",
+                b"POST /x HTTP/1.1\r\ncontent-length: 1048577\r\n\r\n",
+                false,
+            ),
+            (
+                "absolute form",
+                b"GET http://t/x HTTP/1.1\r\nhost: t\r\n\r\n",
+                false,
+            ),
+            ("garbage", b"\x01\x02 nonsense\r\n\r\n", false),
+            ("h2c", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", true),
+        ];
+        for (what, bytes, h2) in cases {
+            // One request served first: the hand-over carries only what follows it.
+            let sent = [POST_BB, bytes].concat();
+            let (out, ended) = exchange(Reads::All, &[&sent], "[bb]", echo).await;
+            assert!(out.ends_with("[bb]"), "{what}: {out}");
+            match ended {
+                Ended::HandOver { read, h2: is_h2 } => {
+                    assert_eq!(&read[..], bytes, "{what}");
+                    assert_eq!(is_h2, h2, "{what}");
+                }
+                Ended::Done => panic!("{what}: not handed over"),
+            }
+        }
+        // Too many headers, and a head too long, also go to hyper.
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("x-h{i}: 1\r\n"))
+            .collect();
+        let long = format!("x-long: {}\r\n", "a".repeat(MAX_HEAD));
+        for extra in [many, long] {
+            let sent = format!("GET /x HTTP/1.1\r\n{extra}\r\n");
+            let (_, ended) = exchange(Reads::All, &[sent.as_bytes()], "never", echo).await;
+            let Ended::HandOver { read, .. } = ended else {
+                panic!("not handed over")
+            };
+            assert!(read.starts_with(b"GET /x HTTP/1.1\r\n"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_is_sent_chunked_and_a_failed_one_is_cut() {
+        let (out, _) = exchange(Reads::All, &[POST_BB], "0\r\n\r\n", |_| async {
+            let frames = futures_util::stream::iter([
+                Ok::<_, std::io::Error>(Bytes::from_static(b"hello")),
+                Ok(Bytes::from(vec![b'x'; 20 << 10])),
+                Ok(Bytes::new()),
+                Ok(Bytes::from_static(b"!")),
+            ]);
+            Response::new(AxumBody::from_stream(frames))
+        })
+        .await;
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("\r\ntransfer-encoding: chunked"), "{head}");
+        assert!(!head.contains("content-length"), "{head}");
+        let big = "x".repeat(20 << 10);
+        assert_eq!(
+            body,
+            format!("5\r\nhello\r\n5000\r\n{big}\r\n1\r\n!\r\n0\r\n\r\n")
+        );
+
+        let (out, ended) = exchange(Reads::All, &[POST_BB, POST_BB], "never", |_| async {
+            let frames = futures_util::stream::iter([
+                Ok(Bytes::from_static(b"part")),
+                Err(std::io::Error::other("upstream broke")),
+            ]);
+            Response::new(AxumBody::from_stream(frames))
+        })
+        .await;
+        assert!(out.ends_with("\r\n\r\n4\r\npart\r\n"), "{out}");
+        assert!(matches!(ended, Ended::Done), "the connection is closed");
+    }
+
+    #[tokio::test]
+    async fn connection_close_is_answered_and_done() {
+        let req = b"GET /health HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n";
+        let (out, ended) = exchange(Reads::All, &[req], "[]", echo).await;
+        assert!(out.contains("\r\nconnection: close\r\n"), "{out}");
+        assert!(matches!(ended, Ended::Done));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_drops_its_handler() {
+        struct Flag(Arc<AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let d = dropped.clone();
+        let (out, ended) = exchange(Reads::All, &[POST_BB], "never", move |_| {
+            let flag = Flag(d.clone());
+            async move {
+                std::future::pending::<()>().await;
+                drop(flag);
+                Response::new(AxumBody::empty())
+            }
+        })
+        .await;
+        assert_eq!(out, "");
+        assert!(matches!(ended, Ended::Done));
+        assert!(dropped.load(Ordering::SeqCst), "the handler still runs");
+    }
+
+    #[tokio::test]
+    async fn rewound_reads_the_bytes_put_back_first() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut r = Rewound::new(Bytes::from_static(b"head "), a);
+        b.write_all(b"tail").await.unwrap();
+        drop(b);
+        let mut all = String::new();
+        r.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "head tail");
+    }
+
+    #[test]
+    fn framing_helpers() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"1048576"), Some(1 << 20));
+        for bad in [&b""[..], b"-1", b" 1", b"1a", b"9999999999999999999"] {
+            assert_eq!(parse_length(bad), None, "{bad:?}");
+        }
+        assert!(has_close(b"close"));
+        assert!(has_close(b"keep-alive, CLOSE "));
+        assert!(!has_close(b"keep-alive"));
+        assert!(!has_close(b"closed"));
+        let mut out = Vec::new();
+        for n in [0, 9, 10, 255, 0x5000] {
+            write_hex(&mut out, n);
+            out.push(b' ');
+        }
+        assert_eq!(out, b"0 9 a ff 5000 ");
+    }
+}
