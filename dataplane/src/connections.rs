@@ -19,11 +19,13 @@
 //!   which settles their requests as if the clients had gone, so that what the process holds
 //!   (the usage log) is flushed before Kubernetes' `SIGKILL` at the end of the grace period.
 //!
-//! Closing is hyper's graceful shutdown: a connection serving a request finishes it (and
-//! flushes it) and ends, an idle one ends at once, HTTP/2 gets a GOAWAY. hyper waits for a
-//! request head that has started to arrive, so a closed connection that still has no request
-//! in flight [`CLOSE_GRACE`] later (a client dripping a header, or not reading its last
-//! response) is dropped.
+//! Closing a connection lets it finish the request it serves (and flush it) and ends it, an idle
+//! one at once; HTTP/2 gets a GOAWAY. A request that has started to arrive, or a last response
+//! the client hasn't taken yet, gets [`CLOSE_GRACE`] more, and then the connection is dropped
+//! (a client dripping a header, or not reading). The data plane's HTTP/1.1 loop
+//! ([`crate::h1_server`]) looks at the connection's state between requests and while it reads
+//! ([`ConnState::poll_close`]); hyper's servers, for the connections handed to them, are closed
+//! by [`Connections::serve`] through hyper's graceful shutdown, which behaves the same way.
 
 use hyper_util::server::graceful::GracefulConnection;
 use std::collections::HashMap;
@@ -104,8 +106,8 @@ impl ConnState {
         }
     }
 
-    /// Whether the connection should close now: [`IDLE`] with no request since the sweep, or
-    /// [`SHUTDOWN`]. An [`IDLE`] overtaken by a request is withdrawn.
+    /// Whether the connection should close now: `IDLE` with no request since the sweep, or
+    /// `SHUTDOWN`. An `IDLE` overtaken by a request is withdrawn.
     pub fn should_close(&self) -> bool {
         match self.close.load(Ordering::Acquire) {
             OPEN => false,
@@ -142,20 +144,6 @@ impl ConnState {
             serving.as_mut().poll(cx).map(Some)
         })
         .await
-    }
-
-    /// Resolves when the connection is told to close (for a connection not served yet).
-    pub async fn closed(&self) {
-        let mut registered = None;
-        std::future::poll_fn(|cx| {
-            self.register(&mut registered, cx);
-            if self.should_close() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
-        .await;
     }
 
     /// Whether no request is in flight.

@@ -28,10 +28,16 @@
 //!   loop writes when the body has nothing more for now. A streamed body is sent chunked, a
 //!   body of known length with `Content-Length`. `Date` is added, cached per second per thread,
 //!   as hyper does.
-//! - **Idle timeout and shutdown**: between requests the loop asks the connection's
-//!   [`ConnState`] whether to close; a request head that has started to arrive gets
-//!   [`CLOSE_GRACE`] to finish. A response written after shutdown began says `Connection:
-//!   close`. The shutdown timeout's abort is [`ConnState::unless_aborted`] around this loop.
+//! - **Idle timeout and shutdown**: a request counts as in flight ([`ConnState::start`]) from
+//!   when it has arrived whole until its response has been handed to the socket but for the
+//!   last write. Outside that the loop asks the connection's [`ConnState`] whether to close: a
+//!   request that has started to arrive, or a last write the client hasn't taken, gets
+//!   [`CLOSE_GRACE`] (once, however the bytes drip) and then the connection is dropped. So a
+//!   client can't hold a connection by sending a head or a body slowly, or by not reading. A
+//!   response written after shutdown began says `Connection: close`. The shutdown timeout's
+//!   abort is [`ConnState::unless_aborted`] around this loop.
+//! - **Memory**: what a request or response grows past [`KEEP_CAPACITY`] is let go between
+//!   requests, and a response that keeps coming is written every [`KEEP_CAPACITY`] bytes.
 
 use crate::connections::{CLOSE_GRACE, ConnState};
 use bytes::{Buf, Bytes, BytesMut};
@@ -56,7 +62,7 @@ pub const MAX_HEAD: usize = 16 << 10;
 pub const MAX_BODY: usize = 1 << 20;
 /// Most bytes of what follows a request (a pipelined one) read while it is served. Reading
 /// stops there, and so does noticing that the client left, until the response is written.
-const MAX_AHEAD: usize = 64 << 10;
+pub const MAX_AHEAD: usize = 64 << 10;
 /// Room made for each read.
 const READ_SIZE: usize = 16 << 10;
 /// Body data frames at least this large are written from their own buffer, not copied.
@@ -103,45 +109,53 @@ where
     B: Body<Data = Bytes>,
 {
     let (mut rd, mut wr) = tcp.split();
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    // The task's waker, as the connection's state last stored it.
-    let mut registered: Option<Waker> = None;
+    let mut io = Io {
+        buf: BytesMut::new(),
+        out: Vec::new(),
+        registered: None,
+        grace: None,
+        read_closed: false,
+    };
     let mut head = Head::default();
+    let mut served = false;
     loop {
+        // A whole request, head and body, before the handler runs.
         loop {
-            match parse(&buf, &mut head) {
+            match parse(&io.buf, &mut head) {
                 Parse::Head => break,
                 Parse::HandOver => {
-                    let h2 = buf.starts_with(H2_PREFACE);
+                    // HTTP/2 only at the start of a connection, as its preface may only come
+                    // there. The preface may still be cut short (a read that ended inside it).
+                    let n = io.buf.len().min(H2_PREFACE.len());
+                    let h2 = !served && io.buf[..n] == H2_PREFACE[..n];
                     return Ended::HandOver {
-                        read: buf.freeze(),
+                        read: io.buf.freeze(),
                         h2,
                     };
                 }
                 Parse::Partial => {}
             }
-            if !read_head(&mut rd, &mut buf, conn, &mut registered).await {
+            if !read_more(&mut rd, &mut io, conn, READ_SIZE).await {
                 return Ended::Done;
             }
         }
-        let in_flight = conn.start();
-        let head_bytes = buf.split_to(head.len).freeze();
-        if buf.len() < head.body_len {
-            buf.reserve(head.body_len - buf.len());
-            while buf.len() < head.body_len {
-                match rd.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => return Ended::Done,
-                    Ok(_) => {}
-                }
+        let whole = head.len + head.body_len;
+        while io.buf.len() < whole {
+            let want = whole - io.buf.len();
+            if !read_more(&mut rd, &mut io, conn, want).await {
+                return Ended::Done;
             }
         }
-        let body = buf.split_to(head.body_len).freeze();
+        io.grace = None;
+        let in_flight = conn.start();
+        let head_bytes = io.buf.split_to(head.len).freeze();
+        let body = io.buf.split_to(head.body_len).freeze();
         let Some(req) = head.request(&head_bytes, body, &reads) else {
             let _ = wr.write_all(BAD_REQUEST).await;
             return Ended::Done;
         };
         drop(head_bytes);
+        served = true;
 
         // The handler, while watching for the client to leave.
         let resp = {
@@ -150,7 +164,7 @@ where
                 if let Poll::Ready(resp) = handler.as_mut().poll(cx) {
                     return Poll::Ready(Some(resp));
                 }
-                if poll_gone(&mut rd, &mut buf, cx) {
+                if io.poll_gone(&mut rd, cx) {
                     return Poll::Ready(None);
                 }
                 Poll::Pending
@@ -162,12 +176,152 @@ where
             }
         };
         let close = head.close || conn.should_close();
-        let kept = respond(&mut rd, &mut wr, &mut buf, &mut out, resp, close).await;
+        let keep = respond(&mut rd, &mut wr, &mut io, resp, close).await;
+        // The response is whole (or cut): what is left is to write its last bytes, which a
+        // client that doesn't read may hold up. As with hyper, the request counts as done, so
+        // that the idle timeout and shutdown close such a connection.
         drop(in_flight);
-        if !kept {
+        if !io.write_last(&mut wr, conn).await || !keep {
             return Ended::Done;
         }
+        io.shrink();
     }
+}
+
+/// A connection's buffers and read state, between the steps of [`serve`].
+struct Io {
+    /// Read, not yet served.
+    buf: BytesMut,
+    /// To write.
+    out: Vec<u8>,
+    /// The task's waker, as the connection's state last stored it.
+    registered: Option<Waker>,
+    /// Set when the connection was told to close while a request was arriving or its last bytes
+    /// were being written: when it is closed anyway. Kept across reads, so that a client
+    /// dripping bytes can't extend it.
+    grace: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The client closed its side: nothing more will be read.
+    read_closed: bool,
+}
+
+/// Buffers larger than this are let go between requests rather than kept for the connection's
+/// life (a large request or response would otherwise pin its memory to an idle connection).
+pub const KEEP_CAPACITY: usize = 64 << 10;
+
+impl Io {
+    /// Makes room in `buf` for a read of up to `want` bytes: at least a quarter of
+    /// [`READ_SIZE`], at most [`KEEP_CAPACITY`] at a time (a large body grows the buffer as it
+    /// arrives, not all at once because a head said so).
+    fn reserve(&mut self, want: usize) {
+        let want = want.clamp(READ_SIZE / 4, KEEP_CAPACITY);
+        if self.buf.capacity() - self.buf.len() < want {
+            self.buf.reserve(want.max(READ_SIZE));
+        }
+    }
+
+    /// Reads what the client sent since, without waiting: whether it has gone (end of stream
+    /// with nothing left to serve, or a broken connection). Keeps what it read (a next
+    /// request), up to [`MAX_AHEAD`] bytes. A client that sent requests and then closed its
+    /// side still gets their answers, as from hyper.
+    fn poll_gone(&mut self, rd: &mut ReadHalf<'_>, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.read_closed || self.buf.len() >= MAX_AHEAD {
+                return false;
+            }
+            self.reserve(READ_SIZE);
+            match pin!(rd.read_buf(&mut self.buf)).poll(cx) {
+                Poll::Ready(Ok(0)) if !self.buf.is_empty() => {
+                    self.read_closed = true;
+                    return false;
+                }
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return false,
+            }
+        }
+    }
+
+    /// Writes what is left in `out` when the request is done. `false` if the connection is
+    /// done: the write failed, or the client didn't take it within [`CLOSE_GRACE`] of the
+    /// connection being told to close.
+    async fn write_last(&mut self, wr: &mut WriteHalf<'_>, conn: &ConnState) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let Self {
+            out,
+            registered,
+            grace,
+            ..
+        } = self;
+        let mut write = pin!(wr.write_all(out));
+        let written = poll_fn(|cx| {
+            if let Poll::Ready(r) = write.as_mut().poll(cx) {
+                return Poll::Ready(r.is_ok());
+            }
+            if grace.is_none() && conn.poll_close(registered, cx) {
+                *grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+            }
+            if let Some(g) = grace.as_mut()
+                && g.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(false);
+            }
+            Poll::Pending
+        })
+        .await;
+        self.out.clear();
+        self.grace = None;
+        written
+    }
+
+    /// Lets go of buffers a large request or response grew.
+    fn shrink(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
+            self.buf = BytesMut::new();
+        }
+        if self.out.capacity() > KEEP_CAPACITY {
+            self.out = Vec::new();
+        }
+    }
+}
+
+/// Reads more of a request into `io.buf` (see [`Io::reserve`] for `want`). `false` when the
+/// connection is done: the client closed it, it broke, or it was told to close: at once if no
+/// byte of a next request came, else after [`CLOSE_GRACE`] (kept across reads), as hyper's
+/// graceful shutdown waits for a request that started.
+async fn read_more(rd: &mut ReadHalf<'_>, io: &mut Io, conn: &ConnState, want: usize) -> bool {
+    if io.read_closed {
+        return false;
+    }
+    let started = !io.buf.is_empty();
+    io.reserve(want);
+    let Io {
+        buf,
+        registered,
+        grace,
+        ..
+    } = io;
+    let mut read = pin!(rd.read_buf(buf));
+    poll_fn(|cx| {
+        if grace.is_none() && conn.poll_close(registered, cx) {
+            if !started {
+                return Poll::Ready(false);
+            }
+            *grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+        }
+        if let Some(g) = grace.as_mut()
+            && g.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(false);
+        }
+        match read.as_mut().poll(cx) {
+            Poll::Ready(Ok(n)) => Poll::Ready(n > 0),
+            Poll::Ready(Err(_)) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// hyper's answer to a head it can't make a request of.
@@ -329,63 +483,6 @@ fn has_close(v: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
-/// Makes room for a read.
-fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_SIZE / 4 {
-        buf.reserve(READ_SIZE);
-    }
-}
-
-/// Reads more of a request head. `false` when the connection is done: the client closed it,
-/// it broke, or it was told to close (at once if no byte of a next request came, else after
-/// [`CLOSE_GRACE`], as hyper's graceful shutdown waits for a head that started).
-async fn read_head(
-    rd: &mut ReadHalf<'_>,
-    buf: &mut BytesMut,
-    conn: &ConnState,
-    registered: &mut Option<Waker>,
-) -> bool {
-    let started = !buf.is_empty();
-    reserve(buf);
-    let mut read = pin!(rd.read_buf(buf));
-    let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    poll_fn(|cx| {
-        if grace.is_none() && conn.poll_close(registered, cx) {
-            if !started {
-                return Poll::Ready(false);
-            }
-            grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
-        }
-        if let Some(g) = grace.as_mut()
-            && g.as_mut().poll(cx).is_ready()
-        {
-            return Poll::Ready(false);
-        }
-        match read.as_mut().poll(cx) {
-            Poll::Ready(Ok(n)) => Poll::Ready(n > 0),
-            Poll::Ready(Err(_)) => Poll::Ready(false),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
-}
-
-/// Reads what the client sent since, without waiting: whether it has gone (end of stream, or a
-/// broken connection). Keeps what it read (a next request), up to [`MAX_AHEAD`] bytes.
-fn poll_gone(rd: &mut ReadHalf<'_>, buf: &mut BytesMut, cx: &mut Context<'_>) -> bool {
-    loop {
-        if buf.len() >= MAX_AHEAD {
-            return false;
-        }
-        reserve(buf);
-        match pin!(rd.read_buf(buf)).poll(cx) {
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
-            Poll::Ready(Ok(_)) => {}
-            Poll::Pending => return false,
-        }
-    }
-}
-
 /// How the response body is framed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Framing {
@@ -405,33 +502,34 @@ enum Next<E> {
     Gone,
 }
 
-/// Writes `resp`. Whether the connection can carry another request.
+/// Writes `resp`, all but what is left in `io.out` at the end (see [`Io::write_last`]).
+/// Whether the connection can carry another request.
 async fn respond<B: Body<Data = Bytes>>(
     rd: &mut ReadHalf<'_>,
     wr: &mut WriteHalf<'_>,
-    buf: &mut BytesMut,
-    out: &mut Vec<u8>,
+    io: &mut Io,
     resp: Response<B>,
     mut close: bool,
 ) -> bool {
     let (parts, body) = resp.into_parts();
     let mut body = pin!(body);
+    let out = &mut io.out;
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(parts.status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("Unknown")
-            .as_bytes(),
-    );
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut dated = false;
+    // A length the handler set, for a body that doesn't know its own.
+    let mut declared = None;
     for (name, value) in &parts.headers {
         // This hop's framing is decided here.
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if name == header::CONTENT_LENGTH {
+            declared = parse_length(value.as_bytes());
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
             continue;
         }
         if name == header::CONNECTION {
@@ -455,7 +553,7 @@ async fn respond<B: Body<Data = Bytes>>(
     } else if body.is_end_stream() {
         out.extend_from_slice(b"content-length: 0\r\n");
         Framing::None
-    } else if let Some(n) = body.size_hint().exact() {
+    } else if let Some(n) = body.size_hint().exact().or(declared.map(|n| n as u64)) {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -469,45 +567,47 @@ async fn respond<B: Body<Data = Bytes>>(
     }
     out.extend_from_slice(b"\r\n");
     if framing == Framing::None {
-        return wr.write_all(out).await.is_ok() && !close;
+        return !close;
     }
     loop {
         let next = poll_fn(|cx| {
             if let Poll::Ready(frame) = body.as_mut().poll_frame(cx) {
                 return Poll::Ready(Next::Frame(frame));
             }
-            if !out.is_empty() {
+            if !io.out.is_empty() {
                 return Poll::Ready(Next::Flush);
             }
-            if poll_gone(rd, buf, cx) {
+            if io.poll_gone(rd, cx) {
                 return Poll::Ready(Next::Gone);
             }
             Poll::Pending
         })
         .await;
+        let out = &mut io.out;
         let data = match next {
             Next::Flush => {
                 if wr.write_all(out).await.is_err() {
+                    out.clear();
                     return false;
                 }
                 out.clear();
                 continue;
             }
-            Next::Gone => return false,
+            Next::Gone => {
+                out.clear();
+                return false;
+            }
             Next::Frame(None) => {
                 if framing == Framing::Chunked {
                     out.extend_from_slice(b"0\r\n\r\n");
                 }
                 // A body shorter than its length leaves the client waiting: close.
                 let whole = matches!(framing, Framing::Chunked | Framing::Length(0));
-                return wr.write_all(out).await.is_ok() && whole && !close;
+                return whole && !close;
             }
-            Next::Frame(Some(Err(_))) => {
-                // Cut short: what was sent stays incomplete (no last chunk), so the client sees
-                // the break.
-                let _ = wr.write_all(out).await;
-                return false;
-            }
+            // Cut short: what was sent stays incomplete (no last chunk), so the client sees the
+            // break.
+            Next::Frame(Some(Err(_))) => return false,
             Next::Frame(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) if !data.is_empty() => data,
                 // Trailers are not sent; empty frames say nothing.
@@ -518,7 +618,6 @@ async fn respond<B: Body<Data = Bytes>>(
             Framing::Length(left) => {
                 let Some(rest) = left.checked_sub(data.len() as u64) else {
                     // Longer than its length: the connection can't be trusted after it.
-                    let _ = wr.write_all(out).await;
                     return false;
                 };
                 *left = rest;
@@ -531,6 +630,7 @@ async fn respond<B: Body<Data = Bytes>>(
         }
         if data.len() >= COPY_MAX {
             if wr.write_all(out).await.is_err() || wr.write_all(&data).await.is_err() {
+                out.clear();
                 return false;
             }
             out.clear();
@@ -539,6 +639,15 @@ async fn respond<B: Body<Data = Bytes>>(
         }
         if framing == Framing::Chunked {
             out.extend_from_slice(b"\r\n");
+        }
+        // A body that keeps having more (a fast upstream) is written as it goes, not gathered
+        // whole.
+        if out.len() >= KEEP_CAPACITY {
+            if wr.write_all(out).await.is_err() {
+                out.clear();
+                return false;
+            }
+            out.clear();
         }
     }
 }
@@ -802,7 +911,12 @@ mod tests {
                 false,
             ),
             ("garbage", b"\x01\x02 nonsense\r\n\r\n", false),
-            ("h2c", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", true),
+            // HTTP/2's preface only counts at the start of a connection.
+            (
+                "h2c after a request",
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                false,
+            ),
         ];
         for (what, bytes, h2) in cases {
             // One request served first: the hand-over carries only what follows it.
@@ -830,6 +944,44 @@ mod tests {
             };
             assert!(read.starts_with(b"GET /x HTTP/1.1\r\n"));
         }
+    }
+
+    #[tokio::test]
+    async fn http2s_preface_is_handed_over_even_when_cut_short() {
+        let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        for cut in [3, 12, 13, preface.len()] {
+            let (first, rest) = preface.split_at(cut);
+            let (_, ended) = exchange(Reads::All, &[first, rest], "never", echo).await;
+            let Ended::HandOver { read, h2 } = ended else {
+                panic!("not handed over")
+            };
+            assert!(h2, "cut at {cut}");
+            assert!(preface.starts_with(&read), "cut at {cut}");
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_sent_before_the_client_closed_its_side_are_answered() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let conns = Connections::new(Duration::from_secs(60));
+            let reg = conns.open();
+            serve(&mut tcp, &reg.state, |_: &Method, _: &str| Reads::All, echo).await
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(&[POST_A, POST_BB].concat()).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = String::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 2, "{got}");
+        assert!(got.ends_with("[bb]"), "{got}");
+        let ended = tokio::time::timeout(Duration::from_secs(5), server).await;
+        assert!(matches!(ended, Ok(Ok(Ended::Done))), "{ended:?}");
     }
 
     #[tokio::test]

@@ -38,7 +38,7 @@ use tollgate_crds::policy::RetryOn;
 const MAX_UPSTREAM_BODY: usize = 64 << 20;
 
 /// The request headers the proxied endpoints read: the key ([`crate::auth`]), the declared
-/// length ([`read_body`]) and `x-request-id` ([`crate::server`]). The HTTP/1.1 server gives
+/// length (`read_body`) and `x-request-id` ([`crate::server`]). The HTTP/1.1 server gives
 /// their handler only these ([`crate::h1_server::Reads`]), so **a request header read on this
 /// path must be listed here**.
 pub static READ_HEADERS: [HeaderName; 4] = [

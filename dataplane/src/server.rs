@@ -1,7 +1,8 @@
 //! HTTP surface: the listener, routes, thin handlers, request ids.
 //!
-//! Connections are served by hyper's HTTP/1.1 server directly, or its HTTP/2 server for h2c
-//! clients ([`serve`]). The three proxied endpoints (`POST /v1/chat/completions`,
+//! Connections are served by the data plane's own HTTP/1.1 loop ([`crate::h1_server`]), which
+//! hands the rare request it doesn't serve (HTTP/1.0, chunked bodies, `Expect`, malformed heads)
+//! to hyper's HTTP/1.1 server, and h2c clients to hyper's HTTP/2 server ([`serve`]). The three proxied endpoints (`POST /v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings`, with or without `/v1`) go straight to
 //! [`crate::proxy::handle`]; everything else (models, health, metrics, admin, 404/405) goes
 //! through the axum [`router`]. Skipping the router on the hot path saves its matching, boxing
@@ -258,7 +259,9 @@ fn request_id<B>(req: &http::Request<B>) -> HeaderValue {
         && !v.is_empty()
         && v.len() <= 128
     {
-        return v.clone();
+        // Copied: the client's value is a slice of the buffer its request was read into, which
+        // the id would otherwise keep for as long as the request's stream lasts.
+        return HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
     }
     static PREFIX: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| fastrand::u32(..));
     let n = REQUEST_SEQ.fetch_add(1, Ordering::Relaxed);

@@ -95,12 +95,18 @@ async fn idle_and_unfinished_connections_are_closed_after_the_idle_timeout() {
                 .await
                 .is_err()
             {
-                return true;
+                return Some(started.elapsed());
             }
         }
         let (_, closed) = read_to_close(&mut slow_head, Duration::from_millis(100)).await;
-        closed
+        closed.then(|| started.elapsed())
     });
+    // A request whose body never finishes (sent without a key: nothing has checked it yet).
+    let mut slow_body = TcpStream::connect(gw.addr).await.unwrap();
+    slow_body
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 1000\r\n\r\n{\"model\"")
+        .await
+        .unwrap();
     // A stream that lasts longer than the idle timeout, on its own connection.
     let mut streaming = TcpStream::connect(gw.addr).await.unwrap();
     streaming.write_all(request(true).as_bytes()).await.unwrap();
@@ -120,9 +126,17 @@ async fn idle_and_unfinished_connections_are_closed_after_the_idle_timeout() {
     let (_, silent_closed) = read_to_close(&mut silent, Duration::from_secs(5)).await;
     assert!(silent_closed, "a silent connection stays open");
     assert!(started.elapsed() >= Duration::from_millis(950));
+    // Both get a grace of 5 s once the idle timeout closes them (a request may have been about
+    // to finish), and no more: bytes that keep dripping in don't extend it.
+    let closed_at = dripping.await.unwrap();
     assert!(
-        dripping.await.unwrap(),
-        "a request head that never ends keeps its connection"
+        closed_at.is_some_and(|t| t < Duration::from_secs(9)),
+        "a request head that never ends keeps its connection ({closed_at:?})"
+    );
+    let (_, body_closed) = read_to_close(&mut slow_body, Duration::from_secs(3)).await;
+    assert!(
+        body_closed,
+        "a request body that never ends keeps its connection"
     );
 
     // The stream (10 × 250 ms) outlives the 1 s timeout and ends whole; then its connection,
