@@ -1,6 +1,6 @@
 //! Command-line flags (each with an environment fallback) and process wiring.
 
-use crate::state::{AppState, Settings};
+use crate::state::{AppState, Settings, Stop};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use std::net::SocketAddr;
@@ -455,14 +455,17 @@ async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> an
         let state = state.clone();
         async move {
             let mut stopped = state.stop.subscribe();
-            let _ = stopped.wait_for(|s| *s).await;
+            let _ = stopped.wait_for(|s| *s >= Stop::Stopping).await;
             let delay = state.settings.shutdown_delay;
             if state.drain() && !delay.is_zero() {
                 tracing::info!(
                     "shutting down: readiness fails now; still accepting requests for {delay:?} (--shutdown-delay)"
                 );
             }
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = stopped.wait_for(|s| *s == Stop::Now) => {}
+            }
         }
     };
     crate::server::serve(listener, state.clone(), stop).await;
@@ -476,7 +479,9 @@ async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> an
 
 /// Subscribes to SIGTERM and SIGINT now (before any worker thread serves, so that a signal that
 /// comes during start-up isn't missed by a thread that subscribes late), and sets `state.stop`
-/// when one comes. Call inside the runtime that runs the background tasks.
+/// when one comes: [`Stop::Stopping`], then [`Stop::Now`] on a second (an operator's second
+/// Ctrl-C, or `kill` again, shouldn't have to wait out the shutdown timeout). Call inside the
+/// runtime that runs the background tasks.
 fn stop_on_signal(state: &Arc<AppState>) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
@@ -485,11 +490,18 @@ fn stop_on_signal(state: &Arc<AppState>) -> anyhow::Result<()> {
         let mut int = signal(SignalKind::interrupt()).context("subscribing to SIGINT")?;
         let state = state.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
+            for stop in [Stop::Stopping, Stop::Now] {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+                if stop == Stop::Now {
+                    tracing::warn!(
+                        "second signal: cutting the requests still running now (their spend is kept)"
+                    );
+                }
+                state.stop.send_replace(stop);
             }
-            state.stop.send_replace(true);
         });
     }
     #[cfg(not(unix))]
@@ -497,7 +509,7 @@ fn stop_on_signal(state: &Arc<AppState>) -> anyhow::Result<()> {
         let state = state.clone();
         tokio::spawn(async move {
             shutdown_signal().await;
-            state.stop.send_replace(true);
+            state.stop.send_replace(Stop::Stopping);
         });
     }
     Ok(())

@@ -336,14 +336,18 @@ impl Connections {
     }
 
     /// Closes every connection (each finishes the request it is serving) and waits until all
-    /// have ended, or until `timeout`: then those still open are dropped mid-request, and this
-    /// returns once their tasks have ended.
-    pub async fn shutdown(&self, timeout: Duration) {
+    /// have ended, or until `timeout` or `now`: then those still open are dropped mid-request,
+    /// and this returns once their tasks have ended.
+    pub async fn shutdown(&self, timeout: Duration, now: impl std::future::Future<Output = ()>) {
         self.close_all(SHUTDOWN);
-        if tokio::time::timeout(timeout, self.emptied()).await.is_err() {
+        let ended = tokio::select! {
+            ended = tokio::time::timeout(timeout, self.emptied()) => ended.is_ok(),
+            () = now => false,
+        };
+        if !ended {
             let (n, tasks) = (self.lock().conns.len(), self.tasks.load(Ordering::Acquire));
             tracing::warn!(
-                "shutdown timeout ({timeout:?}) passed with {n} connection(s) and {tasks} HTTP/2 stream(s) still serving: closing them mid-request"
+                "shutdown timeout ({timeout:?}) passed, or a second signal came, with {n} connection(s) and {tasks} HTTP/2 stream(s) still serving: closing them mid-request"
             );
             CUTTING.store(true, Ordering::Relaxed);
             self.close_all(ABORT);

@@ -710,6 +710,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
             let n = self.read.len().min(dst.remaining());
             dst.put_slice(&self.read[..n]);
             self.read.advance(n);
+            if self.read.is_empty() {
+                // Let go of the buffer it was a view of, for the rest of the connection.
+                self.read = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, dst)
@@ -1015,6 +1019,80 @@ mod tests {
         .await;
         assert!(out.ends_with("\r\n\r\n4\r\npart\r\n"), "{out}");
         assert!(matches!(ended, Ended::Done), "the connection is closed");
+    }
+
+    /// A body that says it has `len` bytes and has `data`.
+    struct Sized {
+        data: Option<Bytes>,
+        len: u64,
+    }
+
+    impl Body for Sized {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.data.take().map(|d| Ok(http_body::Frame::data(d))))
+        }
+
+        fn size_hint(&self) -> http_body::SizeHint {
+            http_body::SizeHint::with_exact(self.len)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_its_length_ends_the_connection() {
+        for (data, len) in [("short", 10), ("longer than said", 4)] {
+            let (out, ended) = exchange(
+                Reads::All,
+                &[POST_BB, POST_BB],
+                "never",
+                move |_| async move {
+                    let body = Sized {
+                        data: Some(Bytes::from_static(data.as_bytes())),
+                        len,
+                    };
+                    Response::new(AxumBody::new(body))
+                },
+            )
+            .await;
+            assert!(out.contains(&format!("content-length: {len}\r\n")), "{out}");
+            assert_eq!(out.matches("HTTP/1.1 200").count(), 1, "{out}");
+            assert!(matches!(ended, Ended::Done), "{data}");
+        }
+        // Exactly its length: the connection carries the next request.
+        let (out, _) = exchange(Reads::All, &[POST_BB, POST_BB], "never", |_| async {
+            let body = Sized {
+                data: Some(Bytes::from_static(b"12345")),
+                len: 5,
+            };
+            Response::new(AxumBody::new(body))
+        })
+        .await;
+        assert_eq!(out.matches("\r\n\r\n12345").count(), 2, "{out}");
+    }
+
+    #[tokio::test]
+    async fn no_content_has_no_body_and_no_length() {
+        let (out, ended) = exchange(Reads::All, &[POST_BB, POST_BB], "never", |_| async {
+            let mut resp = Response::new(AxumBody::from("ignored"));
+            *resp.status_mut() = http::StatusCode::NO_CONTENT;
+            resp
+        })
+        .await;
+        assert_eq!(
+            out.matches("HTTP/1.1 204 No Content\r\n").count(),
+            2,
+            "{out}"
+        );
+        assert!(
+            !out.contains("content-length") && !out.contains("ignored"),
+            "{out}"
+        );
+        assert!(matches!(ended, Ended::Done));
     }
 
     #[tokio::test]

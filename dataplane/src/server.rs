@@ -131,7 +131,13 @@ pub async fn serve(
         }));
     }
     drop(listener);
-    conns.shutdown(shared.state.settings.shutdown_timeout).await;
+    let mut stop = shared.state.stop.subscribe();
+    let now = async move {
+        let _ = stop.wait_for(|s| *s == crate::state::Stop::Now).await;
+    };
+    conns
+        .shutdown(shared.state.settings.shutdown_timeout, now)
+        .await;
 }
 
 /// Runs HTTP/2 streams' tasks (hyper spawns one per request), counted so that shutdown waits

@@ -59,9 +59,21 @@ pub struct AppState {
     pub shared: Option<Arc<crate::shared::SharedLimits>>,
     /// Set on SIGTERM: readiness fails from then on (see [`AppState::drain`]).
     pub draining: std::sync::atomic::AtomicBool,
-    /// Becomes `true` on SIGTERM or SIGINT: every worker thread's listener watches it (one
-    /// signal subscription for the process, made before the workers start).
-    pub stop: tokio::sync::watch::Sender<bool>,
+    /// [`Stop::Stopping`] on SIGTERM or SIGINT, [`Stop::Now`] on a second one: every worker
+    /// thread's listener watches it (one signal subscription for the process, made before the
+    /// workers start).
+    pub stop: tokio::sync::watch::Sender<Stop>,
+}
+
+/// How far the process is in stopping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stop {
+    Serving,
+    /// Shutting down: the shutdown delay, then requests finish within the shutdown timeout.
+    Stopping,
+    /// Told again: the delay and the timeout are cut short. Requests still running are cut and
+    /// settled, and the usage log is flushed, as at the shutdown timeout.
+    Now,
 }
 
 impl AppState {
@@ -89,7 +101,7 @@ impl AppState {
             admin,
             shared,
             draining: std::sync::atomic::AtomicBool::new(false),
-            stop: tokio::sync::watch::Sender::new(false),
+            stop: tokio::sync::watch::Sender::new(Stop::Serving),
         }))
     }
 

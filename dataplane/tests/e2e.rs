@@ -771,6 +771,54 @@ async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage() {
     assert_eq!(outcomes, [r#""success""#, r#""shutdown""#], "{log}");
 }
 
+/// A second SIGTERM (or Ctrl-C) doesn't wait out the shutdown delay and timeout: the stream in
+/// flight is cut at once, and still settled and logged before the process exits.
+#[tokio::test]
+async fn a_second_signal_cuts_the_shutdown_short_and_keeps_the_usage() {
+    let (up, _) = slow_streams_and_a_short_shutdown();
+    let mut gw = Gateway::start(
+        BIN,
+        &manifests(&up.base_url()),
+        &[
+            "--shutdown-delay",
+            "5s",
+            "--shutdown-timeout",
+            "30s",
+            "--usage-log",
+            "{dir}/usage.jsonl",
+        ],
+    );
+    let body =
+        json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let mut streaming = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    assert!(streaming.chunk().await.unwrap().is_some());
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(gw.wait_for_log("readiness fails now", Duration::from_secs(2)));
+    let asked = std::time::Instant::now();
+    assert!(
+        gw.terminate(),
+        "the gateway should exit cleanly: {}",
+        gw.logs()
+    );
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "a second signal should cut the 5 s delay and the 30 s timeout short: {took:?}"
+    );
+    assert!(gw.logs().contains("second signal"), "{}", gw.logs());
+    let log = std::fs::read_to_string(gw.manifest_dir().join("usage.jsonl")).unwrap();
+    let outcomes: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["outcome"].to_string())
+        .collect();
+    assert_eq!(outcomes, [r#""shutdown""#], "{log}");
+}
+
 /// SIGTERM with `--shutdown-delay`: readiness fails at once, new connections are still served
 /// for the delay (Kubernetes is still removing the pod from its endpoints), then the process
 /// exits.
@@ -816,7 +864,7 @@ async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay()
         "the checks above took longer than the delay; the test can't tell"
     );
     assert!(
-        gw.terminate(),
+        gw.wait_exit(Duration::from_secs(10)),
         "the gateway should exit cleanly after the delay"
     );
     let took = asked.elapsed();

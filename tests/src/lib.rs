@@ -246,13 +246,20 @@ impl Gateway {
     }
 
     /// Sends SIGTERM and waits (up to 10 s) for the process to exit; returns whether it exited
-    /// cleanly.
+    /// cleanly. (A second SIGTERM cuts the gateway's shutdown short: after sending one yourself,
+    /// use [`Gateway::wait_exit`].)
     pub fn terminate(&mut self) -> bool {
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
-        let end = Instant::now() + Duration::from_secs(10);
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Waits up to `timeout` for the process to exit, without signalling it; returns whether it
+    /// exited cleanly (false if it is still running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
         while Instant::now() < end {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.success();
