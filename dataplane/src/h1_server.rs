@@ -673,14 +673,13 @@ fn date(out: &mut Vec<u8>) {
     thread_local! {
         static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
     }
-    let now = std::time::SystemTime::now();
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = crate::clock::unix_secs();
     DATE.with_borrow_mut(|(at, text)| {
         if *at != secs || text.is_empty() {
             *at = secs;
-            *text = httpdate::fmt_http_date(now);
+            *text = httpdate::fmt_http_date(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+            );
         }
         out.extend_from_slice(text.as_bytes());
     });

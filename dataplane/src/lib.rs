@@ -23,6 +23,7 @@ pub mod admin;
 pub mod auth;
 pub mod busy_poll;
 pub mod cli;
+pub mod clock;
 pub mod cluster;
 pub mod connections;
 pub mod error;

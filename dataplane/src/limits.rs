@@ -528,11 +528,10 @@ impl Registry {
     }
 }
 
-/// Seconds since the Unix epoch.
+/// Seconds since the Unix epoch, from the coarse clock (see [`crate::clock`]).
+#[inline]
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::unix_secs()
 }
 
 /// Index of the budget period containing `now` (Unix seconds); see [`BudgetPeriod::index`].

@@ -393,7 +393,7 @@ async fn serve_group(ctx: &mut Ctx<'_>, group: &Group, last_resort: bool) -> Gro
             return GroupEnd::Done(Err(ApiError::internal("admitted without a charge")));
         };
         charge.set_in_flight(route.stats.start());
-        let result = attempt_route(ctx, route, charge).await;
+        let result = attempt_route(ctx, route, charge, began).await;
         let f = match result {
             Attempt::Done(r) => return GroupEnd::Done(r),
             Attempt::Failed(f) => f,
@@ -618,9 +618,14 @@ async fn reserve(
     Ok(room)
 }
 
-/// One attempt on one route. The charge is taken from the context and put back when the
-/// attempt fails in a way another attempt may fix.
-async fn attempt_route(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
+/// One attempt on one route, which `began` then. The charge is taken from the context and put
+/// back when the attempt fails in a way another attempt may fix.
+async fn attempt_route(
+    ctx: &mut Ctx<'_>,
+    route: &Route,
+    charge: Charge,
+    began: Instant,
+) -> Attempt {
     let d = &route.deployment;
     let resp = match &d.target {
         Target::Mock(mock) => {
@@ -653,7 +658,7 @@ async fn attempt_route(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Atte
                 resp
             }
         }
-        Target::Upstream { .. } => match forward(ctx, route, charge).await {
+        Target::Upstream { .. } => match forward(ctx, route, charge, began).await {
             Attempt::Done(Ok(resp)) => resp,
             other => return other,
         },
@@ -687,9 +692,10 @@ where
     resp
 }
 
-/// Sends the request to an HTTP route and relays the answer. A failure before anything
-/// reached the client puts the charge back in `ctx` and reports what kind of failure it was.
-async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
+/// Sends the request to an HTTP route (the attempt `began` then: its deadlines count from
+/// there) and relays the answer. A failure before anything reached the client puts the charge
+/// back in `ctx` and reports what kind of failure it was.
+async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instant) -> Attempt {
     let d: &RuntimeDeployment = &route.deployment;
     let id = d.id.clone();
     let Some((upstream, uri, auth)) = d.uri(ctx.endpoint, route.endpoint) else {
@@ -714,7 +720,6 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge) -> Attempt {
         req
     };
     let t = d.timeouts;
-    let began = Instant::now();
     let deadline = t
         .total_ms
         .map(|ms| tokio::time::Instant::from_std(began) + Duration::from_millis(ms));

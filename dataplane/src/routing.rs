@@ -14,16 +14,17 @@
 use crate::snapshot::RuntimeDeployment;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tollgate_crds::config::{CooldownConfig, PolicyConfig};
 use tollgate_crds::policy::RetryOn;
 use tollgate_crds::policy::Strategy;
 
-/// Milliseconds on a monotonic clock, from the first call in this process (never 0).
+/// Milliseconds on a monotonic clock (never 0), from the coarse clock (see [`crate::clock`]):
+/// cooldowns and scrape ages need no finer.
+#[inline]
 pub fn now_ms() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    crate::clock::mono_ms()
 }
 
 /// Queue gauges scraped from a vLLM-style `/metrics` endpoint.

@@ -26,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// The pooling client for `https` upstreams.
@@ -38,6 +38,7 @@ type Conn = h1::Conn<TcpStream>;
 /// How long an idle upstream connection is kept. Below the 60-120 s that providers' and
 /// proxies' idle timeouts usually are, so we don't reuse a connection the far end is closing.
 const POOL_IDLE: Duration = Duration::from_secs(50);
+const POOL_IDLE_MS: u64 = POOL_IDLE.as_millis() as u64;
 /// Most idle connections kept per upstream (per thread).
 const POOL_MAX_IDLE: usize = 1024;
 /// TCP keepalive on upstream connections.
@@ -46,7 +47,8 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 /// An idle plain-HTTP connection, and when it became idle.
 struct Idle {
     conn: Conn,
-    since: Instant,
+    /// When it went idle ([`crate::clock::mono_ms`]).
+    since_ms: u64,
 }
 
 thread_local! {
@@ -294,7 +296,7 @@ fn checkout(key: &str) -> Option<Conn> {
         let mut p = p.borrow_mut();
         let idle = p.get_mut(key)?;
         while let Some(i) = idle.pop_back() {
-            if i.since.elapsed() > POOL_IDLE {
+            if crate::clock::mono_ms().saturating_sub(i.since_ms) > POOL_IDLE_MS {
                 // The rest are older still.
                 idle.clear();
                 break;
@@ -317,7 +319,7 @@ fn release(key: Arc<str>, conn: Conn) {
         }
         idle.push_back(Idle {
             conn,
-            since: Instant::now(),
+            since_ms: crate::clock::mono_ms(),
         });
     });
     if !SWEEPER.with(|s| s.replace(true))
@@ -337,10 +339,12 @@ async fn sweep_idle() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = Instant::now();
+        let now = crate::clock::mono_ms();
         POOL.with(|p| {
             p.borrow_mut().retain(|_, idle| {
-                idle.retain(|i| now.duration_since(i.since) <= POOL_IDLE && still_open(&i.conn));
+                idle.retain(|i| {
+                    now.saturating_sub(i.since_ms) <= POOL_IDLE_MS && still_open(&i.conn)
+                });
                 !idle.is_empty()
             })
         });
