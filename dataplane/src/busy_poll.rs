@@ -72,13 +72,28 @@ thread_local! {
 
 /// `f`, counting its polls as work for this thread's [`spin`] task. Costs a thread-local
 /// increment per poll.
-pub async fn tracked<F: std::future::Future>(f: F) -> F::Output {
-    let mut f = std::pin::pin!(f);
-    std::future::poll_fn(|cx| {
+pub fn tracked<F: std::future::Future>(f: F) -> Tracked<F> {
+    Tracked { f }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`tracked`]. A struct rather than an `async fn`: an `async fn` that pins its argument
+    /// keeps it twice in its state (the argument and the pinned local), which doubled the size
+    /// of every connection's task (28 KB, against 14 KB for what it wraps).
+    pub struct Tracked<F> {
+        #[pin]
+        f: F,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Tracked<F> {
+    type Output = F::Output;
+
+    #[inline]
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
         WORK.set(WORK.get().wrapping_add(1));
-        f.as_mut().poll(cx)
-    })
-    .await
+        self.project().f.poll(cx)
+    }
 }
 
 /// The runtime's `on_thread_unpark` hook: the thread woke from a park because it has work, so

@@ -89,6 +89,33 @@ impl Drop for InFlight {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// See [`ConnState::unless_aborted`]. A struct rather than an `async fn`, which would keep
+    /// `serving` (the connection's whole server loop) twice in its state.
+    pub struct UnlessAborted<'a, F> {
+        conn: &'a ConnState,
+        registered: Option<Waker>,
+        #[pin]
+        serving: F,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for UnlessAborted<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        this.conn.register(this.registered, cx);
+        if this.conn.close.load(Ordering::Acquire) == ABORT {
+            return std::task::Poll::Ready(None);
+        }
+        this.serving.poll(cx).map(Some)
+    }
+}
+
 impl ConnState {
     /// Counts a request that started, until the guard is dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
@@ -133,17 +160,12 @@ impl ConnState {
 
     /// Runs `serving` unless the connection is aborted first (the shutdown timeout passed):
     /// then it is dropped with whatever it was serving, and this returns `None`.
-    pub async fn unless_aborted<F: std::future::Future>(&self, serving: F) -> Option<F::Output> {
-        let mut serving = std::pin::pin!(serving);
-        let mut registered: Option<Waker> = None;
-        std::future::poll_fn(|cx| {
-            self.register(&mut registered, cx);
-            if self.close.load(Ordering::Acquire) == ABORT {
-                return std::task::Poll::Ready(None);
-            }
-            serving.as_mut().poll(cx).map(Some)
-        })
-        .await
+    pub fn unless_aborted<F: std::future::Future>(&self, serving: F) -> UnlessAborted<'_, F> {
+        UnlessAborted {
+            conn: self,
+            registered: None,
+            serving,
+        }
     }
 
     /// Whether no request is in flight.

@@ -37,7 +37,9 @@
 //!   response written after shutdown began says `Connection: close`. The shutdown timeout's
 //!   abort is [`ConnState::unless_aborted`] around this loop.
 //! - **Memory**: what a request or response grows past [`KEEP_CAPACITY`] is let go between
-//!   requests, and a response that keeps coming is written every [`KEEP_CAPACITY`] bytes.
+//!   requests, and a response that keeps coming is written every [`KEEP_CAPACITY`] bytes. A
+//!   connection that waits for its next request first lets go of its read buffer (and of a
+//!   write buffer over [`IDLE_KEEP`]): it waits for readiness, not in a read.
 
 use crate::connections::{CLOSE_GRACE, ConnState};
 use bytes::{Buf, Bytes, BytesMut};
@@ -65,6 +67,9 @@ pub const MAX_BODY: usize = 1 << 20;
 pub const MAX_AHEAD: usize = 64 << 10;
 /// Room made for each read.
 const READ_SIZE: usize = 16 << 10;
+/// A write buffer up to this size is kept while the connection waits for its next request (a
+/// typical answer's head and body fit; it would otherwise grow again, step by step, for each).
+const IDLE_KEEP: usize = 4 << 10;
 /// Body data frames at least this large are written from their own buffer, not copied.
 const COPY_MAX: usize = 16 << 10;
 /// HTTP/2's connection preface starts with this (RFC 9113, 3.4).
@@ -151,7 +156,11 @@ where
         let head_bytes = io.buf.split_to(head.len).freeze();
         let body = io.buf.split_to(head.body_len).freeze();
         let Some(req) = head.request(&head_bytes, body, &reads) else {
-            let _ = wr.write_all(BAD_REQUEST).await;
+            let mut out = Vec::with_capacity(128);
+            out.extend_from_slice(BAD_REQUEST_STATUS);
+            date(&mut out);
+            out.extend_from_slice(BAD_REQUEST_REST);
+            let _ = wr.write_all(&out).await;
             return Ended::Done;
         };
         drop(head_bytes);
@@ -275,6 +284,18 @@ impl Io {
         written
     }
 
+    /// Lets go of the read buffer (empty now) and of a write buffer larger than
+    /// [`IDLE_KEEP`], for a connection that waits for its next request: 16 KiB or more a
+    /// connection otherwise, for as long as the client keeps it open.
+    fn release_idle(&mut self) {
+        if self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+        if self.out.capacity() > IDLE_KEEP {
+            self.out = Vec::new();
+        }
+    }
+
     /// Lets go of buffers a large request or response grew.
     fn shrink(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
@@ -295,6 +316,9 @@ async fn read_more(rd: &mut ReadHalf<'_>, io: &mut Io, conn: &ConnState, want: u
         return false;
     }
     let started = !io.buf.is_empty();
+    if !started && !next_request(rd, io, conn).await {
+        return false;
+    }
     io.reserve(want);
     let Io {
         buf,
@@ -324,9 +348,35 @@ async fn read_more(rd: &mut ReadHalf<'_>, io: &mut Io, conn: &ConnState, want: u
     .await
 }
 
-/// hyper's answer to a head it can't make a request of.
-const BAD_REQUEST: &[u8] =
-    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+/// Waits for a next request's first bytes to be readable, without a read buffer: a connection
+/// that has to wait lets go of its buffers first ([`Io::release_idle`]), so an idle keep-alive
+/// connection holds little more than its task. `false` if the connection is told to close
+/// meanwhile.
+async fn next_request(rd: &ReadHalf<'_>, io: &mut Io, conn: &ConnState) -> bool {
+    let mut waiting = false;
+    poll_fn(|cx| {
+        if conn.poll_close(&mut io.registered, cx) {
+            return Poll::Ready(false);
+        }
+        match rd.as_ref().poll_read_ready(cx) {
+            // An error is the read's to report.
+            Poll::Ready(_) => Poll::Ready(true),
+            Poll::Pending => {
+                if !waiting {
+                    waiting = true;
+                    io.release_idle();
+                }
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
+/// hyper's answer to a head it can't make a request of (a target `http::Uri` refuses, say),
+/// around the `Date`.
+const BAD_REQUEST_STATUS: &[u8] = b"HTTP/1.1 400 Bad Request\r\ndate: ";
+const BAD_REQUEST_REST: &[u8] = b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// A request head parsed from the start of the buffer: where its parts are, by offset.
 struct Head {
@@ -1089,6 +1139,28 @@ mod tests {
         );
         assert!(
             !out.contains("content-length") && !out.contains("ignored"),
+            "{out}"
+        );
+        assert!(matches!(ended, Ended::Done));
+    }
+
+    /// httparse takes `<` in a target; `http::Uri` doesn't. That 400 is ours, and
+    /// carries a `Date` like every other answer.
+    #[tokio::test]
+    async fn a_target_the_uri_type_refuses_gets_a_dated_400() {
+        let (out, ended) = exchange(
+            Reads::All,
+            &[b"GET /a<b HTTP/1.1\r\nhost: t\r\n\r\n"],
+            "\r\n\r\n",
+            |_| async { Response::new(AxumBody::from("not a request: never called")) },
+        )
+        .await;
+        assert!(
+            out.starts_with("HTTP/1.1 400 Bad Request\r\ndate: "),
+            "{out}"
+        );
+        assert!(
+            out.ends_with(" GMT\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
             "{out}"
         );
         assert!(matches!(ended, Ended::Done));
