@@ -197,6 +197,25 @@ mod tests {
         }
     }
 
+    /// Every connection's task is a `tracked` future: wrapping must not keep the wrapped
+    /// future twice (as an `async fn` that pins its argument does).
+    #[test]
+    fn tracking_adds_nothing_to_a_future_s_size() {
+        let big = async {
+            let held = [7u8; 4096];
+            tokio::task::yield_now().await;
+            held.iter().map(|&b| u64::from(b)).sum::<u64>()
+        };
+        let alone = std::mem::size_of_val(&big);
+        let wrapped = tracked(big);
+        assert!(
+            std::mem::size_of_val(&wrapped) <= alone + 16,
+            "{} against {alone}",
+            std::mem::size_of_val(&wrapped)
+        );
+        assert_eq!(runtime().block_on(wrapped), 7 * 4096);
+    }
+
     #[test]
     fn wake_ups_without_work_cost_no_polling() {
         let rt = runtime();

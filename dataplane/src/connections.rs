@@ -410,6 +410,33 @@ impl Connections {
 mod tests {
     use super::*;
 
+    /// The connection's whole server loop runs inside `unless_aborted`: it must not be kept
+    /// twice.
+    #[tokio::test]
+    async fn unless_aborted_adds_little_to_what_it_runs() {
+        let conns = Connections::new(Duration::from_secs(4));
+        let reg = conns.open();
+        let serving = async {
+            let held = [7u8; 4096];
+            tokio::task::yield_now().await;
+            held.len()
+        };
+        let alone = std::mem::size_of_val(&serving);
+        let wrapped = reg.state.unless_aborted(serving);
+        assert!(
+            std::mem::size_of_val(&wrapped) <= alone + 64,
+            "{} against {alone}",
+            std::mem::size_of_val(&wrapped)
+        );
+        assert_eq!(wrapped.await, Some(4096));
+        // Aborted: what it runs is dropped unfinished.
+        reg.state.close(ABORT);
+        assert_eq!(
+            reg.state.unless_aborted(std::future::pending::<()>()).await,
+            None
+        );
+    }
+
     #[test]
     fn a_connection_is_closed_after_a_whole_idle_timeout_without_requests() {
         let conns = Connections::new(Duration::from_secs(4));

@@ -810,6 +810,47 @@ mod tests {
     use std::time::Duration;
     use tokio::net::TcpListener;
 
+    /// A connection waiting for its next request holds no read buffer, and no large write
+    /// buffer: memory per idle keep-alive connection.
+    #[tokio::test]
+    async fn an_idle_connection_lets_go_of_its_buffers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let conns = Connections::new(Duration::from_secs(60));
+        let reg = conns.open();
+        let mut io = Io {
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            registered: None,
+            grace: None,
+            read_closed: false,
+        };
+        let (mut rd, _wr) = tcp.split();
+        // A request came and was served: its buffers are still there.
+        client.write_all(b"GET / HTTP/1.1").await.unwrap();
+        assert!(read_more(&mut rd, &mut io, &reg.state, READ_SIZE).await);
+        assert_eq!(&io.buf[..], b"GET / HTTP/1.1");
+        io.buf.clear();
+        io.out = Vec::with_capacity(IDLE_KEEP * 4);
+        assert!(io.buf.capacity() >= READ_SIZE);
+        // Waiting for the next one lets go of them.
+        {
+            let mut waiting = pin!(read_more(&mut rd, &mut io, &reg.state, READ_SIZE));
+            let polled = poll_fn(|cx| Poll::Ready(waiting.as_mut().poll(cx))).await;
+            assert!(polled.is_pending(), "nothing more was sent");
+        }
+        assert_eq!((io.buf.capacity(), io.out.capacity()), (0, 0));
+        // A small write buffer is kept; the next request gets a read buffer when it comes.
+        io.out = Vec::with_capacity(IDLE_KEEP);
+        client.write_all(b"GET /next HTTP/1.1").await.unwrap();
+        assert!(read_more(&mut rd, &mut io, &reg.state, READ_SIZE).await);
+        assert_eq!(&io.buf[..], b"GET /next HTTP/1.1");
+        assert_eq!(io.out.capacity(), IDLE_KEEP);
+    }
+
     /// A handler that answers with what it was given: method, path, header names, body.
     async fn echo(req: Request<Full<Bytes>>) -> Response<AxumBody> {
         use http_body_util::BodyExt;
