@@ -122,6 +122,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         &self.io
     }
 
+    /// Lets go of the read buffer if nothing unread is in it (the next request makes a new
+    /// one): for a connection that may stay idle in a pool a while.
+    pub fn release_buffer(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// Sends `req` (origin-form URI, `Host` among its headers) and reads the response head. The
     /// body is read through the returned response, which owns the connection.
     pub async fn send(mut self, req: Request<Bytes>) -> Result<Response<Body<T>>, Error> {
@@ -856,6 +864,36 @@ mod tests {
             HeaderValue::from_static("application/json"),
         );
         req
+    }
+
+    /// A connection that goes idle in a pool can let go of its read buffer; one with unread
+    /// bytes keeps them.
+    #[tokio::test]
+    async fn an_idle_connection_lets_go_of_its_read_buffer() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let conn = Conn::new(client);
+        let upstream = tokio::spawn(async move {
+            let mut got = vec![0u8; 4096];
+            let _ = server.read(&mut got).await.unwrap();
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            server
+        });
+        let resp = conn.send(post("{}")).await.unwrap();
+        let mut body = resp.into_body();
+        while let Some(f) = body.frame().await {
+            f.unwrap();
+        }
+        let mut conn = body.take_reusable().expect("reusable");
+        assert!(conn.buf.is_empty() && conn.buf.capacity() > 0);
+        conn.release_buffer();
+        assert_eq!(conn.buf.capacity(), 0);
+        conn.buf.extend_from_slice(b"HTTP/1.1");
+        conn.release_buffer();
+        assert_eq!(&conn.buf[..], b"HTTP/1.1");
+        drop(upstream.await.unwrap());
     }
 
     #[tokio::test]

@@ -41,6 +41,9 @@ const POOL_IDLE: Duration = Duration::from_secs(50);
 const POOL_IDLE_MS: u64 = POOL_IDLE.as_millis() as u64;
 /// Most idle connections kept per upstream (per thread).
 const POOL_MAX_IDLE: usize = 1024;
+/// Idle connections per upstream (per thread) that keep their read buffer (16 KiB) for the
+/// next request; those pooled beyond it let go of theirs and make a new one when reused.
+const POOL_KEEP_BUFFERED: usize = 8;
 /// TCP keepalive on upstream connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
@@ -310,12 +313,16 @@ fn checkout(key: &str) -> Option<Conn> {
 }
 
 /// Puts a connection whose response was read to the end back in the pool.
-fn release(key: Arc<str>, conn: Conn) {
+fn release(key: Arc<str>, mut conn: Conn) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let idle = p.entry(key).or_default();
         if idle.len() >= POOL_MAX_IDLE {
             idle.pop_front();
+        }
+        if idle.len() >= POOL_KEEP_BUFFERED {
+            // A burst left more connections than steady traffic reuses: these may stay idle.
+            conn.release_buffer();
         }
         idle.push_back(Idle {
             conn,
