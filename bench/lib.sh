@@ -72,6 +72,50 @@ EOF2
     } >"$file"
 }
 
+# write_nginx_conf DIR PORT MOCK_PORT WORKERS [CONNECTIONS]: DIR/nginx.conf for nginx as the
+# benchmarks' plain keep-alive reverse proxy to the mock (its temp files and pid in DIR), with
+# room for CONNECTIONS client connections per worker (default 4096).
+write_nginx_conf() {
+    local dir="$1" port="$2" mock_port="$3" workers="$4" conns="${5:-4096}"
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes $workers;
+worker_rlimit_nofile $((conns * 2 + 256));
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events {
+    worker_connections $conns;
+}
+http {
+    access_log off;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    tcp_nodelay on;
+    upstream mock {
+        server 127.0.0.1:$mock_port;
+        keepalive 64;
+        keepalive_requests 10000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+}
+
 # bench_tmp NAME: a new temporary folder in TMP; on exit every pid in PIDS is stopped and the
 # folder removed.
 PIDS=()

@@ -114,13 +114,7 @@ where
     B: Body<Data = Bytes>,
 {
     let (mut rd, mut wr) = tcp.split();
-    let mut io = Io {
-        buf: BytesMut::new(),
-        out: Vec::new(),
-        registered: None,
-        grace: None,
-        read_closed: false,
-    };
+    let mut io = Io::new();
     let mut head = Head::default();
     let mut served = false;
     loop {
@@ -218,6 +212,16 @@ struct Io {
 pub const KEEP_CAPACITY: usize = 64 << 10;
 
 impl Io {
+    fn new() -> Self {
+        Self {
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            registered: None,
+            grace: None,
+            read_closed: false,
+        }
+    }
+
     /// Makes room in `buf` for a read of up to `want` bytes: at least a quarter of
     /// [`READ_SIZE`], at most [`KEEP_CAPACITY`] at a time (a large body grows the buffer as it
     /// arrives, not all at once because a head said so).
@@ -821,13 +825,7 @@ mod tests {
         let (mut tcp, _) = listener.accept().await.unwrap();
         let conns = Connections::new(Duration::from_secs(60));
         let reg = conns.open();
-        let mut io = Io {
-            buf: BytesMut::new(),
-            out: Vec::new(),
-            registered: None,
-            grace: None,
-            read_closed: false,
-        };
+        let mut io = Io::new();
         let (mut rd, _wr) = tcp.split();
         // A request came and was served: its buffers are still there.
         client.write_all(b"GET / HTTP/1.1").await.unwrap();
