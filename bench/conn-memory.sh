@@ -36,15 +36,7 @@ ulimit -n "$((N * 2 + 256))" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 bench_tmp connmem
 
-"$BIN_DIR/tollgate-mock" --listen 127.0.0.1:0 --threads 1 >"$TMP/mock.log" 2>&1 &
-PIDS+=($!)
-MOCK_PORT="$(wait_port "$TMP/mock.log" "${PIDS[-1]}")"
-write_bench_manifests "$TMP/manifests.yaml" "$MOCK_PORT"
-"$BIN_DIR/tollgate-dataplane" --manifests "$TMP/manifests.yaml" --listen 127.0.0.1:0 \
-    --worker-threads 2 >"$TMP/tollgate.log" 2>&1 &
-PIDS+=($!)
-GW_PID=$!
-GW_PORT="$(wait_port "$TMP/tollgate.log" "$GW_PID")"
+start_mock_and_tollgate
 
 NGINX_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 write_nginx_conf "$TMP/nginx" "$NGINX_PORT" "$MOCK_PORT" 2 "$((N + 256))"

@@ -116,6 +116,20 @@ http {
 EOF
 }
 
+# start_mock_and_tollgate: in TMP, the mock upstream (one thread) and the data plane (two worker
+# threads) on the benchmark's manifests, from BIN_DIR; sets MOCK_PORT, GW_PID and GW_PORT.
+start_mock_and_tollgate() {
+    "$BIN_DIR/tollgate-mock" --listen 127.0.0.1:0 --threads 1 >"$TMP/mock.log" 2>&1 &
+    PIDS+=($!)
+    MOCK_PORT="$(wait_port "$TMP/mock.log" "${PIDS[-1]}")"
+    write_bench_manifests "$TMP/manifests.yaml" "$MOCK_PORT"
+    "$BIN_DIR/tollgate-dataplane" --manifests "$TMP/manifests.yaml" --listen 127.0.0.1:0 \
+        --worker-threads 2 >"$TMP/tollgate.log" 2>&1 &
+    PIDS+=($!)
+    GW_PID=$!
+    GW_PORT="$(wait_port "$TMP/tollgate.log" "$GW_PID")"
+}
+
 # bench_tmp NAME: a new temporary folder in TMP; on exit every pid in PIDS is stopped and the
 # folder removed.
 PIDS=()

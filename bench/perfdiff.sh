@@ -40,15 +40,7 @@ fi
 
 bench_tmp perfdiff
 
-"$BIN_DIR/tollgate-mock" --listen 127.0.0.1:0 --threads 1 >"$TMP/mock.log" 2>&1 &
-PIDS+=($!)
-MOCK_PORT="$(wait_port "$TMP/mock.log" "${PIDS[-1]}")"
-write_bench_manifests "$TMP/manifests.yaml" "$MOCK_PORT"
-"$BIN_DIR/tollgate-dataplane" --manifests "$TMP/manifests.yaml" --listen 127.0.0.1:0 \
-    --worker-threads 2 >"$TMP/tollgate.log" 2>&1 &
-PIDS+=($!)
-GW_PID=$!
-GW_PORT="$(wait_port "$TMP/tollgate.log" "$GW_PID")"
+start_mock_and_tollgate
 "$BIN_DIR/examples/bare_proxy" 127.0.0.1:0 "127.0.0.1:$MOCK_PORT" 2 >"$TMP/floor.log" 2>&1 &
 PIDS+=($!)
 FLOOR_PID=$!

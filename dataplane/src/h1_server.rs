@@ -272,12 +272,7 @@ impl Io {
             if let Poll::Ready(r) = write.as_mut().poll(cx) {
                 return Poll::Ready(r.is_ok());
             }
-            if grace.is_none() && conn.poll_close(registered, cx) {
-                *grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
-            }
-            if let Some(g) = grace.as_mut()
-                && g.as_mut().poll(cx).is_ready()
-            {
+            if must_end(grace, registered, conn, true, cx) {
                 return Poll::Ready(false);
             }
             Poll::Pending
@@ -332,15 +327,7 @@ async fn read_more(rd: &mut ReadHalf<'_>, io: &mut Io, conn: &ConnState, want: u
     } = io;
     let mut read = pin!(rd.read_buf(buf));
     poll_fn(|cx| {
-        if grace.is_none() && conn.poll_close(registered, cx) {
-            if !started {
-                return Poll::Ready(false);
-            }
-            *grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
-        }
-        if let Some(g) = grace.as_mut()
-            && g.as_mut().poll(cx).is_ready()
-        {
+        if must_end(grace, registered, conn, started, cx) {
             return Poll::Ready(false);
         }
         match read.as_mut().poll(cx) {
@@ -350,6 +337,27 @@ async fn read_more(rd: &mut ReadHalf<'_>, io: &mut Io, conn: &ConnState, want: u
         }
     })
     .await
+}
+
+/// Whether the connection must end now because it was told to close: at once if nothing of a
+/// request or answer is under way (`!busy`), else once [`CLOSE_GRACE`] has passed, started the
+/// first time the close is seen and kept in `grace` across calls.
+fn must_end(
+    grace: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    registered: &mut Option<Waker>,
+    conn: &ConnState,
+    busy: bool,
+    cx: &mut Context<'_>,
+) -> bool {
+    if grace.is_none() && conn.poll_close(registered, cx) {
+        if !busy {
+            return true;
+        }
+        *grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+    }
+    grace
+        .as_mut()
+        .is_some_and(|g| g.as_mut().poll(cx).is_ready())
 }
 
 /// Waits for a next request's first bytes to be readable, without a read buffer: a connection
