@@ -197,14 +197,13 @@ impl Charge {
     }
 
     /// Records usage, cost and metrics, and settles the rate-limit and budget reservations.
-    /// Returns the cost.
-    pub fn settle(mut self, usage: Option<TokenUsage>, outcome: Outcome) -> Picodollars {
+    pub fn settle(mut self, usage: Option<TokenUsage>, outcome: Outcome) -> Settled {
         self.settle_once(usage, outcome)
     }
 
-    fn settle_once(&mut self, usage: Option<TokenUsage>, outcome: Outcome) -> Picodollars {
+    fn settle_once(&mut self, usage: Option<TokenUsage>, outcome: Outcome) -> Settled {
         if self.settled {
-            return Picodollars(0);
+            return Settled::default();
         }
         self.settled = true;
         self.in_flight = None;
@@ -223,8 +222,9 @@ impl Charge {
             m.ttfb.record(fb.duration_since(self.started).as_secs_f64());
         }
         let u = usage.unwrap_or_default();
-        self.reservation
-            .settle(u.prompt + u.completion, cost, crate::limits::unix_now());
+        let recorded =
+            self.reservation
+                .settle(u.prompt + u.completion, cost, crate::limits::unix_now());
         if let Some(log) = &self.log {
             log.record(crate::usage_log::UsageRecord {
                 id: String::new(),
@@ -256,7 +256,32 @@ impl Charge {
             duration_ms = now.duration_since(self.started).as_millis() as u64,
             "request settled"
         );
-        cost
+        Settled { cost, recorded }
+    }
+}
+
+/// A settled charge: its cost, and the budget spend still on its way to Redis, if any.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// What the request cost.
+    pub cost: Picodollars,
+    recorded: Option<crate::shared::Recorded>,
+}
+
+impl Settled {
+    /// The cost, once the spend is recorded where every replica's budget check sees it. A
+    /// served response waits for this before it ends; failures don't (they spent nothing, so
+    /// until Redis has it their reservation only over-counts).
+    pub async fn recorded(self) -> Picodollars {
+        if let Some(r) = self.recorded {
+            r.await;
+        }
+        self.cost
+    }
+
+    /// The spend still on its way to Redis, if any.
+    pub fn pending(self) -> Option<crate::shared::Recorded> {
+        self.recorded
     }
 }
 

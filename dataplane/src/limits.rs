@@ -17,8 +17,8 @@
 //! A budget refuses once settled spend plus reserved cost reaches it, so concurrent requests
 //! can't slip past it; what can still exceed it is bounded by what is in flight. Subjects live
 //! in a [`Registry`] that outlives config reloads, so a reload never resets a window or a
-//! budget. Counters are per process: with several replicas the limits hold per replica (shared
-//! counters in Redis are the next step).
+//! budget. These counters are per process; with `--redis-url` the limits and budgets are kept
+//! in Redis instead, shared by every replica ([`crate::shared`]).
 
 use crate::error::ApiError;
 use http::{HeaderMap, StatusCode};
@@ -444,12 +444,20 @@ impl Reservation {
         if let Some((shared, lease)) = &self.shared
             && !remote.is_empty()
         {
-            shared.settle(remote, lease.clone(), 0, Picodollars(0), self.minute, now);
+            // Nothing was spent: until Redis has it, the reservation only over-counts.
+            drop(shared.settle(remote, lease.clone(), 0, Picodollars(0), self.minute, now));
         }
     }
 
-    /// Settles every reservation with the real usage.
-    pub fn settle(&mut self, tokens: u64, cost: Picodollars, now: u64) {
+    /// Settles every reservation with the real usage. Returns the Redis settlement to wait for
+    /// when a budget is kept there.
+    pub fn settle(
+        &mut self,
+        tokens: u64,
+        cost: Picodollars,
+        now: u64,
+    ) -> Option<crate::shared::Recorded> {
+        let mut recorded = None;
         if let Some((shared, lease)) = &self.shared
             && !self.remote.is_empty()
         {
@@ -462,7 +470,7 @@ impl Reservation {
                     c.spend = c.spend.saturating_add(cost.0);
                 }
             }
-            shared.settle(
+            recorded = shared.settle(
                 std::mem::take(&mut self.remote),
                 lease.clone(),
                 tokens,
@@ -475,6 +483,7 @@ impl Reservation {
             l.subject
                 .settle(&l.rules, ask, tokens, cost, self.minute, now);
         }
+        recorded
     }
 }
 

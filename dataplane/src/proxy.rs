@@ -647,7 +647,10 @@ async fn attempt_route(
                 ))
             } else {
                 let out = mock.response(ctx.endpoint, ctx.parsed, request_id, usage);
-                let cost = charge.settle(Some(usage), Outcome::Success);
+                let cost = charge
+                    .settle(Some(usage), Outcome::Success)
+                    .recorded()
+                    .await;
                 let mut resp = Response::new(Body::from(out));
                 let h = resp.headers_mut();
                 h.insert(
@@ -837,7 +840,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
             );
         };
         route.stats.success(began.elapsed());
-        let cost = charge.settle(usage, Outcome::Success);
+        let cost = charge.settle(usage, Outcome::Success).recorded().await;
         let mut out = Response::new(Body::from(bytes));
         *out.status_mut() = status;
         let h = out.headers_mut();

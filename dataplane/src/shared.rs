@@ -3,8 +3,9 @@
 //! The same rules as [`crate::limits`], kept in one Redis hash per key or deployment
 //! (`tollgate:limits:{key|deployment}:{id}`) and checked and reserved by one Lua script for all
 //! the subjects of a request at once, so replicas see one truth and a request is admitted by all
-//! its limits or by none. Settlement is a second script, run after the response without holding
-//! the request up. Increments use `HINCRBY` (exact 64-bit integers on the server); only the
+//! its limits or by none. Settlement is a second script, sent in the background once the usage is
+//! known; a served response with a budget ends only when it is answered ([`Recorded`]), so a
+//! client's next request sees its spend. Increments use `HINCRBY` (exact 64-bit integers on the server); only the
 //! comparisons go through Lua's doubles.
 //!
 //! When a hash does not exist yet (a new key, or a Redis that lost its data), its budget spend is
@@ -354,7 +355,8 @@ impl SharedLimits {
         }
     }
 
-    /// Settles `asks` with the real usage, in the background.
+    /// Settles `asks` with the real usage, in the background. When one of them has a budget,
+    /// returns a handle that resolves once Redis has the spend (see [`Recorded`]).
     pub fn settle(
         self: &Arc<Self>,
         asks: Vec<(Arc<Limited>, Ask)>,
@@ -363,15 +365,14 @@ impl SharedLimits {
         cost: Picodollars,
         reserved_minute: u64,
         now: u64,
-    ) {
+    ) -> Option<Recorded> {
         let this = self.clone();
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+        let rt = tokio::runtime::Handle::try_current().ok()?;
+        let budget = asks.iter().any(|(l, _)| l.rules().budget.is_some());
         self.settling
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let settling = Settling(self.clone());
-        rt.spawn(async move {
+        let task = rt.spawn(async move {
             let _settling = settling;
             let mut inv = this.settle.prepare_invoke();
             inv.arg(now)
@@ -393,5 +394,24 @@ impl SharedLimits {
                 .map_err(|e| RedisError(e.to_string()));
             this.observe("settle", &result);
         });
+        budget.then_some(Recorded(task))
+    }
+}
+
+/// A budget's settlement on its way to Redis: resolves once Redis has answered (or the call
+/// failed or timed out). A response ends only after this, so the next request of a client that
+/// waits for each response, to any replica, sees the spend. Dropping it leaves the settlement
+/// running.
+#[derive(Debug)]
+pub struct Recorded(tokio::task::JoinHandle<()>);
+
+impl std::future::Future for Recorded {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|_| ())
     }
 }

@@ -42,6 +42,8 @@ pub struct SseRelay<B> {
     usage: Option<TokenUsage>,
     ready_bytes: usize,
     charge: Option<Charge>,
+    /// The budget spend on its way to Redis: the stream ends once it is recorded.
+    recording: Option<crate::shared::Recorded>,
     seen_first_byte: bool,
     failed: Option<Box<dyn std::error::Error + Send + Sync>>,
     yields: u32,
@@ -63,6 +65,7 @@ impl<B> SseRelay<B> {
             usage: None,
             ready_bytes: 0,
             charge: Some(charge),
+            recording: None,
             seen_first_byte: false,
             failed: None,
             yields: 0,
@@ -104,7 +107,7 @@ impl<B> SseRelay<B> {
 
     fn settle(&mut self, outcome: Outcome) {
         if let Some(charge) = self.charge.take() {
-            charge.settle(self.usage, outcome);
+            self.recording = charge.settle(self.usage, outcome).pending();
         }
     }
 
@@ -301,14 +304,20 @@ where
             return Poll::Ready(Some(Err(e)));
         }
         if upstream_pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(None)
+            return Poll::Pending;
         }
+        if let Some(r) = this.recording.as_mut() {
+            std::task::ready!(Pin::new(r).poll(cx));
+            this.recording = None;
+        }
+        Poll::Ready(None)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.charge.is_none() && self.ready.is_empty() && self.failed.is_none()
+        self.charge.is_none()
+            && self.recording.is_none()
+            && self.ready.is_empty()
+            && self.failed.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -345,3 +345,64 @@ async fn a_retried_request_is_counted_once() {
     let dump = redis_cli(&redis, &["XRANGE", "tollgate:usage", "-", "+"]);
     assert!(!dump.contains("default/bad"), "{dump}");
 }
+
+/// A served response ends only once its spend is in Redis, so the next request of a client that
+/// waits for each answer sees it, whichever replica it reaches. Redis is made to hold writes
+/// back just as the request settles (`CLIENT PAUSE ... WRITE`, shorter than the gateway's Redis
+/// timeout): a settlement sent in the background would land after the response ended.
+#[tokio::test]
+async fn a_response_ends_only_once_its_spend_is_in_redis() {
+    let redis = Redis::start();
+    let m = manifests(&format!(
+        ", budget: {{maxUsd: {}, duration: daily}}",
+        budget_for(10)
+    ))
+    .replace(
+        "mock: {completionTokens: 100}",
+        "mock: {completionTokens: 100, latency: 1s}",
+    );
+    let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    let spend = || {
+        redis_cli(&redis, &["HGET", "tollgate:limits:key:default/k", "spend"])
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    for stream in [false, true] {
+        let before = spend();
+        let mut req: Value = serde_json::from_str(&body()).unwrap();
+        req["stream"] = json!(stream);
+        let send = reqwest::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&req)
+            .send();
+        let request = tokio::spawn(async move {
+            let r = send.await.unwrap();
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap();
+            (status, text)
+        });
+        // The mock answers after 1 s; Redis holds writes from 0.9 s to 1.15 s.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(
+            redis_cli(&redis, &["CLIENT", "PAUSE", "250", "WRITE"]).trim(),
+            "OK"
+        );
+        let (status, text) = request.await.unwrap();
+        let after = spend();
+        assert_eq!(status, 200, "{text}");
+        if stream {
+            assert!(text.contains("data: [DONE]"), "{text}");
+            assert!(
+                after > before,
+                "stream: spend {after} after, {before} before"
+            );
+        } else {
+            let tokens = serde_json::from_str::<Value>(&text).unwrap()["usage"]["total_tokens"]
+                .as_u64()
+                .unwrap();
+            assert_eq!(after, before + tokens * 1_000_000, "{text}");
+        }
+    }
+}
