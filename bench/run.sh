@@ -197,10 +197,15 @@ wait_listening() {
     die "$name did not start within 30 s"
 }
 
+# A port nothing listens on, for servers that need one named (nginx, redis-server). Taken below
+# the kernel's ephemeral range, which every port-0 listener and outgoing connection (the tests',
+# when they run alongside) draws from, so it can't be taken between this check and the bind.
 free_port() {
-    local p i
+    local p i low
+    low="$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
+    ((low > 12000)) || low=32768
     for ((i = 0; i < 100; i++)); do
-        p=$((20000 + RANDOM % 20000))
+        p=$((10000 + RANDOM % (low - 10000)))
         if [[ -z "$(ss -Htln "sport = :$p" 2>/dev/null)" ]]; then
             echo "$p"
             return 0
