@@ -25,6 +25,11 @@ use tollgate_crds::config::Picodollars;
 /// hold a request up for long.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 
+// One hash per subject: `minute requests tokens inflight` (the rate window), `period spend`
+// (the budget) and `reserved` (cost held by requests in flight). Its leases, in the sorted set
+// `<hash>:leases`, are members `<lease id>|<reserved cost>` scored by their deadline. Counters
+// that stay small are computed here and written back with one HSET; the pico-dollar sums
+// (`spend`, `reserved`), which can pass 2^53, only ever change by HINCRBY.
 const RESERVE: &str = r#"
 local now = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
@@ -32,52 +37,65 @@ local lease, deadline = ARGV[3], ARGV[4]
 local minute = math.floor(now / 60)
 local S = 8
 local O = 4
+local FIELDS = {'minute', 'requests', 'tokens', 'inflight', 'period', 'spend', 'reserved'}
+local st = {}
 for i = 1, n do
   local b = O + (i - 1) * S
   local k = KEYS[i]
   local rpm, tpm, par, bmax, period = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
   -- Release the reservations of requests whose replica died before settling them.
-  local lk, lc = k .. ':leases', k .. ':lease-cost'
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', lk, '-inf', now)) do
+  local lk = k .. ':leases'
+  local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
+  for _, id in ipairs(expired) do
     if redis.call('HINCRBY', k, 'inflight', -1) < 0 then redis.call('HSET', k, 'inflight', 0) end
-    local c = redis.call('HGET', lc, id)
-    if c and redis.call('HINCRBY', k, 'reserved', '-' .. c) < 0 then redis.call('HSET', k, 'reserved', 0) end
-    redis.call('HDEL', lc, id)
+    local sep = string.find(id, '|', 1, true)
+    local c
+    if sep then
+      c = string.sub(id, sep + 1)
+    else
+      -- A lease of an older release, its cost in a hash of its own.
+      c = redis.call('HGET', k .. ':lease-cost', id)
+      redis.call('HDEL', k .. ':lease-cost', id)
+    end
+    if c and c ~= '0' and redis.call('HINCRBY', k, 'reserved', '-' .. c) < 0 then
+      redis.call('HSET', k, 'reserved', 0)
+    end
   end
-  redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
-  if redis.call('EXISTS', k) == 0 then
-    redis.call('HSET', k, 'minute', minute, 'requests', 0, 'tokens', 0, 'inflight', 0,
-      'period', period, 'spend', ARGV[b+8], 'reserved', 0)
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
+  local h = redis.call('HMGET', k, unpack(FIELDS))
+  local s = {requests = tonumber(h[2]) or 0, tokens = tonumber(h[3]) or 0,
+    inflight = tonumber(h[4]) or 0, spend = h[6] or '0', reserved = tonumber(h[7]) or 0}
+  if not h[1] then
+    -- A new hash, or a Redis that lost its data: the spend this replica knows.
+    s.spend = ARGV[b+8]
+  else
+    if tonumber(h[1]) ~= minute then s.requests, s.tokens = 0, 0 end
+    if bmax ~= '-1' and h[5] ~= period then s.spend = '0' end
   end
-  local h = redis.call('HMGET', k, 'minute', 'requests', 'tokens', 'inflight', 'period', 'spend', 'reserved')
-  if tonumber(h[1]) ~= minute then
-    redis.call('HSET', k, 'minute', minute, 'requests', 0, 'tokens', 0)
-    h[2] = 0
-    h[3] = 0
-  end
-  if bmax ~= '-1' and h[5] ~= period then
-    redis.call('HSET', k, 'period', period, 'spend', 0)
-    h[6] = 0
-  end
-  if rpm ~= '-1' and tonumber(h[2]) >= tonumber(rpm) then return {i, 1} end
-  if tpm ~= '-1' and tonumber(h[3]) >= tonumber(tpm) then return {i, 2} end
-  if par ~= '-1' and tonumber(h[4]) >= tonumber(par) then return {i, 3} end
-  if bmax ~= '-1' and tonumber(h[6]) + tonumber(h[7]) >= tonumber(bmax) then return {i, 4} end
+  if rpm ~= '-1' and s.requests >= tonumber(rpm) then return {i, 1} end
+  if tpm ~= '-1' and s.tokens >= tonumber(tpm) then return {i, 2} end
+  if par ~= '-1' and s.inflight >= tonumber(par) then return {i, 3} end
+  if bmax ~= '-1' and tonumber(s.spend) + s.reserved >= tonumber(bmax) then return {i, 4} end
+  st[i] = s
 end
 local out = {0, 0}
 for i = 1, n do
   local b = O + (i - 1) * S
-  local k = KEYS[i]
-  table.insert(out, redis.call('HINCRBY', k, 'requests', 1))
-  table.insert(out, redis.call('HINCRBY', k, 'tokens', ARGV[b+6]))
-  redis.call('HINCRBY', k, 'inflight', 1)
-  local cost = 0
+  local k, s = KEYS[i], st[i]
+  local requests, tokens = s.requests + 1, s.tokens + tonumber(ARGV[b+6])
+  table.insert(out, requests)
+  table.insert(out, tokens)
+  local cost = '0'
   if ARGV[b+4] ~= '-1' then
-    redis.call('HINCRBY', k, 'reserved', ARGV[b+7])
     cost = ARGV[b+7]
+    redis.call('HSET', k, 'minute', minute, 'requests', requests, 'tokens', tokens,
+      'inflight', s.inflight + 1, 'period', ARGV[b+5], 'spend', s.spend)
+    redis.call('HINCRBY', k, 'reserved', cost)
+  else
+    redis.call('HSET', k, 'minute', minute, 'requests', requests, 'tokens', tokens,
+      'inflight', s.inflight + 1)
   end
-  redis.call('ZADD', k .. ':leases', deadline, lease)
-  redis.call('HSET', k .. ':lease-cost', lease, cost)
+  redis.call('ZADD', k .. ':leases', deadline, lease .. '|' .. cost)
 end
 return out
 "#;
@@ -93,16 +111,20 @@ for i = 1, n do
   local b = 4 + (i - 1) * S
   local k = KEYS[i]
   local ask_tokens, tokens, ask_cost, cost, budget = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
-  local m = tonumber(redis.call('HGET', k, 'minute'))
-  if m == reserved_minute then
-    redis.call('HINCRBY', k, 'tokens', tonumber(tokens) - tonumber(ask_tokens))
-  elseif m == minute then
-    redis.call('HINCRBY', k, 'tokens', tokens)
-  end
   -- A lease already expired was released by a reserve; release only a live one.
-  local live = redis.call('ZREM', k .. ':leases', lease) == 1
-  redis.call('HDEL', k .. ':lease-cost', lease)
-  if live and redis.call('HINCRBY', k, 'inflight', -1) < 0 then redis.call('HSET', k, 'inflight', 0) end
+  local held = budget == '1' and ask_cost or '0'
+  local live = redis.call('ZREM', k .. ':leases', lease .. '|' .. held) == 1
+  local h = redis.call('HMGET', k, 'minute', 'tokens', 'inflight')
+  if h[1] then
+    local m, t, inflight = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+    if m == reserved_minute then
+      t = t + tonumber(tokens) - tonumber(ask_tokens)
+    elseif m == minute then
+      t = t + tonumber(tokens)
+    end
+    if live then inflight = math.max(inflight - 1, 0) end
+    redis.call('HSET', k, 'tokens', t, 'inflight', inflight)
+  end
   if budget == '1' then
     if live and redis.call('HINCRBY', k, 'reserved', '-' .. ask_cost) < 0 then redis.call('HSET', k, 'reserved', 0) end
     redis.call('HINCRBY', k, 'spend', cost)

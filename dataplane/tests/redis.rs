@@ -406,3 +406,42 @@ async fn a_response_ends_only_once_its_spend_is_in_redis() {
         }
     }
 }
+
+/// Reservations left behind by a replica that died give their budget back when their lease
+/// ends, in the lease format of this release (`<id>|<cost>`) and in the older one (the cost in
+/// a hash of its own), which a rolling upgrade can leave in Redis.
+#[tokio::test]
+async fn expired_leases_of_either_format_give_back_their_reserved_budget() {
+    let redis = Redis::start();
+    let m = manifests(&format!(
+        ", budget: {{maxUsd: {}, duration: daily}}",
+        budget_for(2)
+    ));
+    let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    assert_eq!(chat(&gw).await.0, 200);
+    let cost = ((body().len() as u64 / 4 + 100) * 1_000_000).to_string();
+    let k = "tollgate:limits:key:default/k";
+    let leases = format!("{k}:leases");
+    let lease_cost = format!("{k}:lease-cost");
+    let twice = (2 * cost.parse::<u64>().unwrap()).to_string();
+    // Two requests of a dead replica, one lease in each format, both past their deadline.
+    for cmd in [
+        vec!["HINCRBY", k, "reserved", twice.as_str()],
+        vec!["HINCRBY", k, "inflight", "2"],
+        vec!["ZADD", &leases, "1", "dead.1"],
+        vec!["HSET", &lease_cost, "dead.1", &cost],
+        vec!["ZADD", &leases, "1", &format!("dead.2|{cost}")],
+    ] {
+        assert!(!redis_cli(&redis, &cmd).contains("ERR"), "{cmd:?}");
+    }
+    // Spend of one request plus two held: the budget (for two) would refuse, were they kept.
+    let (s, v) = chat(&gw).await;
+    assert_eq!(s, 200, "{v}");
+    let field = |f: &str| redis_cli(&redis, &["HGET", k, f]).trim().to_string();
+    assert_eq!(field("reserved"), "0");
+    assert_eq!(field("inflight"), "0");
+    assert_eq!(field("spend"), twice);
+    assert_eq!(redis_cli(&redis, &["ZCARD", &leases]).trim(), "0");
+    assert_eq!(redis_cli(&redis, &["HLEN", &lease_cost]).trim(), "0");
+    assert_eq!(chat(&gw).await.0, 429, "the budget, for two, is spent");
+}
