@@ -749,11 +749,14 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
             parsed.upstream_body(body, &d.upstream_model),
             headers_by,
         )),
-        None => futures_util::future::Either::Right(async {
+        // Boxed: hyper's client future would otherwise make every request's state (and so
+        // every connection's task, idle or not) 536 bytes larger, plain HTTP included. One
+        // allocation per https request, next to a TLS round trip.
+        None => futures_util::future::Either::Right(Box::pin(async {
             tokio::time::timeout_at(headers_by, crate::upstream::send_to(None, connect, make))
                 .await
                 .unwrap_or_else(|_| Err(crate::upstream::SendError::timed_out()))
-        }),
+        })),
     };
     let resp = match send.await {
         Err(e) if e.is_timeout() => {
@@ -1033,5 +1036,23 @@ mod tests {
             false,
         );
         assert_eq!(read_all(broken, 6).await, Err(ReadError::Read));
+    }
+
+    /// The size of the future `f` returns, without calling it.
+    fn returned_size<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn an_attempt_on_plain_http_does_not_carry_the_https_client() {
+        let size = returned_size(
+            |c: &'static mut Ctx<'static>, r: &'static Route, ch: Charge, b: Instant| {
+                forward(c, r, ch, b)
+            },
+        );
+        // Every request's state is in its connection's task, idle or not; hyper's client future,
+        // needed only for https, is boxed (2,816 → 2,280 bytes in a release build, 2,880 →
+        // 2,344 in a debug one).
+        assert!(size < 2600, "forward's future is {size} bytes");
     }
 }
