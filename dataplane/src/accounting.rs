@@ -222,9 +222,11 @@ impl Charge {
             m.ttfb.record(fb.duration_since(self.started).as_secs_f64());
         }
         let u = usage.unwrap_or_default();
-        let recorded =
-            self.reservation
-                .settle(u.prompt + u.completion, cost, crate::limits::unix_now());
+        let recorded = self.reservation.settle(
+            u.prompt.saturating_add(u.completion),
+            cost,
+            crate::limits::unix_now(),
+        );
         if let Some(log) = &self.log {
             log.record(crate::usage_log::UsageRecord {
                 id: String::new(),

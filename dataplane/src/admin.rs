@@ -192,7 +192,7 @@ fn key_info(k: &crate::snapshot::RuntimeKey) -> Value {
     let period_spend = k
         .limits
         .as_ref()
-        .map(|l| l.subject().period_spend().to_string());
+        .map(|l| l.period_spend(crate::limits::unix_now()).to_string());
     json!({
         "token": serde_json::to_value(c.hash).unwrap_or_default(),
         "tollgate_id": c.id,

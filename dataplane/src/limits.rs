@@ -339,16 +339,6 @@ impl Subject {
     pub fn id_arc(&self) -> Arc<str> {
         self.id.clone()
     }
-
-    /// Spend settled in the current budget period.
-    pub fn period_spend(&self) -> Picodollars {
-        Picodollars(
-            self.counters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .spend,
-        )
-    }
 }
 
 /// A subject and its rules, as the snapshot holds them.
@@ -367,6 +357,18 @@ impl Limited {
     /// The rules.
     pub fn rules(&self) -> &Rules {
         &self.rules
+    }
+
+    /// Spend settled in the budget period current at `now` (zero once a new period began,
+    /// even before this subject's next request rolls it over).
+    pub fn period_spend(&self, now: u64) -> Picodollars {
+        let mut c = self
+            .subject
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        c.roll(now, self.rules.budget.as_ref());
+        Picodollars(c.spend)
     }
 }
 
@@ -589,6 +591,24 @@ mod tests {
     }
 
     #[test]
+    fn period_spend_is_zero_once_a_new_period_began() {
+        // What seeds a Redis that lost its data, and what the admin API shows: a key that spent
+        // its budget yesterday starts today from zero, even before its first request today.
+        let l = limited(Rules {
+            limits: Limits::default(),
+            budget: Some(BudgetConfig {
+                max: Picodollars(100),
+                period: BudgetPeriod::Daily,
+            }),
+        });
+        let mut r = Reservation::default();
+        r.take(&l, Ask::default(), 10).expect("room");
+        r.settle(0, Picodollars(100), 20);
+        assert_eq!(l.period_spend(30), Picodollars(100));
+        assert_eq!(l.period_spend(86_400 + 30), Picodollars(0));
+    }
+
+    #[test]
     fn budget_counts_reservations_and_settles_to_real_cost() {
         let budget = BudgetConfig {
             max: Picodollars(100),
@@ -613,7 +633,7 @@ mod tests {
         ));
         a.settle(10, Picodollars(30), 1);
         b.settle(10, Picodollars(30), 1);
-        assert_eq!(l.subject().period_spend(), Picodollars(60));
+        assert_eq!(l.period_spend(1), Picodollars(60));
         c.take(&l, ask, 2).expect("60 spent, nothing reserved");
         // The next day starts from zero.
         c.settle(0, Picodollars(50), 3);

@@ -29,7 +29,9 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 // (the budget) and `reserved` (cost held by requests in flight). Its leases, in the sorted set
 // `<hash>:leases`, are members `<lease id>|<reserved cost>` scored by their deadline. Counters
 // that stay small are computed here and written back with one HSET; the pico-dollar sums
-// (`spend`, `reserved`), which can pass 2^53, only ever change by HINCRBY.
+// (`spend`, `reserved`), which can pass 2^53, are never computed in Lua: they change by HINCRBY,
+// and a reserve writes `spend` back only as the string it read, `0` or the seed. Costs sent to
+// the scripts are capped at [`MAX_COST`], so no HINCRBY can overflow.
 const RESERVE: &str = r#"
 local now = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
@@ -126,7 +128,10 @@ for i = 1, n do
     redis.call('HSET', k, 'tokens', t, 'inflight', inflight)
   end
   if budget == '1' then
-    if live and redis.call('HINCRBY', k, 'reserved', '-' .. ask_cost) < 0 then redis.call('HSET', k, 'reserved', 0) end
+    -- ('-0' is not an integer to Redis: a reservation of nothing has nothing to give back.)
+    if live and ask_cost ~= '0' and redis.call('HINCRBY', k, 'reserved', '-' .. ask_cost) < 0 then
+      redis.call('HSET', k, 'reserved', 0)
+    end
     redis.call('HINCRBY', k, 'spend', cost)
   end
 end
@@ -192,6 +197,16 @@ fn hash_key(l: &Limited) -> String {
         Scope::Team => "team",
     };
     format!("tollgate:limits:{scope}:{}", l.subject().id())
+}
+
+/// The largest cost one request reserves or spends in Redis: 2^60 pico-dollars (about
+/// $1.15 million). Costs saturate (a client may ask for any `max_tokens`); past this, one
+/// HINCRBY could overflow Redis's 64-bit integers and stop a script halfway. A reservation this
+/// large is refused by any budget below it anyway.
+const MAX_COST: u64 = 1 << 60;
+
+fn capped(cost: Picodollars) -> u64 {
+    cost.0.min(MAX_COST)
 }
 
 fn opt<T: ToString>(v: Option<T>) -> String {
@@ -291,8 +306,8 @@ impl SharedLimits {
                 .arg(opt(r.budget.as_ref().map(|b| b.max.0)))
                 .arg(r.budget.as_ref().map_or(0, |b| period_index(b.period, now)))
                 .arg(ask.tokens)
-                .arg(ask.cost.0)
-                .arg(l.subject().period_spend().0);
+                .arg(capped(ask.cost))
+                .arg(l.period_spend(now).0);
         }
         let mut conn = self.conn.clone();
         let result = inv
@@ -405,8 +420,8 @@ impl SharedLimits {
                 inv.key(hash_key(l));
                 inv.arg(ask.tokens)
                     .arg(tokens)
-                    .arg(ask.cost.0)
-                    .arg(cost.0)
+                    .arg(capped(ask.cost))
+                    .arg(capped(cost))
                     .arg(u8::from(l.rules().budget.is_some()));
             }
             let mut conn = this.conn.clone();

@@ -349,7 +349,8 @@ async fn a_retried_request_is_counted_once() {
 /// A served response ends only once its spend is in Redis, so the next request of a client that
 /// waits for each answer sees it, whichever replica it reaches. Redis is made to hold writes
 /// back just as the request settles (`CLIENT PAUSE ... WRITE`, shorter than the gateway's Redis
-/// timeout): a settlement sent in the background would land after the response ended.
+/// timeout): a settlement sent in the background would land after the response ended. (A late
+/// pause only makes the test pass without testing; it can't make it fail.)
 #[tokio::test]
 async fn a_response_ends_only_once_its_spend_is_in_redis() {
     let redis = Redis::start();
@@ -383,10 +384,12 @@ async fn a_response_ends_only_once_its_spend_is_in_redis() {
             let text = r.text().await.unwrap();
             (status, text)
         });
-        // The mock answers after 1 s; Redis holds writes from 0.9 s to 1.15 s.
+        // The mock answers after 1 s; Redis holds writes from 0.9 s for 150 ms, and lifts a
+        // pause on its next 100 ms tick: until 1.05-1.15 s. A settlement sent at 1 s waits at
+        // most 150 ms, well within the gateway's 250 ms Redis timeout.
         tokio::time::sleep(Duration::from_millis(900)).await;
         assert_eq!(
-            redis_cli(&redis, &["CLIENT", "PAUSE", "250", "WRITE"]).trim(),
+            redis_cli(&redis, &["CLIENT", "PAUSE", "150", "WRITE"]).trim(),
             "OK"
         );
         let (status, text) = request.await.unwrap();
@@ -444,4 +447,72 @@ async fn expired_leases_of_either_format_give_back_their_reserved_budget() {
     assert_eq!(redis_cli(&redis, &["ZCARD", &leases]).trim(), "0");
     assert_eq!(redis_cli(&redis, &["HLEN", &lease_cost]).trim(), "0");
     assert_eq!(chat(&gw).await.0, 429, "the budget, for two, is spent");
+}
+
+/// A free model under a team budget: every reservation holds nothing, and settling gives back
+/// nothing. Each settlement still completes for every subject, so the key's `maxParallel` slot
+/// comes back and Redis reports no error.
+#[tokio::test]
+async fn requests_that_cost_nothing_settle_on_every_subject() {
+    let redis = Redis::start();
+    let m =
+        manifests(", team: t, teamBudget: {maxUsd: 1, duration: daily}, limits: {maxParallel: 1}")
+            .replace(
+                "pricing: {inputPerMillion: 1, outputPerMillion: 1}",
+                "pricing: {inputPerMillion: 0, outputPerMillion: 0}",
+            );
+    let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    for i in 0..3 {
+        let (s, v) = chat(&gw).await;
+        assert_eq!(s, 200, "request {i}: {v}\n{}", gw.logs());
+    }
+    let k = "tollgate:limits:key:default/k";
+    assert_eq!(redis_cli(&redis, &["HGET", k, "inflight"]).trim(), "0");
+    assert_eq!(
+        redis_cli(&redis, &["ZCARD", &format!("{k}:leases")]).trim(),
+        "0"
+    );
+    let metrics = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("tollgate_redis_errors_total{"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("redis"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// A client may ask for any `max_tokens`; its reservation's cost saturates. It is capped before
+/// it reaches Redis, so the reserve script can't stop halfway and leave a slot held for good.
+#[tokio::test]
+async fn an_absurd_max_tokens_holds_no_slot_for_good() {
+    let redis = Redis::start();
+    let m = manifests(", budget: {maxUsd: 1000, duration: daily}, limits: {maxParallel: 1}");
+    let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    let huge = json!({"model": "m", "max_tokens": u64::MAX, "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..2 {
+        let r = reqwest::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&huge)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(s == 200 || s == 429, "{s} {v}");
+    }
+    let k = "tollgate:limits:key:default/k";
+    assert_eq!(redis_cli(&redis, &["HGET", k, "inflight"]).trim(), "0");
+    assert_eq!(redis_cli(&redis, &["HGET", k, "reserved"]).trim(), "0");
+    // The slot is free: an ordinary request is served.
+    let (s, v) = chat(&gw).await;
+    assert_eq!(s, 200, "{v}");
 }
