@@ -381,30 +381,31 @@ impl Limited {
 pub struct Reservation {
     /// Reserved in this process.
     held: Vec<(Arc<Limited>, Ask)>,
-    /// Reserved in Redis, under `shared`'s lease.
-    remote: Vec<(Arc<Limited>, Ask)>,
+    /// Reserved in Redis, each under the lease of the reserve that took it.
+    remote: Vec<crate::shared::Held>,
     minute: u64,
-    shared: Option<(Arc<crate::shared::SharedLimits>, String)>,
+    shared: Option<Arc<crate::shared::SharedLimits>>,
 }
 
 impl Reservation {
-    /// Adds reservations already taken in Redis under `lease` (the same lease for the whole
-    /// request).
+    /// Adds reservations already taken in Redis under `lease`. Every reserve has a lease of its
+    /// own: a retry that reserves again on the same deployment must not take over the lease
+    /// of the attempt it replaces, whose release may reach Redis after it.
     pub fn add_shared(
         &mut self,
         shared: Arc<crate::shared::SharedLimits>,
-        lease: String,
+        lease: Arc<str>,
         held: Vec<(Arc<Limited>, Ask)>,
         now: u64,
     ) {
         self.minute = now / 60;
-        self.shared = Some((shared, lease));
-        self.remote.extend(held);
-    }
-
-    /// The Redis lease of this request, once it has one.
-    pub fn lease(&self) -> Option<&str> {
-        self.shared.as_ref().map(|(_, l)| l.as_str())
+        self.shared = Some(shared);
+        self.remote
+            .extend(held.into_iter().map(|(limited, ask)| crate::shared::Held {
+                limited,
+                ask,
+                lease: lease.clone(),
+            }));
     }
 
     /// Reserves `ask` on `limited`, adding it to this reservation.
@@ -441,13 +442,13 @@ impl Reservation {
         }
         let (remote, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.remote)
             .into_iter()
-            .partition(|(l, _)| l.subject.scope == scope);
+            .partition(|h| h.limited.subject.scope == scope);
         self.remote = rest;
-        if let Some((shared, lease)) = &self.shared
+        if let Some(shared) = &self.shared
             && !remote.is_empty()
         {
             // Nothing was spent: until Redis has it, the reservation only over-counts.
-            drop(shared.settle(remote, lease.clone(), 0, Picodollars(0), self.minute, now));
+            drop(shared.settle(remote, 0, Picodollars(0), self.minute, now));
         }
     }
 
@@ -460,21 +461,25 @@ impl Reservation {
         now: u64,
     ) -> Option<crate::shared::Recorded> {
         let mut recorded = None;
-        if let Some((shared, lease)) = &self.shared
+        if let Some(shared) = &self.shared
             && !self.remote.is_empty()
         {
             // This replica's own view of the spend follows along: it seeds Redis should Redis
             // lose its data, and decides when Redis is down and the policy is to fail open.
-            for (l, _) in &self.remote {
-                if let Some(b) = &l.rules.budget {
-                    let mut c = l.subject.counters.lock().unwrap_or_else(|e| e.into_inner());
+            for h in &self.remote {
+                if let Some(b) = &h.limited.rules.budget {
+                    let mut c = h
+                        .limited
+                        .subject
+                        .counters
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
                     c.roll(now, Some(b));
                     c.spend = c.spend.saturating_add(cost.0);
                 }
             }
             recorded = shared.settle(
                 std::mem::take(&mut self.remote),
-                lease.clone(),
                 tokens,
                 cost,
                 self.minute,

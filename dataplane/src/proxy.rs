@@ -568,10 +568,8 @@ async fn reserve(
             .chain(key_limits)
             .map(|l| (l.clone(), ask))
             .collect();
-        let lease = res
-            .lease()
-            .map(str::to_string)
-            .unwrap_or_else(|| shared.new_lease());
+        // A lease per reserve, not per request: see `Reservation::add_shared`.
+        let lease = shared.new_lease();
         match shared.reserve(&asks, &lease, now).await {
             Ok(Ok(room)) => {
                 res.add_shared(shared.clone(), lease, asks, now);

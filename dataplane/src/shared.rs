@@ -106,13 +106,13 @@ const SETTLE: &str = r#"
 local now = tonumber(ARGV[1])
 local reserved_minute = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
-local lease = ARGV[4]
 local minute = math.floor(now / 60)
-local S = 5
+local S = 6
 for i = 1, n do
-  local b = 4 + (i - 1) * S
+  local b = 3 + (i - 1) * S
   local k = KEYS[i]
   local ask_tokens, tokens, ask_cost, cost, budget = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
+  local lease = ARGV[b+6]
   -- A lease already expired was released by a reserve; release only a live one.
   local held = budget == '1' and ask_cost or '0'
   local live = redis.call('ZREM', k .. ':leases', lease .. '|' .. held) == 1
@@ -159,6 +159,17 @@ pub struct SharedLimits {
     /// Settlements sent to Redis and not answered yet (see [`SharedLimits::settled`]).
     settling: std::sync::atomic::AtomicUsize,
     all_settled: tokio::sync::Notify,
+}
+
+/// One subject's reservation in Redis: what it asked, under which lease.
+#[derive(Debug)]
+pub struct Held {
+    /// The subject.
+    pub limited: Arc<Limited>,
+    /// What was reserved.
+    pub ask: Ask,
+    /// The lease of the reserve that took it.
+    pub lease: Arc<str>,
 }
 
 /// One settlement in flight, until dropped (answered, failed, or cancelled with its runtime).
@@ -265,7 +276,7 @@ impl SharedLimits {
     }
 
     /// A new lease id: unique across replicas and restarts (process start time, pid, sequence).
-    pub fn new_lease(&self) -> String {
+    pub fn new_lease(&self) -> Arc<str> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         static BOOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             let ms = std::time::SystemTime::now()
@@ -278,6 +289,7 @@ impl SharedLimits {
             *BOOT,
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         )
+        .into()
     }
 
     /// A handle on the connection, for other writers (the usage stream).
@@ -392,12 +404,11 @@ impl SharedLimits {
         }
     }
 
-    /// Settles `asks` with the real usage, in the background. When one of them has a budget,
+    /// Settles `held` with the real usage, in the background. When one of them has a budget,
     /// returns a handle that resolves once Redis has the spend (see [`Recorded`]).
     pub fn settle(
         self: &Arc<Self>,
-        asks: Vec<(Arc<Limited>, Ask)>,
-        lease: String,
+        held: Vec<Held>,
         tokens: u64,
         cost: Picodollars,
         reserved_minute: u64,
@@ -405,24 +416,22 @@ impl SharedLimits {
     ) -> Option<Recorded> {
         let this = self.clone();
         let rt = tokio::runtime::Handle::try_current().ok()?;
-        let budget = asks.iter().any(|(l, _)| l.rules().budget.is_some());
+        let budget = held.iter().any(|h| h.limited.rules().budget.is_some());
         self.settling
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let settling = Settling(self.clone());
         let task = rt.spawn(async move {
             let _settling = settling;
             let mut inv = this.settle.prepare_invoke();
-            inv.arg(now)
-                .arg(reserved_minute)
-                .arg(asks.len())
-                .arg(&lease);
-            for (l, ask) in &asks {
-                inv.key(hash_key(l));
-                inv.arg(ask.tokens)
+            inv.arg(now).arg(reserved_minute).arg(held.len());
+            for h in &held {
+                inv.key(hash_key(&h.limited));
+                inv.arg(h.ask.tokens)
                     .arg(tokens)
-                    .arg(capped(ask.cost))
+                    .arg(capped(h.ask.cost))
                     .arg(capped(cost))
-                    .arg(u8::from(l.rules().budget.is_some()));
+                    .arg(u8::from(h.limited.rules().budget.is_some()))
+                    .arg(&*h.lease);
             }
             let mut conn = this.conn.clone();
             let result = inv

@@ -516,3 +516,53 @@ async fn an_absurd_max_tokens_holds_no_slot_for_good() {
     let (s, v) = chat(&gw).await;
     assert_eq!(s, 200, "{v}");
 }
+
+/// Retries without backoff on the only deployment: each attempt reserves under a lease of its
+/// own, so the release of a failed attempt (sent in the background) can't take the next
+/// attempt's reservation with it, and nothing stays held once the request is over.
+#[tokio::test]
+async fn immediate_retries_on_one_deployment_leave_nothing_held() {
+    use tollgate_testkit::{Behavior, MockUpstream};
+    let redis = Redis::start();
+    let bad = MockUpstream::start(Behavior::Status(
+        500,
+        r#"{"error":{"message":"boom","type":"server_error"}}"#,
+    ));
+    let m = format!(
+        "{}---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: bad}}\nspec: {{modelName: bad, provider: openai-compatible, url: '{}', limits: {{maxParallel: 50}}}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: p}}\nspec: {{models: [bad], retries: {{attempts: 4, backoff: 0ms}}, cooldown: {{allowedFails: 1000}}}}\n",
+        manifests(""),
+        bad.base_url()
+    );
+    let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    for _ in 0..3 {
+        let r = reqwest::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .body(json!({"model": "bad", "messages": []}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_server_error(), "{}", r.status());
+    }
+    assert_eq!(bad.stats.requests(), 12, "four attempts a request");
+    let dep = "tollgate:limits:deployment:default/bad";
+    let held = || {
+        (
+            redis_cli(&redis, &["HGET", dep, "inflight"])
+                .trim()
+                .to_string(),
+            redis_cli(&redis, &["ZCARD", &format!("{dep}:leases")])
+                .trim()
+                .to_string(),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while held() != ("0".to_string(), "0".to_string()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        held(),
+        ("0".to_string(), "0".to_string()),
+        "(inflight, leases)"
+    );
+}
