@@ -66,13 +66,18 @@ for i = 1, n do
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
   local h = redis.call('HMGET', k, unpack(FIELDS))
   local s = {requests = tonumber(h[2]) or 0, tokens = tonumber(h[3]) or 0,
-    inflight = tonumber(h[4]) or 0, spend = h[6] or '0', reserved = tonumber(h[7]) or 0}
+    inflight = tonumber(h[4]) or 0, period = h[5], spend = h[6] or '0',
+    reserved = tonumber(h[7]) or 0}
   if not h[1] then
     -- A new hash, or a Redis that lost its data: the spend this replica knows.
-    s.spend = ARGV[b+8]
+    s.period, s.spend = period, ARGV[b+8]
   else
     if tonumber(h[1]) ~= minute then s.requests, s.tokens = 0, 0 end
-    if bmax ~= '-1' and h[5] ~= period then s.spend = '0' end
+    -- Periods only move forward: a replica whose clock is a little behind at the boundary
+    -- counts in the period already begun rather than resetting it.
+    if bmax ~= '-1' and (tonumber(h[5]) or -1) < tonumber(period) then
+      s.period, s.spend = period, '0'
+    end
   end
   if rpm ~= '-1' and s.requests >= tonumber(rpm) then return {i, 1} end
   if tpm ~= '-1' and s.tokens >= tonumber(tpm) then return {i, 2} end
@@ -91,7 +96,7 @@ for i = 1, n do
   if ARGV[b+4] ~= '-1' then
     cost = ARGV[b+7]
     redis.call('HSET', k, 'minute', minute, 'requests', requests, 'tokens', tokens,
-      'inflight', s.inflight + 1, 'period', ARGV[b+5], 'spend', s.spend)
+      'inflight', s.inflight + 1, 'period', s.period, 'spend', s.spend)
     redis.call('HINCRBY', k, 'reserved', cost)
   else
     redis.call('HSET', k, 'minute', minute, 'requests', requests, 'tokens', tokens,
@@ -107,16 +112,16 @@ local now = tonumber(ARGV[1])
 local reserved_minute = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local minute = math.floor(now / 60)
-local S = 6
+local S = 7
 for i = 1, n do
   local b = 3 + (i - 1) * S
   local k = KEYS[i]
   local ask_tokens, tokens, ask_cost, cost, budget = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
-  local lease = ARGV[b+6]
+  local lease, period = ARGV[b+6], ARGV[b+7]
   -- A lease already expired was released by a reserve; release only a live one.
   local held = budget == '1' and ask_cost or '0'
   local live = redis.call('ZREM', k .. ':leases', lease .. '|' .. held) == 1
-  local h = redis.call('HMGET', k, 'minute', 'tokens', 'inflight')
+  local h = redis.call('HMGET', k, 'minute', 'tokens', 'inflight', 'period')
   if h[1] then
     local m, t, inflight = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
     if m == reserved_minute then
@@ -125,7 +130,13 @@ for i = 1, n do
       t = t + tonumber(tokens)
     end
     if live then inflight = math.max(inflight - 1, 0) end
-    redis.call('HSET', k, 'tokens', t, 'inflight', inflight)
+    if budget == '1' and (tonumber(h[4]) or -1) < tonumber(period) then
+      -- A new budget period began while the request ran: its spend counts in the new one
+      -- (as the replica's own counters count it), not in the old one about to be reset.
+      redis.call('HSET', k, 'tokens', t, 'inflight', inflight, 'period', period, 'spend', 0)
+    else
+      redis.call('HSET', k, 'tokens', t, 'inflight', inflight)
+    end
   end
   if budget == '1' then
     -- ('-0' is not an integer to Redis: a reservation of nothing has nothing to give back.)
@@ -431,7 +442,14 @@ impl SharedLimits {
                     .arg(capped(h.ask.cost))
                     .arg(capped(cost))
                     .arg(u8::from(h.limited.rules().budget.is_some()))
-                    .arg(&*h.lease);
+                    .arg(&*h.lease)
+                    .arg(
+                        h.limited
+                            .rules()
+                            .budget
+                            .as_ref()
+                            .map_or(0, |b| period_index(b.period, now)),
+                    );
             }
             let mut conn = this.conn.clone();
             let result = inv

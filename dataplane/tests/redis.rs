@@ -566,3 +566,82 @@ async fn immediate_retries_on_one_deployment_leave_nothing_held() {
         "(inflight, leases)"
     );
 }
+
+/// A budget period that ends while a request runs: the request's spend counts in the new
+/// period (as the replica's own counters count it), not in the old one, which the next
+/// request's reserve would reset.
+#[tokio::test]
+async fn spend_settled_after_a_period_ended_counts_in_the_new_period() {
+    let redis = Redis::start();
+    let m = manifests(&format!(
+        ", budget: {{maxUsd: {}, duration: daily}}",
+        budget_for(10)
+    ))
+    .replace(
+        "mock: {completionTokens: 100}",
+        "mock: {completionTokens: 100, latency: 1s}",
+    );
+    let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    let k = "tollgate:limits:key:default/k";
+    let per_request: u64 = (body().len() as u64 / 4 + 100) * 1_000_000;
+    let request = tokio::spawn({
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(KEY)
+                .body(body())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    // While the mock takes its second: as if the hash were still in an earlier period, with
+    // that period's spend.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        redis_cli(&redis, &["HSET", k, "period", "1", "spend", "999"]).trim(),
+        "0"
+    );
+    assert_eq!(request.await.unwrap(), 200);
+    let spend = || redis_cli(&redis, &["HGET", k, "spend"]).trim().to_string();
+    assert_eq!(
+        spend(),
+        per_request.to_string(),
+        "the old period's 999 is gone"
+    );
+    assert_eq!(chat(&gw).await.0, 200);
+    assert_eq!(
+        spend(),
+        (2 * per_request).to_string(),
+        "and nothing was lost"
+    );
+}
+
+/// Budget periods only move forward in Redis: a replica whose clock is a little behind at a
+/// period's boundary (here: a hash already in a far later period) counts in the period another
+/// replica began, rather than resetting it to its own.
+#[tokio::test]
+async fn a_replica_behind_the_period_does_not_reset_it() {
+    let redis = Redis::start();
+    let m = manifests(&format!(
+        ", budget: {{maxUsd: {}, duration: daily}}",
+        budget_for(10)
+    ));
+    let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
+    assert_eq!(chat(&gw).await.0, 200);
+    let k = "tollgate:limits:key:default/k";
+    redis_cli(
+        &redis,
+        &["HSET", k, "period", "99999999", "spend", "5000000"],
+    );
+    assert_eq!(chat(&gw).await.0, 200);
+    let per_request: u64 = (body().len() as u64 / 4 + 100) * 1_000_000;
+    assert_eq!(redis_cli(&redis, &["HGET", k, "period"]).trim(), "99999999");
+    assert_eq!(
+        redis_cli(&redis, &["HGET", k, "spend"]).trim(),
+        (5_000_000 + per_request).to_string()
+    );
+}
