@@ -22,6 +22,27 @@ fn budget_for(requests: u64) -> String {
     format!("0.{:06}", (body().len() as u64 / 4 + 100) * requests)
 }
 
+/// Manifests whose key has a daily budget for `requests` requests.
+fn with_daily_budget(requests: u64) -> String {
+    manifests(&format!(
+        ", budget: {{maxUsd: {}, duration: daily}}",
+        budget_for(requests)
+    ))
+}
+
+/// `m` with the mock answering after one second.
+fn slow_mock(m: &str) -> String {
+    m.replace(
+        "mock: {completionTokens: 100}",
+        "mock: {completionTokens: 100, latency: 1s}",
+    )
+}
+
+/// What one request of [`body`] costs, in pico-dollars (see [`budget_for`]).
+fn per_request() -> u64 {
+    (body().len() as u64 / 4 + 100) * 1_000_000
+}
+
 /// A mock model and a key with `key_spec`.
 fn manifests(key_spec: &str) -> String {
     format!(
@@ -163,10 +184,7 @@ async fn redis_outage_follows_the_failure_policy_and_recovers() {
 async fn a_redis_restart_does_not_reset_a_budget() {
     let mut redis = Redis::start();
     // Budget for five requests a day.
-    let m = manifests(&format!(
-        ", budget: {{maxUsd: {}, duration: daily}}",
-        budget_for(5)
-    ));
+    let m = with_daily_budget(5);
     let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
     for _ in 0..3 {
         assert_eq!(chat(&gw).await.0, 200);
@@ -213,7 +231,7 @@ async fn every_settled_request_lands_in_the_usage_stream_once() {
     let ids: std::collections::HashSet<_> =
         records.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 5);
-    let per_request: u64 = (body().len() as u64 / 4 + 100) * 1_000_000;
+    let per_request = per_request();
     assert!(
         records
             .iter()
@@ -325,7 +343,7 @@ async fn a_retried_request_is_counted_once() {
         .chunks(2)
         .filter_map(|c| Some((*c.first()?, *c.get(1)?)))
         .collect();
-    let per_request: u64 = (body().len() as u64 / 4 + 100) * 1_000_000;
+    let per_request = per_request();
     assert_eq!(fields.get("requests"), Some(&"6"), "{key}");
     assert_eq!(fields.get("inflight"), Some(&"0"), "{key}");
     assert_eq!(fields.get("reserved"), Some(&"0"), "{key}");
@@ -354,14 +372,7 @@ async fn a_retried_request_is_counted_once() {
 #[tokio::test]
 async fn a_response_ends_only_once_its_spend_is_in_redis() {
     let redis = Redis::start();
-    let m = manifests(&format!(
-        ", budget: {{maxUsd: {}, duration: daily}}",
-        budget_for(10)
-    ))
-    .replace(
-        "mock: {completionTokens: 100}",
-        "mock: {completionTokens: 100, latency: 1s}",
-    );
+    let m = slow_mock(&with_daily_budget(10));
     let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
     let spend = || {
         redis_cli(&redis, &["HGET", "tollgate:limits:key:default/k", "spend"])
@@ -416,13 +427,10 @@ async fn a_response_ends_only_once_its_spend_is_in_redis() {
 #[tokio::test]
 async fn expired_leases_of_either_format_give_back_their_reserved_budget() {
     let redis = Redis::start();
-    let m = manifests(&format!(
-        ", budget: {{maxUsd: {}, duration: daily}}",
-        budget_for(2)
-    ));
+    let m = with_daily_budget(2);
     let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
     assert_eq!(chat(&gw).await.0, 200);
-    let cost = ((body().len() as u64 / 4 + 100) * 1_000_000).to_string();
+    let cost = per_request().to_string();
     let k = "tollgate:limits:key:default/k";
     let leases = format!("{k}:leases");
     let lease_cost = format!("{k}:lease-cost");
@@ -573,17 +581,10 @@ async fn immediate_retries_on_one_deployment_leave_nothing_held() {
 #[tokio::test]
 async fn spend_settled_after_a_period_ended_counts_in_the_new_period() {
     let redis = Redis::start();
-    let m = manifests(&format!(
-        ", budget: {{maxUsd: {}, duration: daily}}",
-        budget_for(10)
-    ))
-    .replace(
-        "mock: {completionTokens: 100}",
-        "mock: {completionTokens: 100, latency: 1s}",
-    );
+    let m = slow_mock(&with_daily_budget(10));
     let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
     let k = "tollgate:limits:key:default/k";
-    let per_request: u64 = (body().len() as u64 / 4 + 100) * 1_000_000;
+    let per_request = per_request();
     let request = tokio::spawn({
         let url = gw.url("/v1/chat/completions");
         async move {
@@ -626,10 +627,7 @@ async fn spend_settled_after_a_period_ended_counts_in_the_new_period() {
 #[tokio::test]
 async fn a_replica_behind_the_period_does_not_reset_it() {
     let redis = Redis::start();
-    let m = manifests(&format!(
-        ", budget: {{maxUsd: {}, duration: daily}}",
-        budget_for(10)
-    ));
+    let m = with_daily_budget(10);
     let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
     assert_eq!(chat(&gw).await.0, 200);
     let k = "tollgate:limits:key:default/k";
@@ -638,7 +636,7 @@ async fn a_replica_behind_the_period_does_not_reset_it() {
         &["HSET", k, "period", "99999999", "spend", "5000000"],
     );
     assert_eq!(chat(&gw).await.0, 200);
-    let per_request: u64 = (body().len() as u64 / 4 + 100) * 1_000_000;
+    let per_request = per_request();
     assert_eq!(redis_cli(&redis, &["HGET", k, "period"]).trim(), "99999999");
     assert_eq!(
         redis_cli(&redis, &["HGET", k, "spend"]).trim(),
