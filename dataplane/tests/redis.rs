@@ -43,6 +43,14 @@ fn per_request() -> u64 {
     (body().len() as u64 / 4 + 100) * 1_000_000
 }
 
+/// An upstream that answers every request with a 500.
+fn failing_upstream() -> tollgate_testkit::MockUpstream {
+    tollgate_testkit::MockUpstream::start(tollgate_testkit::Behavior::Status(
+        500,
+        r#"{"error":{"message":"boom","type":"server_error"}}"#,
+    ))
+}
+
 /// A mock model and a key with `key_spec`.
 fn manifests(key_spec: &str) -> String {
     format!(
@@ -309,12 +317,8 @@ async fn a_crashed_replicas_reservations_end_with_their_lease() {
 
 #[tokio::test]
 async fn a_retried_request_is_counted_once() {
-    use tollgate_testkit::{Behavior, MockUpstream};
     let redis = Redis::start();
-    let bad = MockUpstream::start(Behavior::Status(
-        500,
-        r#"{"error":{"message":"boom","type":"server_error"}}"#,
-    ));
+    let bad = failing_upstream();
     // The key: rpm 1000 and a budget (so it lives in Redis); the failing deployment is the
     // cheaper, so cost-based routing tries it first every time, then retries on the mock.
     let m = format!(
@@ -530,12 +534,8 @@ async fn an_absurd_max_tokens_holds_no_slot_for_good() {
 /// attempt's reservation with it, and nothing stays held once the request is over.
 #[tokio::test]
 async fn immediate_retries_on_one_deployment_leave_nothing_held() {
-    use tollgate_testkit::{Behavior, MockUpstream};
     let redis = Redis::start();
-    let bad = MockUpstream::start(Behavior::Status(
-        500,
-        r#"{"error":{"message":"boom","type":"server_error"}}"#,
-    ));
+    let bad = failing_upstream();
     let m = format!(
         "{}---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: bad}}\nspec: {{modelName: bad, provider: openai-compatible, url: '{}', limits: {{maxParallel: 50}}}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: p}}\nspec: {{models: [bad], retries: {{attempts: 4, backoff: 0ms}}, cooldown: {{allowedFails: 1000}}}}\n",
         manifests(""),
