@@ -379,12 +379,22 @@ impl Limited {
 /// reserves on the next, so the key counts the request once however often it is retried.
 #[derive(Debug, Default)]
 pub struct Reservation {
-    /// Reserved in this process.
-    held: Vec<(Arc<Limited>, Ask)>,
+    /// Reserved in this process, each with the minute it was taken in.
+    held: Vec<Taken>,
     /// Reserved in Redis, each under the lease of the reserve that took it.
     remote: Vec<crate::shared::Held>,
-    minute: u64,
     shared: Option<Arc<crate::shared::SharedLimits>>,
+}
+
+/// One subject's reservation in this process.
+#[derive(Debug)]
+struct Taken {
+    limited: Arc<Limited>,
+    ask: Ask,
+    /// The minute its tokens were counted in. Each reservation keeps its own: a retry reserves
+    /// on its deployment later than the key was reserved, maybe in the next minute, and a
+    /// settlement corrects the ask in the minute that counted it.
+    minute: u64,
 }
 
 impl Reservation {
@@ -398,32 +408,36 @@ impl Reservation {
         held: Vec<(Arc<Limited>, Ask)>,
         now: u64,
     ) {
-        self.minute = now / 60;
         self.shared = Some(shared);
         self.remote
             .extend(held.into_iter().map(|(limited, ask)| crate::shared::Held {
                 limited,
                 ask,
                 lease: lease.clone(),
+                minute: now / 60,
             }));
     }
 
     /// Reserves `ask` on `limited`, adding it to this reservation.
     pub fn take(&mut self, limited: &Arc<Limited>, ask: Ask, now: u64) -> Result<Room, Refused> {
         let room = limited.subject.reserve(&limited.rules, ask, now)?;
-        self.minute = now / 60;
-        self.held.push((limited.clone(), ask));
+        self.held.push(Taken {
+            limited: limited.clone(),
+            ask,
+            minute: now / 60,
+        });
         Ok(room)
     }
 
     /// Undoes the last reservation (its request went elsewhere).
     pub fn undo_last(&mut self, now: u64) {
-        if let Some((l, ask)) = self.held.pop() {
+        if let Some(t) = self.held.pop() {
+            let l = &t.limited;
             l.subject
-                .settle(&l.rules, ask, 0, Picodollars(0), self.minute, now);
+                .settle(&l.rules, t.ask, 0, Picodollars(0), t.minute, now);
             // Nothing was served: give back the request too.
             let mut c = l.subject.counters.lock().unwrap_or_else(|e| e.into_inner());
-            if c.minute == self.minute {
+            if c.minute == t.minute {
                 c.requests = c.requests.saturating_sub(1);
             }
         }
@@ -434,11 +448,12 @@ impl Reservation {
     pub fn release(&mut self, scope: Scope, now: u64) {
         let (local, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
             .into_iter()
-            .partition(|(l, _)| l.subject.scope == scope);
+            .partition(|t| t.limited.subject.scope == scope);
         self.held = rest;
-        for (l, ask) in local {
+        for t in local {
+            let l = &t.limited;
             l.subject
-                .settle(&l.rules, ask, 0, Picodollars(0), self.minute, now);
+                .settle(&l.rules, t.ask, 0, Picodollars(0), t.minute, now);
         }
         let (remote, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.remote)
             .into_iter()
@@ -448,7 +463,7 @@ impl Reservation {
             && !remote.is_empty()
         {
             // Nothing was spent: until Redis has it, the reservation only over-counts.
-            drop(shared.settle(remote, 0, Picodollars(0), self.minute, now));
+            drop(shared.settle(remote, 0, Picodollars(0), now));
         }
     }
 
@@ -478,17 +493,12 @@ impl Reservation {
                     c.spend = c.spend.saturating_add(cost.0);
                 }
             }
-            recorded = shared.settle(
-                std::mem::take(&mut self.remote),
-                tokens,
-                cost,
-                self.minute,
-                now,
-            );
+            recorded = shared.settle(std::mem::take(&mut self.remote), tokens, cost, now);
         }
-        for (l, ask) in self.held.drain(..) {
+        for t in self.held.drain(..) {
+            let l = &t.limited;
             l.subject
-                .settle(&l.rules, ask, tokens, cost, self.minute, now);
+                .settle(&l.rules, t.ask, tokens, cost, t.minute, now);
         }
         recorded
     }
@@ -644,6 +654,42 @@ mod tests {
         c.settle(0, Picodollars(50), 3);
         assert!(Reservation::default().take(&l, ask, 3).is_err());
         assert!(Reservation::default().take(&l, ask, DAY).is_ok());
+    }
+
+    #[test]
+    fn a_retry_in_the_next_minute_corrects_the_key_in_the_minute_that_counted_it() {
+        let rules = || Rules {
+            limits: Limits {
+                tpm: Some(1_000),
+                ..Default::default()
+            },
+            budget: None,
+        };
+        let registry = Registry::default();
+        let key = registry
+            .limited(Scope::Key, "ns/k", rules())
+            .expect("rules");
+        let deployment = registry
+            .limited(Scope::Deployment, "ns/d", rules())
+            .expect("rules");
+        let ask = Ask {
+            tokens: 10,
+            cost: Picodollars(0),
+        };
+        let t = 6_000_000; // a minute boundary
+        // Admitted in the last second of a minute; its retry reserves a deployment in the next.
+        let mut a = Reservation::default();
+        a.take(&key, ask, t - 1).expect("key");
+        // Another request of the key, in the new minute.
+        let mut b = Reservation::default();
+        b.take(&key, ask, t).expect("key");
+        a.take(&deployment, ask, t + 1).expect("deployment");
+        a.settle(5, Picodollars(0), t + 1);
+        // `a`'s ask was counted in the old minute: only its 5 tokens used go in the new one,
+        // next to `b`'s 10 still reserved.
+        let tokens = |l: &Limited| l.subject.counters.lock().expect("lock").tokens;
+        assert_eq!(tokens(&key), 15);
+        assert_eq!(tokens(&deployment), 5);
     }
 
     #[test]

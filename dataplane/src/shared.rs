@@ -109,15 +109,14 @@ return out
 
 const SETTLE: &str = r#"
 local now = tonumber(ARGV[1])
-local reserved_minute = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
+local n = tonumber(ARGV[2])
 local minute = math.floor(now / 60)
-local S = 7
+local S = 8
 for i = 1, n do
-  local b = 3 + (i - 1) * S
+  local b = 2 + (i - 1) * S
   local k = KEYS[i]
   local ask_tokens, tokens, ask_cost, cost, budget = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
-  local lease, period = ARGV[b+6], ARGV[b+7]
+  local lease, period, reserved_minute = ARGV[b+6], ARGV[b+7], tonumber(ARGV[b+8])
   -- A lease already expired was released by a reserve; release only a live one.
   local held = budget == '1' and ask_cost or '0'
   local live = redis.call('ZREM', k .. ':leases', lease .. '|' .. held) == 1
@@ -181,6 +180,8 @@ pub struct Held {
     pub ask: Ask,
     /// The lease of the reserve that took it.
     pub lease: Arc<str>,
+    /// The minute its tokens were counted in (see `limits::Reservation`).
+    pub minute: u64,
 }
 
 /// One settlement in flight, until dropped (answered, failed, or cancelled with its runtime).
@@ -309,16 +310,26 @@ impl SharedLimits {
     }
 
     /// Checks and reserves `asks` on all their subjects at once. `Ok(Err(..))` is a refusal.
+    ///
+    /// A reserve that ends without an answer (Redis timed out or failed, or the request was
+    /// cancelled while it waited) is given back in the background: see [`Unanswered`].
     pub async fn reserve(
-        &self,
+        self: &Arc<Self>,
         asks: &[(Arc<Limited>, Ask)],
-        lease: &str,
+        lease: &Arc<str>,
         now: u64,
     ) -> Result<Result<Room, Refused>, RedisError> {
+        let mut unanswered = Unanswered {
+            shared: self,
+            asks,
+            lease,
+            now,
+            armed: true,
+        };
         let mut inv = self.reserve.prepare_invoke();
         inv.arg(now)
             .arg(asks.len())
-            .arg(lease)
+            .arg(&**lease)
             .arg(now + self.lease.as_secs().max(1));
         for (l, ask) in asks {
             let r = l.rules();
@@ -339,6 +350,8 @@ impl SharedLimits {
             .map_err(|e| RedisError(e.to_string()));
         self.observe("reserve", &result);
         let out = result?;
+        // Answered: reserved, or refused with nothing written.
+        unanswered.armed = false;
         let (which, why) = (
             out.first().copied().unwrap_or(0),
             out.get(1).copied().unwrap_or(0),
@@ -422,7 +435,6 @@ impl SharedLimits {
         held: Vec<Held>,
         tokens: u64,
         cost: Picodollars,
-        reserved_minute: u64,
         now: u64,
     ) -> Option<Recorded> {
         let this = self.clone();
@@ -434,7 +446,7 @@ impl SharedLimits {
         let task = rt.spawn(async move {
             let _settling = settling;
             let mut inv = this.settle.prepare_invoke();
-            inv.arg(now).arg(reserved_minute).arg(held.len());
+            inv.arg(now).arg(held.len());
             for h in &held {
                 inv.key(hash_key(&h.limited));
                 inv.arg(h.ask.tokens)
@@ -449,7 +461,8 @@ impl SharedLimits {
                             .budget
                             .as_ref()
                             .map_or(0, |b| period_index(b.period, now)),
-                    );
+                    )
+                    .arg(h.minute);
             }
             let mut conn = this.conn.clone();
             let result = inv
@@ -459,6 +472,44 @@ impl SharedLimits {
             this.observe("settle", &result);
         });
         budget.then_some(Recorded(task))
+    }
+}
+
+/// A reserve sent to Redis and not answered, until dropped: then it is released in the
+/// background. Its command may have gone out, so Redis may run it after the gateway stopped
+/// waiting (a timeout is the client's, not the server's), and its slot in flight and reserved
+/// cost would stay held until the lease ends. The release follows it on the same multiplexed
+/// connection, so Redis runs it second; when the reserve never ran, the release finds no live
+/// lease and changes nothing. It gives back the slot and the reserved cost, not the estimated
+/// tokens: the request may have been served on this replica's own counters meanwhile, and the
+/// estimate stays counted in its minute, as a refusal would leave it.
+struct Unanswered<'a> {
+    shared: &'a Arc<SharedLimits>,
+    asks: &'a [(Arc<Limited>, Ask)],
+    lease: &'a Arc<str>,
+    now: u64,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let held = self
+            .asks
+            .iter()
+            .map(|(limited, ask)| Held {
+                limited: limited.clone(),
+                ask: Ask {
+                    tokens: 0,
+                    cost: ask.cost,
+                },
+                lease: self.lease.clone(),
+                minute: self.now / 60,
+            })
+            .collect();
+        drop(self.shared.settle(held, 0, Picodollars(0), self.now));
     }
 }
 

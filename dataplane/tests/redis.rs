@@ -643,3 +643,120 @@ async fn a_replica_behind_the_period_does_not_reset_it() {
         (5_000_000 + per_request).to_string()
     );
 }
+
+/// A reserve that Redis answers only after the gateway stopped waiting (a paused Redis, past the
+/// gateway's 250 ms timeout): the request is served on the replica's own counters, and the
+/// reserve Redis runs later is given back, rather than holding the key's slot until its lease
+/// ends.
+#[tokio::test]
+async fn a_reserve_answered_too_late_holds_nothing() {
+    let redis = Redis::start();
+    let m = manifests(", limits: {maxParallel: 5}");
+    let gw = Gateway::start(
+        BIN,
+        &m,
+        &["--redis-url", &redis.url(), "--redis-failure", "open"],
+    );
+    assert_eq!(chat(&gw).await.0, 200);
+    assert_eq!(
+        redis_cli(&redis, &["CLIENT", "PAUSE", "600", "ALL"]).trim(),
+        "OK"
+    );
+    assert_eq!(chat(&gw).await.0, 200, "served on local counters");
+    assert!(
+        gw.wait_for_log("failing open", Duration::from_secs(2)),
+        "the reserve timed out: {}",
+        gw.logs()
+    );
+    let key = "tollgate:limits:key:default/k";
+    let held = || {
+        (
+            redis_cli(&redis, &["HGET", key, "inflight"])
+                .trim()
+                .to_string(),
+            redis_cli(&redis, &["ZCARD", &format!("{key}:leases")])
+                .trim()
+                .to_string(),
+        )
+    };
+    // The paused reserve runs once the pause ends; its release follows it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while held() != ("0".to_string(), "0".to_string()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        held(),
+        ("0".to_string(), "0".to_string()),
+        "(inflight, leases)"
+    );
+}
+
+/// The Redis side of a retry that crosses a minute (driven through the library with chosen
+/// clock readings): the key was reserved in the minute before its deployment, and settling
+/// corrects each subject's tokens in the minute that counted them.
+#[tokio::test]
+async fn a_retry_in_the_next_minute_settles_each_subject_in_its_own_minute() {
+    use std::sync::Arc;
+    use tollgate_crds::common::Limits;
+    use tollgate_crds::config::Picodollars;
+    use tollgate_dataplane::limits::{Ask, Registry, Reservation, Rules, Scope};
+    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
+
+    let redis = Redis::start();
+    let shared = Arc::new(
+        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(60))
+            .await
+            .unwrap(),
+    );
+    let rules = || Rules {
+        limits: Limits {
+            tpm: Some(1_000),
+            ..Default::default()
+        },
+        budget: None,
+    };
+    let registry = Registry::default();
+    let key = registry.limited(Scope::Key, "ns/k", rules()).unwrap();
+    let deployment = registry
+        .limited(Scope::Deployment, "ns/d", rules())
+        .unwrap();
+    let ask = Ask {
+        tokens: 10,
+        cost: Picodollars(0),
+    };
+    let t = 6_000_000; // a minute boundary
+    let reserve = async |res: &mut Reservation, l: &Arc<_>, now| {
+        let asks = vec![(Arc::clone(l), ask)];
+        let lease = shared.new_lease();
+        shared
+            .reserve(&asks, &lease, now)
+            .await
+            .unwrap()
+            .expect("room");
+        res.add_shared(shared.clone(), lease, asks, now);
+    };
+    // Admitted in the last second of a minute; its retry reserves a deployment in the next.
+    let mut a = Reservation::default();
+    reserve(&mut a, &key, t - 1).await;
+    // Another request of the key, in the new minute.
+    let mut b = Reservation::default();
+    reserve(&mut b, &key, t).await;
+    reserve(&mut a, &deployment, t + 1).await;
+    assert!(
+        a.settle(5, Picodollars(0), t + 1).is_none(),
+        "no budget to wait for"
+    );
+    shared.settled(Duration::from_secs(2)).await;
+    let tokens = |id: &str| {
+        redis_cli(
+            &redis,
+            &["HGET", &format!("tollgate:limits:{id}"), "tokens"],
+        )
+        .trim()
+        .to_string()
+    };
+    // `a`'s ask was counted in the old minute: only its 5 tokens used go in the new one, next
+    // to `b`'s 10 still reserved.
+    assert_eq!(tokens("key:ns/k"), "15");
+    assert_eq!(tokens("deployment:ns/d"), "5");
+}
