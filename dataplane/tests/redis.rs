@@ -760,3 +760,177 @@ async fn a_retry_in_the_next_minute_settles_each_subject_in_its_own_minute() {
     assert_eq!(tokens("key:ns/k"), "15");
     assert_eq!(tokens("deployment:ns/d"), "5");
 }
+
+/// Settlements queued together go to Redis as one script call, which reads and writes each
+/// subject's hash once for all of them, and still counts each request once: its real tokens in
+/// the right minute, its spend, and its slot and reserved cost given back unless its lease had
+/// already expired (and was released by a reserve).
+#[tokio::test]
+async fn settlements_sent_in_one_batch_count_each_request_once() {
+    use std::sync::Arc;
+    use tollgate_crds::common::Limits;
+    use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
+    use tollgate_dataplane::limits::{Ask, Registry, Reservation, Rules, Scope};
+    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
+
+    let redis = Redis::start();
+    let shared = Arc::new(
+        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(60))
+            .await
+            .unwrap(),
+    );
+    let registry = Registry::default();
+    let key = registry
+        .limited(
+            Scope::Key,
+            "ns/k",
+            Rules {
+                limits: Limits {
+                    tpm: Some(1_000_000),
+                    max_parallel: Some(100),
+                    ..Default::default()
+                },
+                budget: Some(BudgetConfig {
+                    max: Picodollars(1_000_000_000),
+                    period: BudgetPeriod::Lifetime,
+                }),
+            },
+        )
+        .unwrap();
+    let deployment = registry
+        .limited(
+            Scope::Deployment,
+            "ns/d",
+            Rules {
+                limits: Limits {
+                    max_parallel: Some(100),
+                    ..Default::default()
+                },
+                budget: None,
+            },
+        )
+        .unwrap();
+    let ask = Ask {
+        tokens: 10,
+        cost: Picodollars(1_000),
+    };
+    let t = 6_000_005; // five seconds into a minute
+    let mut requests = Vec::new();
+    // Two requests reserved 100 s ago, whose 60 s leases have ended; then eighteen now (the
+    // first of which releases the two expired leases).
+    for now in [t - 100, t - 100].into_iter().chain([t; 18]) {
+        let asks = vec![(key.clone(), ask), (deployment.clone(), ask)];
+        let lease = shared.new_lease();
+        shared
+            .reserve(&asks, &lease, now)
+            .await
+            .unwrap()
+            .expect("room");
+        let mut r = Reservation::default();
+        r.add_shared(shared.clone(), lease, asks, now);
+        requests.push(r);
+    }
+    let commands = |name: &str| -> u64 {
+        let stats = redis_cli(&redis, &["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    assert_eq!(commands("zmscore"), 0);
+    // All twenty settle before this task yields: one batch.
+    let recorded: Vec<_> = requests
+        .iter_mut()
+        .map(|r| {
+            r.settle(7, Picodollars(700), t)
+                .expect("a budget to wait for")
+        })
+        .collect();
+    for r in recorded {
+        r.await;
+    }
+    assert_eq!(commands("zmscore"), 2, "one lease check per subject");
+    let hash = |id: &str, field: &str| {
+        redis_cli(&redis, &["HGET", &format!("tollgate:limits:{id}"), field])
+            .trim()
+            .to_string()
+    };
+    // The old minute's counts were reset by the first reserve this minute: eighteen asks of
+    // 10, corrected to 7 each; the two from the old minute add their 7 to this one.
+    assert_eq!(hash("key:ns/k", "tokens"), (18 * 7 + 2 * 7).to_string());
+    assert_eq!(
+        hash("deployment:ns/d", "tokens"),
+        (18 * 7 + 2 * 7).to_string()
+    );
+    for id in ["key:ns/k", "deployment:ns/d"] {
+        assert_eq!(hash(id, "inflight"), "0", "{id}");
+        assert_eq!(
+            redis_cli(&redis, &["ZCARD", &format!("tollgate:limits:{id}:leases")]).trim(),
+            "0",
+            "{id}"
+        );
+    }
+    assert_eq!(hash("key:ns/k", "reserved"), "0");
+    assert_eq!(hash("key:ns/k", "spend"), (20 * 700).to_string());
+}
+
+/// A batch whose spend passes 2^53 pico-dollars (where Lua's doubles stop counting exactly)
+/// adds each request's spend with its own exact increment instead.
+#[tokio::test]
+async fn a_batch_of_huge_costs_is_summed_exactly() {
+    use std::sync::Arc;
+    use tollgate_crds::common::Limits;
+    use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
+    use tollgate_dataplane::limits::{Ask, Registry, Reservation, Rules, Scope};
+    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
+
+    let redis = Redis::start();
+    let shared = Arc::new(
+        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(60))
+            .await
+            .unwrap(),
+    );
+    let key = Registry::default()
+        .limited(
+            Scope::Key,
+            "ns/k",
+            Rules {
+                limits: Limits::default(),
+                budget: Some(BudgetConfig {
+                    max: Picodollars(u64::MAX / 2),
+                    period: BudgetPeriod::Lifetime,
+                }),
+            },
+        )
+        .unwrap();
+    let ask = Ask {
+        tokens: 1,
+        cost: Picodollars(3),
+    };
+    let now = 6_000_005;
+    let mut requests = Vec::new();
+    for _ in 0..2 {
+        let asks = vec![(key.clone(), ask)];
+        let lease = shared.new_lease();
+        shared.reserve(&asks, &lease, now).await.unwrap().unwrap();
+        let mut r = Reservation::default();
+        r.add_shared(shared.clone(), lease, asks, now);
+        requests.push(r);
+    }
+    let huge = (1u64 << 53) + 1;
+    let recorded: Vec<_> = requests
+        .iter_mut()
+        .map(|r| r.settle(1, Picodollars(huge), now).unwrap())
+        .collect();
+    for r in recorded {
+        r.await;
+    }
+    let field = |f: &str| {
+        redis_cli(&redis, &["HGET", "tollgate:limits:key:ns/k", f])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(field("spend"), (2 * huge).to_string());
+    assert_eq!(field("reserved"), "0");
+}
