@@ -3,11 +3,12 @@
 //! The same rules as [`crate::limits`], kept in one Redis hash per key or deployment
 //! (`tollgate:limits:{key|deployment}:{id}`) and checked and reserved by one Lua script for all
 //! the subjects of a request at once, so replicas see one truth and a request is admitted by all
-//! its limits or by none. Settlement is a second script, sent in the background once the usage is
-//! known, in batches of what is queued ([`settle_batches`]); a served response with a budget
-//! ends only when its batch is answered ([`Recorded`]), so a client's next request sees its
-//! spend. Increments use `HINCRBY` (exact 64-bit integers on the server); only the
-//! comparisons go through Lua's doubles.
+//! its limits or by none. Settlement is a second script, sent in the background once the usage
+//! is known; a served response with a budget ends only when its settlement is answered
+//! ([`Recorded`]), so a client's next request sees its spend. Both go in batches of what is
+//! queued ([`reserve_batches`], [`settle_batches`]): Redis's cost is per command, and a batch
+//! reads and writes each subject's hash once. Increments use `HINCRBY` (exact 64-bit integers
+//! on the server); only comparisons, and sums while they are exact, go through Lua's doubles.
 //!
 //! When a hash does not exist yet (a new key, or a Redis that lost its data), its budget spend is
 //! seeded from what this replica knows from its usage log, so a Redis restart doesn't hand a key
@@ -30,22 +31,30 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 // (the budget) and `reserved` (cost held by requests in flight). Its leases, in the sorted set
 // `<hash>:leases`, are members `<lease id>|<reserved cost>` scored by their deadline. Counters
 // that stay small are computed here and written back with one HSET; the pico-dollar sums
-// (`spend`, `reserved`), which can pass 2^53, are never computed in Lua: they change by HINCRBY,
-// and a reserve writes `spend` back only as the string it read, `0` or the seed. Costs sent to
-// the scripts are capped at [`MAX_COST`], so no HINCRBY can overflow.
+// (`spend`, `reserved`), which can pass 2^53, change only by HINCRBY, of a batch's sum while Lua
+// sums it exactly (below 2^53) and of each exact string past that; a reserve writes `spend`
+// back only as the string it read, `0` or the seed. Costs sent to the scripts are capped at
+// [`MAX_COST`], so no HINCRBY can overflow.
+//
+// Reserves for a batch of requests at once: `ARGV` is `now n`, then per request `lease deadline
+// subjects`, then per subject `key-index rpm tpm max-parallel budget-max period ask-tokens
+// ask-cost seed-spend` (`-1` for no limit), with `KEYS` each subject's hash once. Requests are
+// admitted in order, each by all its limits or by none, against counters read once per hash
+// and written back once, with one `ZADD` of all the hash's new leases. Returns four numbers
+// per request: `0 0 requests tokens` (its last subject's counts, for the key's headers) when
+// admitted, `subject reason 0 0` when refused (reason 1 rpm, 2 tpm, 3 in flight, 4 budget).
 const RESERVE: &str = r#"
 local now = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-local lease, deadline = ARGV[3], ARGV[4]
+local nreq = tonumber(ARGV[2])
 local minute = math.floor(now / 60)
-local S = 8
-local O = 4
+local EXACT = 9007199254740992
 local FIELDS = {'minute', 'requests', 'tokens', 'inflight', 'period', 'spend', 'reserved'}
 local st = {}
-for i = 1, n do
-  local b = O + (i - 1) * S
-  local k = KEYS[i]
-  local rpm, tpm, par, bmax, period = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
+-- A subject's counters, read when a request of the batch first names it.
+local function state(ki, period, seed)
+  local s = st[ki]
+  if s then return s end
+  local k = KEYS[ki]
   -- Release the reservations of requests whose replica died before settling them.
   local lk = k .. ':leases'
   local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
@@ -66,44 +75,83 @@ for i = 1, n do
   end
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
   local h = redis.call('HMGET', k, unpack(FIELDS))
-  local s = {requests = tonumber(h[2]) or 0, tokens = tonumber(h[3]) or 0,
+  s = {k = k, requests = tonumber(h[2]) or 0, tokens = tonumber(h[3]) or 0,
     inflight = tonumber(h[4]) or 0, period = h[5], spend = h[6] or '0',
-    reserved = tonumber(h[7]) or 0}
+    reserved = tonumber(h[7]) or 0, budget = false, add = 0, adds = {}, leases = {}}
   if not h[1] then
     -- A new hash, or a Redis that lost its data: the spend this replica knows.
-    s.period, s.spend = period, ARGV[b+8]
-  else
-    if tonumber(h[1]) ~= minute then s.requests, s.tokens = 0, 0 end
+    s.period, s.spend = period, seed
+  elseif tonumber(h[1]) ~= minute then
+    s.requests, s.tokens = 0, 0
+  end
+  st[ki] = s
+  return s
+end
+local out = {}
+local c = 3
+for r = 1, nreq do
+  local lease, deadline, ns = ARGV[c], ARGV[c+1], tonumber(ARGV[c+2])
+  local first = c + 3
+  c = first + ns * 9
+  local which, why = 0, 0
+  for i = 1, ns do
+    local b = first + (i - 1) * 9
+    local rpm, tpm, par, bmax, period = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
+    local s = state(tonumber(ARGV[b]), period, ARGV[b+8])
     -- Periods only move forward: a replica whose clock is a little behind at the boundary
     -- counts in the period already begun rather than resetting it.
-    if bmax ~= '-1' and (tonumber(h[5]) or -1) < tonumber(period) then
+    if bmax ~= '-1' and (tonumber(s.period) or -1) < tonumber(period) then
       s.period, s.spend = period, '0'
     end
+    if rpm ~= '-1' and s.requests >= tonumber(rpm) then why = 1
+    elseif tpm ~= '-1' and s.tokens >= tonumber(tpm) then why = 2
+    elseif par ~= '-1' and s.inflight >= tonumber(par) then why = 3
+    elseif bmax ~= '-1' and tonumber(s.spend) + s.reserved >= tonumber(bmax) then why = 4
+    end
+    if why > 0 then which = i; break end
   end
-  if rpm ~= '-1' and s.requests >= tonumber(rpm) then return {i, 1} end
-  if tpm ~= '-1' and s.tokens >= tonumber(tpm) then return {i, 2} end
-  if par ~= '-1' and s.inflight >= tonumber(par) then return {i, 3} end
-  if bmax ~= '-1' and tonumber(s.spend) + s.reserved >= tonumber(bmax) then return {i, 4} end
-  st[i] = s
-end
-local out = {0, 0}
-for i = 1, n do
-  local b = O + (i - 1) * S
-  local k, s = KEYS[i], st[i]
-  local requests, tokens = s.requests + 1, s.tokens + tonumber(ARGV[b+6])
-  table.insert(out, requests)
-  table.insert(out, tokens)
-  local cost = '0'
-  if ARGV[b+4] ~= '-1' then
-    cost = ARGV[b+7]
-    redis.call('HSET', k, 'minute', minute, 'requests', requests, 'tokens', tokens,
-      'inflight', s.inflight + 1, 'period', s.period, 'spend', s.spend)
-    redis.call('HINCRBY', k, 'reserved', cost)
+  if which > 0 then
+    table.insert(out, which); table.insert(out, why); table.insert(out, 0); table.insert(out, 0)
   else
-    redis.call('HSET', k, 'minute', minute, 'requests', requests, 'tokens', tokens,
-      'inflight', s.inflight + 1)
+    local requests, tokens = 0, 0
+    for i = 1, ns do
+      local b = first + (i - 1) * 9
+      local s = st[tonumber(ARGV[b])]
+      s.requests = s.requests + 1
+      s.tokens = s.tokens + tonumber(ARGV[b+6])
+      s.inflight = s.inflight + 1
+      local cost = '0'
+      if ARGV[b+4] ~= '-1' then
+        cost = ARGV[b+7]
+        s.budget = true
+        s.reserved = s.reserved + tonumber(cost)
+        s.add = s.add + tonumber(cost)
+        table.insert(s.adds, cost)
+      end
+      table.insert(s.leases, deadline)
+      table.insert(s.leases, lease .. '|' .. cost)
+      requests, tokens = s.requests, s.tokens
+    end
+    table.insert(out, 0); table.insert(out, 0); table.insert(out, requests); table.insert(out, tokens)
   end
-  redis.call('ZADD', k .. ':leases', deadline, lease .. '|' .. cost)
+end
+for _, s in pairs(st) do
+  if #s.leases > 0 then
+    if s.budget then
+      redis.call('HSET', s.k, 'minute', minute, 'requests', s.requests, 'tokens', s.tokens,
+        'inflight', s.inflight, 'period', s.period, 'spend', s.spend)
+      if s.add > EXACT then
+        -- Past 2^53 Lua's sum is not exact: one increment each, from the exact strings.
+        for _, cost in ipairs(s.adds) do redis.call('HINCRBY', s.k, 'reserved', cost) end
+      elseif s.add > 0 then
+        redis.call('HINCRBY', s.k, 'reserved', string.format('%.0f', s.add))
+      end
+    else
+      redis.call('HSET', s.k, 'minute', minute, 'requests', s.requests, 'tokens', s.tokens,
+        'inflight', s.inflight)
+    end
+    redis.call('ZADD', s.k .. ':leases', unpack(s.leases))
+  end
 end
 return out
 "#;
@@ -206,15 +254,23 @@ pub enum FailureMode {
 /// The Redis-backed counters.
 pub struct SharedLimits {
     conn: ConnectionManager,
-    reserve: redis::Script,
     /// What to do when Redis fails.
     pub failure: FailureMode,
-    health: Arc<Health>,
-    lease: Duration,
     /// Settlements sent to Redis and not answered yet (see [`SharedLimits::settled`]).
     pending: Arc<Pending>,
     /// To the task that sends settlements in batches ([`settle_batches`]).
     settlements: tokio::sync::mpsc::UnboundedSender<Settlement>,
+    /// To the task that sends reserves in batches ([`reserve_batches`]).
+    reserves: tokio::sync::mpsc::UnboundedSender<Reserve>,
+}
+
+/// One request's reserve, queued for the next batch.
+struct Reserve {
+    asks: Vec<(Arc<Limited>, Ask)>,
+    lease: Arc<str>,
+    now: u64,
+    /// The script's four numbers for this request (see `RESERVE`).
+    answer: tokio::sync::oneshot::Sender<Result<[i64; 4], RedisError>>,
 }
 
 /// Whether Redis answers, as last seen.
@@ -322,7 +378,7 @@ impl std::fmt::Debug for SharedLimits {
 }
 
 /// A Redis failure (connection, timeout, script error).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("redis: {0}")]
 pub struct RedisError(String);
 
@@ -364,21 +420,27 @@ impl SharedLimits {
             failure,
             up: std::sync::atomic::AtomicBool::new(true),
         });
+        let pending = Arc::<Pending>::default();
         let (settlements, queue) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(settle_batches(conn.clone(), health.clone(), queue));
+        let (reserves, queue) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(reserve_batches(
+            conn.clone(),
+            health.clone(),
+            queue,
+            lease.as_secs().max(1),
+            Releaser {
+                settlements: settlements.clone(),
+                pending: pending.clone(),
+            },
+        ));
         Ok(Self {
             conn,
-            reserve: redis::Script::new(RESERVE),
             failure,
-            health,
-            lease,
-            pending: Arc::default(),
+            pending,
             settlements,
+            reserves,
         })
-    }
-
-    fn observe<T>(&self, op: &'static str, r: &Result<T, RedisError>) {
-        self.health.observe(op, r);
     }
 
     /// A new lease id: unique across replicas and restarts (process start time, pid, sequence).
@@ -403,55 +465,33 @@ impl SharedLimits {
         self.conn.clone()
     }
 
-    /// Checks and reserves `asks` on all their subjects at once. `Ok(Err(..))` is a refusal.
+    /// Checks and reserves `asks` on all their subjects at once (in the next batch: see
+    /// [`reserve_batches`]). `Ok(Err(..))` is a refusal.
     ///
     /// A reserve that ends without an answer (Redis timed out or failed, or the request was
-    /// cancelled while it waited) is given back in the background: see [`Unanswered`].
+    /// cancelled while it waited) is given back in the background: see [`reserve_batches`].
     pub async fn reserve(
-        self: &Arc<Self>,
+        &self,
         asks: &[(Arc<Limited>, Ask)],
         lease: &Arc<str>,
         now: u64,
     ) -> Result<Result<Room, Refused>, RedisError> {
-        let mut unanswered = Unanswered {
-            shared: self,
-            asks,
-            lease,
-            now,
-            armed: true,
-        };
-        let mut inv = self.reserve.prepare_invoke();
-        inv.arg(now)
-            .arg(asks.len())
-            .arg(&**lease)
-            .arg(now + self.lease.as_secs().max(1));
-        for (l, ask) in asks {
-            let r = l.rules();
-            inv.key(hash_key(l));
-            inv.arg(opt(r.limits.rpm))
-                .arg(opt(r.limits.tpm))
-                .arg(opt(r.limits.max_parallel))
-                .arg(opt(r.budget.as_ref().map(|b| b.max.0)))
-                .arg(r.budget.as_ref().map_or(0, |b| period_index(b.period, now)))
-                .arg(ask.tokens)
-                .arg(capped(ask.cost))
-                .arg(l.period_spend(now).0);
-        }
-        let mut conn = self.conn.clone();
-        let result = inv
-            .invoke_async::<Vec<i64>>(&mut conn)
-            .await
-            .map_err(|e| RedisError(e.to_string()));
-        self.observe("reserve", &result);
-        let out = result?;
-        // Answered: reserved, or refused with nothing written.
-        unanswered.armed = false;
-        let (which, why) = (
-            out.first().copied().unwrap_or(0),
-            out.get(1).copied().unwrap_or(0),
-        );
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let gone = || RedisError("the Redis task has stopped".to_string());
+        self.reserves
+            .send(Reserve {
+                asks: asks.to_vec(),
+                lease: lease.clone(),
+                now,
+                answer,
+            })
+            .map_err(|_| gone())?;
+        let out = answered.await.map_err(|_| gone())??;
+        let [which, why, requests, tokens] = out;
         if which > 0 {
-            let (l, _) = &asks[(which - 1) as usize];
+            let Some((l, _)) = usize::try_from(which - 1).ok().and_then(|i| asks.get(i)) else {
+                return Err(RedisError(format!("reserve: no subject {which}")));
+            };
             let r = l.rules();
             let to_minute = 60 - now % 60;
             let (refusal, retry_after) = match why {
@@ -494,11 +534,9 @@ impl SharedLimits {
             }));
         }
         // The key is the last subject; its room goes in the response headers.
-        let room = asks.last().map(|(l, _)| {
-            let n = asks.len();
-            let (requests, tokens) = (out[2 + (n - 1) * 2] as u64, out[3 + (n - 1) * 2] as u64);
-            Room::new(l.rules(), requests, tokens, 60 - now % 60)
-        });
+        let room = asks
+            .last()
+            .map(|(l, _)| Room::new(l.rules(), requests as u64, tokens as u64, 60 - now % 60));
         Ok(Ok(room.unwrap_or_default()))
     }
 
@@ -555,6 +593,135 @@ impl SharedLimits {
             _pending: Settling::new(&self.pending),
         });
         recorded
+    }
+}
+
+/// Gives back reserves that may have run in Redis but reached no request: it sends a release
+/// of their lease (a settlement with no usage) to the settlement queue. That queue's calls go
+/// on the same multiplexed connection after the reserve's, so Redis runs the release second;
+/// when the reserve never ran, the release finds no live lease and changes nothing. It gives
+/// back the slot and the reserved cost, not the estimated tokens: the request may have been
+/// served on this replica's own counters meanwhile, and the estimate stays counted in its
+/// minute, as a refusal would leave it.
+struct Releaser {
+    settlements: tokio::sync::mpsc::UnboundedSender<Settlement>,
+    pending: Arc<Pending>,
+}
+
+impl Releaser {
+    fn release(&self, asks: &[(Arc<Limited>, Ask)], lease: &Arc<str>, now: u64) {
+        let held = asks
+            .iter()
+            .map(|(limited, ask)| Held {
+                limited: limited.clone(),
+                ask: Ask {
+                    tokens: 0,
+                    cost: ask.cost,
+                },
+                lease: lease.clone(),
+                minute: now / 60,
+            })
+            .collect();
+        let _ = self.settlements.send(Settlement {
+            held,
+            tokens: 0,
+            cost: Picodollars(0),
+            now,
+            done: None,
+            _pending: Settling::new(&self.pending),
+        });
+    }
+}
+
+/// Sends queued reserves to Redis, as many at a time as are waiting (up to [`MAX_BATCH`]), one
+/// script call at a time, like [`settle_batches`]: the script admits them in order against
+/// counters it reads and writes once per subject. A reserve whose request stopped waiting
+/// before its batch went out is not sent; one whose answer reaches nobody (the request left,
+/// or the call failed or timed out, after which Redis may still run it) is released.
+async fn reserve_batches(
+    mut conn: ConnectionManager,
+    health: Arc<Health>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Reserve>,
+    lease_secs: u64,
+    releaser: Releaser,
+) {
+    let script = redis::Script::new(RESERVE);
+    let mut batch: Vec<Reserve> = Vec::with_capacity(MAX_BATCH);
+    let mut keys = std::collections::HashMap::new();
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        batch.retain(|r| !r.answer.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        // The minute the script counts in; a batch that straddles a minute counts its
+        // requests in the later one (their settlement then adds their real tokens there too:
+        // an over-count of at most the estimate, for that minute).
+        let now = batch.iter().map(|r| r.now).max().unwrap_or(0);
+        let mut inv = script.prepare_invoke();
+        inv.arg(now).arg(batch.len());
+        keys.clear();
+        for r in &batch {
+            inv.arg(&*r.lease).arg(r.now + lease_secs).arg(r.asks.len());
+            for (l, ask) in &r.asks {
+                let key = hash_key(l);
+                let index = match keys.get(&key) {
+                    Some(&i) => i,
+                    None => {
+                        let i = keys.len() + 1;
+                        inv.key(&key);
+                        keys.insert(key, i);
+                        i
+                    }
+                };
+                let rules = l.rules();
+                let budget = rules.budget.as_ref();
+                inv.arg(index)
+                    .arg(opt(rules.limits.rpm))
+                    .arg(opt(rules.limits.tpm))
+                    .arg(opt(rules.limits.max_parallel))
+                    .arg(opt(budget.map(|b| b.max.0)))
+                    .arg(budget.map_or(0, |b| period_index(b.period, r.now)))
+                    .arg(ask.tokens)
+                    .arg(capped(ask.cost))
+                    .arg(l.period_spend(r.now).0);
+            }
+        }
+        let result = inv
+            .invoke_async::<Vec<i64>>(&mut conn)
+            .await
+            .map_err(|e| RedisError(e.to_string()))
+            .and_then(|out| {
+                if out.len() == 4 * batch.len() {
+                    Ok(out)
+                } else {
+                    Err(RedisError(format!(
+                        "reserve: {} numbers for {} requests",
+                        out.len(),
+                        batch.len()
+                    )))
+                }
+            });
+        health.observe("reserve", &result);
+        match result {
+            Ok(out) => {
+                for (r, four) in batch.drain(..).zip(out.chunks_exact(4)) {
+                    let four = [four[0], four[1], four[2], four[3]];
+                    let admitted = four[0] == 0;
+                    if let Err(Ok(_)) = r.answer.send(Ok(four))
+                        && admitted
+                    {
+                        // Nobody waits for it any more: give back what it took.
+                        releaser.release(&r.asks, &r.lease, r.now);
+                    }
+                }
+            }
+            Err(e) => {
+                for r in batch.drain(..) {
+                    releaser.release(&r.asks, &r.lease, r.now);
+                    let _ = r.answer.send(Err(e.clone()));
+                }
+            }
+        }
     }
 }
 
@@ -625,44 +792,6 @@ async fn settle_batches(
                 let _ = done.send(());
             }
         }
-    }
-}
-
-/// A reserve sent to Redis and not answered, until dropped: then it is released in the
-/// background. Its command may have gone out, so Redis may run it after the gateway stopped
-/// waiting (a timeout is the client's, not the server's), and its slot in flight and reserved
-/// cost would stay held until the lease ends. The release follows it on the same multiplexed
-/// connection, so Redis runs it second; when the reserve never ran, the release finds no live
-/// lease and changes nothing. It gives back the slot and the reserved cost, not the estimated
-/// tokens: the request may have been served on this replica's own counters meanwhile, and the
-/// estimate stays counted in its minute, as a refusal would leave it.
-struct Unanswered<'a> {
-    shared: &'a Arc<SharedLimits>,
-    asks: &'a [(Arc<Limited>, Ask)],
-    lease: &'a Arc<str>,
-    now: u64,
-    armed: bool,
-}
-
-impl Drop for Unanswered<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let held = self
-            .asks
-            .iter()
-            .map(|(limited, ask)| Held {
-                limited: limited.clone(),
-                ask: Ask {
-                    tokens: 0,
-                    cost: ask.cost,
-                },
-                lease: self.lease.clone(),
-                minute: self.now / 60,
-            })
-            .collect();
-        drop(self.shared.settle(held, 0, Picodollars(0), self.now));
     }
 }
 

@@ -934,3 +934,165 @@ async fn a_batch_of_huge_costs_is_summed_exactly() {
     assert_eq!(field("spend"), (2 * huge).to_string());
     assert_eq!(field("reserved"), "0");
 }
+
+/// Reserves queued together go to Redis as one script call that admits them in order against
+/// counters read and written once per subject: of eight requests for five slots, the first five
+/// are admitted and the rest refused, with one lease write per subject.
+#[tokio::test]
+async fn reserves_sent_in_one_batch_are_admitted_in_order() {
+    use std::sync::Arc;
+    use tollgate_crds::common::Limits;
+    use tollgate_crds::config::Picodollars;
+    use tollgate_dataplane::limits::{Ask, Refusal, Registry, Rules, Scope};
+    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
+
+    let redis = Redis::start();
+    let shared = Arc::new(
+        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(60))
+            .await
+            .unwrap(),
+    );
+    let registry = Registry::default();
+    let parallel = |n| Rules {
+        limits: Limits {
+            max_parallel: Some(n),
+            ..Default::default()
+        },
+        budget: None,
+    };
+    let deployment = registry
+        .limited(Scope::Deployment, "ns/d", parallel(100))
+        .unwrap();
+    let key = registry.limited(Scope::Key, "ns/k", parallel(5)).unwrap();
+    let asks = vec![
+        (
+            deployment,
+            Ask {
+                tokens: 1,
+                cost: Picodollars(0),
+            },
+        ),
+        (
+            key,
+            Ask {
+                tokens: 1,
+                cost: Picodollars(0),
+            },
+        ),
+    ];
+    let leases: Vec<_> = (0..8).map(|_| shared.new_lease()).collect();
+    // Polled together before this task yields: all eight queue before the batch goes out.
+    let answers =
+        futures_util::future::join_all(leases.iter().map(|l| shared.reserve(&asks, l, 6_000_005)))
+            .await;
+    let outcomes: Vec<_> = answers
+        .into_iter()
+        .map(|a| a.unwrap().map(|_| ()).map_err(|r| r.refusal))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            vec![Ok(()); 5],
+            vec![Err(Refusal::Parallel { limit: 5 }); 3]
+        ]
+        .concat()
+    );
+    let calls = |name: &str| -> String {
+        redis_cli(&redis, &["INFO", "commandstats"])
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .unwrap_or("0")
+            .to_string()
+    };
+    assert_eq!(calls("zadd"), "2", "one lease write per subject");
+    assert_eq!(calls("hmget"), "2", "one read per subject");
+    let inflight = |id: &str| {
+        redis_cli(
+            &redis,
+            &["HGET", &format!("tollgate:limits:{id}"), "inflight"],
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(inflight("key:ns/k"), "5");
+    assert_eq!(inflight("deployment:ns/d"), "5");
+}
+
+/// A request that leaves while its reserve is out (here: Redis paused for 150 ms, the request
+/// gone after 50): Redis still admits it, and the answer that reaches nobody is given back.
+#[tokio::test]
+async fn a_reserve_whose_request_left_is_given_back() {
+    use std::sync::Arc;
+    use tollgate_crds::common::Limits;
+    use tollgate_crds::config::Picodollars;
+    use tollgate_dataplane::limits::{Ask, Registry, Rules, Scope};
+    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
+
+    let redis = Redis::start();
+    let shared = Arc::new(
+        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(60))
+            .await
+            .unwrap(),
+    );
+    let key = Registry::default()
+        .limited(
+            Scope::Key,
+            "ns/k",
+            Rules {
+                limits: Limits {
+                    max_parallel: Some(1),
+                    ..Default::default()
+                },
+                budget: None,
+            },
+        )
+        .unwrap();
+    let asks = vec![(
+        key,
+        Ask {
+            tokens: 1,
+            cost: Picodollars(0),
+        },
+    )];
+    assert_eq!(
+        redis_cli(&redis, &["CLIENT", "PAUSE", "150", "ALL"]).trim(),
+        "OK"
+    );
+    let lease = shared.new_lease();
+    let left = tokio::time::timeout(
+        Duration::from_millis(50),
+        shared.reserve(&asks, &lease, 6_000_005),
+    )
+    .await;
+    assert!(left.is_err(), "the request left before Redis answered");
+    let key = "tollgate:limits:key:ns/k";
+    let held = || {
+        (
+            redis_cli(&redis, &["HGET", key, "inflight"])
+                .trim()
+                .to_string(),
+            redis_cli(&redis, &["ZCARD", &format!("{key}:leases")])
+                .trim()
+                .to_string(),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while held() != ("0".to_string(), "0".to_string()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        held(),
+        ("0".to_string(), "0".to_string()),
+        "(inflight, leases)"
+    );
+    // The slot is free for the next request.
+    let lease = shared.new_lease();
+    assert!(
+        shared
+            .reserve(&asks, &lease, 6_000_006)
+            .await
+            .unwrap()
+            .is_ok()
+    );
+}
