@@ -36,25 +36,27 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 // back only as the string it read, `0` or the seed. Costs sent to the scripts are capped at
 // [`MAX_COST`], so no HINCRBY can overflow.
 //
-// Reserves for a batch of requests at once: `ARGV` is `now n`, then per request `lease deadline
-// subjects`, then per subject `key-index rpm tpm max-parallel budget-max period ask-tokens
-// ask-cost seed-spend` (`-1` for no limit), with `KEYS` each subject's hash once. Requests are
-// admitted in order, each by all its limits or by none, against counters read once per hash
-// and written back once, with one `ZADD` of all the hash's new leases. Returns four numbers
-// per request: `0 0 requests tokens` (its last subject's counts, for the key's headers) when
-// admitted, `subject reason 0 0` when refused (reason 1 rpm, 2 tpm, 3 in flight, 4 budget).
+// Reserves for a batch of requests at once: `ARGV` is `now keys requests`, then per subject
+// (each of `KEYS`, once) `rpm tpm max-parallel budget-max period seed-spend` (`-1` for no
+// limit), then per request `lease deadline subjects` and per subject of it `key-index
+// ask-tokens ask-cost`. Requests are admitted in order, each by all its limits or by none,
+// against counters read once per hash and written back once, with one `ZADD` of all the hash's
+// new leases. Returns four numbers per request: `0 0 requests tokens` (its last subject's
+// counts, for the key's headers) when admitted, `subject reason 0 0` when refused (reason 1
+// rpm, 2 tpm, 3 in flight, 4 budget). Lua's work per argument is what costs once the commands
+// are few, so what is the same for every request of a subject is sent once.
 const RESERVE: &str = r#"
 local now = tonumber(ARGV[1])
-local nreq = tonumber(ARGV[2])
+local nkeys = tonumber(ARGV[2])
+local nreq = tonumber(ARGV[3])
 local minute = math.floor(now / 60)
 local EXACT = 9007199254740992
 local FIELDS = {'minute', 'requests', 'tokens', 'inflight', 'period', 'spend', 'reserved'}
 local st = {}
--- A subject's counters, read when a request of the batch first names it.
-local function state(ki, period, seed)
-  local s = st[ki]
-  if s then return s end
+for ki = 1, nkeys do
+  local b = 3 + (ki - 1) * 6
   local k = KEYS[ki]
+  local lim = function(v) if v == '-1' then return nil end return tonumber(v) end
   -- Release the reservations of requests whose replica died before settling them.
   local lk = k .. ':leases'
   local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
@@ -75,69 +77,68 @@ local function state(ki, period, seed)
   end
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
   local h = redis.call('HMGET', k, unpack(FIELDS))
-  s = {k = k, requests = tonumber(h[2]) or 0, tokens = tonumber(h[3]) or 0,
+  local s = {k = k, rpm = lim(ARGV[b+1]), tpm = lim(ARGV[b+2]), par = lim(ARGV[b+3]),
+    bmax = lim(ARGV[b+4]), requests = tonumber(h[2]) or 0, tokens = tonumber(h[3]) or 0,
     inflight = tonumber(h[4]) or 0, period = h[5], spend = h[6] or '0',
-    reserved = tonumber(h[7]) or 0, budget = false, add = 0, adds = {}, leases = {}}
+    reserved = tonumber(h[7]) or 0, add = 0, adds = {}, leases = {}}
+  local period = ARGV[b+5]
   if not h[1] then
     -- A new hash, or a Redis that lost its data: the spend this replica knows.
-    s.period, s.spend = period, seed
-  elseif tonumber(h[1]) ~= minute then
-    s.requests, s.tokens = 0, 0
+    s.period, s.spend = period, ARGV[b+6]
+  else
+    if tonumber(h[1]) ~= minute then s.requests, s.tokens = 0, 0 end
+    -- Periods only move forward: a replica whose clock is a little behind at the boundary
+    -- counts in the period already begun rather than resetting it.
+    if s.bmax and (tonumber(h[5]) or -1) < tonumber(period) then
+      s.period, s.spend = period, '0'
+    end
   end
   st[ki] = s
-  return s
 end
 local out = {}
-local c = 3
+local c = 4 + nkeys * 6
 for r = 1, nreq do
   local lease, deadline, ns = ARGV[c], ARGV[c+1], tonumber(ARGV[c+2])
   local first = c + 3
-  c = first + ns * 9
+  c = first + ns * 3
   local which, why = 0, 0
   for i = 1, ns do
-    local b = first + (i - 1) * 9
-    local rpm, tpm, par, bmax, period = ARGV[b+1], ARGV[b+2], ARGV[b+3], ARGV[b+4], ARGV[b+5]
-    local s = state(tonumber(ARGV[b]), period, ARGV[b+8])
-    -- Periods only move forward: a replica whose clock is a little behind at the boundary
-    -- counts in the period already begun rather than resetting it.
-    if bmax ~= '-1' and (tonumber(s.period) or -1) < tonumber(period) then
-      s.period, s.spend = period, '0'
-    end
-    if rpm ~= '-1' and s.requests >= tonumber(rpm) then why = 1
-    elseif tpm ~= '-1' and s.tokens >= tonumber(tpm) then why = 2
-    elseif par ~= '-1' and s.inflight >= tonumber(par) then why = 3
-    elseif bmax ~= '-1' and tonumber(s.spend) + s.reserved >= tonumber(bmax) then why = 4
+    local s = st[tonumber(ARGV[first + (i - 1) * 3])]
+    if s.rpm and s.requests >= s.rpm then why = 1
+    elseif s.tpm and s.tokens >= s.tpm then why = 2
+    elseif s.par and s.inflight >= s.par then why = 3
+    elseif s.bmax and tonumber(s.spend) + s.reserved >= s.bmax then why = 4
     end
     if why > 0 then which = i; break end
   end
   if which > 0 then
     table.insert(out, which); table.insert(out, why); table.insert(out, 0); table.insert(out, 0)
   else
-    local requests, tokens = 0, 0
+    local s
     for i = 1, ns do
-      local b = first + (i - 1) * 9
-      local s = st[tonumber(ARGV[b])]
+      local b = first + (i - 1) * 3
+      s = st[tonumber(ARGV[b])]
       s.requests = s.requests + 1
-      s.tokens = s.tokens + tonumber(ARGV[b+6])
+      s.tokens = s.tokens + tonumber(ARGV[b+1])
       s.inflight = s.inflight + 1
       local cost = '0'
-      if ARGV[b+4] ~= '-1' then
-        cost = ARGV[b+7]
-        s.budget = true
-        s.reserved = s.reserved + tonumber(cost)
-        s.add = s.add + tonumber(cost)
+      if s.bmax then
+        cost = ARGV[b+2]
+        local v = tonumber(cost)
+        s.reserved = s.reserved + v
+        s.add = s.add + v
         table.insert(s.adds, cost)
       end
       table.insert(s.leases, deadline)
       table.insert(s.leases, lease .. '|' .. cost)
-      requests, tokens = s.requests, s.tokens
     end
-    table.insert(out, 0); table.insert(out, 0); table.insert(out, requests); table.insert(out, tokens)
+    table.insert(out, 0); table.insert(out, 0)
+    table.insert(out, s.requests); table.insert(out, s.tokens)
   end
 end
-for _, s in pairs(st) do
+for _, s in ipairs(st) do
   if #s.leases > 0 then
-    if s.budget then
+    if s.bmax then
       redis.call('HSET', s.k, 'minute', minute, 'requests', s.requests, 'tokens', s.tokens,
         'inflight', s.inflight, 'period', s.period, 'spend', s.spend)
       if s.add > EXACT then
@@ -156,33 +157,39 @@ end
 return out
 "#;
 
-// Settles a batch of requests at once: `ARGV` is `now n`, then per entry (one subject of one
-// request) `key-index ask-tokens tokens ask-cost cost budget lease period reserved-minute`,
-// with `KEYS` each subject's hash once. Each hash is read and written once for all its entries,
-// and its leases are checked and removed with one call each: what costs Redis is the number of
-// `redis.call`s (about 2 µs each), not the Lua between them.
+// Settles a batch of requests at once: `ARGV` is `now keys requests`, then per subject (each of
+// `KEYS`, once) its budget `period`, then per request `tokens cost subjects` and per subject of
+// it `key-index ask-tokens ask-cost budget lease reserved-minute`. Each hash is read and
+// written once for all its entries, and its leases are checked and removed with one call each:
+// what costs Redis is the number of `redis.call`s (about 2 µs each) and the arguments Lua reads.
 const SETTLE: &str = r#"
 local now = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
+local nkeys = tonumber(ARGV[2])
+local nreq = tonumber(ARGV[3])
 local minute = math.floor(now / 60)
-local S = 9
 -- Sums of pico-dollars stay exact in Lua's doubles up to 2^53; past that, one HINCRBY each.
 local EXACT = 9007199254740992
 local by = {}
-for i = 1, n do
-  local b = 2 + (i - 1) * S
-  local ki = tonumber(ARGV[b+1])
-  by[ki] = by[ki] or {}
-  table.insert(by[ki], b)
+local c = 4 + nkeys
+for r = 1, nreq do
+  local rb, ns = c, tonumber(ARGV[c+2])
+  c = c + 3
+  for i = 1, ns do
+    local ki = tonumber(ARGV[c])
+    by[ki] = by[ki] or {}
+    table.insert(by[ki], {c, rb})
+    c = c + 6
+  end
 end
 for ki, list in pairs(by) do
   local k = KEYS[ki]
   local lk = k .. ':leases'
   -- A lease already expired was released by a reserve; release only the live ones.
   local members, first = {}, {}
-  for j, b in ipairs(list) do
-    local held = ARGV[b+6] == '1' and ARGV[b+4] or '0'
-    members[j] = ARGV[b+7] .. '|' .. held
+  for j, e in ipairs(list) do
+    local b = e[1]
+    local held = ARGV[b+3] == '1' and ARGV[b+2] or '0'
+    members[j] = ARGV[b+4] .. '|' .. held
   end
   local scores = redis.call('ZMSCORE', lk, unpack(members))
   local live, gone = {}, {}
@@ -196,22 +203,22 @@ for ki, list in pairs(by) do
   if #gone > 0 then redis.call('ZREM', lk, unpack(gone)) end
   local h = redis.call('HMGET', k, 'minute', 'tokens', 'inflight', 'period')
   local m, t, inflight = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
-  local budget, period, give, spend, exact = false, -1, 0, 0, true
-  for j, b in ipairs(list) do
-    if m == tonumber(ARGV[b+9]) then
-      t = t + tonumber(ARGV[b+3]) - tonumber(ARGV[b+2])
+  local budget, give, spend = false, 0, 0
+  for j, e in ipairs(list) do
+    local b, rb = e[1], e[2]
+    if m == tonumber(ARGV[b+5]) then
+      t = t + tonumber(ARGV[rb]) - tonumber(ARGV[b+1])
     elseif m == minute then
-      t = t + tonumber(ARGV[b+3])
+      t = t + tonumber(ARGV[rb])
     end
     if live[j] then inflight = math.max(inflight - 1, 0) end
-    if ARGV[b+6] == '1' then
+    if ARGV[b+3] == '1' then
       budget = true
-      period = math.max(period, tonumber(ARGV[b+8]))
-      if live[j] then give = give + tonumber(ARGV[b+4]) end
-      spend = spend + tonumber(ARGV[b+5])
+      if live[j] then give = give + tonumber(ARGV[b+2]) end
+      spend = spend + tonumber(ARGV[rb+1])
     end
   end
-  if give > EXACT or spend > EXACT then exact = false end
+  local period = tonumber(ARGV[3 + ki])
   if h[1] then
     if budget and (tonumber(h[4]) or -1) < period then
       -- A new budget period began while the requests ran: their spend counts in the new one
@@ -221,20 +228,21 @@ for ki, list in pairs(by) do
       redis.call('HSET', k, 'tokens', t, 'inflight', inflight)
     end
   end
-  if budget and exact then
+  if budget and give <= EXACT and spend <= EXACT then
     if give > 0 and redis.call('HINCRBY', k, 'reserved', string.format('%.0f', -give)) < 0 then
       redis.call('HSET', k, 'reserved', 0)
     end
     if spend > 0 then redis.call('HINCRBY', k, 'spend', string.format('%.0f', spend)) end
   elseif budget then
-    for j, b in ipairs(list) do
-      if ARGV[b+6] == '1' then
+    for j, e in ipairs(list) do
+      local b, rb = e[1], e[2]
+      if ARGV[b+3] == '1' then
         -- ('-0' is not an integer to Redis: a reservation of nothing has nothing to give back.)
-        if live[j] and ARGV[b+4] ~= '0' and
-            redis.call('HINCRBY', k, 'reserved', '-' .. ARGV[b+4]) < 0 then
+        if live[j] and ARGV[b+2] ~= '0' and
+            redis.call('HINCRBY', k, 'reserved', '-' .. ARGV[b+2]) < 0 then
           redis.call('HSET', k, 'reserved', 0)
         end
-        redis.call('HINCRBY', k, 'spend', ARGV[b+5])
+        redis.call('HINCRBY', k, 'spend', ARGV[rb+1])
       end
     end
   end
@@ -648,21 +656,25 @@ async fn reserve_batches(
     let script = redis::Script::new(RESERVE);
     let mut batch: Vec<Reserve> = Vec::with_capacity(MAX_BATCH);
     let mut keys = std::collections::HashMap::new();
+    let mut subjects: Vec<Arc<Limited>> = Vec::new();
+    let mut indices: Vec<usize> = Vec::new();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         batch.retain(|r| !r.answer.is_closed());
         if batch.is_empty() {
             continue;
         }
-        // The minute the script counts in; a batch that straddles a minute counts its
-        // requests in the later one (their settlement then adds their real tokens there too:
-        // an over-count of at most the estimate, for that minute).
+        // The time the script counts in: a batch that straddles a minute counts its requests in
+        // the later one (their settlement then adds their real tokens there too: an over-count
+        // of at most the estimate, for that minute), and one that straddles a budget period
+        // counts them in the new period.
         let now = batch.iter().map(|r| r.now).max().unwrap_or(0);
-        let mut inv = script.prepare_invoke();
-        inv.arg(now).arg(batch.len());
+        // Each subject once, with what is the same for all its requests; then the requests.
         keys.clear();
+        subjects.clear();
+        indices.clear();
+        let mut inv = script.prepare_invoke();
         for r in &batch {
-            inv.arg(&*r.lease).arg(r.now + lease_secs).arg(r.asks.len());
-            for (l, ask) in &r.asks {
+            for (l, _) in &r.asks {
                 let key = hash_key(l);
                 let index = match keys.get(&key) {
                     Some(&i) => i,
@@ -670,20 +682,31 @@ async fn reserve_batches(
                         let i = keys.len() + 1;
                         inv.key(&key);
                         keys.insert(key, i);
+                        subjects.push(l.clone());
                         i
                     }
                 };
-                let rules = l.rules();
-                let budget = rules.budget.as_ref();
-                inv.arg(index)
-                    .arg(opt(rules.limits.rpm))
-                    .arg(opt(rules.limits.tpm))
-                    .arg(opt(rules.limits.max_parallel))
-                    .arg(opt(budget.map(|b| b.max.0)))
-                    .arg(budget.map_or(0, |b| period_index(b.period, r.now)))
+                indices.push(index);
+            }
+        }
+        inv.arg(now).arg(subjects.len()).arg(batch.len());
+        for l in &subjects {
+            let rules = l.rules();
+            let budget = rules.budget.as_ref();
+            inv.arg(opt(rules.limits.rpm))
+                .arg(opt(rules.limits.tpm))
+                .arg(opt(rules.limits.max_parallel))
+                .arg(opt(budget.map(|b| b.max.0)))
+                .arg(budget.map_or(0, |b| period_index(b.period, now)))
+                .arg(l.period_spend(now).0);
+        }
+        let mut index = indices.iter();
+        for r in &batch {
+            inv.arg(&*r.lease).arg(r.now + lease_secs).arg(r.asks.len());
+            for (_, ask) in &r.asks {
+                inv.arg(index.next().copied().unwrap_or(0))
                     .arg(ask.tokens)
-                    .arg(capped(ask.cost))
-                    .arg(l.period_spend(r.now).0);
+                    .arg(capped(ask.cost));
             }
         }
         let result = inv
@@ -738,12 +761,16 @@ async fn settle_batches(
     let script = redis::Script::new(SETTLE);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut keys = std::collections::HashMap::new();
+    let mut periods: Vec<u64> = Vec::new();
+    let mut indices: Vec<usize> = Vec::new();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let now = batch.iter().map(|s| s.now).max().unwrap_or(0);
-        let entries: usize = batch.iter().map(|s| s.held.len()).sum();
-        let mut inv = script.prepare_invoke();
-        inv.arg(now).arg(entries);
+        // Each subject once, with its budget period (a batch that straddles a period counts in
+        // the new one); then the requests.
         keys.clear();
+        periods.clear();
+        indices.clear();
+        let mut inv = script.prepare_invoke();
         for s in &batch {
             for h in &s.held {
                 let key = hash_key(&h.limited);
@@ -753,18 +780,27 @@ async fn settle_batches(
                         let i = keys.len() + 1;
                         inv.key(&key);
                         keys.insert(key, i);
+                        let budget = h.limited.rules().budget.as_ref();
+                        periods.push(budget.map_or(0, |b| period_index(b.period, now)));
                         i
                     }
                 };
-                let budget = h.limited.rules().budget.as_ref();
-                inv.arg(index)
+                indices.push(index);
+            }
+        }
+        inv.arg(now).arg(periods.len()).arg(batch.len());
+        for p in &periods {
+            inv.arg(*p);
+        }
+        let mut index = indices.iter();
+        for s in &batch {
+            inv.arg(s.tokens).arg(capped(s.cost)).arg(s.held.len());
+            for h in &s.held {
+                inv.arg(index.next().copied().unwrap_or(0))
                     .arg(h.ask.tokens)
-                    .arg(s.tokens)
                     .arg(capped(h.ask.cost))
-                    .arg(capped(s.cost))
-                    .arg(u8::from(budget.is_some()))
+                    .arg(u8::from(h.limited.rules().budget.is_some()))
                     .arg(&*h.lease)
-                    .arg(budget.map_or(0, |b| period_index(b.period, s.now)))
                     .arg(h.minute);
             }
         }
