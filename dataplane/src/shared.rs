@@ -32,7 +32,7 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 // `<hash>:leases`, are members `<lease id>|<reserved cost>` scored by their deadline. Counters
 // that stay small are computed here and written back with one HSET; the pico-dollar sums
 // (`spend`, `reserved`), which can pass 2^53, change only by HINCRBY, of a batch's sum while Lua
-// sums it exactly (below 2^53) and of each exact string past that; a reserve writes `spend`
+// sums it exactly (below 2^53) and of each exact string from there; a reserve writes `spend`
 // back only as the string it read, `0` or the seed. Costs sent to the scripts are capped at
 // [`MAX_COST`], so no HINCRBY can overflow.
 //
@@ -141,8 +141,8 @@ for _, s in ipairs(st) do
     if s.bmax then
       redis.call('HSET', s.k, 'minute', minute, 'requests', s.requests, 'tokens', s.tokens,
         'inflight', s.inflight, 'period', s.period, 'spend', s.spend)
-      if s.add > EXACT then
-        -- Past 2^53 Lua's sum is not exact: one increment each, from the exact strings.
+      if s.add >= EXACT then
+        -- From 2^53 Lua's sum is not exact: one increment each, from the exact strings.
         for _, cost in ipairs(s.adds) do redis.call('HINCRBY', s.k, 'reserved', cost) end
       elseif s.add > 0 then
         redis.call('HINCRBY', s.k, 'reserved', string.format('%.0f', s.add))
@@ -157,20 +157,20 @@ end
 return out
 "#;
 
-// Settles a batch of requests at once: `ARGV` is `now keys requests`, then per subject (each of
-// `KEYS`, once) its budget `period`, then per request `tokens cost subjects` and per subject of
-// it `key-index ask-tokens ask-cost budget lease reserved-minute`. Each hash is read and
+// Settles a batch of requests at once: `ARGV` is `now requests`, then per request `tokens cost
+// subjects` and per subject of it `key-index ask-tokens ask-cost budget lease reserved-minute
+// period` (`period`: the budget period it was settled in), with `KEYS` each subject's hash
+// once. Each hash is read and
 // written once for all its entries, and its leases are checked and removed with one call each:
 // what costs Redis is the number of `redis.call`s (about 2 µs each) and the arguments Lua reads.
 const SETTLE: &str = r#"
 local now = tonumber(ARGV[1])
-local nkeys = tonumber(ARGV[2])
-local nreq = tonumber(ARGV[3])
+local nreq = tonumber(ARGV[2])
 local minute = math.floor(now / 60)
--- Sums of pico-dollars stay exact in Lua's doubles up to 2^53; past that, one HINCRBY each.
+-- Sums of pico-dollars are exact in Lua's doubles below 2^53; from there, one HINCRBY each.
 local EXACT = 9007199254740992
 local by = {}
-local c = 4 + nkeys
+local c = 3
 for r = 1, nreq do
   local rb, ns = c, tonumber(ARGV[c+2])
   c = c + 3
@@ -178,7 +178,7 @@ for r = 1, nreq do
     local ki = tonumber(ARGV[c])
     by[ki] = by[ki] or {}
     table.insert(by[ki], {c, rb})
-    c = c + 6
+    c = c + 7
   end
 end
 for ki, list in pairs(by) do
@@ -203,6 +203,16 @@ for ki, list in pairs(by) do
   if #gone > 0 then redis.call('ZREM', lk, unpack(gone)) end
   local h = redis.call('HMGET', k, 'minute', 'tokens', 'inflight', 'period')
   local m, t, inflight = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+  -- The latest budget period of the batch's entries. When it is newer than the hash's, the
+  -- hash starts it (spend 0), and spend settled in a period that had ended is left out: one
+  -- request at a time, it went to the old period, which the new one then reset (and the
+  -- replica's own counters count it there too).
+  local period = -1
+  for _, e in ipairs(list) do
+    if ARGV[e[1]+3] == '1' then period = math.max(period, tonumber(ARGV[e[1]+6])) end
+  end
+  local reset = h[1] and (tonumber(h[4]) or -1) < period
+  local function spent(b) return not reset or tonumber(ARGV[b+6]) == period end
   local budget, give, spend = false, 0, 0
   for j, e in ipairs(list) do
     local b, rb = e[1], e[2]
@@ -215,12 +225,11 @@ for ki, list in pairs(by) do
     if ARGV[b+3] == '1' then
       budget = true
       if live[j] then give = give + tonumber(ARGV[b+2]) end
-      spend = spend + tonumber(ARGV[rb+1])
+      if spent(b) then spend = spend + tonumber(ARGV[rb+1]) end
     end
   end
-  local period = tonumber(ARGV[3 + ki])
   if h[1] then
-    if budget and (tonumber(h[4]) or -1) < period then
+    if reset then
       -- A new budget period began while the requests ran: their spend counts in the new one
       -- (as the replica's own counters count it), not in the old one about to be reset.
       redis.call('HSET', k, 'tokens', t, 'inflight', inflight, 'period', period, 'spend', 0)
@@ -228,7 +237,7 @@ for ki, list in pairs(by) do
       redis.call('HSET', k, 'tokens', t, 'inflight', inflight)
     end
   end
-  if budget and give <= EXACT and spend <= EXACT then
+  if budget and give < EXACT and spend < EXACT then
     if give > 0 and redis.call('HINCRBY', k, 'reserved', string.format('%.0f', -give)) < 0 then
       redis.call('HSET', k, 'reserved', 0)
     end
@@ -242,7 +251,7 @@ for ki, list in pairs(by) do
             redis.call('HINCRBY', k, 'reserved', '-' .. ARGV[b+2]) < 0 then
           redis.call('HSET', k, 'reserved', 0)
         end
-        redis.call('HINCRBY', k, 'spend', ARGV[rb+1])
+        if spent(b) then redis.call('HINCRBY', k, 'spend', ARGV[rb+1]) end
       end
     end
   end
@@ -264,10 +273,8 @@ pub struct SharedLimits {
     conn: ConnectionManager,
     /// What to do when Redis fails.
     pub failure: FailureMode,
-    /// Settlements sent to Redis and not answered yet (see [`SharedLimits::settled`]).
-    pending: Arc<Pending>,
     /// To the task that sends settlements in batches ([`settle_batches`]).
-    settlements: tokio::sync::mpsc::UnboundedSender<Settlement>,
+    settlements: SettleQueue,
     /// To the task that sends reserves in batches ([`reserve_batches`]).
     reserves: tokio::sync::mpsc::UnboundedSender<Reserve>,
 }
@@ -279,6 +286,8 @@ struct Reserve {
     now: u64,
     /// The script's four numbers for this request (see `RESERVE`).
     answer: tokio::sync::oneshot::Sender<Result<[i64; 4], RedisError>>,
+    /// Counted until answered and, if need be, released: shutdown waits for it.
+    _pending: Settling,
 }
 
 /// Whether Redis answers, as last seen.
@@ -287,7 +296,7 @@ struct Health {
     up: std::sync::atomic::AtomicBool,
 }
 
-/// Settlements not answered yet.
+/// Reserves and settlements not answered yet (see [`SharedLimits::settled`]).
 #[derive(Default)]
 struct Pending {
     count: std::sync::atomic::AtomicUsize,
@@ -305,9 +314,13 @@ struct Settlement {
     _pending: Settling,
 }
 
-/// The most settlements sent in one script call: bounds its arguments (9 per subject) and the
-/// leases it checks in one `ZMSCORE`.
+/// The most requests settled or reserved in one script call: bounds its arguments and the
+/// leases it checks in one `ZMSCORE` or adds in one `ZADD`.
 const MAX_BATCH: usize = 128;
+
+/// The most settlements kept to send while Redis fails (about 300 bytes each); past this the
+/// oldest are dropped, and counted as failed.
+const MAX_BACKLOG: usize = 1 << 16;
 
 impl Health {
     /// Notes the outcome of a Redis call: logs only the transitions, counts every failure.
@@ -428,8 +441,11 @@ impl SharedLimits {
             failure,
             up: std::sync::atomic::AtomicBool::new(true),
         });
-        let pending = Arc::<Pending>::default();
-        let (settlements, queue) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, queue) = tokio::sync::mpsc::unbounded_channel();
+        let settlements = SettleQueue {
+            tx,
+            pending: Arc::default(),
+        };
         tokio::spawn(settle_batches(conn.clone(), health.clone(), queue));
         let (reserves, queue) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(reserve_batches(
@@ -437,15 +453,11 @@ impl SharedLimits {
             health.clone(),
             queue,
             lease.as_secs().max(1),
-            Releaser {
-                settlements: settlements.clone(),
-                pending: pending.clone(),
-            },
+            settlements.clone(),
         ));
         Ok(Self {
             conn,
             failure,
-            pending,
             settlements,
             reserves,
         })
@@ -492,9 +504,17 @@ impl SharedLimits {
                 lease: lease.clone(),
                 now,
                 answer,
+                _pending: Settling::new(&self.settlements.pending),
             })
             .map_err(|_| gone())?;
-        let out = answered.await.map_err(|_| gone())??;
+        let mut waiting = Waiting {
+            answered,
+            settlements: &self.settlements,
+            asks,
+            lease,
+            now,
+        };
+        let out = (&mut waiting.answered).await.map_err(|_| gone())??;
         let [which, why, requests, tokens] = out;
         if which > 0 {
             let Some((l, _)) = usize::try_from(which - 1).ok().and_then(|i| asks.get(i)) else {
@@ -554,10 +574,11 @@ impl SharedLimits {
     pub async fn settled(&self, within: Duration) {
         let all = async {
             loop {
-                let notified = self.pending.none.notified();
+                let notified = self.settlements.pending.none.notified();
                 let mut notified = std::pin::pin!(notified);
                 notified.as_mut().enable();
                 if self
+                    .settlements
                     .pending
                     .count
                     .load(std::sync::atomic::Ordering::Acquire)
@@ -592,7 +613,30 @@ impl SharedLimits {
         };
         // Fails only once the batching task is gone with its runtime, at exit: the settlement
         // is dropped, and whoever waits for it stops waiting.
-        let _ = self.settlements.send(Settlement {
+        self.settlements.send(held, tokens, cost, now, done);
+        recorded
+    }
+}
+
+/// The queue of [`settle_batches`], and the count of what is not answered yet.
+#[derive(Clone)]
+struct SettleQueue {
+    tx: tokio::sync::mpsc::UnboundedSender<Settlement>,
+    pending: Arc<Pending>,
+}
+
+impl SettleQueue {
+    fn send(
+        &self,
+        held: Vec<Held>,
+        tokens: u64,
+        cost: Picodollars,
+        now: u64,
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        // Fails only once the batching task is gone with its runtime, at exit: the settlement
+        // is dropped, and whoever waits for it stops waiting.
+        let _ = self.tx.send(Settlement {
             held,
             tokens,
             cost,
@@ -600,23 +644,15 @@ impl SharedLimits {
             done,
             _pending: Settling::new(&self.pending),
         });
-        recorded
     }
-}
 
-/// Gives back reserves that may have run in Redis but reached no request: it sends a release
-/// of their lease (a settlement with no usage) to the settlement queue. That queue's calls go
-/// on the same multiplexed connection after the reserve's, so Redis runs the release second;
-/// when the reserve never ran, the release finds no live lease and changes nothing. It gives
-/// back the slot and the reserved cost, not the estimated tokens: the request may have been
-/// served on this replica's own counters meanwhile, and the estimate stays counted in its
-/// minute, as a refusal would leave it.
-struct Releaser {
-    settlements: tokio::sync::mpsc::UnboundedSender<Settlement>,
-    pending: Arc<Pending>,
-}
-
-impl Releaser {
+    /// Gives back a reserve that may have run in Redis but reached no request: sends a release
+    /// of its lease (a settlement with no usage). Settlements go on the same multiplexed
+    /// connection after the reserve, so Redis runs the release second; when the reserve never
+    /// ran, the release finds no live lease and changes nothing. It gives back the slot and the
+    /// reserved cost, not the estimated tokens: the request may have been served on this
+    /// replica's own counters meanwhile, and the estimate stays counted in its minute, as a
+    /// refusal would leave it.
     fn release(&self, asks: &[(Arc<Limited>, Ask)], lease: &Arc<str>, now: u64) {
         let held = asks
             .iter()
@@ -630,14 +666,27 @@ impl Releaser {
                 minute: now / 60,
             })
             .collect();
-        let _ = self.settlements.send(Settlement {
-            held,
-            tokens: 0,
-            cost: Picodollars(0),
-            now,
-            done: None,
-            _pending: Settling::new(&self.pending),
-        });
+        self.send(held, 0, Picodollars(0), now, None);
+    }
+}
+
+/// A request waiting for its reserve's answer. Dropped before it read the answer (its request
+/// left), it closes the channel and gives back an admitted reserve that was sent meanwhile;
+/// once closed, an answer that comes later is released by [`reserve_batches`] instead.
+struct Waiting<'a> {
+    answered: tokio::sync::oneshot::Receiver<Result<[i64; 4], RedisError>>,
+    settlements: &'a SettleQueue,
+    asks: &'a [(Arc<Limited>, Ask)],
+    lease: &'a Arc<str>,
+    now: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.answered.close();
+        if let Ok(Ok([0, ..])) = self.answered.try_recv() {
+            self.settlements.release(self.asks, self.lease, self.now);
+        }
     }
 }
 
@@ -651,7 +700,7 @@ async fn reserve_batches(
     health: Arc<Health>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Reserve>,
     lease_secs: u64,
-    releaser: Releaser,
+    settlements: SettleQueue,
 ) {
     let script = redis::Script::new(RESERVE);
     let mut batch: Vec<Reserve> = Vec::with_capacity(MAX_BATCH);
@@ -734,13 +783,19 @@ async fn reserve_batches(
                         && admitted
                     {
                         // Nobody waits for it any more: give back what it took.
-                        releaser.release(&r.asks, &r.lease, r.now);
+                        settlements.release(&r.asks, &r.lease, r.now);
                     }
                 }
             }
             Err(e) => {
                 for r in batch.drain(..) {
-                    releaser.release(&r.asks, &r.lease, r.now);
+                    settlements.release(&r.asks, &r.lease, r.now);
+                    let _ = r.answer.send(Err(e.clone()));
+                }
+                // Redis failed or hung for a whole timeout: what queued meanwhile was never sent
+                // and fails now too (its requests fall back as `--redis-failure` says), rather
+                // than each waiting out a timeout in turn.
+                while let Ok(r) = queue.try_recv() {
                     let _ = r.answer.send(Err(e.clone()));
                 }
             }
@@ -753,6 +808,11 @@ async fn reserve_batches(
 /// that arrive while one call is out go together in the next, and Redis reads and writes each
 /// key's and deployment's hash once for all of them instead of once each. Runs until the
 /// [`SharedLimits`] that feeds it is dropped.
+///
+/// When a call fails (or times out: Redis may still run it), what queued meanwhile is still
+/// sent, in later calls (Redis may be back, and a release of a reserve answered too late must
+/// reach it), but whoever waits for it stops waiting at once rather than after a timeout each.
+/// At most [`MAX_BACKLOG`] are kept so.
 async fn settle_batches(
     mut conn: ConnectionManager,
     health: Arc<Health>,
@@ -761,14 +821,19 @@ async fn settle_batches(
     let script = redis::Script::new(SETTLE);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut keys = std::collections::HashMap::new();
-    let mut periods: Vec<u64> = Vec::new();
     let mut indices: Vec<usize> = Vec::new();
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut backlog = std::collections::VecDeque::new();
+    loop {
+        if backlog.is_empty() {
+            if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                break;
+            }
+        } else {
+            let n = backlog.len().min(MAX_BATCH);
+            batch.extend(backlog.drain(..n));
+        }
         let now = batch.iter().map(|s| s.now).max().unwrap_or(0);
-        // Each subject once, with its budget period (a batch that straddles a period counts in
-        // the new one); then the requests.
         keys.clear();
-        periods.clear();
         indices.clear();
         let mut inv = script.prepare_invoke();
         for s in &batch {
@@ -780,18 +845,13 @@ async fn settle_batches(
                         let i = keys.len() + 1;
                         inv.key(&key);
                         keys.insert(key, i);
-                        let budget = h.limited.rules().budget.as_ref();
-                        periods.push(budget.map_or(0, |b| period_index(b.period, now)));
                         i
                     }
                 };
                 indices.push(index);
             }
         }
-        inv.arg(now).arg(periods.len()).arg(batch.len());
-        for p in &periods {
-            inv.arg(*p);
-        }
+        inv.arg(now).arg(batch.len());
         let mut index = indices.iter();
         for s in &batch {
             inv.arg(s.tokens).arg(capped(s.cost)).arg(s.held.len());
@@ -801,7 +861,14 @@ async fn settle_batches(
                     .arg(capped(h.ask.cost))
                     .arg(u8::from(h.limited.rules().budget.is_some()))
                     .arg(&*h.lease)
-                    .arg(h.minute);
+                    .arg(h.minute)
+                    .arg(
+                        h.limited
+                            .rules()
+                            .budget
+                            .as_ref()
+                            .map_or(0, |b| period_index(b.period, s.now)),
+                    );
             }
         }
         let result = inv
@@ -810,16 +877,20 @@ async fn settle_batches(
             .map_err(|e| RedisError(e.to_string()));
         health.observe("settle", &result);
         if result.is_err() {
-            // Redis failed or hung for a whole timeout: what queued meanwhile would only wait
-            // out timeouts in turn, holding up the responses that wait for it. It fails now,
-            // as this batch did (the leases give back what it held), and is counted.
-            let mut failed = 0u64;
-            while let Ok(s) = queue.try_recv() {
-                failed += 1;
-                drop(s);
+            let mut dropped = 0u64;
+            while let Ok(mut s) = queue.try_recv() {
+                if let Some(done) = s.done.take() {
+                    let _ = done.send(());
+                }
+                if backlog.len() == MAX_BACKLOG {
+                    backlog.pop_front();
+                    dropped += 1;
+                }
+                backlog.push_back(s);
             }
-            if failed > 0 {
-                metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => "settle").increment(failed);
+            if dropped > 0 {
+                metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => "settle")
+                    .increment(dropped);
             }
         }
         // Answered (or failed): whoever waits for these stops waiting.

@@ -919,9 +919,28 @@ async fn a_batch_of_huge_costs_is_summed_exactly() {
         requests.push(r);
     }
     let huge = (1u64 << 53) + 1;
+    let mut pending = Vec::new();
     let recorded: Vec<_> = requests
         .iter_mut()
         .map(|r| r.settle(1, Picodollars(huge), now).unwrap())
+        .collect();
+    for r in recorded {
+        r.await;
+    }
+    // And where the sum is 2^53 + 1 exactly (2^53 and 1): a double would round it to 2^53.
+    for cost in [1u64 << 53, 1] {
+        let asks = vec![(key.clone(), ask)];
+        let lease = shared.new_lease();
+        shared.reserve(&asks, &lease, now).await.unwrap().unwrap();
+        let mut r = Reservation::default();
+        r.add_shared(shared.clone(), lease, asks, now);
+        requests.push(r);
+        let last = requests.len() - 1;
+        pending.push((last, cost));
+    }
+    let recorded: Vec<_> = pending
+        .iter()
+        .map(|&(i, cost)| requests[i].settle(1, Picodollars(cost), now).unwrap())
         .collect();
     for r in recorded {
         r.await;
@@ -931,7 +950,7 @@ async fn a_batch_of_huge_costs_is_summed_exactly() {
             .trim()
             .to_string()
     };
-    assert_eq!(field("spend"), (2 * huge).to_string());
+    assert_eq!(field("spend"), (3 * huge).to_string());
     assert_eq!(field("reserved"), "0");
 }
 
@@ -1095,4 +1114,134 @@ async fn a_reserve_whose_request_left_is_given_back() {
             .unwrap()
             .is_ok()
     );
+}
+
+/// A batch that straddles a budget period: the spend settled before the period ended went to
+/// the old period (which the new one resets), as one settlement at a time would have it and as
+/// the replica's own counters count it; only the new period's spend counts in the new period.
+#[tokio::test]
+async fn a_batch_across_a_budget_period_counts_only_the_new_periods_spend() {
+    use std::sync::Arc;
+    use tollgate_crds::common::Limits;
+    use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
+    use tollgate_dataplane::limits::{Ask, Registry, Reservation, Rules, Scope};
+    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
+
+    let redis = Redis::start();
+    let shared = Arc::new(
+        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(600))
+            .await
+            .unwrap(),
+    );
+    // Periods of 100 s: 500-599 is period 5, 600-699 period 6.
+    let key = Registry::default()
+        .limited(
+            Scope::Key,
+            "ns/k",
+            Rules {
+                limits: Limits::default(),
+                budget: Some(BudgetConfig {
+                    max: Picodollars(1_000_000),
+                    period: BudgetPeriod::Seconds(100),
+                }),
+            },
+        )
+        .unwrap();
+    let ask = Ask {
+        tokens: 1,
+        cost: Picodollars(1),
+    };
+    let reserve = async |now| {
+        let asks = vec![(key.clone(), ask)];
+        let lease = shared.new_lease();
+        shared.reserve(&asks, &lease, now).await.unwrap().unwrap();
+        let mut r = Reservation::default();
+        r.add_shared(shared.clone(), lease, asks, now);
+        r
+    };
+    let mut before = reserve(550).await;
+    before.settle(1, Picodollars(100), 550).unwrap().await;
+    let mut a = reserve(590).await;
+    let mut b = reserve(599).await;
+    // One batch: `a` settled at 599 (period 5), `b` at 650 (period 6).
+    let ra = a.settle(1, Picodollars(10), 599).unwrap();
+    let rb = b.settle(1, Picodollars(20), 650).unwrap();
+    ra.await;
+    rb.await;
+    let field = |f: &str| {
+        redis_cli(&redis, &["HGET", "tollgate:limits:key:ns/k", f])
+            .trim()
+            .to_string()
+    };
+    assert_eq!((field("period"), field("spend")), ("6".into(), "20".into()));
+    assert_eq!(field("reserved"), "0");
+}
+
+/// A settlement queued behind a batch that timed out (Redis paused past the 250 ms timeout) is
+/// not dropped: its waiter is let go at once, and it is sent once Redis answers again, so its
+/// spend still counts.
+#[tokio::test]
+async fn settlements_queued_behind_a_failed_batch_still_count() {
+    use std::sync::Arc;
+    use tollgate_crds::common::Limits;
+    use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
+    use tollgate_dataplane::limits::{Ask, Registry, Reservation, Rules, Scope};
+    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
+
+    let redis = Redis::start();
+    let shared = Arc::new(
+        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(600))
+            .await
+            .unwrap(),
+    );
+    let key = Registry::default()
+        .limited(
+            Scope::Key,
+            "ns/k",
+            Rules {
+                limits: Limits::default(),
+                budget: Some(BudgetConfig {
+                    max: Picodollars(1_000_000),
+                    period: BudgetPeriod::Lifetime,
+                }),
+            },
+        )
+        .unwrap();
+    let ask = Ask {
+        tokens: 1,
+        cost: Picodollars(1),
+    };
+    let now = 6_000_005;
+    let mut requests = Vec::new();
+    for _ in 0..3 {
+        let asks = vec![(key.clone(), ask)];
+        let lease = shared.new_lease();
+        shared.reserve(&asks, &lease, now).await.unwrap().unwrap();
+        let mut r = Reservation::default();
+        r.add_shared(shared.clone(), lease, asks, now);
+        requests.push(r);
+    }
+    // A first settlement loads the script (a call that times out before Redis has it loaded
+    // would find it missing when Redis gets to it).
+    requests[2].settle(1, Picodollars(5), now).unwrap().await;
+    assert_eq!(
+        redis_cli(&redis, &["CLIENT", "PAUSE", "700", "ALL"]).trim(),
+        "OK"
+    );
+    let first = requests[0].settle(1, Picodollars(10), now).unwrap();
+    // Let the first batch go out alone; the second settlement queues behind it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = requests[1].settle(1, Picodollars(20), now).unwrap();
+    first.await;
+    second.await;
+    let spend = || {
+        redis_cli(&redis, &["HGET", "tollgate:limits:key:ns/k", "spend"])
+            .trim()
+            .to_string()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spend() != "35" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(spend(), "35", "every settlement counted");
 }
