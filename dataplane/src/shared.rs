@@ -810,9 +810,10 @@ async fn reserve_batches(
 /// [`SharedLimits`] that feeds it is dropped.
 ///
 /// When a call fails (or times out: Redis may still run it), what queued meanwhile is still
-/// sent, in later calls (Redis may be back, and a release of a reserve answered too late must
-/// reach it), but whoever waits for it stops waiting at once rather than after a timeout each.
-/// At most [`MAX_BACKLOG`] are kept so.
+/// sent once, in the next calls (Redis may be back, and a release of a reserve answered too
+/// late must reach it), but whoever waits for it stops waiting at once rather than after a
+/// timeout each. At most [`MAX_BACKLOG`] are kept so. A Redis that is still down then loses
+/// them, as it loses any settlement: the call may have run, so none is sent twice.
 async fn settle_batches(
     mut conn: ConnectionManager,
     health: Arc<Health>,
@@ -829,8 +830,16 @@ async fn settle_batches(
                 break;
             }
         } else {
+            // The oldest first, topped up with what queued since, so that new settlements
+            // don't wait for the whole backlog.
             let n = backlog.len().min(MAX_BATCH);
             batch.extend(backlog.drain(..n));
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(s) => batch.push(s),
+                    Err(_) => break,
+                }
+            }
         }
         let now = batch.iter().map(|s| s.now).max().unwrap_or(0);
         keys.clear();
