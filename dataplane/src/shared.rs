@@ -690,6 +690,29 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// The subjects of one script call, each one of its `KEYS` once.
+#[derive(Default)]
+struct KeyIndex(std::collections::HashMap<String, usize>);
+
+impl KeyIndex {
+    /// `l`'s index in `KEYS` (from 1, as Lua counts), adding its hash to `inv` when it is new
+    /// (then `true`).
+    fn index(&mut self, l: &Limited, inv: &mut redis::ScriptInvocation<'_>) -> (usize, bool) {
+        let key = hash_key(l);
+        if let Some(&i) = self.0.get(&key) {
+            return (i, false);
+        }
+        let i = self.0.len() + 1;
+        inv.key(&key);
+        self.0.insert(key, i);
+        (i, true)
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// Sends queued reserves to Redis, as many at a time as are waiting (up to [`MAX_BATCH`]), one
 /// script call at a time, like [`settle_batches`]: the script admits them in order against
 /// counters it reads and writes once per subject. A reserve whose request stopped waiting
@@ -704,7 +727,7 @@ async fn reserve_batches(
 ) {
     let script = redis::Script::new(RESERVE);
     let mut batch: Vec<Reserve> = Vec::with_capacity(MAX_BATCH);
-    let mut keys = std::collections::HashMap::new();
+    let mut keys = KeyIndex::default();
     let mut subjects: Vec<Arc<Limited>> = Vec::new();
     let mut indices: Vec<usize> = Vec::new();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -724,17 +747,10 @@ async fn reserve_batches(
         let mut inv = script.prepare_invoke();
         for r in &batch {
             for (l, _) in &r.asks {
-                let key = hash_key(l);
-                let index = match keys.get(&key) {
-                    Some(&i) => i,
-                    None => {
-                        let i = keys.len() + 1;
-                        inv.key(&key);
-                        keys.insert(key, i);
-                        subjects.push(l.clone());
-                        i
-                    }
-                };
+                let (index, new) = keys.index(l, &mut inv);
+                if new {
+                    subjects.push(l.clone());
+                }
                 indices.push(index);
             }
         }
@@ -821,7 +837,7 @@ async fn settle_batches(
 ) {
     let script = redis::Script::new(SETTLE);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut keys = std::collections::HashMap::new();
+    let mut keys = KeyIndex::default();
     let mut indices: Vec<usize> = Vec::new();
     let mut backlog = std::collections::VecDeque::new();
     loop {
@@ -847,17 +863,7 @@ async fn settle_batches(
         let mut inv = script.prepare_invoke();
         for s in &batch {
             for h in &s.held {
-                let key = hash_key(&h.limited);
-                let index = match keys.get(&key) {
-                    Some(&i) => i,
-                    None => {
-                        let i = keys.len() + 1;
-                        inv.key(&key);
-                        keys.insert(key, i);
-                        i
-                    }
-                };
-                indices.push(index);
+                indices.push(keys.index(&h.limited, &mut inv).0);
             }
         }
         inv.arg(now).arg(batch.len());

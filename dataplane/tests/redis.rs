@@ -553,26 +553,7 @@ async fn immediate_retries_on_one_deployment_leave_nothing_held() {
         assert!(r.status().is_server_error(), "{}", r.status());
     }
     assert_eq!(bad.stats.requests(), 12, "four attempts a request");
-    let dep = "tollgate:limits:deployment:default/bad";
-    let held = || {
-        (
-            redis_cli(&redis, &["HGET", dep, "inflight"])
-                .trim()
-                .to_string(),
-            redis_cli(&redis, &["ZCARD", &format!("{dep}:leases")])
-                .trim()
-                .to_string(),
-        )
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while held() != ("0".to_string(), "0".to_string()) && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        held(),
-        ("0".to_string(), "0".to_string()),
-        "(inflight, leases)"
-    );
+    assert_nothing_held(&redis, "deployment:default/bad").await;
 }
 
 /// A budget period that ends while a request runs: the request's spend counts in the new
@@ -644,6 +625,41 @@ async fn a_replica_behind_the_period_does_not_reset_it() {
     );
 }
 
+/// `field` of the hash `tollgate:limits:{id}` (`id`: `key:<ns>/<name>`, `deployment:...`).
+fn hash_field(redis: &Redis, id: &str, field: &str) -> String {
+    redis_cli(redis, &["HGET", &format!("tollgate:limits:{id}"), field])
+        .trim()
+        .to_string()
+}
+
+/// Waits (up to 3 s: releases are sent in the background) until `id` has no request in flight
+/// and no lease left.
+async fn assert_nothing_held(redis: &Redis, id: &str) {
+    let held = || {
+        (
+            hash_field(redis, id, "inflight"),
+            redis_cli(redis, &["ZCARD", &format!("tollgate:limits:{id}:leases")])
+                .trim()
+                .to_string(),
+        )
+    };
+    let nothing = ("0".to_string(), "0".to_string());
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while held() != nothing && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(held(), nothing, "(inflight, leases) of {id}");
+}
+
+/// How many times Redis has run the command `name` (scripts' nested commands included).
+fn calls(redis: &Redis, name: &str) -> u64 {
+    redis_cli(redis, &["INFO", "commandstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
 /// A reserve that Redis answers only after the gateway stopped waiting (a paused Redis, past the
 /// gateway's 250 ms timeout): the request is served on the replica's own counters, and the
 /// reserve Redis runs later is given back, rather than holding the key's slot until its lease
@@ -668,580 +684,331 @@ async fn a_reserve_answered_too_late_holds_nothing() {
         "the reserve timed out: {}",
         gw.logs()
     );
-    let key = "tollgate:limits:key:default/k";
-    let held = || {
-        (
-            redis_cli(&redis, &["HGET", key, "inflight"])
-                .trim()
-                .to_string(),
-            redis_cli(&redis, &["ZCARD", &format!("{key}:leases")])
-                .trim()
-                .to_string(),
-        )
-    };
     // The paused reserve runs once the pause ends; its release follows it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while held() != ("0".to_string(), "0".to_string()) && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        held(),
-        ("0".to_string(), "0".to_string()),
-        "(inflight, leases)"
-    );
+    assert_nothing_held(&redis, "key:default/k").await;
 }
 
-/// The Redis side of a retry that crosses a minute (driven through the library with chosen
-/// clock readings): the key was reserved in the minute before its deployment, and settling
-/// corrects each subject's tokens in the minute that counted them.
-#[tokio::test]
-async fn a_retry_in_the_next_minute_settles_each_subject_in_its_own_minute() {
+/// Tests that drive the Redis limits through the library, to choose the clock readings and the
+/// moment requests queue.
+mod library {
+    use super::{Duration, Redis, assert_nothing_held, calls, hash_field, redis_cli};
     use std::sync::Arc;
     use tollgate_crds::common::Limits;
-    use tollgate_crds::config::Picodollars;
-    use tollgate_dataplane::limits::{Ask, Registry, Reservation, Rules, Scope};
+    use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
+    use tollgate_dataplane::limits::{Ask, Limited, Refusal, Registry, Reservation, Rules, Scope};
     use tollgate_dataplane::shared::{FailureMode, SharedLimits};
 
-    let redis = Redis::start();
-    let shared = Arc::new(
-        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(60))
+    /// A minute boundary.
+    const T: u64 = 6_000_000;
+
+    async fn shared_limits(redis: &Redis, lease_secs: u64) -> Arc<SharedLimits> {
+        Arc::new(
+            SharedLimits::connect(
+                &redis.url(),
+                FailureMode::Closed,
+                Duration::from_secs(lease_secs),
+            )
             .await
             .unwrap(),
-    );
-    let rules = || Rules {
-        limits: Limits {
+        )
+    }
+
+    fn subject(scope: Scope, limits: Limits, budget: Option<BudgetConfig>) -> Arc<Limited> {
+        let id = if scope == Scope::Key { "ns/k" } else { "ns/d" };
+        Registry::default()
+            .limited(scope, id, Rules { limits, budget })
+            .unwrap()
+    }
+
+    /// The key `ns/k` with a budget of `max` pico-dollars per `period`.
+    fn key_with_budget(max: u64, period: BudgetPeriod) -> Arc<Limited> {
+        subject(
+            Scope::Key,
+            Limits::default(),
+            Some(BudgetConfig {
+                max: Picodollars(max),
+                period,
+            }),
+        )
+    }
+
+    fn ask(tokens: u64, cost: u64) -> Ask {
+        Ask {
+            tokens,
+            cost: Picodollars(cost),
+        }
+    }
+
+    /// Reserves `asks` at `now` into `into`, as the proxy does.
+    async fn reserve_into(
+        shared: &Arc<SharedLimits>,
+        into: &mut Reservation,
+        asks: Vec<(Arc<Limited>, Ask)>,
+        now: u64,
+    ) {
+        let lease = shared.new_lease();
+        shared
+            .reserve(&asks, &lease, now)
+            .await
+            .unwrap()
+            .expect("room");
+        into.add_shared(shared.clone(), lease, asks, now);
+    }
+
+    /// A new request's reservation of `asks` at `now`.
+    async fn reserved(
+        shared: &Arc<SharedLimits>,
+        asks: Vec<(Arc<Limited>, Ask)>,
+        now: u64,
+    ) -> Reservation {
+        let mut r = Reservation::default();
+        reserve_into(shared, &mut r, asks, now).await;
+        r
+    }
+
+    /// Settles each of `requests` with its `(tokens, cost)`, all before this task yields (so in
+    /// one batch), and waits until Redis has them.
+    async fn settle_together(requests: &mut [Reservation], usage: (u64, u64), now: u64) {
+        let recorded: Vec<_> = requests
+            .iter_mut()
+            .map(|r| {
+                r.settle(usage.0, Picodollars(usage.1), now)
+                    .expect("a budget to wait for")
+            })
+            .collect();
+        for r in recorded {
+            r.await;
+        }
+    }
+
+    /// The Redis side of a retry that crosses a minute: the key was reserved in the minute
+    /// before its deployment, and settling corrects each subject's tokens in the minute that
+    /// counted them.
+    #[tokio::test]
+    async fn a_retry_in_the_next_minute_settles_each_subject_in_its_own_minute() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 60).await;
+        let tpm = || Limits {
             tpm: Some(1_000),
             ..Default::default()
-        },
-        budget: None,
-    };
-    let registry = Registry::default();
-    let key = registry.limited(Scope::Key, "ns/k", rules()).unwrap();
-    let deployment = registry
-        .limited(Scope::Deployment, "ns/d", rules())
-        .unwrap();
-    let ask = Ask {
-        tokens: 10,
-        cost: Picodollars(0),
-    };
-    let t = 6_000_000; // a minute boundary
-    let reserve = async |res: &mut Reservation, l: &Arc<_>, now| {
-        let asks = vec![(Arc::clone(l), ask)];
-        let lease = shared.new_lease();
-        shared
-            .reserve(&asks, &lease, now)
-            .await
-            .unwrap()
-            .expect("room");
-        res.add_shared(shared.clone(), lease, asks, now);
-    };
-    // Admitted in the last second of a minute; its retry reserves a deployment in the next.
-    let mut a = Reservation::default();
-    reserve(&mut a, &key, t - 1).await;
-    // Another request of the key, in the new minute.
-    let mut b = Reservation::default();
-    reserve(&mut b, &key, t).await;
-    reserve(&mut a, &deployment, t + 1).await;
-    assert!(
-        a.settle(5, Picodollars(0), t + 1).is_none(),
-        "no budget to wait for"
-    );
-    shared.settled(Duration::from_secs(2)).await;
-    let tokens = |id: &str| {
-        redis_cli(
-            &redis,
-            &["HGET", &format!("tollgate:limits:{id}"), "tokens"],
-        )
-        .trim()
-        .to_string()
-    };
-    // `a`'s ask was counted in the old minute: only its 5 tokens used go in the new one, next
-    // to `b`'s 10 still reserved.
-    assert_eq!(tokens("key:ns/k"), "15");
-    assert_eq!(tokens("deployment:ns/d"), "5");
-}
-
-/// Settlements queued together go to Redis as one script call, which reads and writes each
-/// subject's hash once for all of them, and still counts each request once: its real tokens in
-/// the right minute, its spend, and its slot and reserved cost given back unless its lease had
-/// already expired (and was released by a reserve).
-#[tokio::test]
-async fn settlements_sent_in_one_batch_count_each_request_once() {
-    use std::sync::Arc;
-    use tollgate_crds::common::Limits;
-    use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
-    use tollgate_dataplane::limits::{Ask, Registry, Reservation, Rules, Scope};
-    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
-
-    let redis = Redis::start();
-    let shared = Arc::new(
-        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(60))
-            .await
-            .unwrap(),
-    );
-    let registry = Registry::default();
-    let key = registry
-        .limited(
-            Scope::Key,
-            "ns/k",
-            Rules {
-                limits: Limits {
-                    tpm: Some(1_000_000),
-                    max_parallel: Some(100),
-                    ..Default::default()
-                },
-                budget: Some(BudgetConfig {
-                    max: Picodollars(1_000_000_000),
-                    period: BudgetPeriod::Lifetime,
-                }),
-            },
-        )
-        .unwrap();
-    let deployment = registry
-        .limited(
-            Scope::Deployment,
-            "ns/d",
-            Rules {
-                limits: Limits {
-                    max_parallel: Some(100),
-                    ..Default::default()
-                },
-                budget: None,
-            },
-        )
-        .unwrap();
-    let ask = Ask {
-        tokens: 10,
-        cost: Picodollars(1_000),
-    };
-    let t = 6_000_005; // five seconds into a minute
-    let mut requests = Vec::new();
-    // Two requests reserved 100 s ago, whose 60 s leases have ended; then eighteen now (the
-    // first of which releases the two expired leases).
-    for now in [t - 100, t - 100].into_iter().chain([t; 18]) {
-        let asks = vec![(key.clone(), ask), (deployment.clone(), ask)];
-        let lease = shared.new_lease();
-        shared
-            .reserve(&asks, &lease, now)
-            .await
-            .unwrap()
-            .expect("room");
-        let mut r = Reservation::default();
-        r.add_shared(shared.clone(), lease, asks, now);
-        requests.push(r);
+        };
+        let key = subject(Scope::Key, tpm(), None);
+        let deployment = subject(Scope::Deployment, tpm(), None);
+        // Admitted in the last second of a minute; its retry reserves a deployment in the next.
+        let mut a = reserved(&shared, vec![(key.clone(), ask(10, 0))], T - 1).await;
+        // Another request of the key, in the new minute.
+        let _b = reserved(&shared, vec![(key, ask(10, 0))], T).await;
+        reserve_into(&shared, &mut a, vec![(deployment, ask(10, 0))], T + 1).await;
+        assert!(
+            a.settle(5, Picodollars(0), T + 1).is_none(),
+            "no budget to wait for"
+        );
+        shared.settled(Duration::from_secs(2)).await;
+        // `a`'s ask was counted in the old minute: only its 5 tokens used go in the new one,
+        // next to `b`'s 10 still reserved.
+        assert_eq!(hash_field(&redis, "key:ns/k", "tokens"), "15");
+        assert_eq!(hash_field(&redis, "deployment:ns/d", "tokens"), "5");
     }
-    let commands = |name: &str| -> u64 {
-        let stats = redis_cli(&redis, &["INFO", "commandstats"]);
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
-            .and_then(|rest| rest.split(',').next())
-            .map_or(0, |n| n.parse().unwrap())
-    };
-    assert_eq!(commands("zmscore"), 0);
-    // All twenty settle before this task yields: one batch.
-    let recorded: Vec<_> = requests
-        .iter_mut()
-        .map(|r| {
-            r.settle(7, Picodollars(700), t)
-                .expect("a budget to wait for")
-        })
-        .collect();
-    for r in recorded {
-        r.await;
-    }
-    assert_eq!(commands("zmscore"), 2, "one lease check per subject");
-    let hash = |id: &str, field: &str| {
-        redis_cli(&redis, &["HGET", &format!("tollgate:limits:{id}"), field])
-            .trim()
-            .to_string()
-    };
-    // The old minute's counts were reset by the first reserve this minute: eighteen asks of
-    // 10, corrected to 7 each; the two from the old minute add their 7 to this one.
-    assert_eq!(hash("key:ns/k", "tokens"), (18 * 7 + 2 * 7).to_string());
-    assert_eq!(
-        hash("deployment:ns/d", "tokens"),
-        (18 * 7 + 2 * 7).to_string()
-    );
-    for id in ["key:ns/k", "deployment:ns/d"] {
-        assert_eq!(hash(id, "inflight"), "0", "{id}");
+
+    /// Settlements queued together go to Redis as one script call, which reads and writes each
+    /// subject's hash once for all of them, and still counts each request once: its real tokens
+    /// in the right minute, its spend, and its slot and reserved cost given back unless its
+    /// lease had already expired (and was released by a reserve).
+    #[tokio::test]
+    async fn settlements_sent_in_one_batch_count_each_request_once() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 60).await;
+        let parallel = Limits {
+            tpm: Some(1_000_000),
+            max_parallel: Some(100),
+            ..Default::default()
+        };
+        let budget = BudgetConfig {
+            max: Picodollars(1_000_000_000),
+            period: BudgetPeriod::Lifetime,
+        };
+        let key = subject(Scope::Key, parallel.clone(), Some(budget));
+        let deployment = subject(Scope::Deployment, parallel, None);
+        let t = T + 5;
+        let mut requests = Vec::new();
+        // Two requests reserved 100 s ago, whose 60 s leases have ended; then eighteen now (the
+        // first of which releases the two expired leases).
+        for now in [t - 100, t - 100].into_iter().chain([t; 18]) {
+            let asks = vec![
+                (key.clone(), ask(10, 1_000)),
+                (deployment.clone(), ask(10, 1_000)),
+            ];
+            requests.push(reserved(&shared, asks, now).await);
+        }
+        assert_eq!(calls(&redis, "zmscore"), 0);
+        settle_together(&mut requests, (7, 700), t).await;
+        assert_eq!(calls(&redis, "zmscore"), 2, "one lease check per subject");
+        // The old minute's counts were reset by the first reserve this minute: eighteen asks
+        // of 10, corrected to 7 each; the two from the old minute add their 7 to this one.
+        for id in ["key:ns/k", "deployment:ns/d"] {
+            assert_eq!(hash_field(&redis, id, "tokens"), (20 * 7).to_string());
+            assert_nothing_held(&redis, id).await;
+        }
+        assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "0");
         assert_eq!(
-            redis_cli(&redis, &["ZCARD", &format!("tollgate:limits:{id}:leases")]).trim(),
-            "0",
-            "{id}"
+            hash_field(&redis, "key:ns/k", "spend"),
+            (20 * 700).to_string()
         );
     }
-    assert_eq!(hash("key:ns/k", "reserved"), "0");
-    assert_eq!(hash("key:ns/k", "spend"), (20 * 700).to_string());
-}
 
-/// A batch whose spend passes 2^53 pico-dollars (where Lua's doubles stop counting exactly)
-/// adds each request's spend with its own exact increment instead.
-#[tokio::test]
-async fn a_batch_of_huge_costs_is_summed_exactly() {
-    use std::sync::Arc;
-    use tollgate_crds::common::Limits;
-    use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
-    use tollgate_dataplane::limits::{Ask, Registry, Reservation, Rules, Scope};
-    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
+    /// A batch whose spend reaches 2^53 pico-dollars (from where Lua's doubles stop counting
+    /// exactly) adds each request's spend with its own exact increment instead.
+    #[tokio::test]
+    async fn a_batch_of_huge_costs_is_summed_exactly() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 60).await;
+        let key = key_with_budget(u64::MAX / 2, BudgetPeriod::Lifetime);
+        let huge = (1u64 << 53) + 1;
+        let mut two = Vec::new();
+        for _ in 0..2 {
+            two.push(reserved(&shared, vec![(key.clone(), ask(1, 3))], T).await);
+        }
+        settle_together(&mut two, (1, huge), T).await;
+        // And a sum of exactly 2^53 + 1 (2^53 and 1), which a double rounds to 2^53.
+        let mut a = reserved(&shared, vec![(key.clone(), ask(1, 3))], T).await;
+        let mut b = reserved(&shared, vec![(key, ask(1, 3))], T).await;
+        let (ra, rb) = (
+            a.settle(1, Picodollars(1 << 53), T).unwrap(),
+            b.settle(1, Picodollars(1), T).unwrap(),
+        );
+        ra.await;
+        rb.await;
+        assert_eq!(
+            hash_field(&redis, "key:ns/k", "spend"),
+            (3 * huge).to_string()
+        );
+        assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "0");
+    }
 
-    let redis = Redis::start();
-    let shared = Arc::new(
-        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(60))
-            .await
-            .unwrap(),
-    );
-    let key = Registry::default()
-        .limited(
-            Scope::Key,
-            "ns/k",
-            Rules {
-                limits: Limits::default(),
-                budget: Some(BudgetConfig {
-                    max: Picodollars(u64::MAX / 2),
-                    period: BudgetPeriod::Lifetime,
-                }),
-            },
-        )
-        .unwrap();
-    let ask = Ask {
-        tokens: 1,
-        cost: Picodollars(3),
-    };
-    let now = 6_000_005;
-    let mut requests = Vec::new();
-    for _ in 0..2 {
-        let asks = vec![(key.clone(), ask)];
-        let lease = shared.new_lease();
-        shared.reserve(&asks, &lease, now).await.unwrap().unwrap();
-        let mut r = Reservation::default();
-        r.add_shared(shared.clone(), lease, asks, now);
-        requests.push(r);
-    }
-    let huge = (1u64 << 53) + 1;
-    let mut pending = Vec::new();
-    let recorded: Vec<_> = requests
-        .iter_mut()
-        .map(|r| r.settle(1, Picodollars(huge), now).unwrap())
-        .collect();
-    for r in recorded {
-        r.await;
-    }
-    // And where the sum is 2^53 + 1 exactly (2^53 and 1): a double would round it to 2^53.
-    for cost in [1u64 << 53, 1] {
-        let asks = vec![(key.clone(), ask)];
-        let lease = shared.new_lease();
-        shared.reserve(&asks, &lease, now).await.unwrap().unwrap();
-        let mut r = Reservation::default();
-        r.add_shared(shared.clone(), lease, asks, now);
-        requests.push(r);
-        let last = requests.len() - 1;
-        pending.push((last, cost));
-    }
-    let recorded: Vec<_> = pending
-        .iter()
-        .map(|&(i, cost)| requests[i].settle(1, Picodollars(cost), now).unwrap())
-        .collect();
-    for r in recorded {
-        r.await;
-    }
-    let field = |f: &str| {
-        redis_cli(&redis, &["HGET", "tollgate:limits:key:ns/k", f])
-            .trim()
-            .to_string()
-    };
-    assert_eq!(field("spend"), (3 * huge).to_string());
-    assert_eq!(field("reserved"), "0");
-}
-
-/// Reserves queued together go to Redis as one script call that admits them in order against
-/// counters read and written once per subject: of eight requests for five slots, the first five
-/// are admitted and the rest refused, with one lease write per subject.
-#[tokio::test]
-async fn reserves_sent_in_one_batch_are_admitted_in_order() {
-    use std::sync::Arc;
-    use tollgate_crds::common::Limits;
-    use tollgate_crds::config::Picodollars;
-    use tollgate_dataplane::limits::{Ask, Refusal, Registry, Rules, Scope};
-    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
-
-    let redis = Redis::start();
-    let shared = Arc::new(
-        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(60))
-            .await
-            .unwrap(),
-    );
-    let registry = Registry::default();
-    let parallel = |n| Rules {
-        limits: Limits {
+    /// Reserves queued together go to Redis as one script call that admits them in order
+    /// against counters read and written once per subject: of eight requests for five slots,
+    /// the first five are admitted and the rest refused, with one lease write per subject.
+    #[tokio::test]
+    async fn reserves_sent_in_one_batch_are_admitted_in_order() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 60).await;
+        let parallel = |n| Limits {
             max_parallel: Some(n),
             ..Default::default()
-        },
-        budget: None,
-    };
-    let deployment = registry
-        .limited(Scope::Deployment, "ns/d", parallel(100))
-        .unwrap();
-    let key = registry.limited(Scope::Key, "ns/k", parallel(5)).unwrap();
-    let asks = vec![
-        (
-            deployment,
-            Ask {
-                tokens: 1,
-                cost: Picodollars(0),
-            },
-        ),
-        (
-            key,
-            Ask {
-                tokens: 1,
-                cost: Picodollars(0),
-            },
-        ),
-    ];
-    let leases: Vec<_> = (0..8).map(|_| shared.new_lease()).collect();
-    // Polled together before this task yields: all eight queue before the batch goes out.
-    let answers =
-        futures_util::future::join_all(leases.iter().map(|l| shared.reserve(&asks, l, 6_000_005)))
-            .await;
-    let outcomes: Vec<_> = answers
-        .into_iter()
-        .map(|a| a.unwrap().map(|_| ()).map_err(|r| r.refusal))
-        .collect();
-    assert_eq!(
-        outcomes,
-        [
-            vec![Ok(()); 5],
-            vec![Err(Refusal::Parallel { limit: 5 }); 3]
-        ]
-        .concat()
-    );
-    let calls = |name: &str| -> String {
-        redis_cli(&redis, &["INFO", "commandstats"])
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
-            .and_then(|rest| rest.split(',').next())
-            .unwrap_or("0")
-            .to_string()
-    };
-    assert_eq!(calls("zadd"), "2", "one lease write per subject");
-    assert_eq!(calls("hmget"), "2", "one read per subject");
-    let inflight = |id: &str| {
-        redis_cli(
-            &redis,
-            &["HGET", &format!("tollgate:limits:{id}"), "inflight"],
-        )
-        .trim()
-        .to_string()
-    };
-    assert_eq!(inflight("key:ns/k"), "5");
-    assert_eq!(inflight("deployment:ns/d"), "5");
-}
-
-/// A request that leaves while its reserve is out (here: Redis paused for 150 ms, the request
-/// gone after 50): Redis still admits it, and the answer that reaches nobody is given back.
-#[tokio::test]
-async fn a_reserve_whose_request_left_is_given_back() {
-    use std::sync::Arc;
-    use tollgate_crds::common::Limits;
-    use tollgate_crds::config::Picodollars;
-    use tollgate_dataplane::limits::{Ask, Registry, Rules, Scope};
-    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
-
-    let redis = Redis::start();
-    let shared = Arc::new(
-        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(60))
-            .await
-            .unwrap(),
-    );
-    let key = Registry::default()
-        .limited(
-            Scope::Key,
-            "ns/k",
-            Rules {
-                limits: Limits {
-                    max_parallel: Some(1),
-                    ..Default::default()
-                },
-                budget: None,
-            },
-        )
-        .unwrap();
-    let asks = vec![(
-        key,
-        Ask {
-            tokens: 1,
-            cost: Picodollars(0),
-        },
-    )];
-    assert_eq!(
-        redis_cli(&redis, &["CLIENT", "PAUSE", "150", "ALL"]).trim(),
-        "OK"
-    );
-    let lease = shared.new_lease();
-    let left = tokio::time::timeout(
-        Duration::from_millis(50),
-        shared.reserve(&asks, &lease, 6_000_005),
-    )
-    .await;
-    assert!(left.is_err(), "the request left before Redis answered");
-    let key = "tollgate:limits:key:ns/k";
-    let held = || {
-        (
-            redis_cli(&redis, &["HGET", key, "inflight"])
-                .trim()
-                .to_string(),
-            redis_cli(&redis, &["ZCARD", &format!("{key}:leases")])
-                .trim()
-                .to_string(),
-        )
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while held() != ("0".to_string(), "0".to_string()) && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let asks = vec![
+            (subject(Scope::Deployment, parallel(100), None), ask(1, 0)),
+            (subject(Scope::Key, parallel(5), None), ask(1, 0)),
+        ];
+        let leases: Vec<_> = (0..8).map(|_| shared.new_lease()).collect();
+        // Polled together before this task yields: all eight queue before the batch goes out.
+        let answers =
+            futures_util::future::join_all(leases.iter().map(|l| shared.reserve(&asks, l, T)))
+                .await;
+        let outcomes: Vec<_> = answers
+            .into_iter()
+            .map(|a| a.unwrap().map(|_| ()).map_err(|r| r.refusal))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                vec![Ok(()); 5],
+                vec![Err(Refusal::Parallel { limit: 5 }); 3]
+            ]
+            .concat()
+        );
+        assert_eq!(calls(&redis, "zadd"), 2, "one lease write per subject");
+        assert_eq!(calls(&redis, "hmget"), 2, "one read per subject");
+        assert_eq!(hash_field(&redis, "key:ns/k", "inflight"), "5");
+        assert_eq!(hash_field(&redis, "deployment:ns/d", "inflight"), "5");
     }
-    assert_eq!(
-        held(),
-        ("0".to_string(), "0".to_string()),
-        "(inflight, leases)"
-    );
-    // The slot is free for the next request.
-    let lease = shared.new_lease();
-    assert!(
-        shared
-            .reserve(&asks, &lease, 6_000_006)
-            .await
-            .unwrap()
-            .is_ok()
-    );
-}
 
-/// A batch that straddles a budget period: the spend settled before the period ended went to
-/// the old period (which the new one resets), as one settlement at a time would have it and as
-/// the replica's own counters count it; only the new period's spend counts in the new period.
-#[tokio::test]
-async fn a_batch_across_a_budget_period_counts_only_the_new_periods_spend() {
-    use std::sync::Arc;
-    use tollgate_crds::common::Limits;
-    use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
-    use tollgate_dataplane::limits::{Ask, Registry, Reservation, Rules, Scope};
-    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
-
-    let redis = Redis::start();
-    let shared = Arc::new(
-        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(600))
-            .await
-            .unwrap(),
-    );
-    // Periods of 100 s: 500-599 is period 5, 600-699 period 6.
-    let key = Registry::default()
-        .limited(
-            Scope::Key,
-            "ns/k",
-            Rules {
-                limits: Limits::default(),
-                budget: Some(BudgetConfig {
-                    max: Picodollars(1_000_000),
-                    period: BudgetPeriod::Seconds(100),
-                }),
-            },
-        )
-        .unwrap();
-    let ask = Ask {
-        tokens: 1,
-        cost: Picodollars(1),
-    };
-    let reserve = async |now| {
-        let asks = vec![(key.clone(), ask)];
+    /// A request that leaves while its reserve is out (here: Redis paused for 150 ms, the
+    /// request gone after 50): Redis still admits it, and the answer that reaches nobody is
+    /// given back.
+    #[tokio::test]
+    async fn a_reserve_whose_request_left_is_given_back() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 60).await;
+        let one = Limits {
+            max_parallel: Some(1),
+            ..Default::default()
+        };
+        let asks = vec![(subject(Scope::Key, one, None), ask(1, 0))];
+        assert_eq!(
+            redis_cli(&redis, &["CLIENT", "PAUSE", "150", "ALL"]).trim(),
+            "OK"
+        );
         let lease = shared.new_lease();
-        shared.reserve(&asks, &lease, now).await.unwrap().unwrap();
-        let mut r = Reservation::default();
-        r.add_shared(shared.clone(), lease, asks, now);
-        r
-    };
-    let mut before = reserve(550).await;
-    before.settle(1, Picodollars(100), 550).unwrap().await;
-    let mut a = reserve(590).await;
-    let mut b = reserve(599).await;
-    // One batch: `a` settled at 599 (period 5), `b` at 650 (period 6).
-    let ra = a.settle(1, Picodollars(10), 599).unwrap();
-    let rb = b.settle(1, Picodollars(20), 650).unwrap();
-    ra.await;
-    rb.await;
-    let field = |f: &str| {
-        redis_cli(&redis, &["HGET", "tollgate:limits:key:ns/k", f])
-            .trim()
-            .to_string()
-    };
-    assert_eq!((field("period"), field("spend")), ("6".into(), "20".into()));
-    assert_eq!(field("reserved"), "0");
-}
-
-/// A settlement queued behind a batch that timed out (Redis paused past the 250 ms timeout) is
-/// not dropped: its waiter is let go at once, and it is sent once Redis answers again, so its
-/// spend still counts.
-#[tokio::test]
-async fn settlements_queued_behind_a_failed_batch_still_count() {
-    use std::sync::Arc;
-    use tollgate_crds::common::Limits;
-    use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
-    use tollgate_dataplane::limits::{Ask, Registry, Reservation, Rules, Scope};
-    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
-
-    let redis = Redis::start();
-    let shared = Arc::new(
-        SharedLimits::connect(&redis.url(), FailureMode::Closed, Duration::from_secs(600))
-            .await
-            .unwrap(),
-    );
-    let key = Registry::default()
-        .limited(
-            Scope::Key,
-            "ns/k",
-            Rules {
-                limits: Limits::default(),
-                budget: Some(BudgetConfig {
-                    max: Picodollars(1_000_000),
-                    period: BudgetPeriod::Lifetime,
-                }),
-            },
-        )
-        .unwrap();
-    let ask = Ask {
-        tokens: 1,
-        cost: Picodollars(1),
-    };
-    let now = 6_000_005;
-    let mut requests = Vec::new();
-    for _ in 0..3 {
-        let asks = vec![(key.clone(), ask)];
+        let left =
+            tokio::time::timeout(Duration::from_millis(50), shared.reserve(&asks, &lease, T)).await;
+        assert!(left.is_err(), "the request left before Redis answered");
+        assert_nothing_held(&redis, "key:ns/k").await;
+        // The slot is free for the next request.
         let lease = shared.new_lease();
-        shared.reserve(&asks, &lease, now).await.unwrap().unwrap();
-        let mut r = Reservation::default();
-        r.add_shared(shared.clone(), lease, asks, now);
-        requests.push(r);
+        assert!(shared.reserve(&asks, &lease, T + 1).await.unwrap().is_ok());
     }
-    // A first settlement loads the script (a call that times out before Redis has it loaded
-    // would find it missing when Redis gets to it).
-    requests[2].settle(1, Picodollars(5), now).unwrap().await;
-    assert_eq!(
-        redis_cli(&redis, &["CLIENT", "PAUSE", "700", "ALL"]).trim(),
-        "OK"
-    );
-    let first = requests[0].settle(1, Picodollars(10), now).unwrap();
-    // Let the first batch go out alone; the second settlement queues behind it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let second = requests[1].settle(1, Picodollars(20), now).unwrap();
-    first.await;
-    second.await;
-    let spend = || {
-        redis_cli(&redis, &["HGET", "tollgate:limits:key:ns/k", "spend"])
-            .trim()
-            .to_string()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while spend() != "35" && std::time::Instant::now() < deadline {
+
+    /// A batch that straddles a budget period: the spend settled before the period ended went
+    /// to the old period (which the new one resets), as one settlement at a time would have it
+    /// and as the replica's own counters count it; only the new period's spend counts in it.
+    #[tokio::test]
+    async fn a_batch_across_a_budget_period_counts_only_the_new_periods_spend() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 600).await;
+        // Periods of 100 s: 500-599 is period 5, 600-699 period 6.
+        let key = key_with_budget(1_000_000, BudgetPeriod::Seconds(100));
+        let mut before = reserved(&shared, vec![(key.clone(), ask(1, 1))], 550).await;
+        before.settle(1, Picodollars(100), 550).unwrap().await;
+        let mut a = reserved(&shared, vec![(key.clone(), ask(1, 1))], 590).await;
+        let mut b = reserved(&shared, vec![(key, ask(1, 1))], 599).await;
+        // One batch: `a` settled at 599 (period 5), `b` at 650 (period 6).
+        let (ra, rb) = (
+            a.settle(1, Picodollars(10), 599).unwrap(),
+            b.settle(1, Picodollars(20), 650).unwrap(),
+        );
+        ra.await;
+        rb.await;
+        let field = |f| hash_field(&redis, "key:ns/k", f);
+        assert_eq!((field("period"), field("spend")), ("6".into(), "20".into()));
+        assert_eq!(field("reserved"), "0");
+    }
+
+    /// A settlement queued behind a batch that timed out (Redis paused past the 250 ms timeout)
+    /// is not dropped: its waiter is let go at once, and it is sent once Redis answers again,
+    /// so its spend still counts.
+    #[tokio::test]
+    async fn settlements_queued_behind_a_failed_batch_still_count() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 600).await;
+        let key = key_with_budget(1_000_000, BudgetPeriod::Lifetime);
+        let mut requests = Vec::new();
+        for _ in 0..3 {
+            requests.push(reserved(&shared, vec![(key.clone(), ask(1, 1))], T).await);
+        }
+        // A first settlement loads the script (a call that times out before Redis has it
+        // loaded would find it missing when Redis gets to it).
+        requests[2].settle(1, Picodollars(5), T).unwrap().await;
+        assert_eq!(
+            redis_cli(&redis, &["CLIENT", "PAUSE", "700", "ALL"]).trim(),
+            "OK"
+        );
+        let first = requests[0].settle(1, Picodollars(10), T).unwrap();
+        // Let the first batch go out alone; the second settlement queues behind it.
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = requests[1].settle(1, Picodollars(20), T).unwrap();
+        first.await;
+        second.await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while hash_field(&redis, "key:ns/k", "spend") != "35"
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            hash_field(&redis, "key:ns/k", "spend"),
+            "35",
+            "every settlement counted"
+        );
     }
-    assert_eq!(spend(), "35", "every settlement counted");
 }
