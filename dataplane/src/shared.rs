@@ -191,16 +191,22 @@ for ki, list in pairs(by) do
     local held = ARGV[b+3] == '1' and ARGV[b+2] or '0'
     members[j] = ARGV[b+4] .. '|' .. held
   end
-  local scores = redis.call('ZMSCORE', lk, unpack(members))
-  local live, gone = {}, {}
-  for j, score in ipairs(scores) do
-    if score and not first[members[j]] then
-      first[members[j]] = true
-      live[j] = true
-      table.insert(gone, members[j])
+  local live = {}
+  if #members == 1 then
+    -- One entry (every batch of an idle replica): ZREM alone says whether it was live.
+    live[1] = redis.call('ZREM', lk, members[1]) == 1
+  else
+    local scores = redis.call('ZMSCORE', lk, unpack(members))
+    local gone = {}
+    for j, score in ipairs(scores) do
+      if score and not first[members[j]] then
+        first[members[j]] = true
+        live[j] = true
+        table.insert(gone, members[j])
+      end
     end
+    if #gone > 0 then redis.call('ZREM', lk, unpack(gone)) end
   end
-  if #gone > 0 then redis.call('ZREM', lk, unpack(gone)) end
   local h = redis.call('HMGET', k, 'minute', 'tokens', 'inflight', 'period')
   local m, t, inflight = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
   -- The latest budget period of the batch's entries. When it is newer than the hash's, the
