@@ -16,14 +16,35 @@
 //!
 //! Values are checked the way serde_json checks values it skips (`IgnoredAny`, `RawValue`):
 //! `\u` escapes must be four hex digits, but a lone surrogate is not an error there.
+//!
+//! **One meaning per request body.** JSON parsers disagree on an object that repeats a name:
+//! serde_json's `Value` and Python's `json` (so vLLM and pydantic) keep the last copy, this
+//! scan hands over every copy, others keep the first. A gateway that read `model` or
+//! `max_tokens` from one copy while the upstream read the other would authorize, price and
+//! reserve a request the upstream never ran. So [`unique_members`], which reads requests, also
+//! refuses any object, at any depth, whose members repeat a name. The fast scan compares keys
+//! as raw bytes and so refuses any key with an escape (and any object of more than
+//! [`MAX_FAST_KEYS`] members); the caller's strict serde_json path then decides, comparing
+//! names after unescaping (`"mod\u0065l"` is `model`). It also refuses a string with half a
+//! surrogate pair (`"\ud800"`), which serde_json can't decode and Python reads as a lone
+//! surrogate: the estimate and the upstream would read different text.
 
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
 
 /// How deeply containers may nest below the top-level object before the scan gives up and
 /// leaves the body to serde_json (which walks skipped values to any depth). At most 128: the
 /// nesting is kept as bits of a `u128`.
 const MAX_DEPTH: u32 = 100;
 const _: () = assert!(MAX_DEPTH <= 128);
+
+/// Most members an object may have for the fast scan to check its names for repeats (pairwise,
+/// so bounded work per member); a larger object goes to serde_json, which checks with a set.
+pub const MAX_FAST_KEYS: usize = 64;
 
 /// The scan didn't accept the body; serde_json must decide.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,12 +55,26 @@ type Result<T = (), E = Refused> = std::result::Result<T, E>;
 /// Scans `body` as one JSON object and calls `each(key, raw_value)` for each of its members in
 /// order (duplicates included), with the key decoded and the value as its raw JSON text.
 /// `each` may have been called for some members when the scan refuses.
-pub fn members<'a>(body: &'a [u8], mut each: impl FnMut(Cow<'a, str>, &'a str)) -> Result {
+pub fn members<'a>(body: &'a [u8], each: impl FnMut(Cow<'a, str>, &'a str)) -> Result {
+    scan::<false>(body, each)
+}
+
+/// [`members`] for a request body: also refuses an object anywhere in it that repeats a member
+/// name, and (so that names compare as bytes) any key with an escape. See the module doc.
+pub fn unique_members<'a>(body: &'a [u8], each: impl FnMut(Cow<'a, str>, &'a str)) -> Result {
+    scan::<true>(body, each)
+}
+
+fn scan<'a, const UNIQUE: bool>(
+    body: &'a [u8],
+    mut each: impl FnMut(Cow<'a, str>, &'a str),
+) -> Result {
     // Checked once up front (a fast loop over ASCII), so strings need no UTF-8 work below.
     let text = std::str::from_utf8(body).map_err(|_| Refused)?;
-    let mut s = Scanner {
+    let mut s = Scanner::<UNIQUE> {
         b: text.as_bytes(),
         i: 0,
+        keys: Vec::new(),
     };
     s.ws();
     s.eat(b'{')?;
@@ -71,10 +106,16 @@ pub fn members<'a>(body: &'a [u8], mut each: impl FnMut(Cow<'a, str>, &'a str)) 
     }
 }
 
-struct Scanner<'a> {
+struct Scanner<'a, const UNIQUE: bool> {
     b: &'a [u8],
     i: usize,
+    /// With `UNIQUE`: the names (byte ranges, quotes excluded) of the members seen so far in
+    /// each open object, innermost last, each object's behind a [`OPEN`] marker.
+    keys: Vec<(u32, u32)>,
 }
+
+/// The marker in [`Scanner::keys`] where an object's names begin.
+const OPEN: (u32, u32) = (u32::MAX, u32::MAX);
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
@@ -107,7 +148,7 @@ fn plain_prefix(rest: &[u8]) -> usize {
     n
 }
 
-impl Scanner<'_> {
+impl<const UNIQUE: bool> Scanner<'_, UNIQUE> {
     /// The current byte, or 0 past the end (0 is never valid where a byte is looked at: the
     /// scan refuses it).
     #[inline(always)]
@@ -150,6 +191,9 @@ impl Scanner<'_> {
         let start = self.i;
         self.eat(b'"')?;
         let escaped = self.string_rest()?;
+        if UNIQUE {
+            self.unique_key(start, escaped)?;
+        }
         let raw = text.get(start..self.i).ok_or(Refused)?;
         if escaped {
             serde_json::from_str::<String>(raw)
@@ -177,11 +221,20 @@ impl Scanner<'_> {
                     match self.next() {
                         b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
                         b'u' => {
-                            let hex = self.b.get(self.i..self.i + 4).ok_or(Refused)?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return Err(Refused);
+                            let unit = self.hex4()?;
+                            // A request's strings must decode (serde_json, which reads the
+                            // messages for the estimate, refuses half a surrogate pair).
+                            if UNIQUE && (0xD800..0xE000).contains(&unit) {
+                                if unit >= 0xDC00
+                                    || self.b.get(self.i..self.i + 2) != Some(&b"\\u"[..])
+                                {
+                                    return Err(Refused);
+                                }
+                                self.i += 2;
+                                if !(0xDC00..0xE000).contains(&self.hex4()?) {
+                                    return Err(Refused);
+                                }
                             }
-                            self.i += 4;
                         }
                         _ => return Err(Refused),
                     }
@@ -193,8 +246,21 @@ impl Scanner<'_> {
         }
     }
 
+    /// Four hex digits (of a `\u` escape), as a UTF-16 code unit.
+    #[inline(always)]
+    fn hex4(&mut self) -> Result<u32> {
+        let hex = self.b.get(self.i..self.i + 4).ok_or(Refused)?;
+        let mut unit = 0;
+        for &h in hex {
+            unit = unit * 16 + char::from(h).to_digit(16).ok_or(Refused)?;
+        }
+        self.i += 4;
+        Ok(unit)
+    }
+
     /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
     fn number(&mut self) -> Result {
+        let start = self.i;
         if self.peek() == b'-' {
             self.i += 1;
         }
@@ -207,12 +273,22 @@ impl Scanner<'_> {
             self.i += 1;
             self.some_digits()?;
         }
+        let mut exponent = false;
         if let b'e' | b'E' = self.peek() {
+            exponent = true;
             self.i += 1;
             if let b'+' | b'-' = self.peek() {
                 self.i += 1;
             }
             self.some_digits()?;
+        }
+        // A request's numbers must be numbers serde_json can hold (it refuses `1e400`, which
+        // Python reads as infinity). Short ones without an exponent always are.
+        if UNIQUE && (exponent || self.i - start > 15) {
+            let text = std::str::from_utf8(&self.b[start..self.i]).map_err(|_| Refused)?;
+            if !text.parse::<f64>().is_ok_and(f64::is_finite) {
+                return Err(Refused);
+            }
         }
         Ok(())
     }
@@ -261,6 +337,9 @@ impl Scanner<'_> {
                         }
                         stack = (stack << 1) | u128::from(open == b'{');
                         if open == b'{' {
+                            if UNIQUE {
+                                self.keys.push(OPEN);
+                            }
                             self.member_key()?;
                         }
                         continue;
@@ -291,7 +370,11 @@ impl Scanner<'_> {
                         }
                         break;
                     }
-                    b'}' if in_object => {}
+                    b'}' if in_object => {
+                        if UNIQUE {
+                            while self.keys.pop().is_some_and(|k| k != OPEN) {}
+                        }
+                    }
                     b']' if !in_object => {}
                     _ => return Err(Refused),
                 }
@@ -301,15 +384,199 @@ impl Scanner<'_> {
         }
     }
 
+    /// Checks the name just read (from its opening quote at `start` to the current byte) against
+    /// the names before it in its object, and records it.
+    #[inline(always)]
+    fn unique_key(&mut self, start: usize, escaped: bool) -> Result {
+        if escaped {
+            return Err(Refused);
+        }
+        let (from, to) = (start + 1, self.i - 1);
+        let name = &self.b[from..to];
+        let mut n = 0;
+        for &(a, b) in self.keys.iter().rev() {
+            if (a, b) == OPEN {
+                break;
+            }
+            n += 1;
+            if b - a == name.len() as u32 && &self.b[a as usize..b as usize] == name {
+                return Err(Refused);
+            }
+        }
+        if n >= MAX_FAST_KEYS {
+            return Err(Refused);
+        }
+        // Bodies are at most a few MiB (`--max-body-bytes`); a larger one isn't checked here.
+        let from = u32::try_from(from).map_err(|_| Refused)?;
+        self.keys.push((from, to as u32));
+        Ok(())
+    }
+
     /// A nested object's key and colon, up to its value.
     #[inline(always)]
     fn member_key(&mut self) -> Result {
+        let start = self.i;
         self.eat(b'"')?;
-        self.string_rest()?;
+        let escaped = self.string_rest()?;
+        if UNIQUE {
+            self.unique_key(start, escaped)?;
+        }
         self.ws();
         self.eat(b':')?;
         self.ws();
         Ok(())
+    }
+}
+
+/// Why the strict path refused a request body.
+#[derive(Debug)]
+pub enum Invalid {
+    /// Not one JSON object (serde_json's words).
+    Json(serde_json::Error),
+    /// An object repeats a member name (serde_json's words: the name and where).
+    Duplicate(serde_json::Error),
+}
+
+/// The authority behind [`unique_members`]: serde_json reads `body` as one object and returns
+/// its members (key decoded, raw value), refusing an object at any depth that repeats a name
+/// after unescaping, and any string that doesn't decode (half a surrogate pair). Bodies nested
+/// deeper than serde_json's limit (128) are refused.
+pub fn strict_members(body: &[u8]) -> std::result::Result<Vec<(Cow<'_, str>, &str)>, Invalid> {
+    let classify = |e: serde_json::Error| {
+        if e.classify() == serde_json::error::Category::Data && e.to_string().contains(REPEATED) {
+            Invalid::Duplicate(e)
+        } else {
+            Invalid::Json(e)
+        }
+    };
+    let fields = serde_json::from_slice::<Fields<'_>>(body)
+        .map_err(classify)?
+        .0;
+    for (_, raw) in &fields {
+        if raw.starts_with(['{', '[']) {
+            serde_json::from_str::<Unique>(raw).map_err(classify)?;
+        }
+    }
+    Ok(fields)
+}
+
+/// A string borrowed from the body when it has no escapes (serde's own `Cow<str>` always
+/// allocates).
+pub struct CowStr<'a>(pub Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for CowStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CowStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(
+                self,
+                v: &'de str,
+            ) -> std::result::Result<Self::Value, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// How the strict path words a repeated name (and how its caller tells that error apart).
+const REPEATED: &str = "appears more than once in one object";
+
+fn duplicate<E: de::Error>(name: &str) -> E {
+    let shown: String = name.chars().take(64).collect();
+    E::custom(format_args!("the field `{shown}` {REPEATED}"))
+}
+
+/// The top-level members, as raw values, refusing a repeated name.
+struct Fields<'a>(Vec<(Cow<'a, str>, &'a str)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                let mut seen = HashSet::new();
+                while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(duplicate(&key));
+                    }
+                    let value: &'de RawValue = map.next_value()?;
+                    fields.push((key, value.get()));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Any JSON value, checked for objects that repeat a name.
+struct Unique;
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Unique;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<Unique, E> {
+                Ok(Unique)
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<Unique, E> {
+                Ok(Unique)
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<Unique, E> {
+                Ok(Unique)
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<Unique, E> {
+                Ok(Unique)
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<Unique, E> {
+                Ok(Unique)
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Unique, E> {
+                Ok(Unique)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Unique, A::Error> {
+                while seq.next_element::<Unique>()?.is_some() {}
+                Ok(Unique)
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Unique, A::Error> {
+                let mut seen = HashSet::new();
+                while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
+                    if seen.contains(&key) {
+                        return Err(duplicate(&key));
+                    }
+                    seen.insert(key);
+                    map.next_value::<Unique>()?;
+                }
+                Ok(Unique)
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -346,6 +613,9 @@ pub(crate) fn mutations<'s>(
         b"null",
         b"[[",
         b"]]",
+        b"\"model\":\"x\",",
+        b",\"role\":1",
+        b"\"mod\\u0065l\":",
     ];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
     let mut rand = move |n: usize| {
@@ -386,8 +656,6 @@ pub(crate) fn mutations<'s>(
 #[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
-    use serde::de::{Deserializer, MapAccess, Visitor};
-    use serde_json::value::RawValue;
 
     /// What serde_json makes of `body`: its top-level members as (key, raw value), or `None`.
     fn serde_members(body: &[u8]) -> Option<Vec<(String, String)>> {
@@ -542,5 +810,93 @@ mod tests {
         // serde_json accepts nothing the scan refuses here (only bodies nested deeper than
         // MAX_DEPTH, which these mutations don't reach).
         assert_eq!(only_serde, 0);
+    }
+
+    fn unique(body: &[u8]) -> Option<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        unique_members(body, |k, v| out.push((k.into_owned(), v.to_owned())))
+            .ok()
+            .map(|()| out)
+    }
+
+    fn strict(body: &[u8]) -> Result<Vec<(String, String)>, bool> {
+        match strict_members(body) {
+            Ok(m) => Ok(m
+                .into_iter()
+                .map(|(k, v)| (k.into_owned(), v.to_owned()))
+                .collect()),
+            Err(Invalid::Duplicate(_)) => Err(true),
+            Err(Invalid::Json(_)) => Err(false),
+        }
+    }
+
+    #[test]
+    fn a_repeated_name_is_refused_at_any_depth_and_after_unescaping() {
+        for body in [
+            &br#"{"model":"cheap","messages":[],"model":"premium"}"#[..],
+            br#"{"model":"m","stream_options":{"include_usage":true,"include_usage":false}}"#,
+            br#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"user","role":"system","content":"b"}]}"#,
+            br#"{"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","type":"x"}}}]}"#,
+            br#"{"model":"cheap","mod\u0065l":"premium"}"#,
+            br#"{"a":{"b\/":1,"b/":2}}"#,
+        ] {
+            let text = String::from_utf8_lossy(body);
+            assert_eq!(unique(body), None, "fast scan: {text}");
+            assert_eq!(strict(body).err(), Some(true), "strict: {text}");
+        }
+    }
+
+    #[test]
+    fn the_same_name_in_different_objects_is_fine() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b","x":{"role":1,"content":{"role":[]}}}],"role":{"model":2},"content":[{},{}]}"#;
+        let fast = unique(body).expect("the fast scan accepts it");
+        assert_eq!(strict(body), Ok(fast.clone()));
+        assert_eq!(scan(body), Some(fast));
+    }
+
+    #[test]
+    fn escaped_names_and_large_objects_are_left_to_serde() {
+        // Not a repeat, but the fast scan can't tell without decoding: serde decides.
+        let escaped = br#"{"model":"m","x":{"\u0061":1,"b":2}}"#;
+        assert_eq!(unique(escaped), None);
+        assert!(strict(escaped).is_ok());
+        let names = |n: usize| {
+            let members: Vec<String> = (0..n).map(|i| format!("\"k{i}\":{i}")).collect();
+            format!("{{\"model\":\"m\",\"o\":{{{}}}}}", members.join(","))
+        };
+        assert!(unique(names(MAX_FAST_KEYS).as_bytes()).is_some());
+        let big = names(MAX_FAST_KEYS + 1);
+        assert_eq!(unique(big.as_bytes()), None);
+        assert!(strict(big.as_bytes()).is_ok());
+        // A repeat past the fast scan's reach is still found.
+        let repeated = big.replace("\"k3\":3", "\"k64\":3");
+        assert_eq!(strict(repeated.as_bytes()).err(), Some(true));
+    }
+
+    /// The request scan against its authority: never accepts what the strict path refuses,
+    /// sees the same members when it accepts, and refuses every repeat the strict path finds.
+    #[test]
+    fn unique_scan_agrees_with_the_strict_path_on_mutated_bodies() {
+        let seeds: &[&[u8]] = &[
+            br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi \"there\"\n"},{"role":"assistant","content":"ok"}],"stream":true,"stream_options":{"include_usage":true},"max_tokens":100,"temperature":0.7}"#,
+            br#"{"model":"m","tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"a":{"type":"string"}}}}}],"messages":[]}"#,
+        ];
+        let (mut accepted, mut duplicates) = (0, 0);
+        for body in (0..3).flat_map(|seed| mutations(seeds, 30_000, seed)) {
+            let text = String::from_utf8_lossy(&body);
+            match (unique(&body), strict(&body)) {
+                (Some(a), Ok(b)) => {
+                    assert_eq!(a, b, "{text}");
+                    accepted += 1;
+                }
+                (Some(_), Err(_)) => panic!("scan accepted what the strict path refuses: {text}"),
+                (None, Err(true)) => duplicates += 1,
+                (None, _) => {}
+            }
+        }
+        assert!(
+            accepted > 5_000 && duplicates > 20,
+            "{accepted} {duplicates}"
+        );
     }
 }

@@ -1,6 +1,12 @@
 //! Reading what the gateway needs from a request body without decoding the rest, and rewriting
 //! it only when something must change.
 //!
+//! The gateway decides on exactly the bytes the upstream reads: a body in which any object
+//! repeats a member name is refused (`400 duplicate_field`), since parsers disagree on which
+//! copy counts (see [`crate::json`]); the fields it reads for money (`model`, `stream`,
+//! `stream_options`, `max_tokens`, `max_completion_tokens`, `n`) must have the documented type
+//! or the request is refused rather than read one way here and another upstream.
+//!
 //! The body is split once into its top-level fields, each kept as raw JSON text borrowed from
 //! the request (by [`crate::json::members`]; serde_json decides on bodies that scan refuses, and
 //! words the error). Routing reads `model`, `stream` and `stream_options`; every other field (the
@@ -9,11 +15,9 @@
 //! changed values written anew.
 
 use crate::error::ApiError;
+use crate::json::{CowStr, Invalid};
 use bytes::Bytes;
-use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::fmt;
 
 /// The API a request is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,54 +78,11 @@ pub struct ParsedRequest<'a> {
     pub stream: bool,
     /// Whether the client asked for `stream_options.include_usage`.
     pub include_usage: bool,
-    /// `max_completion_tokens` (or the older `max_tokens`), when set.
+    /// `max_completion_tokens` (or the older `max_tokens`; the larger when both are set), when
+    /// set.
     pub max_tokens: Option<u64>,
-}
-
-struct Fields<'a>(Vec<(Cow<'a, str>, &'a str)>);
-
-impl<'de> serde::Deserialize<'de> for Fields<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Fields<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
-                    let value: &'de RawValue = map.next_value()?;
-                    fields.push((key, value.get()));
-                }
-                Ok(Fields(fields))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-/// A string borrowed from the body when it has no escapes (serde's own `Cow<str>` always
-/// allocates).
-struct CowStr<'a>(Cow<'a, str>);
-
-impl<'de> serde::Deserialize<'de> for CowStr<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = CowStr<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(CowStr(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(CowStr(Cow::Owned(v.to_owned())))
-            }
-        }
-        d.deserialize_str(V)
-    }
+    /// `n`: how many choices to generate (1 when not set).
+    pub choices: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -139,15 +100,17 @@ impl<'a> ParsedRequest<'a> {
     /// Splits `body` and checks the fields the gateway relies on.
     pub fn parse(body: &'a [u8], endpoint: Endpoint) -> Result<Self, ApiError> {
         let mut fields = Vec::with_capacity(8);
-        if crate::json::members(body, |k, v| fields.push((k, v))).is_err() {
-            fields = serde_json::from_slice::<Fields<'a>>(body)
-                .map_err(|e| {
-                    ApiError::bad_request(
-                        "invalid_json",
-                        format!("The request body is not valid JSON ({e}). Send a JSON object with `model` and `{}`.", endpoint.required_field()),
-                    )
-                })?
-                .0;
+        if crate::json::unique_members(body, |k, v| fields.push((k, v))).is_err() {
+            fields = crate::json::strict_members(body).map_err(|e| match e {
+                Invalid::Json(e) => ApiError::bad_request(
+                    "invalid_json",
+                    format!("The request body is not valid JSON ({e}). Send a JSON object with `model` and `{}`.", endpoint.required_field()),
+                ),
+                Invalid::Duplicate(e) => ApiError::bad_request(
+                    "duplicate_field",
+                    format!("The request body is ambiguous: {e}. JSON parsers disagree on which copy counts, so send each field once."),
+                ),
+            })?;
         }
         let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
         let model: Cow<'a, str> = match get("model") {
@@ -206,10 +169,31 @@ impl<'a> ParsedRequest<'a> {
                 .unwrap_or(false),
             _ => false,
         };
-        let max_tokens = get("max_completion_tokens")
-            .or_else(|| get("max_tokens"))
-            .and_then(|v| v.parse::<u64>().ok());
+        // Upstreams differ on which of the two wins when both are set (vLLM takes
+        // `max_completion_tokens` unless it is null): reserve for the larger.
+        let mut max_tokens: Option<u64> = None;
+        for name in ["max_completion_tokens", "max_tokens"] {
+            match get(name) {
+                None | Some("null") => {}
+                Some(v) => {
+                    let n = v.parse::<u64>().map_err(|_| {
+                        ApiError::bad_request(
+                            "invalid_max_tokens",
+                            format!("`{name}` must be a non-negative integer."),
+                        )
+                    })?;
+                    max_tokens = max_tokens.max(Some(n));
+                }
+            }
+        }
+        let choices = match get("n") {
+            None | Some("null") => 1,
+            Some(v) => v.parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                ApiError::bad_request("invalid_n", "`n` must be a positive integer.")
+            })?,
+        };
         Ok(Self {
+            choices,
             max_tokens,
             fields,
             model,
@@ -373,5 +357,54 @@ mod tests {
                 .map(|e| e.code),
             Some("invalid_stream")
         );
+    }
+
+    #[test]
+    fn a_repeated_field_is_refused_with_its_own_code() {
+        for body in [
+            r#"{"model":"cheap","messages":[],"model":"premium"}"#,
+            r#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true,"include_usage":false}}"#,
+            r#"{"model":"m","mod\u0065l":"x","messages":[]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}"#,
+            r#"{"model":"m","messages":[],"max_tokens":1,"max_tokens":100000}"#,
+        ] {
+            let e = parse(body).err().expect(body);
+            assert_eq!(e.code, "duplicate_field", "{body}");
+            assert!(
+                e.message.contains("appears more than once"),
+                "{}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn max_tokens_and_n_must_be_what_the_upstream_reads() {
+        let r = parse(
+            r#"{"model":"m","messages":[],"max_completion_tokens":null,"max_tokens":500,"n":3}"#,
+        )
+        .expect("parse");
+        assert_eq!((r.max_tokens, r.choices), (Some(500), 3));
+        let r = parse(r#"{"model":"m","messages":[],"max_completion_tokens":20,"max_tokens":500}"#)
+            .expect("parse");
+        assert_eq!(r.max_tokens, Some(500), "the larger of the two");
+        for (body, code) in [
+            (
+                r#"{"model":"m","messages":[],"max_tokens":1e9}"#,
+                "invalid_max_tokens",
+            ),
+            (
+                r#"{"model":"m","messages":[],"max_tokens":"9"}"#,
+                "invalid_max_tokens",
+            ),
+            (
+                r#"{"model":"m","messages":[],"max_completion_tokens":-1}"#,
+                "invalid_max_tokens",
+            ),
+            (r#"{"model":"m","messages":[],"n":0}"#, "invalid_n"),
+            (r#"{"model":"m","messages":[],"n":2.5}"#, "invalid_n"),
+        ] {
+            assert_eq!(parse(body).err().map(|e| e.code), Some(code), "{body}");
+        }
     }
 }
