@@ -81,7 +81,8 @@ pub struct Retries {
     /// Base of the exponential backoff between attempts (jittered), e.g. `100ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<String>,
-    /// Which failures are retried. Default: all of them.
+    /// Which failures are retried. Default: all of them, except `timeout` on a deployment with a
+    /// price (the request may be running upstream, and a retry would pay for it twice).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry_on: Vec<RetryOn>,
 }

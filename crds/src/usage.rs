@@ -35,8 +35,35 @@ pub struct UsageRecord {
     pub cached_tokens: u64,
     /// Cost in picodollars.
     pub cost_pico: u64,
-    /// `success`, `upstream_error`, `client_gone`, `rejected`.
+    /// `success`, `upstream_error`, `client_gone`, `rejected`, `shutdown`.
     pub outcome: String,
+    /// Where the token counts come from: the upstream's report, or the gateway's estimate (the
+    /// upstream did work and reported no usage: a stream cut before its usage chunk, a client
+    /// that left, a timeout after the request was sent).
+    #[serde(default)]
+    pub usage_source: UsageSource,
+}
+
+/// Where a record's token counts come from.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The upstream's usage.
+    #[default]
+    Reported,
+    /// The gateway's estimate: prompt tokens from its tokenizer, completion tokens from the
+    /// text it relayed.
+    Estimated,
+}
+
+impl UsageSource {
+    /// The name used in records, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Estimated => "estimated",
+        }
+    }
 }
 
 impl UsageRecord {

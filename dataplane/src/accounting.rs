@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tollgate_crds::config::{Picodollars, TokenUsage};
+use tollgate_crds::usage::UsageSource;
 
 /// Usage totals of one key or deployment.
 #[derive(Debug, Default)]
@@ -114,10 +115,19 @@ impl Outcome {
     }
 }
 
-/// What one request owes, settled once with its real usage.
+/// What one request owes, settled once with its real usage, or, when the upstream did work
+/// it reported no usage for, with an estimate (see [`Charge::sending`]).
 #[derive(Debug)]
 pub struct Charge {
     request_id: http::HeaderValue,
+    /// The request as the client sent it, for the estimate.
+    request: Option<(bytes::Bytes, crate::request::Endpoint)>,
+    /// The current attempt's request went upstream and no answer says it did no work.
+    sent: bool,
+    /// Earlier attempts that went upstream and timed out: estimated tokens and cost.
+    unbilled: (TokenUsage, Picodollars),
+    /// Text relayed to the client so far (stream content), for the completion estimate.
+    relayed: Relayed,
     key: Arc<RuntimeKey>,
     deployment: Arc<RuntimeDeployment>,
     started: Instant,
@@ -142,6 +152,10 @@ impl Charge {
     ) -> Self {
         Self {
             request_id,
+            request: None,
+            sent: false,
+            unbilled: (TokenUsage::default(), Picodollars(0)),
+            relayed: Relayed::default(),
             key,
             deployment,
             started,
@@ -151,6 +165,51 @@ impl Charge {
             in_flight: None,
             attempt_counted: false,
             settled: false,
+        }
+    }
+
+    /// Keeps the request's body, from which the prompt is estimated should the upstream do work
+    /// and report no usage.
+    pub fn with_request(mut self, body: bytes::Bytes, endpoint: crate::request::Endpoint) -> Self {
+        self.request = Some((body, endpoint));
+        self
+    }
+
+    /// The current attempt's request is going upstream: from here the upstream may do work
+    /// it bills. Unless [`Charge::no_work`] says otherwise, the attempt is charged: with the
+    /// usage the upstream reports, else with an estimate (the prompt from the tokenizer, the
+    /// completion from the text relayed) marked `usage_source: estimated`.
+    pub fn sending(&mut self) {
+        self.sent = true;
+    }
+
+    /// The current attempt did no billable work: it never reached the upstream (no
+    /// connection), or the upstream answered with an error status or ended the connection
+    /// before answering.
+    pub fn no_work(&mut self) {
+        self.sent = false;
+    }
+
+    /// Text the client received (a stream's content, tool-call arguments), counted as
+    /// completion tokens if the upstream reports no usage.
+    pub fn relayed(&mut self, text: &[u8]) {
+        self.relayed.push(text);
+    }
+
+    /// The estimated usage of the current attempt on its deployment.
+    fn estimate(&self) -> TokenUsage {
+        let family = self.deployment.tokens;
+        let prompt = match &self.request {
+            Some((body, endpoint)) => match crate::request::ParsedRequest::parse(body, *endpoint) {
+                Ok(parsed) => crate::tokens::estimate(family, *endpoint, &parsed, body),
+                Err(_) => (body.len() as u64 / 4).max(1),
+            },
+            None => 0,
+        };
+        TokenUsage {
+            prompt,
+            completion: self.relayed.tokens(family),
+            cached: 0,
         }
     }
 
@@ -174,6 +233,17 @@ impl Charge {
             .increment(1);
         self.attempt_counted = true;
         self.in_flight = None;
+        if self.sent {
+            // A timed-out attempt the upstream may have run (and billed): charged its estimate
+            // with the request, whatever the next attempt does.
+            let u = self.estimate();
+            let (tokens, cost) = &mut self.unbilled;
+            tokens.prompt = tokens.prompt.saturating_add(u.prompt);
+            tokens.completion = tokens.completion.saturating_add(u.completion);
+            *cost = Picodollars(cost.0.saturating_add(self.deployment.pricing.cost(u).0));
+            self.sent = false;
+            self.relayed = Relayed::default();
+        }
         self.reservation
             .release(crate::limits::Scope::Deployment, crate::limits::unix_now());
     }
@@ -207,11 +277,35 @@ impl Charge {
         }
         self.settled = true;
         self.in_flight = None;
+        let (usage, source) = match usage {
+            Some(u) => (Some(u), UsageSource::Reported),
+            None if self.sent => (Some(self.estimate()), UsageSource::Estimated),
+            None => (None, UsageSource::Reported),
+        };
         let d = &self.deployment;
-        let cost = usage.map(|u| d.pricing.cost(u)).unwrap_or_default();
+        let mut cost = usage.map(|u| d.pricing.cost(u)).unwrap_or_default();
+        let (extra, source) = match self.unbilled {
+            (_, Picodollars(0)) if self.unbilled.0 == TokenUsage::default() => (None, source),
+            (tokens, extra) => {
+                cost = Picodollars(cost.0.saturating_add(extra.0));
+                (Some(tokens), UsageSource::Estimated)
+            }
+        };
+        let usage = match (usage, extra) {
+            (Some(u), Some(e)) => Some(TokenUsage {
+                prompt: u.prompt.saturating_add(e.prompt),
+                completion: u.completion.saturating_add(e.completion),
+                cached: u.cached,
+            }),
+            (u, e) => u.or(e),
+        };
+
         self.key.usage.add(usage, cost);
         d.usage.add(usage, cost);
         let m = &d.metrics;
+        if source == UsageSource::Estimated {
+            m.estimated.increment(1);
+        }
         if !self.attempt_counted {
             m.outcome(outcome).increment(1);
         }
@@ -243,6 +337,7 @@ impl Charge {
                 cached_tokens: u.cached,
                 cost_pico: cost.0,
                 outcome: outcome.as_str().to_string(),
+                usage_source: source,
             });
         }
         tracing::debug!(
@@ -252,6 +347,7 @@ impl Charge {
             model = &*d.model,
             deployment = &*d.id,
             outcome = outcome.as_str(),
+            usage_source = source.as_str(),
             prompt_tokens = u.prompt,
             completion_tokens = u.completion,
             cost_usd = %cost,
@@ -292,5 +388,33 @@ impl Drop for Charge {
         // Dropped unsettled: the request's future was dropped (the client went away while the
         // upstream was working, or shutdown cut it). Release its reservations and count it.
         self.settle_once(None, Outcome::dropped());
+    }
+}
+
+/// Most relayed text kept for the completion estimate; past it only the length is counted
+/// (at 4 bytes a token).
+const RELAYED_MAX: usize = 1 << 20;
+
+/// The text relayed to the client, for estimating completion tokens.
+#[derive(Debug, Default)]
+struct Relayed {
+    text: Vec<u8>,
+    overflow: u64,
+}
+
+impl Relayed {
+    fn push(&mut self, text: &[u8]) {
+        let room = RELAYED_MAX.saturating_sub(self.text.len()).min(text.len());
+        self.text.extend_from_slice(&text[..room]);
+        self.overflow += (text.len() - room) as u64;
+    }
+
+    /// Completion tokens of the text, as a model of `family` counts them.
+    fn tokens(&self, family: crate::tokens::Family) -> u64 {
+        if self.text.is_empty() && self.overflow == 0 {
+            return 0;
+        }
+        crate::tokens::count_text(family, &String::from_utf8_lossy(&self.text))
+            .saturating_add(self.overflow.div_ceil(4))
     }
 }

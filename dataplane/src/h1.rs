@@ -63,10 +63,16 @@ const COPY_BODY: usize = 16 << 10;
 /// Why a request got no (complete) answer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The connection ended (closed or reset) before any byte of an answer arrived: the
-    /// upstream closed it rather than answer, which on a reused connection is its idle timeout.
-    #[error("the upstream closed the connection before answering")]
+    /// Writing the request failed because the connection had ended (closed or reset), and no
+    /// answer came: the upstream never read the whole request, which on a reused connection
+    /// is its idle timeout. Safe to send again.
+    #[error("the upstream closed the connection before reading the request")]
     Closed(#[source] Option<std::io::Error>),
+    /// The request was written whole, then the connection ended before any byte of an answer:
+    /// the upstream may have started on it, so it is not sent again here (another attempt is
+    /// the route policy's call).
+    #[error("the upstream closed the connection before answering")]
+    ClosedAfterWrite(#[source] Option<std::io::Error>),
     /// Reading or writing failed after part of the answer arrived.
     #[error("upstream connection failed: {0}")]
     Io(#[from] std::io::Error),
@@ -79,7 +85,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the request may be sent again on a new connection: nothing came back.
+    /// Whether the request may be sent again on a new connection: the upstream never had it
+    /// whole, and nothing came back.
     pub fn is_closed(&self) -> bool {
         matches!(self, Error::Closed(_))
     }
@@ -224,10 +231,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             }
             reserve(&mut self.buf);
             match before(&mut timer, self.io.read_buf(&mut self.buf)).await? {
-                Ok(0) if !any => return Err(Error::Closed(None)),
+                Ok(0) if !any => return Err(Error::ClosedAfterWrite(None)),
                 Ok(0) => return Err(Error::Parse("connection closed inside the response head")),
                 Ok(_) => any = true,
-                Err(e) if !any && closed_kind(&e) => return Err(Error::Closed(Some(e))),
+                Err(e) if !any && closed_kind(&e) => {
+                    return Err(Error::ClosedAfterWrite(Some(e)));
+                }
                 Err(e) => return Err(Error::Io(e)),
             }
         }
@@ -1025,9 +1034,14 @@ mod tests {
 
     #[tokio::test]
     async fn broken_answers_are_errors_of_their_kind() {
-        // Nothing at all: closed, so a reused connection's request may go out again.
+        // Nothing at all after the request was written whole: the upstream may have started on
+        // it, so it is not one to send again on its own.
         let (_, r) = exchange(post("{}"), b"", true).await;
-        assert!(r.unwrap_err().is_closed());
+        let e = r.unwrap_err();
+        assert!(
+            matches!(e, Error::ClosedAfterWrite(_)) && !e.is_closed(),
+            "{e:?}"
+        );
         // Garbage is a parse error, not "closed".
         let (_, r) = exchange(post("{}"), b"SSH-2.0-OpenSSH\r\n\r\n", true).await;
         assert!(matches!(r.unwrap_err(), Error::Parse(_)));

@@ -8,6 +8,14 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
-    tollgate_dataplane::cli::run(tollgate_dataplane::cli::Args::parse())
+/// A config or start-up error is a message, not a crash: printed as the error and its causes
+/// (`{:#}`), never with the backtrace `anyhow`'s `Debug` adds when `RUST_BACKTRACE` is set.
+fn main() -> std::process::ExitCode {
+    match tollgate_dataplane::cli::run(tollgate_dataplane::cli::Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

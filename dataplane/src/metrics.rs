@@ -29,6 +29,12 @@ pub const RETRIES: &str = "tollgate_retries_total";
 pub const FALLBACKS: &str = "tollgate_fallbacks_total";
 /// `tollgate_cooldowns_total{model,deployment}`: endpoints taken out of rotation.
 pub const COOLDOWNS: &str = "tollgate_cooldowns_total";
+/// `tollgate_estimated_usage_total{model,deployment}`: requests charged an estimate because
+/// the upstream did work and reported no usage.
+pub const ESTIMATED: &str = "tollgate_estimated_usage_total";
+/// `tollgate_upstream_resends_total`: requests sent again on a new connection because a pooled
+/// one failed while the request was being written (nothing of it reached the upstream whole).
+pub const RESENDS: &str = "tollgate_upstream_resends_total";
 /// `tollgate_config_reloads_total{result}`.
 pub const RELOADS: &str = "tollgate_config_reloads_total";
 
@@ -57,6 +63,14 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_counter!(REJECTED, "Requests refused by the gateway, by error code.");
     metrics::describe_counter!(RELOADS, "Config reloads, by result.");
+    metrics::describe_counter!(
+        ESTIMATED,
+        "Requests charged an estimate: the upstream did work and reported no usage."
+    );
+    metrics::describe_counter!(
+        RESENDS,
+        "Requests sent again on a new connection after a pooled one failed during the write."
+    );
     metrics::describe_counter!(RETRIES, "Attempts retried within a model group.");
     metrics::describe_counter!(FALLBACKS, "Requests passed on to a fallback model.");
     metrics::describe_counter!(

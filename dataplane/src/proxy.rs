@@ -170,7 +170,11 @@ impl Ctx<'_> {
             tokens,
             cost: d.pricing.cost(TokenUsage {
                 prompt: tokens,
-                completion: self.parsed.max_tokens.unwrap_or(0),
+                completion: self
+                    .parsed
+                    .max_tokens
+                    .unwrap_or(0)
+                    .saturating_mul(self.parsed.choices),
                 cached: 0,
             }),
         }
@@ -420,7 +424,7 @@ async fn serve_group(ctx: &mut Ctx<'_>, group: &Group, last_resort: bool) -> Gro
         tried.push(idx);
         let retry_after = f.retry_after;
         last = Some(f);
-        if attempt + 1 >= policy.attempts || !policy.retries(class) {
+        if attempt + 1 >= policy.attempts || !policy.retries_on(class, d) {
             break;
         }
         let mut pause = policy.backoff(attempt + 1);
@@ -502,14 +506,17 @@ async fn admit_route(
                     Some(c) => c.set_deployment(d.clone()),
                     None => {
                         ctx.room = room;
-                        ctx.charge = Some(Charge::new(
-                            ctx.rid.clone(),
-                            ctx.key.clone(),
-                            d.clone(),
-                            ctx.started,
-                            fresh,
-                            ctx.state.usage_log.clone(),
-                        ));
+                        ctx.charge = Some(
+                            Charge::new(
+                                ctx.rid.clone(),
+                                ctx.key.clone(),
+                                d.clone(),
+                                ctx.started,
+                                fresh,
+                                ctx.state.usage_log.clone(),
+                            )
+                            .with_request(ctx.body.clone(), ctx.endpoint),
+                        );
                     }
                 }
                 return Admitted::Route(idx);
@@ -756,8 +763,12 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
                 .unwrap_or_else(|_| Err(crate::upstream::SendError::timed_out()))
         })),
     };
+    let mut charge = charge;
+    charge.sending();
     let resp = match send.await {
         Err(e) if e.is_timeout() => {
+            // The request may be running upstream: the attempt keeps its charge (an estimate),
+            // and is retried only where the policy says so (see `RoutePolicy` retryOn).
             let waited = began.elapsed();
             return fail(
                 ctx,
@@ -769,6 +780,9 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
             );
         }
         Err(e) => {
+            // No connection, or one that ended before any answer: the upstream did no work
+            // it answered for (see docs/limits-and-budgets.md for this bound).
+            charge.no_work();
             let e = if e.is_connect() {
                 ApiError::unavailable(
                     "upstream_unreachable",
@@ -785,6 +799,10 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
         Ok(resp) => resp,
     };
     let status = resp.status();
+    if !status.is_success() {
+        // An error answer: no work to bill.
+        charge.no_work();
+    }
     let (parts, incoming) = resp.into_parts();
     if status.is_success() && ctx.parsed.stream {
         route.stats.success(began.elapsed());
@@ -804,10 +822,20 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
         Some(dl) => tokio::time::timeout_at(dl, read).await.ok(),
         None => Some(read.await),
     };
+    // A 2xx is work the upstream did: whatever goes wrong reading it, it is charged (an
+    // estimate when its usage can't be read) and not sent again.
+    let unread = |ctx: &mut Ctx<'_>, charge: Charge, class: RetryOn, e: ApiError| {
+        if status.is_success() {
+            charge.settle(None, Outcome::UpstreamError);
+            Attempt::Done(Err(e))
+        } else {
+            fail(ctx, charge, class, e)
+        }
+    };
     let bytes = match read {
         Some(Ok(bytes)) => bytes,
         Some(Err(_)) => {
-            return fail(
+            return unread(
                 ctx,
                 charge,
                 RetryOn::ConnectError,
@@ -818,28 +846,24 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
             );
         }
         None => {
-            return fail(
-                ctx,
-                charge,
-                RetryOn::Timeout,
-                ApiError::timeout(format!(
-                    "Deployment {id} did not finish within its total timeout."
-                )),
-            );
+            let e = ApiError::timeout(format!(
+                "Deployment {id} did not finish within its total timeout."
+            ));
+            return unread(ctx, charge, RetryOn::Timeout, e);
         }
     };
     if status.is_success() {
         let Ok(usage) = crate::usage::from_response(&bytes) else {
-            return fail(
-                ctx,
-                charge,
-                RetryOn::ServerError,
-                ApiError::bad_gateway(
-                    "upstream_invalid_response",
-                    format!("Deployment {id} returned a response that is not JSON."),
-                ),
-            );
+            charge.settle(None, Outcome::UpstreamError);
+            return Attempt::Done(Err(ApiError::bad_gateway(
+                "upstream_invalid_response",
+                format!("Deployment {id} returned a response that is not JSON."),
+            )));
         };
+        if usage.is_none() {
+            // No usage in a 2xx: charged an estimate from the prompt and the text generated.
+            crate::usage::generated_text(&bytes, |text| charge.relayed(text));
+        }
         route.stats.success(began.elapsed());
         let cost = charge.settle(usage, Outcome::Success).recorded().await;
         let mut out = Response::new(Body::from(bytes));

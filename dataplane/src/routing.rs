@@ -335,6 +335,17 @@ impl Policy {
         self.retry_on.as_ref().is_none_or(|r| r.contains(&class))
     }
 
+    /// Whether a failure of class `class` on deployment `d` is retried. With no `retryOn`, a
+    /// timeout on a priced deployment is not: the request may be running upstream, which bills
+    /// it (the attempt is charged an estimate), and a retry would pay for it twice. Naming
+    /// `timeout` in `retryOn` opts in.
+    pub fn retries_on(&self, class: RetryOn, d: &crate::snapshot::RuntimeDeployment) -> bool {
+        match &self.retry_on {
+            Some(r) => r.contains(&class),
+            None => class != RetryOn::Timeout || d.pricing == Default::default(),
+        }
+    }
+
     /// The pause before retry number `retry` (1-based): exponential from the base, with full
     /// jitter, at most 5 s.
     pub fn backoff(&self, retry: u32) -> Duration {

@@ -47,6 +47,8 @@ pub struct DeploymentMetrics {
     client_gone: Counter,
     shutdown: Counter,
     rejected: Counter,
+    /// Requests charged an estimate.
+    pub estimated: Counter,
     /// Request duration.
     pub duration: Histogram,
     /// Time to first byte.
@@ -62,6 +64,7 @@ impl DeploymentMetrics {
             client_gone: counter(Outcome::ClientGone.as_str()),
             shutdown: counter(Outcome::Shutdown.as_str()),
             rejected: counter(Outcome::Rejected.as_str()),
+            estimated: metrics::counter!(crate::metrics::ESTIMATED, "model" => model.to_string(), "deployment" => id.to_string()),
             duration: metrics::histogram!(crate::metrics::DURATION, "model" => model.to_string(), "deployment" => id.to_string()),
             ttfb: metrics::histogram!(crate::metrics::TTFB, "model" => model.to_string(), "deployment" => id.to_string()),
         }

@@ -135,6 +135,10 @@ impl<B> SseRelay<B> {
 
     /// Queues complete events, reading (and maybe dropping) the ones carrying usage.
     fn inspect(&mut self, complete: Bytes) {
+        if let Some(c) = self.charge.as_mut() {
+            // Counted only if the upstream never reports usage (see `Charge::sending`).
+            crate::usage::generated_text(&complete, |text| c.relayed(text));
+        }
         let mut from = 0;
         let mut search = 0;
         while let Some(rel) = USAGE.find(&complete[search..]) {

@@ -97,6 +97,16 @@ pub fn estimate(family: Family, endpoint: Endpoint, req: &ParsedRequest<'_>, bod
     counted.unwrap_or(bytes_estimate).max(1)
 }
 
+/// Tokens of plain text (a completion relayed to the client) for a model of `family`: its BPE
+/// count, or bytes / 4 for other models.
+pub fn count_text(family: Family, text: &str) -> u64 {
+    match family {
+        Family::O200k => bpe_openai::o200k_base().count(text) as u64,
+        Family::Cl100k => bpe_openai::cl100k_base().count(text) as u64,
+        Family::Other => (text.len() as u64).div_ceil(4),
+    }
+}
+
 /// Tokens of a content value: a string, an array of strings, or of content parts
 /// (`{"type":"text","text":...}`; images and audio are not counted here).
 fn text_tokens(v: Option<&Value>, count: &dyn Fn(&str) -> u64) -> u64 {

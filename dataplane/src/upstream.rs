@@ -169,9 +169,11 @@ pub async fn send(
 ///
 /// That race is what a keep-alive connection meets when the upstream's idle timeout ends it
 /// just as a request goes out (uvicorn, which serves vLLM, closes after 5 s idle). A request
-/// sent on a reused connection that then ended (closed or reset) before any byte of an answer
-/// is sent again, once, on a new connection, as browsers do: the upstream closed it rather
-/// than answer.
+/// whose write on a reused connection failed because the connection had ended is sent again,
+/// once, on a new connection (counted in `tollgate_upstream_resends_total`): the upstream never
+/// had it whole. One written whole whose connection then ended before any answer is not: the
+/// upstream may have started on it (and a provider may bill it), so it fails, and whether
+/// another attempt is made is the route policy's call.
 pub async fn send_to(
     origin: Option<&Origin>,
     connect_timeout: Duration,
@@ -267,8 +269,9 @@ where
             Err(e) if reused && e.is_closed() => {
                 tracing::debug!(
                     upstream = &*origin.addr,
-                    "pooled connection closed under the request; sending it again"
+                    "pooled connection closed before the request was written; sending it again"
                 );
+                metrics::counter!(crate::metrics::RESENDS).increment(1);
                 fresh_only = true;
             }
             Err(h1::Error::TimedOut) => return Err(SendError::timed_out()),

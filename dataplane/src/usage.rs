@@ -75,6 +75,53 @@ pub fn from_response(body: &[u8]) -> Result<Option<TokenUsage>, serde_json::Erro
     serde_json::from_slice::<UsageOnly>(body).map(|w| w.usage.map(Into::into))
 }
 
+/// The names whose string values are generated text: a chat message's or delta's `content`,
+/// `refusal` and reasoning, a tool call's `arguments`, a completion's `text`.
+static TEXT_KEYS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 6]> =
+    std::sync::LazyLock::new(|| {
+        [
+            &b"\"content\":"[..],
+            b"\"arguments\":",
+            b"\"text\":",
+            b"\"reasoning_content\":",
+            b"\"reasoning\":",
+            b"\"refusal\":",
+        ]
+        .map(memchr::memmem::Finder::new)
+    });
+
+/// Calls `each` with the raw text (escapes not decoded) of every generated-text string in
+/// `json` (a response body, or stream events), for estimating completion tokens when the
+/// upstream reports none. A fast approximation: names are found by their bytes, so text that
+/// itself contains `\"content\":` is not double counted (its quotes are escaped there).
+pub fn generated_text(json: &[u8], mut each: impl FnMut(&[u8])) {
+    for finder in TEXT_KEYS.iter() {
+        for at in finder.find_iter(json) {
+            // A name inside a string has an escaped quote before it.
+            if at > 0 && json[at - 1] == b'\\' {
+                continue;
+            }
+            let mut i = at + finder.needle().len();
+            while json.get(i).is_some_and(u8::is_ascii_whitespace) {
+                i += 1;
+            }
+            if json.get(i) != Some(&b'"') {
+                continue;
+            }
+            let start = i + 1;
+            let mut j = start;
+            while let Some(&c) = json.get(j) {
+                match c {
+                    b'"' => break,
+                    b'\\' => j += 2,
+                    _ => j += 1,
+                }
+            }
+            each(&json[start..j.min(json.len())]);
+        }
+    }
+}
+
 /// Usage of one stream chunk's JSON, and whether the chunk carries nothing else (its `choices`
 /// are empty, as in the extra chunk `stream_options.include_usage` adds).
 pub fn from_chunk(json: &[u8]) -> Option<(TokenUsage, bool)> {
@@ -87,6 +134,26 @@ pub fn from_chunk(json: &[u8]) -> Option<(TokenUsage, bool)> {
 #[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_text_is_found_in_messages_deltas_tool_calls_and_completions() {
+        let mut got = Vec::new();
+        let events = br#"data: {"choices":[{"delta":{"role":"assistant","content":"He said \"content\": no"}}]}
+
+data: {"choices":[{"delta":{"tool_calls":[{"function":{"name":"f","arguments": "{\"a\":1}"}}]}}]}
+
+data: {"choices":[{"text":"done","delta":{"content":null,"reasoning_content":"hm"}}]}
+
+"#;
+        generated_text(events, |t| {
+            got.push(String::from_utf8_lossy(t).into_owned())
+        });
+        got.sort();
+        assert_eq!(
+            got,
+            [r#"He said \"content\": no"#, "done", "hm", r#"{\"a\":1}"#]
+        );
+    }
 
     #[test]
     fn usage_of_a_response_and_garbage_refused() {

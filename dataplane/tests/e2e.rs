@@ -971,12 +971,18 @@ fn invalid_manifests_fail_startup_with_the_reason() {
             std::fs::write(dir.join("m.yaml"), "apiVersion: tollgate.dev/v1alpha1\nkind: VirtualKey\nmetadata: {name: k}\nspec: {secretRef: {name: missing}}\n").unwrap();
             dir
         })
+        // A config error is not a crash: no stack trace, even when backtraces are asked for.
+        .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("VirtualKey default/k: spec.secretRef: Secret default/missing not found"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Stack backtrace") && !err.contains("main.rs"),
         "{err}"
     );
 }

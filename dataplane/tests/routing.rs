@@ -444,7 +444,8 @@ async fn connection_resets_and_timeouts_are_retried_elsewhere() {
         deployment("good", "gpt", &good.base_url(), &price(3)),
         policy(
             "gpt",
-            "strategy: cost-based, retries: {attempts: 3, backoff: 1ms}, timeouts: {firstByte: 300ms}, cooldown: {allowedFails: 1000}"
+            // Timeouts on priced deployments are retried only when `retryOn` names them.
+            "strategy: cost-based, retries: {attempts: 3, backoff: 1ms, retryOn: [connect-error, timeout]}, timeouts: {firstByte: 300ms}, cooldown: {allowedFails: 1000}"
         ),
     );
     let gw = Gateway::start(BIN, &m, &[]);
