@@ -60,12 +60,18 @@ const READ_SIZE: usize = 16 << 10;
 /// Request bodies up to this size are copied behind the head and sent in one write.
 const COPY_BODY: usize = 16 << 10;
 
+/// A connection that ends with no answer within this many milliseconds (coarse clock, so up
+/// to about 4 ms more) of the request being written ended as the request arrived: the
+/// upstream closed it for idleness (its FIN was on the way), and no upstream does billable work
+/// in that time. Later, it may have started on the request: [`Error::ClosedAfterWrite`].
+const RACE_MS: u64 = 10;
+
 /// Why a request got no (complete) answer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Writing the request failed because the connection had ended (closed or reset), and no
-    /// answer came: the upstream never read the whole request, which on a reused connection
-    /// is its idle timeout. Safe to send again.
+    /// The connection had ended (closed or reset) when the request was written, or ended at
+    /// once after it (within [`RACE_MS`]), and no answer came: on a reused connection, the
+    /// upstream's idle timeout. Safe to send again.
     #[error("the upstream closed the connection before reading the request")]
     Closed(#[source] Option<std::io::Error>),
     /// The request was written whole, then the connection ended before any byte of an answer:
@@ -206,6 +212,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             }
             Err(e) => return Err(Error::Io(e)),
         }
+        // When the request went out whole: a connection that ends at once after that (see
+        // `RACE_MS`) ended as the request arrived, not while the upstream worked on it.
+        let written_ms = crate::clock::mono_ms();
+        let ended = |e: Option<std::io::Error>| {
+            if crate::clock::mono_ms().saturating_sub(written_ms) <= RACE_MS {
+                Error::Closed(e)
+            } else {
+                Error::ClosedAfterWrite(e)
+            }
+        };
         let mut any = false;
         let mut interim = 0;
         loop {
@@ -231,12 +247,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             }
             reserve(&mut self.buf);
             match before(&mut timer, self.io.read_buf(&mut self.buf)).await? {
-                Ok(0) if !any => return Err(Error::ClosedAfterWrite(None)),
+                Ok(0) if !any => return Err(ended(None)),
                 Ok(0) => return Err(Error::Parse("connection closed inside the response head")),
                 Ok(_) => any = true,
-                Err(e) if !any && closed_kind(&e) => {
-                    return Err(Error::ClosedAfterWrite(Some(e)));
-                }
+                Err(e) if !any && closed_kind(&e) => return Err(ended(Some(e))),
                 Err(e) => return Err(Error::Io(e)),
             }
         }
@@ -815,6 +829,26 @@ mod tests {
         assert!(decode_chunked(&mut long, &mut state).is_err());
     }
 
+    /// An upstream that reads the request, works on it and then ends the connection without an
+    /// answer: the request is not one to send again (the upstream may have billed it); one that
+    /// ends the connection at once is (it closed for idleness as the request arrived).
+    #[tokio::test]
+    async fn a_connection_that_ends_while_the_upstream_works_is_not_sent_again() {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let mut got = vec![0u8; 4096];
+            let _ = server.read(&mut got).await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        });
+        let Err(e) = Conn::new(client).send(post("{}")).await else {
+            panic!("an answer from an upstream that sent none");
+        };
+        assert!(
+            matches!(e, Error::ClosedAfterWrite(_)) && !e.is_closed(),
+            "{e:?}"
+        );
+    }
+
     /// Sends a request over an in-memory pipe whose other end answers `answer`; returns what
     /// the upstream received, the response and its body (or the error), and whether the
     /// connection came back reusable.
@@ -1034,14 +1068,10 @@ mod tests {
 
     #[tokio::test]
     async fn broken_answers_are_errors_of_their_kind() {
-        // Nothing at all after the request was written whole: the upstream may have started on
-        // it, so it is not one to send again on its own.
+        // Nothing at all, at once after the request was written: closed as it arrived, so a
+        // reused connection's request may go out again.
         let (_, r) = exchange(post("{}"), b"", true).await;
-        let e = r.unwrap_err();
-        assert!(
-            matches!(e, Error::ClosedAfterWrite(_)) && !e.is_closed(),
-            "{e:?}"
-        );
+        assert!(r.unwrap_err().is_closed());
         // Garbage is a parse error, not "closed".
         let (_, r) = exchange(post("{}"), b"SSH-2.0-OpenSSH\r\n\r\n", true).await;
         assert!(matches!(r.unwrap_err(), Error::Parse(_)));

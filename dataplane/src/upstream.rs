@@ -169,11 +169,11 @@ pub async fn send(
 ///
 /// That race is what a keep-alive connection meets when the upstream's idle timeout ends it
 /// just as a request goes out (uvicorn, which serves vLLM, closes after 5 s idle). A request
-/// whose write on a reused connection failed because the connection had ended is sent again,
-/// once, on a new connection (counted in `tollgate_upstream_resends_total`): the upstream never
-/// had it whole. One written whole whose connection then ended before any answer is not: the
-/// upstream may have started on it (and a provider may bill it), so it fails, and whether
-/// another attempt is made is the route policy's call.
+/// whose write on a reused connection failed because the connection had ended, or whose
+/// connection ended with no answer at once after the write (see `h1::RACE_MS`), is sent again,
+/// once, on a new connection (counted in `tollgate_upstream_resends_total`). One whose
+/// connection ended later is not: the upstream may have started on it (and a provider may bill
+/// it), so it fails, and whether another attempt is made is the route policy's call.
 pub async fn send_to(
     origin: Option<&Origin>,
     connect_timeout: Duration,
