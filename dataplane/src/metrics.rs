@@ -31,6 +31,10 @@ pub const FALLBACKS: &str = "tollgate_fallbacks_total";
 pub const COOLDOWNS: &str = "tollgate_cooldowns_total";
 /// `tollgate_config_reloads_total{result}`.
 pub const RELOADS: &str = "tollgate_config_reloads_total";
+/// Client connections closed at once because `--max-connections` were open.
+pub const CONNECTIONS_REFUSED: &str = "tollgate_connections_refused_total";
+/// Client connections ended by a bound: `header_read`, `body_read` or `write_stall`.
+pub const CONNECTIONS_TIMED_OUT: &str = "tollgate_connections_timed_out_total";
 
 /// Latency buckets (seconds): fine at the low end, where a gateway's own overhead lives, and up
 /// to the minutes a long generation takes.
@@ -57,6 +61,14 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_counter!(REJECTED, "Requests refused by the gateway, by error code.");
     metrics::describe_counter!(RELOADS, "Config reloads, by result.");
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Client connections closed at once because --max-connections were open."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_TIMED_OUT,
+        "Client requests or connections ended by a timeout, by which (header_read, body_read, write_stall)."
+    );
     metrics::describe_counter!(RETRIES, "Attempts retried within a model group.");
     metrics::describe_counter!(FALLBACKS, "Requests passed on to a fallback model.");
     metrics::describe_counter!(
