@@ -44,7 +44,8 @@
 //!   response body, which settles its request as a client that left). One timer per connection
 //!   ([`Deadline`]), armed only when a read or write has to wait: a request that arrives in one
 //!   read and an answer the socket takes at once never touch it. `Content-Length` with
-//!   `Transfer-Encoding`, and a second `Host`, get a `400` and the connection is closed.
+//!   `Transfer-Encoding`, and a second `Host`, get a `400` and the connection is closed; a head
+//!   over [`MAX_ANY_HEAD`] a `431` (heads between [`MAX_HEAD`] and it are handed over).
 //! - **Memory**: what a request or response grows past [`KEEP_CAPACITY`] is let go between
 //!   requests, and a response that keeps coming is written every [`KEEP_CAPACITY`] bytes. A
 //!   connection that waits for its next request first lets go of its read buffer (and of a
@@ -71,6 +72,10 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 pub const MAX_HEADERS: usize = 64;
 /// Largest request head served here (hyper allows about 400 KiB).
 pub const MAX_HEAD: usize = 16 << 10;
+/// Largest request head accepted at all, here or by hyper after a hand-over: past it, `431`
+/// and the connection is closed. (hyper's own limit is its read buffer's, about 400 KiB, and
+/// soft: a read that brings more is parsed whole.)
+pub const MAX_ANY_HEAD: usize = 64 << 10;
 /// Largest request body read here before the handler runs.
 pub const MAX_BODY: usize = 1 << 20;
 /// Most bytes of what follows a request (a pipelined one) read while it is served. Reading
@@ -135,11 +140,15 @@ where
         loop {
             match parse(&io.buf, &mut head) {
                 Parse::Head => break,
-                Parse::Refuse => {
-                    // Framing or `Host` a request can't be trusted with (RFC 9112, 6.3 and
-                    // RFC 9110, 7.2): 400, and the connection is closed.
+                // Framing or `Host` a request can't be trusted with (RFC 9112, 6.3 and RFC
+                // 9110, 7.2), or a head too large: the answer, and the connection is closed.
+                refused @ (Parse::Refuse | Parse::TooLarge) => {
                     let mut out = Vec::with_capacity(128);
-                    out.extend_from_slice(BAD_REQUEST_STATUS);
+                    out.extend_from_slice(if matches!(refused, Parse::Refuse) {
+                        BAD_REQUEST_STATUS
+                    } else {
+                        TOO_LARGE_STATUS
+                    });
                     date(&mut out);
                     out.extend_from_slice(BAD_REQUEST_REST);
                     let _ = write_all(&mut wr, &out, &mut io.deadline, bounds.write_stall).await;
@@ -543,6 +552,7 @@ async fn write_all(
 /// hyper's answer to a head it can't make a request of (a target `http::Uri` refuses, say),
 /// around the `Date`.
 const BAD_REQUEST_STATUS: &[u8] = b"HTTP/1.1 400 Bad Request\r\ndate: ";
+const TOO_LARGE_STATUS: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\ndate: ";
 const BAD_REQUEST_REST: &[u8] = b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// A request head parsed from the start of the buffer: where its parts are, by offset.
@@ -582,6 +592,8 @@ enum Parse {
     /// A head to answer `400` and close: `Content-Length` with `Transfer-Encoding` (a request
     /// smuggling vector), or more than one `Host`.
     Refuse,
+    /// A head over [`MAX_ANY_HEAD`]: `431`, and the connection is closed.
+    TooLarge,
 }
 
 /// Parses the request head at the start of `buf` into `head`.
@@ -593,9 +605,13 @@ fn parse(buf: &[u8], head: &mut Head) -> Parse {
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parse::Partial,
-        Ok(httparse::Status::Partial) | Err(_) => return Parse::HandOver,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_ANY_HEAD => return Parse::Partial,
+        Ok(httparse::Status::Partial) => return Parse::TooLarge,
+        Err(_) => return Parse::HandOver,
     };
+    if len > MAX_ANY_HEAD {
+        return Parse::TooLarge;
+    }
     if len > MAX_HEAD || req.version != Some(1) {
         return Parse::HandOver;
     }

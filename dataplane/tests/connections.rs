@@ -470,6 +470,22 @@ async fn a_request_head_must_arrive_within_the_header_read_timeout() {
     let (_, closed, took) = closed_within(&mut handed, Duration::from_secs(5)).await;
     assert!(closed, "hyper keeps a connection whose head never ends");
     assert!(took < Duration::from_secs(3), "{took:?}");
+    // The silent one, the dripped one, the keep-alive one and hyper's.
+    assert_eq!(timed_out(&gw, "header_read").await, Some(4));
+}
+
+/// The value of `tollgate_connections_timed_out_total{timeout="<which>"}`, if there is one.
+async fn timed_out(gw: &Gateway, which: &str) -> Option<u64> {
+    let text = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("tollgate_connections_timed_out_total{{timeout=\"{which}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// `tollgate_requests_total` series for `model`: a request that went upstream has one.
@@ -625,6 +641,7 @@ async fn a_client_that_stops_reading_is_dropped_and_its_request_settled() {
     assert_eq!(all.len(), 1, "{all:?}");
     assert_eq!(all[0]["outcome"], "client_gone", "{all:?}");
     assert_eq!(all[0]["model"], "big", "{all:?}");
+    assert_eq!(timed_out(&gw, "write_stall").await, Some(1));
 }
 
 #[tokio::test]
