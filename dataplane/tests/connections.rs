@@ -606,15 +606,14 @@ async fn a_client_that_stops_reading_is_dropped_and_its_request_settled() {
         ],
     );
     let body = r#"{"model":"big","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\ncontent-length: {}\r\n\r\n{body}",
+    let head =
+        format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\n");
+    // The data plane's own server (a body by length), then hyper's (a chunked body).
+    let by_length = format!("{head}content-length: {}\r\n\r\n{body}", body.len());
+    let chunked = format!(
+        "{head}transfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
         body.len()
     );
-    // A small receive window, and nothing read: the gateway's writes stop making progress.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut sock = socket.connect(gw.addr).await.unwrap();
-    sock.write_all(req.as_bytes()).await.unwrap();
     let log = gw.manifest_dir().join("usage.jsonl");
     let records = || {
         std::fs::read_to_string(&log)
@@ -623,25 +622,36 @@ async fn a_client_that_stops_reading_is_dropped_and_its_request_settled() {
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .collect::<Vec<_>>()
     };
-    // Without the bound, the gateway's write would wait for the client forever.
-    let t = Instant::now();
-    assert!(
-        eventually(Duration::from_secs(10), || !records().is_empty()).await,
-        "a stalled stream is never settled"
-    );
-    assert!(
-        t.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        t.elapsed()
-    );
-    let (_, closed) = read_to_close(&mut sock, Duration::from_secs(5)).await;
-    assert!(closed, "the stalled connection stays open");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let all = records();
-    assert_eq!(all.len(), 1, "{all:?}");
-    assert_eq!(all[0]["outcome"], "client_gone", "{all:?}");
-    assert_eq!(all[0]["model"], "big", "{all:?}");
-    assert_eq!(timed_out(&gw, "write_stall").await, Some(1));
+    for (n, (what, req)) in [("length", by_length), ("chunked", chunked)]
+        .into_iter()
+        .enumerate()
+    {
+        // A small receive window, and nothing read: the gateway's writes stop making progress.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut sock = socket.connect(gw.addr).await.unwrap();
+        sock.write_all(req.as_bytes()).await.unwrap();
+        // Without the bound, the gateway's write would wait for the client forever.
+        let t = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(10), || records().len() > n).await,
+            "{what}: a stalled stream is never settled"
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(900),
+            "{what}: {:?}",
+            t.elapsed()
+        );
+        let (_, closed) = read_to_close(&mut sock, Duration::from_secs(5)).await;
+        assert!(closed, "{what}: the stalled connection stays open");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // One record per request, of a client that left.
+        let all = records();
+        assert_eq!(all.len(), n + 1, "{what}: {all:?}");
+        assert_eq!(all[n]["outcome"], "client_gone", "{what}: {all:?}");
+        assert_eq!(all[n]["model"], "big", "{what}: {all:?}");
+    }
+    assert_eq!(timed_out(&gw, "write_stall").await, Some(2));
 }
 
 #[tokio::test]
