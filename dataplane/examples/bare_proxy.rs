@@ -248,7 +248,14 @@ fn main() -> std::io::Result<()> {
                                     }
                                 };
                                 let all = |_: &http::Method, _: &str| h1_server::Reads::All;
-                                h1_server::serve(&mut tcp, &reg.state, all, handle).await
+                                h1_server::serve(
+                                    &mut tcp,
+                                    &reg.state,
+                                    Default::default(),
+                                    all,
+                                    handle,
+                                )
+                                .await
                             });
                             continue;
                         }

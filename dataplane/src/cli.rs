@@ -48,6 +48,27 @@ pub struct Args {
     /// the side that closes a pooled connection as a request is sent on it.
     #[arg(long, env = "TOLLGATE_IDLE_TIMEOUT", default_value = "620s", value_parser = idle_timeout)]
     pub idle_timeout: Duration,
+    /// How long a client may take to send a request head, from its first byte (or, for a
+    /// connection's first request, from when the connection was accepted). Past it the
+    /// connection is closed, with a `408` if part of a head had come. Time between requests on
+    /// a keep-alive connection is the idle timeout's.
+    #[arg(long, env = "TOLLGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a whole request body, from the end of its head: a
+    /// total, not a gap between bytes, so that a body dripped byte by byte is bounded too. Past
+    /// it the request gets a `408` and nothing goes upstream.
+    #[arg(long, env = "TOLLGATE_BODY_READ_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub body_read_timeout: Duration,
+    /// How long a write to a client may make no progress (a client that stopped reading a
+    /// streamed response) before the connection is dropped; its request is then settled as if
+    /// the client had gone, and the upstream request cancelled.
+    #[arg(long, env = "TOLLGATE_WRITE_STALL_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub write_stall_timeout: Duration,
+    /// Most client connections open at once (all worker threads together); past it a new
+    /// connection is accepted and closed at once, and counted in
+    /// `tollgate_connections_refused_total`. `0`: no limit.
+    #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
     /// On SIGTERM, how long in-flight requests (long streams included) may run before their
     /// connections are closed; then usage is flushed and the process exits. Keep it a few
     /// seconds under the pod's `terminationGracePeriodSeconds` (30 s by default; the Helm chart
@@ -143,6 +164,15 @@ fn busy_poll(s: &str) -> Result<Duration, String> {
     let d = humantime_duration(s)?;
     if d > Duration::from_millis(10) {
         return Err("must be at most 10ms (100us is typical)".into());
+    }
+    Ok(d)
+}
+
+/// `--header-read-timeout` and the like: a duration over zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime_duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than 0s".into());
     }
     Ok(d)
 }
@@ -331,6 +361,12 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         idle_timeout: args.idle_timeout,
         shutdown_timeout: args.shutdown_timeout,
         shutdown_delay: args.shutdown_delay,
+        bounds: crate::connections::Bounds {
+            header_read: args.header_read_timeout,
+            body_read: args.body_read_timeout,
+            write_stall: args.write_stall_timeout,
+        },
+        max_connections: args.max_connections,
     };
     let usage_log = args
         .usage_log

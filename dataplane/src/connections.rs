@@ -19,6 +19,10 @@
 //!   which settles their requests as if the clients had gone, so that what the process holds
 //!   (the usage log) is flushed before Kubernetes' `SIGKILL` at the end of the grace period.
 //!
+//! The [`Bounds`] (header-read, body-read and write-stall timeouts) are kept by the HTTP/1.1
+//! loop itself ([`crate::h1_server`]), and for the connections hyper serves by [`Bounded`]
+//! around their socket (and the body-read one where a handler reads a body).
+//!
 //! Closing a connection lets it finish the request it serves (and flush it) and ends it, an idle
 //! one at once; HTTP/2 gets a GOAWAY. A request that has started to arrive, or a last response
 //! the client hasn't taken yet, gets [`CLOSE_GRACE`] more, and then the connection is dropped
@@ -29,9 +33,12 @@
 
 use hyper_util::server::graceful::GracefulConnection;
 use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// Sweeps per idle timeout: a connection is closed after between one idle timeout and one and
@@ -55,6 +62,200 @@ pub fn cutting() -> bool {
 /// How long shutdown waits, after cutting the requests still served at the shutdown timeout, for
 /// their tasks to end (milliseconds, normally).
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// Bounds on what a client may make a connection wait for (see `docs/limits-and-budgets.md`).
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// From a request head's first byte (from the accept, for a connection's first request) to
+    /// its end.
+    pub header_read: Duration,
+    /// From the end of a request head to the end of its body.
+    pub body_read: Duration,
+    /// Longest a write to the client may make no progress.
+    pub write_stall: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(10),
+            body_read: Duration::from_secs(60),
+            write_stall: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A timer for a connection's bounds, armed only when a read or write has to wait: a request
+/// that arrives in one read, and a response the socket takes at once, never touch it. Kept for
+/// the connection's life once made (one allocation, the first time something waits), and
+/// re-armed by resetting it.
+#[derive(Debug, Default)]
+pub struct Deadline {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl Deadline {
+    /// Arms it to pass `after` from now, unless it is armed already.
+    pub fn arm(&mut self, after: Duration) {
+        if self.armed {
+            return;
+        }
+        self.armed = true;
+        let at = tokio::time::Instant::now() + after;
+        match &mut self.sleep {
+            Some(s) => s.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// Disarms it (what it bounded made progress, or ended).
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    pub fn is_armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Whether it is armed and has passed; the task is woken when it passes otherwise.
+    pub fn poll_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        self.armed
+            && self
+                .sleep
+                .as_mut()
+                .is_some_and(|s| s.as_mut().poll(cx).is_ready())
+    }
+}
+
+/// Counts a connection or request ended by one of the [`Bounds`].
+pub fn timed_out(which: &'static str) {
+    metrics::counter!(crate::metrics::CONNECTIONS_TIMED_OUT, "timeout" => which).increment(1);
+}
+
+/// The socket of a connection hyper serves, with the [`Bounds`] hyper doesn't keep as the data
+/// plane wants them:
+///
+/// - a write that makes no progress for the write-stall timeout fails, which ends the
+///   connection (and drops the responses it was sending, cancelling their upstream requests);
+/// - HTTP/1.1 only: bytes read while no request is in flight start the header-read timeout,
+///   which the next request's start (its head parsed) stops; if it passes first, the read
+///   fails. hyper's own `header_read_timeout` would run from the end of the previous response,
+///   closing idle keep-alive connections after it, which is the idle timeout's job.
+#[derive(Debug)]
+pub struct Bounded<T> {
+    io: T,
+    conn: Arc<ConnState>,
+    bounds: Bounds,
+    h1: bool,
+    head: Deadline,
+    /// `started` when `head` was armed.
+    head_of: u64,
+    write: Deadline,
+}
+
+impl<T> Bounded<T> {
+    pub fn new(io: T, conn: Arc<ConnState>, bounds: Bounds, h1: bool) -> Self {
+        Self {
+            io,
+            conn,
+            bounds,
+            h1,
+            head: Deadline::default(),
+            head_of: 0,
+            write: Deadline::default(),
+        }
+    }
+
+    fn wrote(
+        &mut self,
+        r: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if r.is_ready() {
+            self.write.disarm();
+            return r;
+        }
+        self.write.arm(self.bounds.write_stall);
+        if self.write.poll_passed(cx) {
+            timed_out("write_stall");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing for the write-stall timeout",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Bounded<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        dst: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = dst.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, dst);
+        if !self.h1 {
+            return r;
+        }
+        let this = &mut *self;
+        let started = this.conn.started.load(Ordering::Acquire);
+        if this.head.is_armed() && started != this.head_of {
+            this.head.disarm();
+        }
+        match r {
+            // Bytes while no request is in flight: a head has begun.
+            Poll::Ready(Ok(()))
+                if dst.filled().len() > before && !this.head.is_armed() && this.conn.is_idle() =>
+            {
+                this.head_of = started;
+                this.head.arm(this.bounds.header_read);
+            }
+            Poll::Pending if this.head.poll_passed(cx) => {
+                timed_out("header_read");
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the request head took longer than the header-read timeout",
+                )));
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        src: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, src);
+        self.wrote(r, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// [`ConnState::close`]: keep the connection.
 const OPEN: u8 = 0;

@@ -104,6 +104,17 @@ impl ApiError {
         )
     }
 
+    /// 408: the client took longer than the gateway waits to send its request.
+    pub fn request_timeout(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            message,
+            ErrorSource::Client,
+        )
+    }
+
     /// 413: the body is larger than the limit.
     pub fn too_large(limit: usize) -> Self {
         Self::new(

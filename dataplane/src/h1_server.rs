@@ -36,12 +36,24 @@
 //!   client can't hold a connection by sending a head or a body slowly, or by not reading. A
 //!   response written after shutdown began says `Connection: close`. The shutdown timeout's
 //!   abort is [`ConnState::unless_aborted`] around this loop.
+//! - **Bounds** ([`Bounds`]): a request head must arrive within the header-read timeout of its
+//!   first byte (of the accept, for the first request: a silent connection is closed without an
+//!   answer, a partial head gets a `408`), its body within the body-read timeout of the head's
+//!   end (a JSON `408`; the handler never runs, so nothing goes upstream), and each write must
+//!   make progress within the write-stall timeout (else the connection is dropped with the
+//!   response body, which settles its request as a client that left). One timer per connection
+//!   ([`Deadline`]), armed only when a read or write has to wait: a request that arrives in one
+//!   read and an answer the socket takes at once never touch it. `Content-Length` with
+//!   `Transfer-Encoding`, and a second `Host`, get a `400` and the connection is closed; a head
+//!   over [`MAX_ANY_HEAD`] a `431` (heads between [`MAX_HEAD`] and it are handed over).
 //! - **Memory**: what a request or response grows past [`KEEP_CAPACITY`] is let go between
 //!   requests, and a response that keeps coming is written every [`KEEP_CAPACITY`] bytes. A
 //!   connection that waits for its next request first lets go of its read buffer (and of a
 //!   write buffer over [`IDLE_KEEP`]): it waits for readiness, not in a read.
 
-use crate::connections::{CLOSE_GRACE, ConnState};
+use crate::connections::{Bounds, CLOSE_GRACE, ConnState, Deadline, timed_out};
+use crate::error::ApiError;
+use axum::response::IntoResponse;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header};
 use http_body::Body;
@@ -52,7 +64,7 @@ use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -60,6 +72,10 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 pub const MAX_HEADERS: usize = 64;
 /// Largest request head served here (hyper allows about 400 KiB).
 pub const MAX_HEAD: usize = 16 << 10;
+/// Largest request head accepted at all, here or by hyper after a hand-over: past it, `431`
+/// and the connection is closed. (hyper's own limit is its read buffer's, about 400 KiB, and
+/// soft: a read that brings more is parsed whole.)
+pub const MAX_ANY_HEAD: usize = 64 << 10;
 /// Largest request body read here before the handler runs.
 pub const MAX_BODY: usize = 1 << 20;
 /// Most bytes of what follows a request (a pipelined one) read while it is served. Reading
@@ -104,6 +120,7 @@ pub enum Reads {
 pub async fn serve<R, H, F, B>(
     tcp: &mut TcpStream,
     conn: &Arc<ConnState>,
+    bounds: Bounds,
     reads: R,
     handle: H,
 ) -> Ended
@@ -114,19 +131,34 @@ where
     B: Body<Data = Bytes>,
 {
     let (mut rd, mut wr) = tcp.split();
-    let mut io = Io::new();
+    let mut io = Io::new(bounds);
     let mut head = Head::default();
-    let mut served = false;
     loop {
-        // A whole request, head and body, before the handler runs.
+        // A whole request, head and body, before the handler runs; each within its bound.
+        io.deadline.disarm();
+        io.limit = Some((bounds.header_read, "header_read"));
         loop {
             match parse(&io.buf, &mut head) {
                 Parse::Head => break,
+                // Framing or `Host` a request can't be trusted with (RFC 9112, 6.3 and RFC
+                // 9110, 7.2), or a head too large: the answer, and the connection is closed.
+                refused @ (Parse::Refuse | Parse::TooLarge) => {
+                    let mut out = Vec::with_capacity(128);
+                    out.extend_from_slice(if matches!(refused, Parse::Refuse) {
+                        BAD_REQUEST_STATUS
+                    } else {
+                        TOO_LARGE_STATUS
+                    });
+                    date(&mut out);
+                    out.extend_from_slice(BAD_REQUEST_REST);
+                    let _ = write_all(&mut wr, &out, &mut io.deadline, bounds.write_stall).await;
+                    return Ended::Done;
+                }
                 Parse::HandOver => {
                     // HTTP/2 only at the start of a connection, as its preface may only come
                     // there. The preface may still be cut short (a read that ended inside it).
                     let n = io.buf.len().min(H2_PREFACE.len());
-                    let h2 = !served && io.buf[..n] == H2_PREFACE[..n];
+                    let h2 = !io.served && io.buf[..n] == H2_PREFACE[..n];
                     return Ended::HandOver {
                         read: io.buf.freeze(),
                         h2,
@@ -134,17 +166,37 @@ where
                 }
                 Parse::Partial => {}
             }
-            if !read_more(&mut rd, &mut io, conn, READ_SIZE).await {
-                return Ended::Done;
+            match read_more(&mut rd, &mut io, conn, READ_SIZE).await {
+                Read::More => {}
+                Read::Done => return Ended::Done,
+                // A connection that sent nothing is closed without an answer.
+                Read::TimedOut if io.buf.is_empty() => return Ended::Done,
+                Read::TimedOut => {
+                    let e = ApiError::request_timeout(
+                        "The request head did not arrive within the gateway's header-read timeout.",
+                    );
+                    return refuse(&mut rd, &mut wr, &mut io, conn, e).await;
+                }
             }
         }
         let whole = head.len + head.body_len;
+        io.deadline.disarm();
+        io.limit = Some((bounds.body_read, "body_read"));
         while io.buf.len() < whole {
             let want = whole - io.buf.len();
-            if !read_more(&mut rd, &mut io, conn, want).await {
-                return Ended::Done;
+            match read_more(&mut rd, &mut io, conn, want).await {
+                Read::More => {}
+                Read::Done => return Ended::Done,
+                Read::TimedOut => {
+                    let e = ApiError::request_timeout(
+                        "The request body did not arrive within the gateway's body-read timeout.",
+                    );
+                    return refuse(&mut rd, &mut wr, &mut io, conn, e).await;
+                }
             }
         }
+        io.limit = None;
+        io.deadline.disarm();
         io.grace = None;
         let in_flight = conn.start();
         let head_bytes = io.buf.split_to(head.len).freeze();
@@ -154,11 +206,11 @@ where
             out.extend_from_slice(BAD_REQUEST_STATUS);
             date(&mut out);
             out.extend_from_slice(BAD_REQUEST_REST);
-            let _ = wr.write_all(&out).await;
+            let _ = write_all(&mut wr, &out, &mut io.deadline, bounds.write_stall).await;
             return Ended::Done;
         };
         drop(head_bytes);
-        served = true;
+        io.served = true;
 
         // The handler, while watching for the client to leave.
         let resp = {
@@ -205,6 +257,13 @@ struct Io {
     grace: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The client closed its side: nothing more will be read.
     read_closed: bool,
+    /// A request has been served on this connection.
+    served: bool,
+    /// The bound of what is being read (the head's, the body's), if any.
+    limit: Option<(std::time::Duration, &'static str)>,
+    /// The timer of the bounds: armed when a read of a head or body, or a write, has to wait.
+    deadline: Deadline,
+    bounds: Bounds,
 }
 
 /// Buffers larger than this are let go between requests rather than kept for the connection's
@@ -212,13 +271,17 @@ struct Io {
 pub const KEEP_CAPACITY: usize = 64 << 10;
 
 impl Io {
-    fn new() -> Self {
+    fn new(bounds: Bounds) -> Self {
         Self {
             buf: BytesMut::new(),
             out: Vec::new(),
             registered: None,
             grace: None,
             read_closed: false,
+            served: false,
+            limit: None,
+            deadline: Deadline::default(),
+            bounds,
         }
     }
 
@@ -265,12 +328,16 @@ impl Io {
             out,
             registered,
             grace,
+            deadline,
+            bounds,
             ..
         } = self;
-        let mut write = pin!(wr.write_all(out));
+        let mut at = 0;
         let written = poll_fn(|cx| {
-            if let Poll::Ready(r) = write.as_mut().poll(cx) {
-                return Poll::Ready(r.is_ok());
+            if let Poll::Ready(ok) =
+                poll_write_all(wr, out, &mut at, deadline, bounds.write_stall, cx)
+            {
+                return Poll::Ready(ok);
             }
             if must_end(grace, registered, conn, true, cx) {
                 return Poll::Ready(false);
@@ -306,34 +373,62 @@ impl Io {
     }
 }
 
-/// Reads more of a request into `io.buf` (see [`Io::reserve`] for `want`). `false` when the
-/// connection is done: the client closed it, it broke, or it was told to close: at once if no
-/// byte of a next request came, else after [`CLOSE_GRACE`] (kept across reads), as hyper's
-/// graceful shutdown waits for a request that started.
-async fn read_more(rd: &mut ReadHalf<'_>, io: &mut Io, conn: &ConnState, want: usize) -> bool {
+/// What [`read_more`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    /// Read some bytes.
+    More,
+    /// The connection is done: the client closed it, it broke, or it was told to close.
+    Done,
+    /// `io.limit` passed (armed when a read first had to wait).
+    TimedOut,
+}
+
+/// Reads more of a request into `io.buf` (see [`Io::reserve`] for `want`). [`Read::Done`] when
+/// the connection is done: the client closed it, it broke, or it was told to close: at once if
+/// no byte of a next request came, else after [`CLOSE_GRACE`] (kept across reads), as hyper's
+/// graceful shutdown waits for a request that started. [`Read::TimedOut`] when `io.limit`
+/// passed, counted from the first read that had to wait (from the accept for the first head).
+async fn read_more(rd: &mut ReadHalf<'_>, io: &mut Io, conn: &ConnState, want: usize) -> Read {
     if io.read_closed {
-        return false;
+        return Read::Done;
     }
     let started = !io.buf.is_empty();
-    if !started && !next_request(rd, io, conn).await {
-        return false;
+    if !started {
+        let next = next_request(rd, io, conn).await;
+        if next != Read::More {
+            return next;
+        }
     }
     io.reserve(want);
     let Io {
         buf,
         registered,
         grace,
+        limit,
+        deadline,
         ..
     } = io;
     let mut read = pin!(rd.read_buf(buf));
     poll_fn(|cx| {
         if must_end(grace, registered, conn, started, cx) {
-            return Poll::Ready(false);
+            return Poll::Ready(Read::Done);
         }
         match read.as_mut().poll(cx) {
-            Poll::Ready(Ok(n)) => Poll::Ready(n > 0),
-            Poll::Ready(Err(_)) => Poll::Ready(false),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Read::Done),
+            Poll::Ready(Ok(_)) => Poll::Ready(Read::More),
+            Poll::Pending => match limit {
+                Some((limit, which)) => {
+                    deadline.arm(*limit);
+                    if deadline.poll_passed(cx) {
+                        timed_out(which);
+                        Poll::Ready(Read::TimedOut)
+                    } else {
+                        Poll::Pending
+                    }
+                }
+                None => Poll::Pending,
+            },
         }
     })
     .await
@@ -363,20 +458,29 @@ fn must_end(
 /// Waits for a next request's first bytes to be readable, without a read buffer: a connection
 /// that has to wait lets go of its buffers first ([`Io::release_idle`]), so an idle keep-alive
 /// connection holds little more than its task. `false` if the connection is told to close
-/// meanwhile.
-async fn next_request(rd: &ReadHalf<'_>, io: &mut Io, conn: &ConnState) -> bool {
+/// meanwhile ([`Read::Done`]). A connection's first request is bounded from the accept: a
+/// client that connects and sends nothing is [`Read::TimedOut`] after the header-read timeout
+/// (later ones wait under the idle timeout).
+async fn next_request(rd: &ReadHalf<'_>, io: &mut Io, conn: &ConnState) -> Read {
     let mut waiting = false;
     poll_fn(|cx| {
         if conn.poll_close(&mut io.registered, cx) {
-            return Poll::Ready(false);
+            return Poll::Ready(Read::Done);
         }
         match rd.as_ref().poll_read_ready(cx) {
             // An error is the read's to report.
-            Poll::Ready(_) => Poll::Ready(true),
+            Poll::Ready(_) => Poll::Ready(Read::More),
             Poll::Pending => {
                 if !waiting {
                     waiting = true;
                     io.release_idle();
+                }
+                if !io.served {
+                    io.deadline.arm(io.bounds.header_read);
+                    if io.deadline.poll_passed(cx) {
+                        timed_out("header_read");
+                        return Poll::Ready(Read::TimedOut);
+                    }
                 }
                 Poll::Pending
             }
@@ -385,9 +489,70 @@ async fn next_request(rd: &ReadHalf<'_>, io: &mut Io, conn: &ConnState) -> bool 
     .await
 }
 
+/// Answers `e` to a request that couldn't be read whole in time, and ends the connection.
+async fn refuse(
+    rd: &mut ReadHalf<'_>,
+    wr: &mut WriteHalf<'_>,
+    io: &mut Io,
+    conn: &ConnState,
+    e: ApiError,
+) -> Ended {
+    io.limit = None;
+    io.deadline.disarm();
+    // What was read of the request is of no use now, and must not be taken for a next one.
+    io.buf.clear();
+    io.read_closed = true;
+    // Whole or not, a response with `connection: close` leaves its last bytes to write_last.
+    respond(rd, wr, io, e.into_response(), true).await;
+    let _ = io.write_last(wr, conn).await;
+    Ended::Done
+}
+
+/// Writes `buf` whole, from `*at`: `false` if the write failed, or made no progress for
+/// `stall` (a client that stopped reading).
+fn poll_write_all(
+    wr: &mut WriteHalf<'_>,
+    buf: &[u8],
+    at: &mut usize,
+    deadline: &mut Deadline,
+    stall: std::time::Duration,
+    cx: &mut Context<'_>,
+) -> Poll<bool> {
+    while *at < buf.len() {
+        match Pin::new(&mut *wr).poll_write(cx, &buf[*at..]) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
+            Poll::Ready(Ok(n)) => {
+                *at += n;
+                deadline.disarm();
+            }
+            Poll::Pending => {
+                deadline.arm(stall);
+                if deadline.poll_passed(cx) {
+                    timed_out("write_stall");
+                    return Poll::Ready(false);
+                }
+                return Poll::Pending;
+            }
+        }
+    }
+    Poll::Ready(true)
+}
+
+/// [`poll_write_all`] from the start of `buf`.
+async fn write_all(
+    wr: &mut WriteHalf<'_>,
+    buf: &[u8],
+    deadline: &mut Deadline,
+    stall: std::time::Duration,
+) -> bool {
+    let mut at = 0;
+    poll_fn(|cx| poll_write_all(wr, buf, &mut at, deadline, stall, cx)).await
+}
+
 /// hyper's answer to a head it can't make a request of (a target `http::Uri` refuses, say),
 /// around the `Date`.
 const BAD_REQUEST_STATUS: &[u8] = b"HTTP/1.1 400 Bad Request\r\ndate: ";
+const TOO_LARGE_STATUS: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\ndate: ";
 const BAD_REQUEST_REST: &[u8] = b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// A request head parsed from the start of the buffer: where its parts are, by offset.
@@ -424,6 +589,11 @@ enum Parse {
     Head,
     Partial,
     HandOver,
+    /// A head to answer `400` and close: `Content-Length` with `Transfer-Encoding` (a request
+    /// smuggling vector), or more than one `Host`.
+    Refuse,
+    /// A head over [`MAX_ANY_HEAD`]: `431`, and the connection is closed.
+    TooLarge,
 }
 
 /// Parses the request head at the start of `buf` into `head`.
@@ -435,9 +605,13 @@ fn parse(buf: &[u8], head: &mut Head) -> Parse {
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parse::Partial,
-        Ok(httparse::Status::Partial) | Err(_) => return Parse::HandOver,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_ANY_HEAD => return Parse::Partial,
+        Ok(httparse::Status::Partial) => return Parse::TooLarge,
+        Err(_) => return Parse::HandOver,
     };
+    if len > MAX_ANY_HEAD {
+        return Parse::TooLarge;
+    }
     if len > MAX_HEAD || req.version != Some(1) {
         return Parse::HandOver;
     }
@@ -462,6 +636,7 @@ fn parse(buf: &[u8], head: &mut Head) -> Parse {
     head.count = 0;
     head.close = false;
     let mut length: Option<usize> = None;
+    let (mut chunked, mut hosts) = (false, 0u8);
     for (i, h) in req.headers.iter().enumerate() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -470,10 +645,11 @@ fn parse(buf: &[u8], head: &mut Head) -> Parse {
                 return Parse::HandOver;
             };
             length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"expect")
-            || name.eq_ignore_ascii_case(b"upgrade")
-        {
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            chunked = true;
+        } else if name.eq_ignore_ascii_case(b"expect") || name.eq_ignore_ascii_case(b"upgrade") {
             return Parse::HandOver;
         } else if name.eq_ignore_ascii_case(b"connection") {
             head.close |= has_close(h.value);
@@ -482,6 +658,12 @@ fn parse(buf: &[u8], head: &mut Head) -> Parse {
         let (vs, ve) = span(h.value);
         head.headers[i] = (ns, ne, vs, ve);
         head.count = i + 1;
+    }
+    if hosts > 1 || (chunked && length.is_some()) {
+        return Parse::Refuse;
+    }
+    if chunked {
+        return Parse::HandOver;
     }
     head.body_len = length.unwrap_or(0);
     if head.body_len > MAX_BODY {
@@ -648,7 +830,7 @@ async fn respond<B: Body<Data = Bytes>>(
         let out = &mut io.out;
         let data = match next {
             Next::Flush => {
-                if wr.write_all(out).await.is_err() {
+                if !write_all(wr, out, &mut io.deadline, io.bounds.write_stall).await {
                     out.clear();
                     return false;
                 }
@@ -691,7 +873,10 @@ async fn respond<B: Body<Data = Bytes>>(
             Framing::None => {}
         }
         if data.len() >= COPY_MAX {
-            if wr.write_all(out).await.is_err() || wr.write_all(&data).await.is_err() {
+            let stall = io.bounds.write_stall;
+            if !write_all(wr, out, &mut io.deadline, stall).await
+                || !write_all(wr, &data, &mut io.deadline, stall).await
+            {
                 out.clear();
                 return false;
             }
@@ -705,7 +890,7 @@ async fn respond<B: Body<Data = Bytes>>(
         // A body that keeps having more (a fast upstream) is written as it goes, not gathered
         // whole.
         if out.len() >= KEEP_CAPACITY {
-            if wr.write_all(out).await.is_err() {
+            if !write_all(wr, out, &mut io.deadline, io.bounds.write_stall).await {
                 out.clear();
                 return false;
             }
@@ -820,6 +1005,7 @@ mod tests {
     use axum::body::Body as AxumBody;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
     /// A connection waiting for its next request holds no read buffer, and no large write
@@ -833,11 +1019,14 @@ mod tests {
         let (mut tcp, _) = listener.accept().await.unwrap();
         let conns = Connections::new(Duration::from_secs(60));
         let reg = conns.open();
-        let mut io = Io::new();
+        let mut io = Io::new(Bounds::default());
         let (mut rd, _wr) = tcp.split();
         // A request came and was served: its buffers are still there.
         client.write_all(b"GET / HTTP/1.1").await.unwrap();
-        assert!(read_more(&mut rd, &mut io, &reg.state, READ_SIZE).await);
+        assert_eq!(
+            read_more(&mut rd, &mut io, &reg.state, READ_SIZE).await,
+            Read::More
+        );
         assert_eq!(&io.buf[..], b"GET / HTTP/1.1");
         io.buf.clear();
         io.out = Vec::with_capacity(IDLE_KEEP * 4);
@@ -852,7 +1041,10 @@ mod tests {
         // A small write buffer is kept; the next request gets a read buffer when it comes.
         io.out = Vec::with_capacity(IDLE_KEEP);
         client.write_all(b"GET /next HTTP/1.1").await.unwrap();
-        assert!(read_more(&mut rd, &mut io, &reg.state, READ_SIZE).await);
+        assert_eq!(
+            read_more(&mut rd, &mut io, &reg.state, READ_SIZE).await,
+            Read::More
+        );
         assert_eq!(&io.buf[..], b"GET /next HTTP/1.1");
         assert_eq!(io.out.capacity(), IDLE_KEEP);
     }
@@ -895,6 +1087,7 @@ mod tests {
             serve(
                 &mut tcp,
                 &reg.state,
+                Bounds::default(),
                 move |_: &Method, _: &str| reads,
                 handle,
             )
@@ -1068,7 +1261,14 @@ mod tests {
             let (mut tcp, _) = listener.accept().await.unwrap();
             let conns = Connections::new(Duration::from_secs(60));
             let reg = conns.open();
-            serve(&mut tcp, &reg.state, |_: &Method, _: &str| Reads::All, echo).await
+            serve(
+                &mut tcp,
+                &reg.state,
+                Bounds::default(),
+                |_: &Method, _: &str| Reads::All,
+                echo,
+            )
+            .await
         });
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(&[POST_A, POST_BB].concat()).await.unwrap();

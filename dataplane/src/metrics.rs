@@ -37,6 +37,10 @@ pub const ESTIMATED: &str = "tollgate_estimated_usage_total";
 pub const RESENDS: &str = "tollgate_upstream_resends_total";
 /// `tollgate_config_reloads_total{result}`.
 pub const RELOADS: &str = "tollgate_config_reloads_total";
+/// Client connections closed at once because `--max-connections` were open.
+pub const CONNECTIONS_REFUSED: &str = "tollgate_connections_refused_total";
+/// Client connections ended by a bound: `header_read`, `body_read` or `write_stall`.
+pub const CONNECTIONS_TIMED_OUT: &str = "tollgate_connections_timed_out_total";
 
 /// Latency buckets (seconds): fine at the low end, where a gateway's own overhead lives, and up
 /// to the minutes a long generation takes.
@@ -69,7 +73,15 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_counter!(
         RESENDS,
-        "Requests sent again on a new connection after a pooled one failed during the write."
+        "Requests sent again on a new connection: a pooled one was closed for idleness as they went out."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Client connections closed at once because --max-connections were open."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_TIMED_OUT,
+        "Client requests or connections ended by a timeout, by which (header_read, body_read, write_stall)."
     );
     metrics::describe_counter!(RETRIES, "Attempts retried within a model group.");
     metrics::describe_counter!(FALLBACKS, "Requests passed on to a fallback model.");

@@ -53,8 +53,23 @@ pub const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-tollgate-de
 /// `x-tollgate-cost-usd`.
 pub const COST_HEADER: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
 
-/// Reads the request body, refusing more than `limit` bytes.
-async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes>
+/// The answer to a request whose body didn't arrive within the body-read timeout.
+pub fn body_timed_out() -> ApiError {
+    crate::connections::timed_out("body_read");
+    ApiError::request_timeout(
+        "The request body did not arrive within the gateway's body-read timeout.",
+    )
+}
+
+/// Reads the request body, refusing more than `limit` bytes, or one that takes longer than
+/// `timeout` (counted from the first time the body has nothing ready, so a body that is there
+/// whole, as the HTTP/1.1 server gives it, costs no timer).
+async fn read_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -66,9 +81,10 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    match read_all(body, limit).await {
+    match read_all(body, limit, Some(timeout)).await {
         Ok(bytes) => Ok(bytes),
         Err(ReadError::TooLarge) => Err(ApiError::too_large(limit)),
+        Err(ReadError::TimedOut) => Err(body_timed_out()),
         Err(ReadError::Read) => Err(ApiError::bad_request(
             "body_read_error",
             "The request body could not be read.",
@@ -83,6 +99,8 @@ enum ReadError {
     TooLarge,
     /// The body failed (the connection broke, a timeout, bad framing).
     Read,
+    /// It took longer than the body-read timeout.
+    TimedOut,
 }
 
 /// Reads a whole body of at most `limit` bytes.
@@ -91,7 +109,11 @@ enum ReadError {
 /// head) is returned as that frame, without a copy; more frames are joined into one buffer.
 /// `http_body_util`'s `collect` queues every frame and keeps trailers, which neither body the
 /// gateway reads whole needs: that was an allocation and a pass over the frames per request.
-async fn read_all<B>(body: B, limit: usize) -> Result<Bytes, ReadError>
+async fn read_all<B>(
+    body: B,
+    limit: usize,
+    timeout: Option<std::time::Duration>,
+) -> Result<Bytes, ReadError>
 where
     B: http_body::Body<Data = Bytes>,
 {
@@ -99,7 +121,21 @@ where
     let mut first: Option<Bytes> = None;
     let mut joined: Option<bytes::BytesMut> = None;
     let mut total = 0usize;
-    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+    // Armed the first time the body has nothing ready, never disarmed: a total.
+    let mut deadline = crate::connections::Deadline::default();
+    loop {
+        let frame = std::future::poll_fn(|cx| {
+            let polled = body.as_mut().poll_frame(cx);
+            if let (true, Some(timeout)) = (polled.is_pending(), timeout) {
+                deadline.arm(timeout);
+                if deadline.poll_passed(cx) {
+                    return std::task::Poll::Ready(Err(ReadError::TimedOut));
+                }
+            }
+            polled.map(Ok)
+        })
+        .await?;
+        let Some(frame) = frame else { break };
         let Ok(data) = frame.map_err(|_| ReadError::Read)?.into_data() else {
             continue; // trailers: not needed
         };
@@ -231,7 +267,13 @@ where
     let (parts, body) = req.into_parts();
     let now = crate::limits::unix_now();
     let key = authenticate(&snapshot, &parts.headers, now as i64)?;
-    let body = read_body(&parts.headers, body, state.settings.max_body_bytes).await?;
+    let body = read_body(
+        &parts.headers,
+        body,
+        state.settings.max_body_bytes,
+        state.settings.bounds.body_read,
+    )
+    .await?;
     let parsed = ParsedRequest::parse(&body, endpoint)?;
     if !key.allows(&parsed.model) {
         return Err(ApiError::forbidden(format!(
@@ -817,7 +859,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
             .wait_for_more(!whole_reads),
         )));
     }
-    let read = read_all(incoming, MAX_UPSTREAM_BODY);
+    let read = read_all(incoming, MAX_UPSTREAM_BODY, None);
     let read = match deadline {
         Some(dl) => tokio::time::timeout_at(dl, read).await.ok(),
         None => Some(read.await),
@@ -1035,19 +1077,19 @@ mod tests {
     #[tokio::test]
     async fn a_body_is_read_whole_and_a_single_frame_is_not_copied() {
         let one = Bytes::from_static(b"{\"model\":\"m\"}");
-        let got = read_all(Frames(VecDeque::from([Ok(one.clone())]), false), 100)
+        let got = read_all(Frames(VecDeque::from([Ok(one.clone())]), false), 100, None)
             .await
             .expect("read");
         assert_eq!(got.as_ptr(), one.as_ptr(), "the frame itself, not a copy");
-        let got = read_all(frames(&["ab", "", "cde", "f"]), 6).await;
+        let got = read_all(frames(&["ab", "", "cde", "f"]), 6, None).await;
         assert_eq!(got, Ok(Bytes::from_static(b"abcdef")));
-        assert_eq!(read_all(frames(&[]), 6).await, Ok(Bytes::new()));
+        assert_eq!(read_all(frames(&[]), 6, None).await, Ok(Bytes::new()));
     }
 
     #[tokio::test]
     async fn a_body_over_the_limit_or_broken_is_refused() {
         assert_eq!(
-            read_all(frames(&["abc", "defg"]), 6).await,
+            read_all(frames(&["abc", "defg"]), 6, None).await,
             Err(ReadError::TooLarge)
         );
         let broken = Frames(
@@ -1057,7 +1099,7 @@ mod tests {
             ]),
             false,
         );
-        assert_eq!(read_all(broken, 6).await, Err(ReadError::Read));
+        assert_eq!(read_all(broken, 6, None).await, Err(ReadError::Read));
     }
 
     /// The size of the future `f` returns, without calling it.

@@ -12,7 +12,7 @@
 //! Every response carries `x-request-id` (the client's, or a new one), and every error is
 //! OpenAI-shaped (see [`crate::error`]).
 
-use crate::connections::{Connections, InFlight};
+use crate::connections::{Bounded, Connections, InFlight};
 use crate::error::{ApiError, ErrorSource};
 use crate::h1_server::{Ended, Reads, Rewound};
 use crate::request::Endpoint;
@@ -89,6 +89,13 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Past --max-connections: closed at once (the client sees the connection end before
+        // any answer), counted.
+        let Some(slot) = Slot::take(&shared.state) else {
+            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
+            drop(tcp);
+            continue;
+        };
         // Without TCP_NODELAY the last small write of a response waits for the client's
         // delayed ACK: ~40 ms at the end of every stream.
         let _ = tcp.set_nodelay(true);
@@ -97,12 +104,18 @@ pub async fn serve(
         let streams = Streams(conns.clone());
         // Tracked: its polls are the work that keeps a busy-polling thread polling.
         tokio::spawn(crate::busy_poll::tracked(async move {
+            let _slot = slot;
             let mut tcp = tcp;
             let state = &registration.state;
+            let bounds = shared.state.settings.bounds;
             let ended = state
-                .unless_aborted(crate::h1_server::serve(&mut tcp, state, reads, |req| {
-                    dispatch(&shared, req)
-                }))
+                .unless_aborted(crate::h1_server::serve(
+                    &mut tcp,
+                    state,
+                    bounds,
+                    reads,
+                    |req| dispatch(&shared, req),
+                ))
                 .await;
             let Some(Ended::HandOver { read, h2 }) = ended else {
                 return;
@@ -116,7 +129,8 @@ pub async fn serve(
                     Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, in_flight }))
                 }
             });
-            let io = hyper_util::rt::TokioIo::new(Rewound::new(read, tcp));
+            let io = Bounded::new(Rewound::new(read, tcp), state.clone(), bounds, !h2);
+            let io = hyper_util::rt::TokioIo::new(io);
             let ended = if h2 {
                 let conn =
                     hyper::server::conn::http2::Builder::new(streams).serve_connection(io, svc);
@@ -184,6 +198,28 @@ impl http_body::Body for Tracked {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A client connection's place under `--max-connections`, given back when dropped.
+struct Slot(Arc<AppState>);
+
+impl Slot {
+    /// A place, unless `max_connections` are open (0: no limit).
+    fn take(state: &Arc<AppState>) -> Option<Self> {
+        let max = state.settings.max_connections;
+        let open = state.open_connections.fetch_add(1, Ordering::Relaxed);
+        if max != 0 && open >= max {
+            state.open_connections.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Self(state.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -292,9 +328,12 @@ where
         Ok(r) => r,
         Err(e) => {
             log_error(&e, rid_str, endpoint);
-            let too_large = e.status == StatusCode::PAYLOAD_TOO_LARGE;
+            let unread = matches!(
+                e.status,
+                StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+            );
             let mut resp = e.into_response();
-            if too_large {
+            if unread {
                 // The rest of the body was never read, so the connection can't carry another
                 // request: say so, rather than let a pooling client find out by a reset.
                 resp.headers_mut()
@@ -457,17 +496,27 @@ fn admin_response(req_id: HeaderValue, result: Result<serde_json::Value, ApiErro
     resp
 }
 
-async fn admin_body(req: Request) -> Result<(http::HeaderMap, bytes::Bytes), ApiError> {
+/// An admin request's body, once its key was checked ([`crate::admin::authorize`]): at most
+/// [`MAX_ADMIN_BODY`] bytes, within the body-read timeout.
+async fn admin_body(
+    state: &AppState,
+    req: Request,
+) -> Result<(http::HeaderMap, bytes::Bytes), ApiError> {
     let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, MAX_ADMIN_BODY)
+    let read = axum::body::to_bytes(body, MAX_ADMIN_BODY);
+    let bytes = tokio::time::timeout(state.settings.bounds.body_read, read)
         .await
+        .map_err(|_| crate::proxy::body_timed_out())?
         .map_err(|_| ApiError::too_large(MAX_ADMIN_BODY))?;
     Ok((parts.headers, bytes))
 }
 
 async fn key_generate(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let rid = request_id(&req);
-    let result = match admin_body(req).await {
+    if let Err(e) = crate::admin::authorize(&state, req.headers()) {
+        return admin_response(rid, Err(e));
+    }
+    let result = match admin_body(&state, req).await {
         Ok((h, b)) => crate::admin::generate(&state, &h, &b).await,
         Err(e) => Err(e),
     };
@@ -476,7 +525,10 @@ async fn key_generate(State(state): State<Arc<AppState>>, req: Request) -> Respo
 
 async fn key_delete(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let rid = request_id(&req);
-    let result = match admin_body(req).await {
+    if let Err(e) = crate::admin::authorize(&state, req.headers()) {
+        return admin_response(rid, Err(e));
+    }
+    let result = match admin_body(&state, req).await {
         Ok((h, b)) => crate::admin::delete(&state, &h, &b).await,
         Err(e) => Err(e),
     };

@@ -23,6 +23,10 @@ pub struct Settings {
     pub shutdown_timeout: std::time::Duration,
     /// How long the listeners keep accepting after SIGTERM, with readiness failing.
     pub shutdown_delay: std::time::Duration,
+    /// Bounds on the work a client connection may make the gateway wait on.
+    pub bounds: crate::connections::Bounds,
+    /// Most client connections open at once across the process; 0 for no limit.
+    pub max_connections: usize,
 }
 
 impl Default for Settings {
@@ -33,6 +37,8 @@ impl Default for Settings {
             idle_timeout: std::time::Duration::from_secs(620),
             shutdown_timeout: std::time::Duration::from_secs(25),
             shutdown_delay: std::time::Duration::ZERO,
+            bounds: crate::connections::Bounds::default(),
+            max_connections: 10_000,
         }
     }
 }
@@ -63,6 +69,8 @@ pub struct AppState {
     /// thread's listener watches it (one signal subscription for the process, made before the
     /// workers start).
     pub stop: tokio::sync::watch::Sender<Stop>,
+    /// Client connections open now, across every listener (see `Settings::max_connections`).
+    pub open_connections: std::sync::atomic::AtomicUsize,
 }
 
 /// How far the process is in stopping.
@@ -102,6 +110,7 @@ impl AppState {
             shared,
             draining: std::sync::atomic::AtomicBool::new(false),
             stop: tokio::sync::watch::Sender::new(Stop::Serving),
+            open_connections: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 

@@ -384,3 +384,306 @@ async fn a_client_that_leaves_before_its_answer_is_counted_gone() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Whether `sock` is closed by the gateway within `within`, and what it read before.
+async fn closed_within(sock: &mut TcpStream, within: Duration) -> (String, bool, Duration) {
+    let t = Instant::now();
+    let (read, closed) = read_to_close(sock, within).await;
+    (read, closed, t.elapsed())
+}
+
+#[tokio::test]
+async fn a_request_head_must_arrive_within_the_header_read_timeout() {
+    let gw = Gateway::start(BIN, &manifests(), &["--header-read-timeout", "1s"]);
+    // Connected, never sent a byte: closed without an answer.
+    let mut silent = TcpStream::connect(gw.addr).await.unwrap();
+    // A head dripped a header every 200 ms: a 408, then closed.
+    let mut dripping = TcpStream::connect(gw.addr).await.unwrap();
+    dripping
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\n")
+        .await
+        .unwrap();
+    let drip = tokio::spawn(async move {
+        let t = Instant::now();
+        let mut i = 0;
+        while t.elapsed() < Duration::from_secs(6) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if dripping
+                .write_all(format!("x-drip-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            i += 1;
+        }
+        closed_within(&mut dripping, Duration::from_millis(500)).await
+    });
+    let (read, closed, took) = closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert!(closed && read.is_empty(), "{closed} {read}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let (read, closed, _) = drip.await.unwrap();
+    assert!(closed, "a dripped head keeps its connection");
+    assert!(
+        read.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{read}"
+    );
+    assert!(read.contains("\"code\":\"request_timeout\""), "{read}");
+
+    // Keep-alive: the time between requests is the idle timeout's, not this one's; a next
+    // head is bounded from its first byte.
+    let mut kept = TcpStream::connect(gw.addr).await.unwrap();
+    kept.write_all(request(false).as_bytes()).await.unwrap();
+    assert_eq!(read_responses(&mut kept, 1).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kept.write_all(request(false).as_bytes()).await.unwrap();
+    let answers = read_responses(&mut kept, 1).await;
+    assert!(answers[0].0.starts_with("HTTP/1.1 200"), "{answers:?}");
+    kept.write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let (read, closed, took) = closed_within(&mut kept, Duration::from_secs(5)).await;
+    assert!(closed && read.starts_with("HTTP/1.1 408"), "{read}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+
+    // The same on a connection hyper serves (after a chunked request): idle is fine, a
+    // dripped head is closed (hyper answers nothing).
+    let body = r#"{"model":"slow","messages":[{"role":"user","content":"hi"}]}"#;
+    let chunked = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let mut handed = TcpStream::connect(gw.addr).await.unwrap();
+    handed.write_all(chunked.as_bytes()).await.unwrap();
+    assert_eq!(read_responses(&mut handed, 1).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    handed.write_all(chunked.as_bytes()).await.unwrap();
+    let answers = read_responses(&mut handed, 1).await;
+    assert!(answers[0].0.starts_with("HTTP/1.1 200"), "{answers:?}");
+    handed
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let (_, closed, took) = closed_within(&mut handed, Duration::from_secs(5)).await;
+    assert!(closed, "hyper keeps a connection whose head never ends");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // The silent one, the dripped one, the keep-alive one and hyper's.
+    assert_eq!(timed_out(&gw, "header_read").await, Some(4));
+}
+
+/// The value of `tollgate_connections_timed_out_total{timeout="<which>"}`, if there is one.
+async fn timed_out(gw: &Gateway, which: &str) -> Option<u64> {
+    let text = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("tollgate_connections_timed_out_total{{timeout=\"{which}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `tollgate_requests_total` series for `model`: a request that went upstream has one.
+async fn went_upstream(gw: &Gateway, model: &str) -> bool {
+    let text = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Series are made with the config (at 0): one that counted a request.
+    text.lines().any(|l| {
+        l.starts_with("tollgate_requests_total{")
+            && l.contains(&format!("model=\"{model}\""))
+            && !l.ends_with(" 0")
+    })
+}
+
+#[tokio::test]
+async fn a_request_body_must_arrive_within_the_body_read_timeout() {
+    let gw = Gateway::start(BIN, &manifests(), &["--body-read-timeout", "1s"]);
+    let head =
+        format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\n");
+    // The data plane's own server (a body by length), and hyper's (a chunked one).
+    let by_length = format!("{head}content-length: 1000\r\n\r\n{{\"model\":\"slow\"");
+    let chunked = format!("{head}transfer-encoding: chunked\r\n\r\n100\r\n{{\"model\":\"slow\",");
+    for (what, sent) in [("length", by_length), ("chunked", chunked)] {
+        let mut sock = TcpStream::connect(gw.addr).await.unwrap();
+        sock.write_all(sent.as_bytes()).await.unwrap();
+        // Dripping doesn't extend it: the bound is on the whole body.
+        let t = Instant::now();
+        let mut got = String::new();
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{what}: still open: {got}"
+            );
+            match tokio::time::timeout(Duration::from_millis(200), sock.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(_) => {
+                    let _ = sock.write_all(b" ").await;
+                }
+            }
+        };
+        assert!(closed);
+        assert!(
+            t.elapsed() >= Duration::from_millis(900),
+            "{what}: {:?}",
+            t.elapsed()
+        );
+        assert!(
+            got.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{what}: {got}"
+        );
+        assert!(got.contains("\r\nconnection: close\r\n"), "{what}: {got}");
+        assert!(
+            got.contains("\"code\":\"request_timeout\""),
+            "{what}: {got}"
+        );
+        assert!(
+            got.contains("\"type\":\"invalid_request_error\""),
+            "{what}: {got}"
+        );
+    }
+    // h2c: the stream gets the same answer.
+    use futures_util::StreamExt;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let stalled = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+        b"{\"model\":\"slow\",",
+    ))])
+    .chain(futures_util::stream::pending());
+    let resp = client
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .body(reqwest::Body::wrap_stream(stalled))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 408);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("\"code\":\"request_timeout\"")
+    );
+    assert!(
+        !went_upstream(&gw, "slow").await,
+        "a request without its body went upstream"
+    );
+}
+
+/// A mock model `big` streaming 8 MB (more than the sockets between it and a client that
+/// doesn't read can hold) in 1,000 chunks 1 ms apart, and a key.
+fn big_stream_manifests() -> String {
+    let reply = "word ".repeat(1_600_000);
+    format!(
+        "{}---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: big}}\nspec:\n  modelName: big\n  provider: mock\n  mock: {{reply: \"{reply}\", chunks: 1000, chunkDelay: 1ms}}\n",
+        manifests()
+    )
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_its_request_settled() {
+    let gw = Gateway::start(
+        BIN,
+        &big_stream_manifests(),
+        &[
+            "--write-stall-timeout",
+            "1s",
+            "--usage-log",
+            "{dir}/usage.jsonl",
+        ],
+    );
+    let body = r#"{"model":"big","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let head =
+        format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\n");
+    // The data plane's own server (a body by length), then hyper's (a chunked body).
+    let by_length = format!("{head}content-length: {}\r\n\r\n{body}", body.len());
+    let chunked = format!(
+        "{head}transfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let log = gw.manifest_dir().join("usage.jsonl");
+    let records = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    for (n, (what, req)) in [("length", by_length), ("chunked", chunked)]
+        .into_iter()
+        .enumerate()
+    {
+        // A small receive window, and nothing read: the gateway's writes stop making progress.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut sock = socket.connect(gw.addr).await.unwrap();
+        sock.write_all(req.as_bytes()).await.unwrap();
+        // Without the bound, the gateway's write would wait for the client forever.
+        let t = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(10), || records().len() > n).await,
+            "{what}: a stalled stream is never settled"
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(900),
+            "{what}: {:?}",
+            t.elapsed()
+        );
+        let (_, closed) = read_to_close(&mut sock, Duration::from_secs(5)).await;
+        assert!(closed, "{what}: the stalled connection stays open");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // One record per request, of a client that left.
+        let all = records();
+        assert_eq!(all.len(), n + 1, "{what}: {all:?}");
+        assert_eq!(all[n]["outcome"], "client_gone", "{what}: {all:?}");
+        assert_eq!(all[n]["model"], "big", "{what}: {all:?}");
+    }
+    assert_eq!(timed_out(&gw, "write_stall").await, Some(2));
+}
+
+#[tokio::test]
+async fn past_max_connections_a_new_connection_is_closed_at_once() {
+    let gw = Gateway::start(BIN, &manifests(), &["--max-connections", "2"]);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut sock = TcpStream::connect(gw.addr).await.unwrap();
+        sock.write_all(request(false).as_bytes()).await.unwrap();
+        assert_eq!(read_responses(&mut sock, 1).await.len(), 1);
+        held.push(sock);
+    }
+    let mut third = TcpStream::connect(gw.addr).await.unwrap();
+    let _ = third.write_all(request(false).as_bytes()).await;
+    let (read, closed) = read_to_close(&mut third, Duration::from_secs(2)).await;
+    assert!(closed && read.is_empty(), "{closed} {read}");
+    // A place is given back when a connection ends.
+    drop(held.pop());
+    let metrics = gw.url("/metrics");
+    let mut text = String::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if let Ok(r) = reqwest::get(&metrics).await {
+            text = r.text().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The third (and maybe this scrape's first tries, made before the place came back).
+    let refused = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_connections_refused_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1), "{text}");
+}
