@@ -469,18 +469,13 @@ impl SharedLimits {
         })
     }
 
-    /// A new lease id: unique across replicas and restarts (process start time, pid, sequence).
+    /// A new lease id: unique across replicas and restarts (this process's random
+    /// [`crate::usage_log::INSTANCE`], then a sequence number).
     pub fn new_lease(&self) -> Arc<str> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        static BOOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            let ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis());
-            format!("{ms:x}.{:x}", std::process::id())
-        });
         format!(
-            "{}.{}",
-            *BOOT,
+            "{}.{:x}",
+            *crate::usage_log::INSTANCE,
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         )
         .into()

@@ -45,7 +45,11 @@ impl UsageLog {
     /// Sends a record to the writer.
     pub fn record(&self, mut record: UsageRecord) {
         if record.id.is_empty() {
-            record.id = format!("{}-{}", *BOOT, RECORD_SEQ.fetch_add(1, Ordering::Relaxed));
+            record.id = format!(
+                "{}-{}",
+                *INSTANCE,
+                RECORD_SEQ.fetch_add(1, Ordering::Relaxed)
+            );
         }
         // The writers stop only when closed, at shutdown, after the server has stopped.
         match (&self.tx, &self.stream) {
@@ -145,13 +149,28 @@ impl UsageLog {
     }
 }
 
-/// Identifies this process in record ids: start time and pid.
-static BOOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    format!("{ms:x}{:x}", std::process::id())
-});
+/// Identifies this process in record and lease ids (see [`instance_id`]).
+pub static INSTANCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(instance_id);
+
+/// A new id for a process: 128 random bits, in hex. Not the start time and the pid: every
+/// container is pid 1, so two replicas started in the same millisecond (a Deployment's pods
+/// often are) would share it, and so would their records' and leases' ids.
+pub fn instance_id() -> String {
+    let mut raw = [0u8; 16];
+    if getrandom::fill(&mut raw).is_err() {
+        // No randomness from the OS (never seen on Linux): the clock's nanoseconds, the pid and
+        // a stack address, which differ between processes started together far more often
+        // than the pid alone.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let here = &raw as *const _ as usize as u128;
+        let mixed = nanos ^ (u128::from(std::process::id()) << 64) ^ here.rotate_left(32);
+        raw = mixed.to_le_bytes();
+        tracing::warn!("no randomness from the OS: record and lease ids from the clock");
+    }
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Opens the log at `path` for appending and starts its writer. [`UsageLog::close`] flushes it.
 pub fn open(path: &Path) -> std::io::Result<UsageLog> {
@@ -295,4 +314,21 @@ pub fn replay(
         registry.seed_spend(Scope::Key, key, periods[key], Picodollars(spend), now);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two processes started in the same millisecond with the same pid (every container is
+    /// pid 1) get different ids: the time and the pid would give both the same.
+    #[test]
+    fn instance_ids_differ_between_processes_started_together() {
+        let ids: HashSet<String> = (0..1000).map(|_| instance_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(
+            ids.iter()
+                .all(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        );
+    }
 }
