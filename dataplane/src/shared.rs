@@ -57,9 +57,11 @@ for ki = 1, nkeys do
   local b = 3 + (ki - 1) * 6
   local k = KEYS[ki]
   local lim = function(v) if v == '-1' then return nil end return tonumber(v) end
-  -- Release the reservations of requests whose replica died before settling them.
+  -- End the leases of requests whose replica died (or whose settlement never arrived): their
+  -- slots come back, and their reserved cost is charged as spent (below).
   local lk = k .. ':leases'
   local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
+  local charges = {}
   for _, id in ipairs(expired) do
     if redis.call('HINCRBY', k, 'inflight', -1) < 0 then redis.call('HSET', k, 'inflight', 0) end
     local sep = string.find(id, '|', 1, true)
@@ -71,8 +73,11 @@ for ki = 1, nkeys do
       c = redis.call('HGET', k .. ':lease-cost', id)
       redis.call('HDEL', k .. ':lease-cost', id)
     end
-    if c and c ~= '0' and redis.call('HINCRBY', k, 'reserved', '-' .. c) < 0 then
-      redis.call('HSET', k, 'reserved', 0)
+    if c and c ~= '0' then
+      if redis.call('HINCRBY', k, 'reserved', '-' .. c) < 0 then
+        redis.call('HSET', k, 'reserved', 0)
+      end
+      table.insert(charges, c)
     end
   end
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
@@ -82,16 +87,28 @@ for ki = 1, nkeys do
     inflight = tonumber(h[4]) or 0, period = h[5], spend = h[6] or '0',
     reserved = tonumber(h[7]) or 0, add = 0, adds = {}, leases = {}}
   local period = ARGV[b+5]
+  local fresh = false
   if not h[1] then
     -- A new hash, or a Redis that lost its data: the spend this replica knows.
-    s.period, s.spend = period, ARGV[b+6]
+    s.period, s.spend, fresh = period, ARGV[b+6], true
   else
     if tonumber(h[1]) ~= minute then s.requests, s.tokens = 0, 0 end
     -- Periods only move forward: a replica whose clock is a little behind at the boundary
     -- counts in the period already begun rather than resetting it.
     if s.bmax and (tonumber(h[5]) or -1) < tonumber(period) then
-      s.period, s.spend = period, '0'
+      s.period, s.spend, fresh = period, '0', true
     end
+  end
+  if s.bmax and #charges > 0 then
+    -- An expired lease's request may have run upstream and been billed: its reserved cost
+    -- counts as spent, in the period now (as a late settlement would), exactly (one HINCRBY
+    -- each, of its string). The hash's period is written first, so that a later reserve
+    -- doesn't reset it, or seed it again, over the charge.
+    if fresh then
+      redis.call('HSET', k, 'minute', h[1] or minute, 'period', s.period, 'spend', s.spend)
+    end
+    for _, c in ipairs(charges) do redis.call('HINCRBY', k, 'spend', c) end
+    s.spend = redis.call('HGET', k, 'spend')
   end
   st[ki] = s
 end
@@ -160,9 +177,13 @@ return out
 // Settles a batch of requests at once: `ARGV` is `now requests`, then per request `tokens cost
 // subjects` and per subject of it `key-index ask-tokens ask-cost budget lease reserved-minute
 // period` (`period`: the budget period it was settled in), with `KEYS` each subject's hash
-// once. Each hash is read and
-// written once for all its entries, and its leases are checked and removed with one call each:
-// what costs Redis is the number of `redis.call`s (about 2 µs each) and the arguments Lua reads.
+// once. Each hash is read and written once for all its entries, and its leases are checked and
+// removed with one call each: what costs Redis is the number of `redis.call`s (about 2 µs each)
+// and the arguments Lua reads.
+//
+// Idempotent: an entry counts only if its lease is still in `<hash>:leases`, and removes it.
+// Sent again (a batch that failed or timed out may have run), or after its lease expired (a
+// reserve then charged its reserved cost), it changes nothing, so a failed batch can be retried.
 const SETTLE: &str = r#"
 local now = tonumber(ARGV[1])
 local nreq = tonumber(ARGV[2])
@@ -184,7 +205,7 @@ end
 for ki, list in pairs(by) do
   local k = KEYS[ki]
   local lk = k .. ':leases'
-  -- A lease already expired was released by a reserve; release only the live ones.
+  -- Which of the entries' leases are still held (each counts once, and is removed).
   local members, first = {}, {}
   for j, e in ipairs(list) do
     local b = e[1]
@@ -207,57 +228,67 @@ for ki, list in pairs(by) do
     end
     if #gone > 0 then redis.call('ZREM', lk, unpack(gone)) end
   end
-  local h = redis.call('HMGET', k, 'minute', 'tokens', 'inflight', 'period')
-  local m, t, inflight = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
-  -- The latest budget period of the batch's entries. When it is newer than the hash's, the
-  -- hash starts it (spend 0), and spend settled in a period that had ended is left out: one
-  -- request at a time, it went to the old period, which the new one then reset (and the
-  -- replica's own counters count it there too).
-  local period = -1
-  for _, e in ipairs(list) do
-    if ARGV[e[1]+3] == '1' then period = math.max(period, tonumber(ARGV[e[1]+6])) end
-  end
-  local reset = h[1] and (tonumber(h[4]) or -1) < period
-  local function spent(b) return not reset or tonumber(ARGV[b+6]) == period end
-  local budget, give, spend = false, 0, 0
+  -- Only entries whose lease was live count. A settlement whose lease is gone changes
+  -- nothing: it was settled already (a batch sent again after a failure that had in fact
+  -- run), or its lease expired and a reserve charged its reserved cost as spent.
+  local kept = {}
   for j, e in ipairs(list) do
-    local b, rb = e[1], e[2]
-    if m == tonumber(ARGV[b+5]) then
-      t = t + tonumber(ARGV[rb]) - tonumber(ARGV[b+1])
-    elseif m == minute then
-      t = t + tonumber(ARGV[rb])
-    end
-    if live[j] then inflight = math.max(inflight - 1, 0) end
-    if ARGV[b+3] == '1' then
-      budget = true
-      if live[j] then give = give + tonumber(ARGV[b+2]) end
-      if spent(b) then spend = spend + tonumber(ARGV[rb+1]) end
-    end
+    if live[j] then table.insert(kept, e) end
   end
-  if h[1] then
-    if reset then
-      -- A new budget period began while the requests ran: their spend counts in the new one
-      -- (as the replica's own counters count it), not in the old one about to be reset.
-      redis.call('HSET', k, 'tokens', t, 'inflight', inflight, 'period', period, 'spend', 0)
-    else
-      redis.call('HSET', k, 'tokens', t, 'inflight', inflight)
+  list = kept
+  if #list > 0 then
+    local h = redis.call('HMGET', k, 'minute', 'tokens', 'inflight', 'period')
+    local m, t, inflight = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+    -- The latest budget period of the batch's entries. When it is newer than the hash's, the
+    -- hash starts it (spend 0), and spend settled in a period that had ended is left out: one
+    -- request at a time, it went to the old period, which the new one then reset (and the
+    -- replica's own counters count it there too).
+    local period = -1
+    for _, e in ipairs(list) do
+      if ARGV[e[1]+3] == '1' then period = math.max(period, tonumber(ARGV[e[1]+6])) end
     end
-  end
-  if budget and give < EXACT and spend < EXACT then
-    if give > 0 and redis.call('HINCRBY', k, 'reserved', string.format('%.0f', -give)) < 0 then
-      redis.call('HSET', k, 'reserved', 0)
-    end
-    if spend > 0 then redis.call('HINCRBY', k, 'spend', string.format('%.0f', spend)) end
-  elseif budget then
-    for j, e in ipairs(list) do
+    local reset = h[1] and (tonumber(h[4]) or -1) < period
+    local function spent(b) return not reset or tonumber(ARGV[b+6]) == period end
+    local budget, give, spend = false, 0, 0
+    for _, e in ipairs(list) do
       local b, rb = e[1], e[2]
+      if m == tonumber(ARGV[b+5]) then
+        t = t + tonumber(ARGV[rb]) - tonumber(ARGV[b+1])
+      elseif m == minute then
+        t = t + tonumber(ARGV[rb])
+      end
+      inflight = math.max(inflight - 1, 0)
       if ARGV[b+3] == '1' then
-        -- ('-0' is not an integer to Redis: a reservation of nothing has nothing to give back.)
-        if live[j] and ARGV[b+2] ~= '0' and
-            redis.call('HINCRBY', k, 'reserved', '-' .. ARGV[b+2]) < 0 then
-          redis.call('HSET', k, 'reserved', 0)
+        budget = true
+        give = give + tonumber(ARGV[b+2])
+        if spent(b) then spend = spend + tonumber(ARGV[rb+1]) end
+      end
+    end
+    if h[1] then
+      if reset then
+        -- A new budget period began while the requests ran: their spend counts in the new one
+        -- (as the replica's own counters count it), not in the old one about to be reset.
+        redis.call('HSET', k, 'tokens', t, 'inflight', inflight, 'period', period, 'spend', 0)
+      else
+        redis.call('HSET', k, 'tokens', t, 'inflight', inflight)
+      end
+    end
+    if budget and give < EXACT and spend < EXACT then
+      if give > 0 and redis.call('HINCRBY', k, 'reserved', string.format('%.0f', -give)) < 0 then
+        redis.call('HSET', k, 'reserved', 0)
+      end
+      if spend > 0 then redis.call('HINCRBY', k, 'spend', string.format('%.0f', spend)) end
+    elseif budget then
+      for _, e in ipairs(list) do
+        local b, rb = e[1], e[2]
+        if ARGV[b+3] == '1' then
+          -- ('-0' is not an integer to Redis: a reservation of nothing has nothing to give back.)
+          if ARGV[b+2] ~= '0' and
+              redis.call('HINCRBY', k, 'reserved', '-' .. ARGV[b+2]) < 0 then
+            redis.call('HSET', k, 'reserved', 0)
+          end
+          if spent(b) then redis.call('HINCRBY', k, 'spend', ARGV[rb+1]) end
         end
-        if spent(b) then redis.call('HINCRBY', k, 'spend', ARGV[rb+1]) end
       end
     end
   end
