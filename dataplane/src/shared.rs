@@ -355,9 +355,15 @@ struct Settlement {
 /// leases it checks in one `ZMSCORE` or adds in one `ZADD`.
 const MAX_BATCH: usize = 128;
 
-/// The most settlements kept to send while Redis fails (about 300 bytes each); past this the
-/// oldest are dropped, and counted as failed.
+/// The most settlements kept to send again while Redis fails (about 300 bytes each, so about
+/// 20 MB); past this the oldest are dropped, and counted in
+/// `tollgate_redis_settlements_dropped_total`.
 const MAX_BACKLOG: usize = 1 << 16;
+
+/// The first wait before a failed batch of settlements is sent again; it doubles with each
+/// failure in a row, up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Health {
     /// Notes the outcome of a Redis call: logs only the transitions, counts every failure.
@@ -467,6 +473,17 @@ impl SharedLimits {
     /// Connects to `url` (the connection is re-established by itself after failures).
     /// `lease` bounds how long a reservation of a replica that died unsettled holds its slot.
     pub async fn connect(url: &str, failure: FailureMode, lease: Duration) -> anyhow::Result<Self> {
+        Self::connect_with_backlog(url, failure, lease, MAX_BACKLOG).await
+    }
+
+    /// [`Self::connect`], keeping at most `backlog` settlements to send again while Redis fails
+    /// (see [`settle_batches`]).
+    pub async fn connect_with_backlog(
+        url: &str,
+        failure: FailureMode,
+        lease: Duration,
+        backlog: usize,
+    ) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(REDIS_TIMEOUT))
@@ -483,7 +500,12 @@ impl SharedLimits {
             tx,
             pending: Arc::default(),
         };
-        tokio::spawn(settle_batches(conn.clone(), health.clone(), queue));
+        tokio::spawn(settle_batches(
+            conn.clone(),
+            health.clone(),
+            queue,
+            backlog.max(1),
+        ));
         let (reserves, queue) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(reserve_batches(
             conn.clone(),
@@ -855,29 +877,54 @@ async fn reserve_batches(
 /// one script call at a time. An idle replica sends each at once; under load, the settlements
 /// that arrive while one call is out go together in the next, and Redis reads and writes each
 /// key's and deployment's hash once for all of them instead of once each. Runs until the
-/// [`SharedLimits`] that feeds it is dropped.
+/// [`SharedLimits`] that feeds it is dropped and nothing is left to send.
 ///
-/// When a call fails (or times out: Redis may still run it), what queued meanwhile is still
-/// sent once, in the next calls (Redis may be back, and a release of a reserve answered too
-/// late must reach it), but whoever waits for it stops waiting at once rather than after a
-/// timeout each. At most [`MAX_BACKLOG`] are kept so. A Redis that is still down then loses
-/// them, as it loses any settlement: the call may have run, so none is sent twice.
+/// When a call fails (or times out: Redis may still run it), its settlements and what queued
+/// meanwhile are kept and sent again until Redis answers, after a wait that doubles with each
+/// failure in a row ([`MIN_BACKOFF`] to [`MAX_BACKOFF`], with jitter): `SETTLE` is idempotent
+/// (a settlement whose lease is gone changes nothing), so one that had in fact run is not
+/// counted twice. Whoever waits for them stops waiting at once rather than after a timeout
+/// each. At most `max_backlog` are kept; past that the oldest are dropped and counted in
+/// `tollgate_redis_settlements_dropped_total`: their leases then end in Redis, which charges
+/// each its reserved cost.
 async fn settle_batches(
     mut conn: ConnectionManager,
     health: Arc<Health>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Settlement>,
+    max_backlog: usize,
 ) {
     let script = redis::Script::new(SETTLE);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut keys = KeyIndex::default();
     let mut indices: Vec<usize> = Vec::new();
     let mut backlog = std::collections::VecDeque::new();
+    // Zero while Redis answers; after a failure, the wait before the next try.
+    let mut backoff = Duration::ZERO;
+    let mut open = true;
     loop {
         if backlog.is_empty() {
-            if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            if !open || queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
                 break;
             }
         } else {
+            if !backoff.is_zero() {
+                // Redis failed last time: wait, keeping (and letting go of) what queues.
+                let jitter = backoff.mul_f64(fastrand::f64() / 4.0);
+                let wait = tokio::time::sleep(backoff + jitter);
+                let mut wait = std::pin::pin!(wait);
+                while open {
+                    tokio::select! {
+                        () = &mut wait => break,
+                        n = queue.recv_many(&mut batch, MAX_BATCH) => {
+                            open = n > 0;
+                            keep(&mut backlog, batch.drain(..), max_backlog);
+                        }
+                    }
+                }
+                if !open {
+                    wait.await;
+                }
+            }
             // The oldest first, topped up with what queued since, so that new settlements
             // don't wait for the whole backlog.
             let n = backlog.len().min(MAX_BATCH);
@@ -923,29 +970,52 @@ async fn settle_batches(
             .await
             .map_err(|e| RedisError(e.to_string()));
         health.observe("settle", &result);
-        if result.is_err() {
-            let mut dropped = 0u64;
-            while let Ok(mut s) = queue.try_recv() {
+        if result.is_ok() {
+            backoff = Duration::ZERO;
+            // Answered: whoever waits for these stops waiting.
+            for s in batch.drain(..) {
+                if let Some(done) = s.done {
+                    let _ = done.send(());
+                }
+            }
+        } else {
+            backoff = (backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
+            // The failed batch goes back in front, in order, then what queued behind it.
+            let failed: Vec<_> = batch.drain(..).collect();
+            for mut s in failed.into_iter().rev() {
                 if let Some(done) = s.done.take() {
                     let _ = done.send(());
                 }
-                if backlog.len() == MAX_BACKLOG {
-                    backlog.pop_front();
-                    dropped += 1;
-                }
-                backlog.push_back(s);
+                backlog.push_front(s);
             }
-            if dropped > 0 {
-                metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => "settle")
-                    .increment(dropped);
-            }
+            let queued = std::iter::from_fn(|| queue.try_recv().ok());
+            keep(&mut backlog, queued, max_backlog);
         }
-        // Answered (or failed): whoever waits for these stops waiting.
-        for s in batch.drain(..) {
-            if let Some(done) = s.done {
-                let _ = done.send(());
-            }
+    }
+}
+
+/// Adds `settlements` to the back of `backlog`, letting go of whoever waits for them (Redis is
+/// failing: a response doesn't wait for it), and drops the oldest past `max` settlements.
+fn keep(
+    backlog: &mut std::collections::VecDeque<Settlement>,
+    settlements: impl Iterator<Item = Settlement>,
+    max: usize,
+) {
+    for mut s in settlements {
+        if let Some(done) = s.done.take() {
+            let _ = done.send(());
         }
+        backlog.push_back(s);
+    }
+    let over = backlog.len().saturating_sub(max);
+    if over > 0 {
+        backlog.drain(..over);
+        metrics::counter!(crate::metrics::REDIS_SETTLEMENTS_DROPPED).increment(over as u64);
+        tracing::warn!(
+            dropped = over,
+            "Redis settlement backlog full: the oldest settlements are dropped; their leases \
+             will charge their reserved cost when they end"
+        );
     }
 }
 

@@ -1066,6 +1066,112 @@ mod library {
             "35",
             "every settlement counted"
         );
+        // The batch that timed out ran once the pause ended, and is sent again (it failed, as
+        // far as the replica knows): the second run finds its lease gone and changes nothing.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            hash_field(&redis, "key:ns/k", "spend"),
+            "35",
+            "counted once"
+        );
+        assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "0");
+    }
+
+    /// How many calls of the command `name` Redis refused (its ACL, here).
+    fn rejected(redis: &Redis, name: &str) -> u64 {
+        redis_cli(redis, &["INFO", "commandstats"])
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:")))
+            .and_then(|rest| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix("rejected_calls="))
+                    .map(|n| n.trim().parse().unwrap())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Redis refuses the scripts (the ACL takes them away) while the connection stays up, so a
+    /// failed settlement never ran. It is kept and sent again, with a growing wait between
+    /// tries rather than in a tight loop, until Redis takes it: its spend counts once.
+    #[tokio::test]
+    async fn a_failed_settlement_is_sent_again_with_backoff_until_redis_takes_it() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 600).await;
+        let key = key_with_budget(1_000_000, BudgetPeriod::Lifetime);
+        let mut a = reserved(&shared, vec![(key, ask(1, 100))], T).await;
+        let acl = |rule: &str| {
+            assert_eq!(
+                redis_cli(&redis, &["ACL", "SETUSER", "default", rule]).trim(),
+                "OK"
+            );
+        };
+        acl("-@scripting");
+        // Its waiter is let go once the first try fails.
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            a.settle(1, Picodollars(10), T).unwrap(),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let tries = rejected(&redis, "evalsha");
+        // 0, 0.1, 0.3, 0.7 and 1.5 s (plus jitter): a handful, not thousands.
+        assert!((2..=8).contains(&tries), "{tries} tries in 1.5 s");
+        assert_eq!(hash_field(&redis, "key:ns/k", "spend"), "0");
+        acl("+@all");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while hash_field(&redis, "key:ns/k", "spend") != "10"
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(hash_field(&redis, "key:ns/k", "spend"), "10");
+        assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "0");
+    }
+
+    /// Past the backlog kept while Redis fails (two here), the oldest settlements are dropped;
+    /// their leases then end in Redis like a dead replica's, and their reserved cost is charged.
+    #[tokio::test]
+    async fn settlements_past_the_backlog_are_charged_their_reservation_when_the_lease_ends() {
+        let redis = Redis::start();
+        let shared = Arc::new(
+            SharedLimits::connect_with_backlog(
+                &redis.url(),
+                FailureMode::Closed,
+                Duration::from_secs(1),
+                2,
+            )
+            .await
+            .unwrap(),
+        );
+        let key = key_with_budget(1_000_000, BudgetPeriod::Lifetime);
+        let mut four = Vec::new();
+        for _ in 0..4 {
+            four.push(reserved(&shared, vec![(key.clone(), ask(1, 100))], T).await);
+        }
+        redis_cli(&redis, &["ACL", "SETUSER", "default", "-@scripting"]);
+        // The first fails alone; the other three queue behind it, and the two oldest go.
+        four[0].settle(1, Picodollars(10), T).unwrap().await;
+        for r in &mut four[1..] {
+            r.settle(1, Picodollars(10), T).unwrap().await;
+        }
+        redis_cli(&redis, &["ACL", "SETUSER", "default", "+@all"]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while hash_field(&redis, "key:ns/k", "spend") != "20"
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            hash_field(&redis, "key:ns/k", "spend"),
+            "20",
+            "the two kept"
+        );
+        assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "200");
+        // A reserve after the leases ended charges the two dropped ones' reservations.
+        let _next = reserved(&shared, vec![(key, ask(1, 1))], T + 5).await;
+        assert_eq!(hash_field(&redis, "key:ns/k", "spend"), "220");
+        assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "1");
     }
 
     /// A request whose lease ended before it settled (its replica died, or its settlement
