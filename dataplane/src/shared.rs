@@ -7,8 +7,11 @@
 //! is known; a served response with a budget ends only when its settlement is answered
 //! ([`Recorded`]), so a client's next request sees its spend. Both go in batches of what is
 //! queued ([`reserve_batches`], [`settle_batches`]): Redis's cost is per command, and a batch
-//! reads and writes each subject's hash once. Increments use `HINCRBY` (exact 64-bit integers
-//! on the server); only comparisons, and sums while they are exact, go through Lua's doubles.
+//! reads and writes each subject's hash once. A settlement counts only while its request's
+//! lease is held (so one sent again after a failure counts once), failed ones are sent again
+//! with backoff, and a lease that ends unsettled charges its reserved cost as spent. Increments
+//! use `HINCRBY` (exact 64-bit integers on the server); only comparisons, and sums while they
+//! are exact, go through Lua's doubles.
 //!
 //! When a hash does not exist yet (a new key, or a Redis that lost its data), its budget spend is
 //! seeded from what this replica knows from its usage log, so a Redis restart doesn't hand a key
@@ -624,7 +627,7 @@ impl SharedLimits {
 
     /// Resolves once every settlement sent so far is answered, or after `within`: at shutdown,
     /// before a thread drops its runtime (which would cancel them, leaving their reservations
-    /// held in Redis until the lease ends).
+    /// held in Redis until the lease ends, and then charged their reserved cost).
     pub async fn settled(&self, within: Duration) {
         let all = async {
             loop {
@@ -981,8 +984,7 @@ async fn settle_batches(
         } else {
             backoff = (backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
             // The failed batch goes back in front, in order, then what queued behind it.
-            let failed: Vec<_> = batch.drain(..).collect();
-            for mut s in failed.into_iter().rev() {
+            for mut s in batch.drain(..).rev() {
                 if let Some(done) = s.done.take() {
                     let _ = done.send(());
                 }
