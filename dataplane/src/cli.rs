@@ -103,9 +103,9 @@ pub struct Args {
         default_value = "open"
     )]
     pub redis_failure: crate::shared::FailureMode,
-    /// How long a request's reservation in Redis is held at most: the slot and reserved budget
-    /// of a request whose replica died before settling it come back after this. Longer than
-    /// your longest request.
+    /// How long a request's reservation in Redis is held at most: the slot of a request whose
+    /// replica died before settling it comes back after this, and its reserved cost is then
+    /// charged as spent (it may have run upstream). Longer than your longest request.
     #[arg(long, env = "TOLLGATE_REDIS_LEASE", default_value = "15m", value_parser = humantime_duration)]
     pub redis_lease: Duration,
     /// Append a usage record per request to this file (JSON lines), and read it back at

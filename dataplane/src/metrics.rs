@@ -21,6 +21,9 @@ pub const TTFB: &str = "tollgate_time_to_first_byte_seconds";
 pub const REJECTED: &str = "tollgate_rejected_requests_total";
 /// `tollgate_redis_errors_total{op}`: failed Redis calls (the request then fails open or closed).
 pub const REDIS_ERRORS: &str = "tollgate_redis_errors_total";
+/// `tollgate_redis_settlements_dropped_total`: settlements dropped while Redis failed, past the
+/// backlog kept to send again (their leases then charge their reserved cost when they end).
+pub const REDIS_SETTLEMENTS_DROPPED: &str = "tollgate_redis_settlements_dropped_total";
 /// `tollgate_redis_up`: 1 while the last Redis call succeeded.
 pub const REDIS_UP: &str = "tollgate_redis_up";
 /// `tollgate_retries_total{model}`: attempts retried within a model group.
@@ -85,6 +88,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_counter!(RETRIES, "Attempts retried within a model group.");
     metrics::describe_counter!(FALLBACKS, "Requests passed on to a fallback model.");
+    metrics::describe_counter!(
+        REDIS_SETTLEMENTS_DROPPED,
+        "Redis settlements dropped past the backlog kept while Redis failed."
+    );
     metrics::describe_counter!(
         COOLDOWNS,
         "Deployment endpoints taken out of rotation after repeated failures."

@@ -7,8 +7,11 @@
 //! is known; a served response with a budget ends only when its settlement is answered
 //! ([`Recorded`]), so a client's next request sees its spend. Both go in batches of what is
 //! queued ([`reserve_batches`], [`settle_batches`]): Redis's cost is per command, and a batch
-//! reads and writes each subject's hash once. Increments use `HINCRBY` (exact 64-bit integers
-//! on the server); only comparisons, and sums while they are exact, go through Lua's doubles.
+//! reads and writes each subject's hash once. A settlement counts only while its request's
+//! lease is held (so one sent again after a failure counts once), failed ones are sent again
+//! with backoff, and a lease that ends unsettled charges its reserved cost as spent. Increments
+//! use `HINCRBY` (exact 64-bit integers on the server); only comparisons, and sums while they
+//! are exact, go through Lua's doubles.
 //!
 //! When a hash does not exist yet (a new key, or a Redis that lost its data), its budget spend is
 //! seeded from what this replica knows from its usage log, so a Redis restart doesn't hand a key
@@ -57,9 +60,11 @@ for ki = 1, nkeys do
   local b = 3 + (ki - 1) * 6
   local k = KEYS[ki]
   local lim = function(v) if v == '-1' then return nil end return tonumber(v) end
-  -- Release the reservations of requests whose replica died before settling them.
+  -- End the leases of requests whose replica died (or whose settlement never arrived): their
+  -- slots come back, and their reserved cost is charged as spent (below).
   local lk = k .. ':leases'
   local expired = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
+  local charges = {}
   for _, id in ipairs(expired) do
     if redis.call('HINCRBY', k, 'inflight', -1) < 0 then redis.call('HSET', k, 'inflight', 0) end
     local sep = string.find(id, '|', 1, true)
@@ -71,8 +76,11 @@ for ki = 1, nkeys do
       c = redis.call('HGET', k .. ':lease-cost', id)
       redis.call('HDEL', k .. ':lease-cost', id)
     end
-    if c and c ~= '0' and redis.call('HINCRBY', k, 'reserved', '-' .. c) < 0 then
-      redis.call('HSET', k, 'reserved', 0)
+    if c and c ~= '0' then
+      if redis.call('HINCRBY', k, 'reserved', '-' .. c) < 0 then
+        redis.call('HSET', k, 'reserved', 0)
+      end
+      table.insert(charges, c)
     end
   end
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', lk, '-inf', now) end
@@ -82,16 +90,28 @@ for ki = 1, nkeys do
     inflight = tonumber(h[4]) or 0, period = h[5], spend = h[6] or '0',
     reserved = tonumber(h[7]) or 0, add = 0, adds = {}, leases = {}}
   local period = ARGV[b+5]
+  local fresh = false
   if not h[1] then
     -- A new hash, or a Redis that lost its data: the spend this replica knows.
-    s.period, s.spend = period, ARGV[b+6]
+    s.period, s.spend, fresh = period, ARGV[b+6], true
   else
     if tonumber(h[1]) ~= minute then s.requests, s.tokens = 0, 0 end
     -- Periods only move forward: a replica whose clock is a little behind at the boundary
     -- counts in the period already begun rather than resetting it.
     if s.bmax and (tonumber(h[5]) or -1) < tonumber(period) then
-      s.period, s.spend = period, '0'
+      s.period, s.spend, fresh = period, '0', true
     end
+  end
+  if s.bmax and #charges > 0 then
+    -- An expired lease's request may have run upstream and been billed: its reserved cost
+    -- counts as spent, in the period now (as a late settlement would), exactly (one HINCRBY
+    -- each, of its string). The hash's period is written first, so that a later reserve
+    -- doesn't reset it, or seed it again, over the charge.
+    if fresh then
+      redis.call('HSET', k, 'minute', h[1] or minute, 'period', s.period, 'spend', s.spend)
+    end
+    for _, c in ipairs(charges) do redis.call('HINCRBY', k, 'spend', c) end
+    s.spend = redis.call('HGET', k, 'spend')
   end
   st[ki] = s
 end
@@ -160,9 +180,13 @@ return out
 // Settles a batch of requests at once: `ARGV` is `now requests`, then per request `tokens cost
 // subjects` and per subject of it `key-index ask-tokens ask-cost budget lease reserved-minute
 // period` (`period`: the budget period it was settled in), with `KEYS` each subject's hash
-// once. Each hash is read and
-// written once for all its entries, and its leases are checked and removed with one call each:
-// what costs Redis is the number of `redis.call`s (about 2 µs each) and the arguments Lua reads.
+// once. Each hash is read and written once for all its entries, and its leases are checked and
+// removed with one call each: what costs Redis is the number of `redis.call`s (about 2 µs each)
+// and the arguments Lua reads.
+//
+// Idempotent: an entry counts only if its lease is still in `<hash>:leases`, and removes it.
+// Sent again (a batch that failed or timed out may have run), or after its lease expired (a
+// reserve then charged its reserved cost), it changes nothing, so a failed batch can be retried.
 const SETTLE: &str = r#"
 local now = tonumber(ARGV[1])
 local nreq = tonumber(ARGV[2])
@@ -184,7 +208,7 @@ end
 for ki, list in pairs(by) do
   local k = KEYS[ki]
   local lk = k .. ':leases'
-  -- A lease already expired was released by a reserve; release only the live ones.
+  -- Which of the entries' leases are still held (each counts once, and is removed).
   local members, first = {}, {}
   for j, e in ipairs(list) do
     local b = e[1]
@@ -207,57 +231,67 @@ for ki, list in pairs(by) do
     end
     if #gone > 0 then redis.call('ZREM', lk, unpack(gone)) end
   end
-  local h = redis.call('HMGET', k, 'minute', 'tokens', 'inflight', 'period')
-  local m, t, inflight = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
-  -- The latest budget period of the batch's entries. When it is newer than the hash's, the
-  -- hash starts it (spend 0), and spend settled in a period that had ended is left out: one
-  -- request at a time, it went to the old period, which the new one then reset (and the
-  -- replica's own counters count it there too).
-  local period = -1
-  for _, e in ipairs(list) do
-    if ARGV[e[1]+3] == '1' then period = math.max(period, tonumber(ARGV[e[1]+6])) end
-  end
-  local reset = h[1] and (tonumber(h[4]) or -1) < period
-  local function spent(b) return not reset or tonumber(ARGV[b+6]) == period end
-  local budget, give, spend = false, 0, 0
+  -- Only entries whose lease was live count. A settlement whose lease is gone changes
+  -- nothing: it was settled already (a batch sent again after a failure that had in fact
+  -- run), or its lease expired and a reserve charged its reserved cost as spent.
+  local kept = {}
   for j, e in ipairs(list) do
-    local b, rb = e[1], e[2]
-    if m == tonumber(ARGV[b+5]) then
-      t = t + tonumber(ARGV[rb]) - tonumber(ARGV[b+1])
-    elseif m == minute then
-      t = t + tonumber(ARGV[rb])
-    end
-    if live[j] then inflight = math.max(inflight - 1, 0) end
-    if ARGV[b+3] == '1' then
-      budget = true
-      if live[j] then give = give + tonumber(ARGV[b+2]) end
-      if spent(b) then spend = spend + tonumber(ARGV[rb+1]) end
-    end
+    if live[j] then table.insert(kept, e) end
   end
-  if h[1] then
-    if reset then
-      -- A new budget period began while the requests ran: their spend counts in the new one
-      -- (as the replica's own counters count it), not in the old one about to be reset.
-      redis.call('HSET', k, 'tokens', t, 'inflight', inflight, 'period', period, 'spend', 0)
-    else
-      redis.call('HSET', k, 'tokens', t, 'inflight', inflight)
+  list = kept
+  if #list > 0 then
+    local h = redis.call('HMGET', k, 'minute', 'tokens', 'inflight', 'period')
+    local m, t, inflight = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+    -- The latest budget period of the batch's entries. When it is newer than the hash's, the
+    -- hash starts it (spend 0), and spend settled in a period that had ended is left out: one
+    -- request at a time, it went to the old period, which the new one then reset (and the
+    -- replica's own counters count it there too).
+    local period = -1
+    for _, e in ipairs(list) do
+      if ARGV[e[1]+3] == '1' then period = math.max(period, tonumber(ARGV[e[1]+6])) end
     end
-  end
-  if budget and give < EXACT and spend < EXACT then
-    if give > 0 and redis.call('HINCRBY', k, 'reserved', string.format('%.0f', -give)) < 0 then
-      redis.call('HSET', k, 'reserved', 0)
-    end
-    if spend > 0 then redis.call('HINCRBY', k, 'spend', string.format('%.0f', spend)) end
-  elseif budget then
-    for j, e in ipairs(list) do
+    local reset = h[1] and (tonumber(h[4]) or -1) < period
+    local function spent(b) return not reset or tonumber(ARGV[b+6]) == period end
+    local budget, give, spend = false, 0, 0
+    for _, e in ipairs(list) do
       local b, rb = e[1], e[2]
+      if m == tonumber(ARGV[b+5]) then
+        t = t + tonumber(ARGV[rb]) - tonumber(ARGV[b+1])
+      elseif m == minute then
+        t = t + tonumber(ARGV[rb])
+      end
+      inflight = math.max(inflight - 1, 0)
       if ARGV[b+3] == '1' then
-        -- ('-0' is not an integer to Redis: a reservation of nothing has nothing to give back.)
-        if live[j] and ARGV[b+2] ~= '0' and
-            redis.call('HINCRBY', k, 'reserved', '-' .. ARGV[b+2]) < 0 then
-          redis.call('HSET', k, 'reserved', 0)
+        budget = true
+        give = give + tonumber(ARGV[b+2])
+        if spent(b) then spend = spend + tonumber(ARGV[rb+1]) end
+      end
+    end
+    if h[1] then
+      if reset then
+        -- A new budget period began while the requests ran: their spend counts in the new one
+        -- (as the replica's own counters count it), not in the old one about to be reset.
+        redis.call('HSET', k, 'tokens', t, 'inflight', inflight, 'period', period, 'spend', 0)
+      else
+        redis.call('HSET', k, 'tokens', t, 'inflight', inflight)
+      end
+    end
+    if budget and give < EXACT and spend < EXACT then
+      if give > 0 and redis.call('HINCRBY', k, 'reserved', string.format('%.0f', -give)) < 0 then
+        redis.call('HSET', k, 'reserved', 0)
+      end
+      if spend > 0 then redis.call('HINCRBY', k, 'spend', string.format('%.0f', spend)) end
+    elseif budget then
+      for _, e in ipairs(list) do
+        local b, rb = e[1], e[2]
+        if ARGV[b+3] == '1' then
+          -- ('-0' is not an integer to Redis: a reservation of nothing has nothing to give back.)
+          if ARGV[b+2] ~= '0' and
+              redis.call('HINCRBY', k, 'reserved', '-' .. ARGV[b+2]) < 0 then
+            redis.call('HSET', k, 'reserved', 0)
+          end
+          if spent(b) then redis.call('HINCRBY', k, 'spend', ARGV[rb+1]) end
         end
-        if spent(b) then redis.call('HINCRBY', k, 'spend', ARGV[rb+1]) end
       end
     end
   end
@@ -324,9 +358,15 @@ struct Settlement {
 /// leases it checks in one `ZMSCORE` or adds in one `ZADD`.
 const MAX_BATCH: usize = 128;
 
-/// The most settlements kept to send while Redis fails (about 300 bytes each); past this the
-/// oldest are dropped, and counted as failed.
+/// The most settlements kept to send again while Redis fails (about 300 bytes each, so about
+/// 20 MB); past this the oldest are dropped, and counted in
+/// `tollgate_redis_settlements_dropped_total`.
 const MAX_BACKLOG: usize = 1 << 16;
+
+/// The first wait before a failed batch of settlements is sent again; it doubles with each
+/// failure in a row, up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Health {
     /// Notes the outcome of a Redis call: logs only the transitions, counts every failure.
@@ -436,6 +476,17 @@ impl SharedLimits {
     /// Connects to `url` (the connection is re-established by itself after failures).
     /// `lease` bounds how long a reservation of a replica that died unsettled holds its slot.
     pub async fn connect(url: &str, failure: FailureMode, lease: Duration) -> anyhow::Result<Self> {
+        Self::connect_with_backlog(url, failure, lease, MAX_BACKLOG).await
+    }
+
+    /// [`Self::connect`], keeping at most `backlog` settlements to send again while Redis fails
+    /// (see [`settle_batches`]).
+    pub async fn connect_with_backlog(
+        url: &str,
+        failure: FailureMode,
+        lease: Duration,
+        backlog: usize,
+    ) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(REDIS_TIMEOUT))
@@ -452,7 +503,12 @@ impl SharedLimits {
             tx,
             pending: Arc::default(),
         };
-        tokio::spawn(settle_batches(conn.clone(), health.clone(), queue));
+        tokio::spawn(settle_batches(
+            conn.clone(),
+            health.clone(),
+            queue,
+            backlog.max(1),
+        ));
         let (reserves, queue) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(reserve_batches(
             conn.clone(),
@@ -469,18 +525,13 @@ impl SharedLimits {
         })
     }
 
-    /// A new lease id: unique across replicas and restarts (process start time, pid, sequence).
+    /// A new lease id: unique across replicas and restarts (this process's random
+    /// [`crate::usage_log::INSTANCE`], then a sequence number).
     pub fn new_lease(&self) -> Arc<str> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        static BOOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            let ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis());
-            format!("{ms:x}.{:x}", std::process::id())
-        });
         format!(
-            "{}.{}",
-            *BOOT,
+            "{}.{:x}",
+            *crate::usage_log::INSTANCE,
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         )
         .into()
@@ -576,7 +627,7 @@ impl SharedLimits {
 
     /// Resolves once every settlement sent so far is answered, or after `within`: at shutdown,
     /// before a thread drops its runtime (which would cancel them, leaving their reservations
-    /// held in Redis until the lease ends).
+    /// held in Redis until the lease ends, and then charged their reserved cost).
     pub async fn settled(&self, within: Duration) {
         let all = async {
             loop {
@@ -829,29 +880,54 @@ async fn reserve_batches(
 /// one script call at a time. An idle replica sends each at once; under load, the settlements
 /// that arrive while one call is out go together in the next, and Redis reads and writes each
 /// key's and deployment's hash once for all of them instead of once each. Runs until the
-/// [`SharedLimits`] that feeds it is dropped.
+/// [`SharedLimits`] that feeds it is dropped and nothing is left to send.
 ///
-/// When a call fails (or times out: Redis may still run it), what queued meanwhile is still
-/// sent once, in the next calls (Redis may be back, and a release of a reserve answered too
-/// late must reach it), but whoever waits for it stops waiting at once rather than after a
-/// timeout each. At most [`MAX_BACKLOG`] are kept so. A Redis that is still down then loses
-/// them, as it loses any settlement: the call may have run, so none is sent twice.
+/// When a call fails (or times out: Redis may still run it), its settlements and what queued
+/// meanwhile are kept and sent again until Redis answers, after a wait that doubles with each
+/// failure in a row ([`MIN_BACKOFF`] to [`MAX_BACKOFF`], with jitter): `SETTLE` is idempotent
+/// (a settlement whose lease is gone changes nothing), so one that had in fact run is not
+/// counted twice. Whoever waits for them stops waiting at once rather than after a timeout
+/// each. At most `max_backlog` are kept; past that the oldest are dropped and counted in
+/// `tollgate_redis_settlements_dropped_total`: their leases then end in Redis, which charges
+/// each its reserved cost.
 async fn settle_batches(
     mut conn: ConnectionManager,
     health: Arc<Health>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Settlement>,
+    max_backlog: usize,
 ) {
     let script = redis::Script::new(SETTLE);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut keys = KeyIndex::default();
     let mut indices: Vec<usize> = Vec::new();
     let mut backlog = std::collections::VecDeque::new();
+    // Zero while Redis answers; after a failure, the wait before the next try.
+    let mut backoff = Duration::ZERO;
+    let mut open = true;
     loop {
         if backlog.is_empty() {
-            if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            if !open || queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
                 break;
             }
         } else {
+            if !backoff.is_zero() {
+                // Redis failed last time: wait, keeping (and letting go of) what queues.
+                let jitter = backoff.mul_f64(fastrand::f64() / 4.0);
+                let wait = tokio::time::sleep(backoff + jitter);
+                let mut wait = std::pin::pin!(wait);
+                while open {
+                    tokio::select! {
+                        () = &mut wait => break,
+                        n = queue.recv_many(&mut batch, MAX_BATCH) => {
+                            open = n > 0;
+                            keep(&mut backlog, batch.drain(..), max_backlog);
+                        }
+                    }
+                }
+                if !open {
+                    wait.await;
+                }
+            }
             // The oldest first, topped up with what queued since, so that new settlements
             // don't wait for the whole backlog.
             let n = backlog.len().min(MAX_BATCH);
@@ -897,29 +973,51 @@ async fn settle_batches(
             .await
             .map_err(|e| RedisError(e.to_string()));
         health.observe("settle", &result);
-        if result.is_err() {
-            let mut dropped = 0u64;
-            while let Ok(mut s) = queue.try_recv() {
+        if result.is_ok() {
+            backoff = Duration::ZERO;
+            // Answered: whoever waits for these stops waiting.
+            for s in batch.drain(..) {
+                if let Some(done) = s.done {
+                    let _ = done.send(());
+                }
+            }
+        } else {
+            backoff = (backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
+            // The failed batch goes back in front, in order, then what queued behind it.
+            for mut s in batch.drain(..).rev() {
                 if let Some(done) = s.done.take() {
                     let _ = done.send(());
                 }
-                if backlog.len() == MAX_BACKLOG {
-                    backlog.pop_front();
-                    dropped += 1;
-                }
-                backlog.push_back(s);
+                backlog.push_front(s);
             }
-            if dropped > 0 {
-                metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => "settle")
-                    .increment(dropped);
-            }
+            let queued = std::iter::from_fn(|| queue.try_recv().ok());
+            keep(&mut backlog, queued, max_backlog);
         }
-        // Answered (or failed): whoever waits for these stops waiting.
-        for s in batch.drain(..) {
-            if let Some(done) = s.done {
-                let _ = done.send(());
-            }
+    }
+}
+
+/// Adds `settlements` to the back of `backlog`, letting go of whoever waits for them (Redis is
+/// failing: a response doesn't wait for it), and drops the oldest past `max` settlements.
+fn keep(
+    backlog: &mut std::collections::VecDeque<Settlement>,
+    settlements: impl Iterator<Item = Settlement>,
+    max: usize,
+) {
+    for mut s in settlements {
+        if let Some(done) = s.done.take() {
+            let _ = done.send(());
         }
+        backlog.push_back(s);
+    }
+    let over = backlog.len().saturating_sub(max);
+    if over > 0 {
+        backlog.drain(..over);
+        metrics::counter!(crate::metrics::REDIS_SETTLEMENTS_DROPPED).increment(over as u64);
+        tracing::warn!(
+            dropped = over,
+            "Redis settlement backlog full: the oldest settlements are dropped; their leases \
+             will charge their reserved cost when they end"
+        );
     }
 }
 

@@ -15,7 +15,8 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tollgate_crds::config::Picodollars;
 
@@ -31,7 +32,14 @@ enum Msg {
 pub struct UsageLog {
     tx: Option<mpsc::UnboundedSender<Msg>>,
     stream: Option<mpsc::UnboundedSender<Msg>>,
+    /// How often the file has been synced to disk so far.
+    syncs: Option<Arc<AtomicU64>>,
 }
+
+/// How often the usage log's file is synced to disk while records are written: a crash of the
+/// machine (not only of the process, whose writes the kernel keeps) loses at most about this
+/// much of the log.
+pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,7 +53,11 @@ impl UsageLog {
     /// Sends a record to the writer.
     pub fn record(&self, mut record: UsageRecord) {
         if record.id.is_empty() {
-            record.id = format!("{}-{}", *BOOT, RECORD_SEQ.fetch_add(1, Ordering::Relaxed));
+            record.id = format!(
+                "{}-{}",
+                *INSTANCE,
+                RECORD_SEQ.fetch_add(1, Ordering::Relaxed)
+            );
         }
         // The writers stop only when closed, at shutdown, after the server has stopped.
         match (&self.tx, &self.stream) {
@@ -58,6 +70,12 @@ impl UsageLog {
             }
             (None, None) => {}
         }
+    }
+
+    /// How many times the file has been synced to disk (every [`SYNC_EVERY`] while records
+    /// are written).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.as_ref().map_or(0, |s| s.load(Ordering::Relaxed))
     }
 
     /// Whether records go anywhere.
@@ -145,13 +163,28 @@ impl UsageLog {
     }
 }
 
-/// Identifies this process in record ids: start time and pid.
-static BOOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    format!("{ms:x}{:x}", std::process::id())
-});
+/// Identifies this process in record and lease ids (see [`instance_id`]).
+pub static INSTANCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(instance_id);
+
+/// A new id for a process: 128 random bits, in hex. Not the start time and the pid: every
+/// container is pid 1, so two replicas started in the same millisecond (a Deployment's pods
+/// often are) would share it, and so would their records' and leases' ids.
+pub fn instance_id() -> String {
+    let mut raw = [0u8; 16];
+    if getrandom::fill(&mut raw).is_err() {
+        // No randomness from the OS (never seen on Linux): the clock's nanoseconds, the pid and
+        // a stack address, which differ between processes started together far more often
+        // than the pid alone.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let here = &raw as *const _ as usize as u128;
+        let mixed = nanos ^ (u128::from(std::process::id()) << 64) ^ here.rotate_left(32);
+        raw = mixed.to_le_bytes();
+        tracing::warn!("no randomness from the OS: record and lease ids from the clock");
+    }
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Opens the log at `path` for appending and starts its writer. [`UsageLog::close`] flushes it.
 pub fn open(path: &Path) -> std::io::Result<UsageLog> {
@@ -161,6 +194,33 @@ pub fn open(path: &Path) -> std::io::Result<UsageLog> {
         .open(path)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
     let path: PathBuf = path.to_path_buf();
+    // Synced by a thread of its own, once per SYNC_EVERY when something was written: off the
+    // writer's thread too, so a slow disk's fsync doesn't hold up the records behind it.
+    let syncs = Arc::new(AtomicU64::new(0));
+    let dirty = Arc::new(AtomicBool::new(false));
+    let (stop_sync, tick) = std::sync::mpsc::channel::<()>();
+    {
+        let file = file.try_clone()?;
+        let (syncs, dirty, path) = (syncs.clone(), dirty.clone(), path.clone());
+        std::thread::Builder::new()
+            .name("tollgate-usage-sync".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    tick.recv_timeout(SYNC_EVERY)
+                {
+                    if dirty.swap(false, Ordering::AcqRel) {
+                        match file.sync_data() {
+                            Ok(()) => {
+                                syncs.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                tracing::error!(path = %path.display(), "usage log sync failed: {e}");
+                            }
+                        }
+                    }
+                }
+            })?;
+    }
     // A thread of its own: blocking file I/O, off every runtime's workers.
     std::thread::Builder::new()
         .name("tollgate-usage-log".into())
@@ -195,7 +255,9 @@ pub fn open(path: &Path) -> std::io::Result<UsageLog> {
                 if let Err(e) = out.flush() {
                     tracing::error!(path = %path.display(), "usage log flush failed: {e}");
                 }
+                dirty.store(true, Ordering::Release);
             }
+            drop(stop_sync);
             let _ = out.get_ref().sync_all();
             if let Some(ack) = closing {
                 let _ = ack.send(());
@@ -204,6 +266,7 @@ pub fn open(path: &Path) -> std::io::Result<UsageLog> {
     Ok(UsageLog {
         tx: Some(tx),
         stream: None,
+        syncs: Some(syncs),
     })
 }
 
@@ -295,4 +358,54 @@ pub fn replay(
         registry.seed_spend(Scope::Key, key, periods[key], Picodollars(spend), now);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    /// Two processes started in the same millisecond with the same pid (every container is
+    /// pid 1) get different ids: the time and the pid would give both the same.
+    #[test]
+    fn instance_ids_differ_between_processes_started_together() {
+        let ids: HashSet<String> = (0..1000).map(|_| instance_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(
+            ids.iter()
+                .all(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        );
+    }
+
+    /// Records written are synced to disk within about [`SYNC_EVERY`], without waiting for
+    /// shutdown.
+    #[test]
+    fn the_log_is_synced_within_a_second_of_a_write() {
+        let dir = std::env::temp_dir().join(format!("tollgate-usage-sync-{}", instance_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = open(&dir.join("usage.jsonl")).unwrap();
+        let record = |id: &str| UsageRecord {
+            id: id.into(),
+            request_id: String::new(),
+            ts_ms: 1,
+            key: "ns/k".into(),
+            team: None,
+            model: "m".into(),
+            deployment: "ns/m".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            cached_tokens: 0,
+            cost_pico: 1,
+            outcome: "success".into(),
+        };
+        std::thread::sleep(SYNC_EVERY + std::time::Duration::from_millis(200));
+        assert_eq!(log.syncs(), 0, "nothing written, nothing to sync");
+        log.record(record("a"));
+        let deadline = std::time::Instant::now() + 3 * SYNC_EVERY;
+        while log.syncs() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(log.syncs(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

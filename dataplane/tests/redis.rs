@@ -315,6 +315,58 @@ async fn a_crashed_replicas_reservations_end_with_their_lease() {
     assert_eq!(stream(&b).await.unwrap().status(), 200);
 }
 
+/// A replica killed (SIGKILL) mid-request: the request may have run upstream and been billed,
+/// so when its lease ends its reserved cost is charged to the key's budget as spent, not given
+/// back.
+#[tokio::test]
+async fn a_killed_replicas_reserved_cost_is_charged_when_its_lease_ends() {
+    use tollgate_testkit::{Behavior, MockUpstream};
+    let redis = Redis::start();
+    let up = MockUpstream::start(Behavior::SlowStream {
+        chunks: 400,
+        delay: Duration::from_millis(50),
+    });
+    let m = format!(
+        "{}---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: slow}}\nspec: {{modelName: slow, provider: openai-compatible, url: '{}', pricing: {{inputPerMillion: 1, outputPerMillion: 1}}}}\n",
+        with_daily_budget(1000),
+        up.base_url()
+    );
+    let flags = ["--redis-url", &redis.url(), "--redis-lease", "2s"];
+    let mut a = Gateway::start(BIN, &m, &flags);
+    let b = Gateway::start(BIN, &m, &flags);
+    let mut held = reqwest::Client::new()
+        .post(a.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .body(
+            json!({"model": "slow", "stream": true, "max_tokens": 1000, "messages": []})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    let _ = held.chunk().await.unwrap();
+    let field = |f: &str| {
+        hash_field(&redis, "key:default/k", f)
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    let reserved = field("reserved");
+    assert!(
+        reserved >= 1000 * 1_000_000,
+        "max_tokens at $1/M: {reserved}"
+    );
+    assert_eq!(field("spend"), 0);
+    a.kill();
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The next request on the key ends the lease: the dead request's reservation is spent.
+    assert_eq!(chat(&b).await.0, 200);
+    assert_eq!(field("spend"), reserved + per_request(), "{}", b.logs());
+    assert_eq!(field("reserved"), 0);
+    assert_eq!(field("inflight"), 0);
+}
+
 #[tokio::test]
 async fn a_retried_request_is_counted_once() {
     let redis = Redis::start();
@@ -425,20 +477,22 @@ async fn a_response_ends_only_once_its_spend_is_in_redis() {
     }
 }
 
-/// Reservations left behind by a replica that died give their budget back when their lease
-/// ends, in the lease format of this release (`<id>|<cost>`) and in the older one (the cost in
-/// a hash of its own), which a rolling upgrade can leave in Redis.
+/// Reservations left behind by a replica that died are charged as spent when their lease
+/// ends (the requests may have run upstream), in the lease format of this release
+/// (`<id>|<cost>`) and in the older one (the cost in a hash of its own), which a rolling
+/// upgrade can leave in Redis; their slots come back.
 #[tokio::test]
-async fn expired_leases_of_either_format_give_back_their_reserved_budget() {
+async fn expired_leases_of_either_format_charge_their_reserved_budget() {
     let redis = Redis::start();
-    let m = with_daily_budget(2);
+    let m = with_daily_budget(4);
     let gw = Gateway::start(BIN, &m, &["--redis-url", &redis.url()]);
     assert_eq!(chat(&gw).await.0, 200);
-    let cost = per_request().to_string();
+    let per_request = per_request();
+    let cost = per_request.to_string();
     let k = "tollgate:limits:key:default/k";
     let leases = format!("{k}:leases");
     let lease_cost = format!("{k}:lease-cost");
-    let twice = (2 * cost.parse::<u64>().unwrap()).to_string();
+    let twice = (2 * per_request).to_string();
     // Two requests of a dead replica, one lease in each format, both past their deadline.
     for cmd in [
         vec!["HINCRBY", k, "reserved", twice.as_str()],
@@ -449,16 +503,16 @@ async fn expired_leases_of_either_format_give_back_their_reserved_budget() {
     ] {
         assert!(!redis_cli(&redis, &cmd).contains("ERR"), "{cmd:?}");
     }
-    // Spend of one request plus two held: the budget (for two) would refuse, were they kept.
+    // Spend of one request plus two charged: room for one more of the four.
     let (s, v) = chat(&gw).await;
     assert_eq!(s, 200, "{v}");
     let field = |f: &str| redis_cli(&redis, &["HGET", k, f]).trim().to_string();
     assert_eq!(field("reserved"), "0");
     assert_eq!(field("inflight"), "0");
-    assert_eq!(field("spend"), twice);
+    assert_eq!(field("spend"), (4 * per_request).to_string());
     assert_eq!(redis_cli(&redis, &["ZCARD", &leases]).trim(), "0");
     assert_eq!(redis_cli(&redis, &["HLEN", &lease_cost]).trim(), "0");
-    assert_eq!(chat(&gw).await.0, 429, "the budget, for two, is spent");
+    assert_eq!(chat(&gw).await.0, 429, "the budget, for four, is spent");
 }
 
 /// A free model under a team budget: every reservation holds nothing, and settling gives back
@@ -812,8 +866,9 @@ mod library {
 
     /// Settlements queued together go to Redis as one script call, which reads and writes each
     /// subject's hash once for all of them, and still counts each request once: its real tokens
-    /// in the right minute, its spend, and its slot and reserved cost given back unless its
-    /// lease had already expired (and was released by a reserve).
+    /// in the right minute, its spend, and its slot and reserved cost given back, unless its
+    /// lease had already expired: a reserve then charged its reserved cost, and its settlement
+    /// changes nothing.
     #[tokio::test]
     async fn settlements_sent_in_one_batch_count_each_request_once() {
         let redis = Redis::start();
@@ -844,15 +899,16 @@ mod library {
         settle_together(&mut requests, (7, 700), t).await;
         assert_eq!(calls(&redis, "zmscore"), 2, "one lease check per subject");
         // The old minute's counts were reset by the first reserve this minute: eighteen asks
-        // of 10, corrected to 7 each; the two from the old minute add their 7 to this one.
+        // of 10, corrected to 7 each; the two expired ones change nothing.
         for id in ["key:ns/k", "deployment:ns/d"] {
-            assert_eq!(hash_field(&redis, id, "tokens"), (20 * 7).to_string());
+            assert_eq!(hash_field(&redis, id, "tokens"), (18 * 7).to_string());
             assert_nothing_held(&redis, id).await;
         }
         assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "0");
+        // Eighteen settled at their cost, two charged their reservation when their lease ended.
         assert_eq!(
             hash_field(&redis, "key:ns/k", "spend"),
-            (20 * 700).to_string()
+            (18 * 700 + 2 * 1_000).to_string()
         );
     }
 
@@ -1009,6 +1065,157 @@ mod library {
             hash_field(&redis, "key:ns/k", "spend"),
             "35",
             "every settlement counted"
+        );
+        // The batch that timed out ran once the pause ended, and is sent again (it failed, as
+        // far as the replica knows): the second run finds its lease gone and changes nothing.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            hash_field(&redis, "key:ns/k", "spend"),
+            "35",
+            "counted once"
+        );
+        assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "0");
+    }
+
+    /// How many calls of the command `name` Redis refused (its ACL, here).
+    fn rejected(redis: &Redis, name: &str) -> u64 {
+        redis_cli(redis, &["INFO", "commandstats"])
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:")))
+            .and_then(|rest| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix("rejected_calls="))
+                    .map(|n| n.trim().parse().unwrap())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Redis refuses the scripts (the ACL takes them away) while the connection stays up, so a
+    /// failed settlement never ran. It is kept and sent again, with a growing wait between
+    /// tries rather than in a tight loop, until Redis takes it: its spend counts once.
+    #[tokio::test]
+    async fn a_failed_settlement_is_sent_again_with_backoff_until_redis_takes_it() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 600).await;
+        let key = key_with_budget(1_000_000, BudgetPeriod::Lifetime);
+        let mut a = reserved(&shared, vec![(key, ask(1, 100))], T).await;
+        let acl = |rule: &str| {
+            assert_eq!(
+                redis_cli(&redis, &["ACL", "SETUSER", "default", rule]).trim(),
+                "OK"
+            );
+        };
+        acl("-@scripting");
+        // Its waiter is let go once the first try fails.
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            a.settle(1, Picodollars(10), T).unwrap(),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let tries = rejected(&redis, "evalsha");
+        // 0, 0.1, 0.3, 0.7 and 1.5 s (plus jitter): a handful, not thousands.
+        assert!((2..=8).contains(&tries), "{tries} tries in 1.5 s");
+        assert_eq!(hash_field(&redis, "key:ns/k", "spend"), "0");
+        acl("+@all");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while hash_field(&redis, "key:ns/k", "spend") != "10"
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(hash_field(&redis, "key:ns/k", "spend"), "10");
+        assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "0");
+    }
+
+    /// Past the backlog kept while Redis fails (two here), the oldest settlements are dropped;
+    /// their leases then end in Redis like a dead replica's, and their reserved cost is charged.
+    #[tokio::test]
+    async fn settlements_past_the_backlog_are_charged_their_reservation_when_the_lease_ends() {
+        let redis = Redis::start();
+        let shared = Arc::new(
+            SharedLimits::connect_with_backlog(
+                &redis.url(),
+                FailureMode::Closed,
+                Duration::from_secs(1),
+                2,
+            )
+            .await
+            .unwrap(),
+        );
+        let key = key_with_budget(1_000_000, BudgetPeriod::Lifetime);
+        let mut four = Vec::new();
+        for _ in 0..4 {
+            four.push(reserved(&shared, vec![(key.clone(), ask(1, 100))], T).await);
+        }
+        redis_cli(&redis, &["ACL", "SETUSER", "default", "-@scripting"]);
+        // The first fails alone; the other three queue behind it, and the two oldest go.
+        four[0].settle(1, Picodollars(10), T).unwrap().await;
+        for r in &mut four[1..] {
+            r.settle(1, Picodollars(10), T).unwrap().await;
+        }
+        redis_cli(&redis, &["ACL", "SETUSER", "default", "+@all"]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while hash_field(&redis, "key:ns/k", "spend") != "20"
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            hash_field(&redis, "key:ns/k", "spend"),
+            "20",
+            "the two kept"
+        );
+        assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "200");
+        // A reserve after the leases ended charges the two dropped ones' reservations.
+        let _next = reserved(&shared, vec![(key, ask(1, 1))], T + 5).await;
+        assert_eq!(hash_field(&redis, "key:ns/k", "spend"), "220");
+        assert_eq!(hash_field(&redis, "key:ns/k", "reserved"), "1");
+    }
+
+    /// A request whose lease ended before it settled (its replica died, or its settlement
+    /// never reached Redis): the next reserve charges its reserved cost as spent, and a
+    /// settlement that arrives after that changes nothing.
+    #[tokio::test]
+    async fn an_expired_lease_is_charged_and_its_late_settlement_changes_nothing() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 1).await;
+        let key = key_with_budget(1_000_000, BudgetPeriod::Lifetime);
+        let mut late = reserved(&shared, vec![(key.clone(), ask(1, 1_000))], T).await;
+        let mut next = reserved(&shared, vec![(key, ask(1, 10))], T + 5).await;
+        let field = |f| hash_field(&redis, "key:ns/k", f);
+        assert_eq!(
+            (field("spend"), field("reserved")),
+            ("1000".into(), "10".into())
+        );
+        late.settle(1, Picodollars(700), T + 5).unwrap().await;
+        assert_eq!(
+            (field("spend"), field("reserved")),
+            ("1000".into(), "10".into())
+        );
+        assert_eq!(field("inflight"), "1");
+        next.settle(1, Picodollars(7), T + 5).unwrap().await;
+        assert_eq!(
+            (field("spend"), field("reserved")),
+            ("1007".into(), "0".into())
+        );
+    }
+
+    /// A lease that ends in a later budget period than it began in is charged in the period it
+    /// ends in (as a late settlement would be), not in the old one the new period resets.
+    #[tokio::test]
+    async fn an_expired_lease_is_charged_in_the_period_it_ends_in() {
+        let redis = Redis::start();
+        let shared = shared_limits(&redis, 1).await;
+        // Periods of 100 s: 500-599 is period 5, 600-699 period 6.
+        let key = key_with_budget(1_000_000, BudgetPeriod::Seconds(100));
+        let _late = reserved(&shared, vec![(key.clone(), ask(1, 1_000))], 550).await;
+        let _next = reserved(&shared, vec![(key, ask(1, 10))], 650).await;
+        let field = |f| hash_field(&redis, "key:ns/k", f);
+        assert_eq!(
+            (field("period"), field("spend")),
+            ("6".into(), "1000".into())
         );
     }
 }

@@ -2,8 +2,10 @@
 //! Redis stream `tollgate:usage` into running totals, and writes them to VirtualKey and
 //! LLMModel status.
 //!
-//! Folding is exactly-once: the totals and the stream position they include (the watermark)
-//! change together, in one `MULTI`/`EXEC` guarded by `WATCH` on the watermark. An operator that
+//! Folding is exactly-once: the totals, the stream position they include (the watermark), the
+//! ids of the records folded (to skip a record appended twice) and the trimming of the folded
+//! entries from the stream change together, in one `MULTI`/`EXEC` guarded by `WATCH` on the
+//! watermark. An operator that
 //! dies between reading and committing a batch commits nothing, and the next leader folds the
 //! batch again from the same watermark; two operators that both believe they lead can't both
 //! commit the same batch.
@@ -86,33 +88,26 @@ fn key_periods(keys: &Store<VirtualKey>) -> HashMap<String, (BudgetPeriod, Picod
         .collect()
 }
 
-/// Ids of recently folded records, so that a record a data-plane pod appended twice (its
-/// write retried after it had in fact succeeded) is folded once. Such a duplicate follows the
-/// original within seconds; the last [`RECENT`] ids cover that with bounded memory.
-#[derive(Debug, Default)]
-pub struct RecentIds {
-    set: std::collections::HashSet<String>,
-    order: std::collections::VecDeque<String>,
-}
+/// The ids of recently folded records, in Redis (a sorted set, scored by the time of their
+/// stream entry), so that a record a data-plane pod appended twice (its write retried after it
+/// had in fact succeeded) is folded once, by whichever operator leads: the set changes in the
+/// same transaction as the watermark, so it survives an operator's failover with it. Such a
+/// duplicate follows the original within seconds; the last [`RECENT`] ids cover that with
+/// bounded memory.
+pub const SEEN: &str = "tollgate:spend:seen";
 
-/// How many record ids [`RecentIds`] remembers.
+/// How many record ids [`SEEN`] keeps.
 const RECENT: usize = 200_000;
 
-impl RecentIds {
-    fn contains(&self, id: &str) -> bool {
-        self.set.contains(id)
-    }
-
-    fn insert(&mut self, id: String) {
-        if self.set.insert(id.clone()) {
-            self.order.push_back(id);
-            if self.order.len() > RECENT
-                && let Some(old) = self.order.pop_front()
-            {
-                self.set.remove(&old);
-            }
-        }
-    }
+/// The stream id just after `id` (`<ms>-<seq>`): `XTRIM ... MINID` with it removes `id` and
+/// everything before.
+fn next_id(id: &str) -> Option<String> {
+    let (ms, seq) = id.split_once('-')?;
+    let (ms, seq) = (ms.parse::<u64>().ok()?, seq.parse::<u64>().ok()?);
+    Some(match seq.checked_add(1) {
+        Some(seq) => format!("{ms}-{seq}"),
+        None => format!("{}-0", ms.checked_add(1)?),
+    })
 }
 
 /// Increments of one fold.
@@ -142,10 +137,14 @@ impl Fold {
 }
 
 /// Folds everything new in the stream. Returns the keys and models whose totals changed.
+///
+/// Each batch commits in one transaction: the totals, the watermark, the ids folded (in
+/// [`SEEN`]), and the removal of the folded entries from the stream (which would otherwise grow
+/// without end). A batch whose transaction fails (the watermark moved: another operator folded
+/// it) is read again.
 async fn fold(
     conn: &mut redis::aio::MultiplexedConnection,
     periods: &HashMap<String, (BudgetPeriod, Picodollars)>,
-    recent: &mut RecentIds,
 ) -> redis::RedisResult<(BTreeSet<String>, BTreeSet<String>)> {
     let mut keys = BTreeSet::new();
     let mut models = BTreeSet::new();
@@ -169,21 +168,48 @@ async fn fold(
             redis::cmd("UNWATCH").query_async::<()>(conn).await?;
             break;
         };
+        let records: Vec<(&str, Option<UsageRecord>)> = entries
+            .iter()
+            .map(|(id, fields)| {
+                let r = fields
+                    .get("record")
+                    .and_then(|j| serde_json::from_str::<UsageRecord>(j).ok());
+                (id.as_str(), r)
+            })
+            .collect();
+        // Which of them were folded already (by this operator or another before a failover).
+        let ids: Vec<&str> = records
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().map(|r| r.id.as_str()))
+            .collect();
+        let seen: Vec<Option<f64>> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            redis::cmd("ZMSCORE")
+                .arg(SEEN)
+                .arg(&ids)
+                .query_async(conn)
+                .await?
+        };
+        let seen: std::collections::HashSet<&str> = ids
+            .iter()
+            .zip(&seen)
+            .filter_map(|(id, s)| s.map(|_| *id))
+            .collect();
         let mut f = Fold::default();
-        let mut folded = std::collections::HashSet::new();
-        for (id, fields) in &entries {
-            match fields
-                .get("record")
-                .and_then(|j| serde_json::from_str::<UsageRecord>(j).ok())
-            {
-                Some(r) if recent.contains(&r.id) || folded.contains(&r.id) => {
+        let mut folded: Vec<(u64, &str)> = Vec::new();
+        let mut in_batch = std::collections::HashSet::new();
+        for (entry, r) in &records {
+            match r {
+                Some(r) if seen.contains(r.id.as_str()) || !in_batch.insert(r.id.as_str()) => {
                     tracing::debug!(record = r.id, "duplicate usage record skipped");
                 }
                 Some(r) => {
-                    f.add(&r, periods);
-                    folded.insert(r.id);
+                    f.add(r, periods);
+                    let ms = entry.split('-').next().and_then(|m| m.parse().ok());
+                    folded.push((ms.unwrap_or(0), r.id.as_str()));
                 }
-                None => tracing::warn!(entry = id, "unreadable usage record skipped"),
+                None => tracing::warn!(entry, "unreadable usage record skipped"),
             }
         }
         let mut pipe = redis::pipe();
@@ -201,6 +227,21 @@ async fn fold(
             }
         }
         pipe.set(WATERMARK, last).ignore();
+        if !folded.is_empty() {
+            pipe.zadd_multiple(SEEN, &folded).ignore();
+            pipe.cmd("ZREMRANGEBYRANK")
+                .arg(SEEN)
+                .arg(0)
+                .arg(-(RECENT as i64) - 1)
+                .ignore();
+        }
+        if let Some(next) = next_id(last) {
+            pipe.cmd("XTRIM")
+                .arg(STREAM)
+                .arg("MINID")
+                .arg(next)
+                .ignore();
+        }
         // `None`: the watermark moved under us (another operator folded): start over.
         let committed: Option<()> = pipe.query_async(conn).await?;
         if committed.is_none() {
@@ -208,9 +249,6 @@ async fn fold(
                 "another replica folded usage concurrently; retrying from its watermark"
             );
             continue;
-        }
-        for id in folded {
-            recent.insert(id);
         }
         keys.extend(f.keys.into_keys());
         models.extend(f.models.into_keys());
@@ -238,7 +276,6 @@ pub async fn run(
     changed: Arc<tokio::sync::Notify>,
 ) {
     let mut conn = None;
-    let mut recent = RecentIds::default();
     let mut last_full = Instant::now() - Duration::from_secs(3600);
     loop {
         tokio::time::sleep(every).await;
@@ -262,7 +299,7 @@ pub async fn run(
             },
         };
         let periods = key_periods(&keys);
-        let (mut dirty_keys, mut dirty_models) = match fold(c, &periods, &mut recent).await {
+        let (mut dirty_keys, mut dirty_models) = match fold(c, &periods).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!("folding usage failed (retrying): {e}");
@@ -374,4 +411,92 @@ async fn report_model(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, cost: u64) -> UsageRecord {
+        UsageRecord {
+            id: id.into(),
+            request_id: String::new(),
+            ts_ms: 1,
+            key: "ns/k".into(),
+            team: None,
+            model: "m".into(),
+            deployment: "ns/m".into(),
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            cached_tokens: 0,
+            cost_pico: cost,
+            outcome: "success".into(),
+        }
+    }
+
+    async fn append(conn: &mut redis::aio::MultiplexedConnection, r: &UsageRecord) {
+        redis::cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("id")
+            .arg(&r.id)
+            .arg("record")
+            .arg(serde_json::to_string(r).unwrap())
+            .query_async::<String>(conn)
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn the_id_after_a_stream_id() {
+        assert_eq!(next_id("5-0").as_deref(), Some("5-1"));
+        assert_eq!(next_id(&format!("5-{}", u64::MAX)).as_deref(), Some("6-0"));
+        assert_eq!(next_id("x"), None);
+    }
+
+    /// What is folded leaves the stream, in the transaction that moves the watermark; and a
+    /// record appended again after it was folded (a data plane's retried append) is skipped by
+    /// an operator that never saw the first (a failover: nothing carried over in memory).
+    #[tokio::test]
+    async fn folded_entries_are_trimmed_and_a_duplicate_after_a_failover_is_skipped() {
+        let redis = tollgate_testkit::Redis::start();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let periods = HashMap::new();
+        for r in [record("a", 10), record("b", 20), record("a", 10)] {
+            append(&mut conn, &r).await;
+        }
+        let (keys, models) = fold(&mut conn, &periods).await.unwrap();
+        assert_eq!(keys.into_iter().collect::<Vec<_>>(), ["ns/k"]);
+        assert_eq!(models.into_iter().collect::<Vec<_>>(), ["ns/m"]);
+        async fn total(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+            conn.hget("tollgate:spend:key:ns/k", "total").await.unwrap()
+        }
+        assert_eq!(total(&mut conn).await, 30, "`a` once");
+        let len: u64 = redis::cmd("XLEN")
+            .arg(STREAM)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(len, 0, "folded entries are trimmed");
+        // The next leader: `b` appended again, and a new record.
+        let mut other = client.get_multiplexed_async_connection().await.unwrap();
+        append(&mut other, &record("b", 20)).await;
+        append(&mut other, &record("c", 5)).await;
+        fold(&mut other, &periods).await.unwrap();
+        assert_eq!(total(&mut other).await, 35, "`b` once, `c` added");
+        let len: u64 = redis::cmd("XLEN")
+            .arg(STREAM)
+            .query_async(&mut other)
+            .await
+            .unwrap();
+        assert_eq!(len, 0);
+        let seen: u64 = other.zcard(SEEN).await.unwrap();
+        assert_eq!(seen, 3);
+        // Nothing new: nothing changes.
+        let (keys, _) = fold(&mut other, &periods).await.unwrap();
+        assert!(keys.is_empty());
+        assert_eq!(total(&mut other).await, 35);
+    }
 }
