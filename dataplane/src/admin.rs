@@ -92,11 +92,25 @@ fn new_key() -> Result<String, ApiError> {
     ))
 }
 
-/// The generated keys file as documents (one JSON object each; JSON is YAML).
-fn read_docs(path: &std::path::Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+/// The generated keys file as documents (one JSON object each; JSON is YAML). A file that
+/// can't be read whole is an error, never an empty list: rewriting it from a partial read would
+/// drop the keys already in it.
+fn read_docs(path: &std::path::Path) -> Result<Vec<Value>, ApiError> {
+    let unreadable = |why: String| {
+        ApiError::internal(format!(
+            "The generated keys file {} can't be read ({why}); the admin API won't change keys until it is fixed or removed.",
+            path.display()
+        ))
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(unreadable(e.to_string())),
+    };
     text.split("\n---\n")
-        .filter_map(|d| serde_json::from_str(d.trim()).ok())
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.lines().all(|l| l.trim_start().starts_with('#')))
+        .map(|d| serde_json::from_str(d).map_err(|e| unreadable(e.to_string())))
         .collect()
 }
 
@@ -170,7 +184,7 @@ pub async fn generate(
             "That key is already in use.",
         ));
     }
-    let mut docs = read_docs(&a.keys_file);
+    let mut docs = read_docs(&a.keys_file)?;
     docs.push(g.virtual_key);
     docs.push(g.secret);
     commit(state, a, docs).await?;
@@ -282,7 +296,7 @@ pub async fn delete(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Resul
         ids.push(found.config.id.clone());
     }
     let _guard = a.write.lock().await;
-    let mut docs = read_docs(&a.keys_file);
+    let mut docs = read_docs(&a.keys_file)?;
     let mut deleted = Vec::new();
     for id in &ids {
         let name = id.strip_prefix("default/").unwrap_or(id);

@@ -197,3 +197,51 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
         (404, Some("admin_disabled"))
     );
 }
+
+/// A keys file that can't be read whole stops key changes: `/key/generate` must never rewrite
+/// it from a partial read, dropping the keys already in it.
+#[tokio::test]
+async fn an_unreadable_keys_file_is_never_rewritten_without_its_keys() {
+    let gw = Gateway::start(BIN, MANIFESTS, &["--master-key", MASTER]);
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/key/generate",
+        MASTER,
+        Some(json!({"models": ["m"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let first = v["key"].as_str().unwrap().to_string();
+    let path = gw
+        .manifest_dir()
+        .join(tollgate_dataplane::loader::GENERATED_KEYS_FILE);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("VirtualKey"), "{text}");
+    // A hand edit gone wrong.
+    text.push_str("---\n{\"kind\": \"VirtualKey\", broken\n");
+    std::fs::write(&path, &text).unwrap();
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/key/generate",
+        MASTER,
+        Some(json!({"models": ["m"]})),
+    )
+    .await;
+    assert_eq!(s, 500, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("can't be read"),
+        "{v}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        text,
+        "the file was rewritten"
+    );
+    // The key made before still works.
+    assert_eq!(chat(&gw, &first, "m").await, 200);
+}
