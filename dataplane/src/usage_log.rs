@@ -397,6 +397,7 @@ mod tests {
             cached_tokens: 0,
             cost_pico: 1,
             outcome: "success".into(),
+            usage_source: Default::default(),
         };
         std::thread::sleep(SYNC_EVERY + std::time::Duration::from_millis(200));
         assert_eq!(log.syncs(), 0, "nothing written, nothing to sync");

@@ -432,6 +432,7 @@ mod tests {
             cached_tokens: 0,
             cost_pico: cost,
             outcome: "success".into(),
+            usage_source: Default::default(),
         }
     }
 
