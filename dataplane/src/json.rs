@@ -23,8 +23,9 @@
 //! `max_tokens` from one copy while the upstream read the other would authorize, price and
 //! reserve a request the upstream never ran. So [`unique_members`], which reads requests, also
 //! refuses any object, at any depth, whose members repeat a name. The fast scan compares keys
-//! as raw bytes and so refuses any key with an escape (and any object of more than
-//! [`MAX_FAST_KEYS`] members); the caller's strict serde_json path then decides, comparing
+//! as raw bytes and so refuses any key with an escape (and a body with more names open at once,
+//! across its nested objects, than its 64 slots on the stack: pairwise checks, so bounded work
+//! per name); the caller's strict serde_json path then decides, comparing
 //! names after unescaping (`"mod\u0065l"` is `model`). It also refuses a string with half a
 //! surrogate pair (`"\ud800"`), which serde_json can't decode and Python reads as a lone
 //! surrogate: the estimate and the upstream would read different text.
@@ -42,10 +43,6 @@ use std::fmt;
 const MAX_DEPTH: u32 = 100;
 const _: () = assert!(MAX_DEPTH <= 128);
 
-/// Most members an object may have for the fast scan to check its names for repeats (pairwise,
-/// so bounded work per member); a larger object goes to serde_json, which checks with a set.
-pub const MAX_FAST_KEYS: usize = 64;
-
 /// The scan didn't accept the body; serde_json must decide.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refused;
@@ -56,25 +53,31 @@ type Result<T = (), E = Refused> = std::result::Result<T, E>;
 /// order (duplicates included), with the key decoded and the value as its raw JSON text.
 /// `each` may have been called for some members when the scan refuses.
 pub fn members<'a>(body: &'a [u8], each: impl FnMut(Cow<'a, str>, &'a str)) -> Result {
-    scan::<false>(body, each)
+    scan::<0>(body, each)
 }
 
 /// [`members`] for a request body: also refuses an object anywhere in it that repeats a member
 /// name, and (so that names compare as bytes) any key with an escape. See the module doc.
 pub fn unique_members<'a>(body: &'a [u8], each: impl FnMut(Cow<'a, str>, &'a str)) -> Result {
-    scan::<true>(body, each)
+    scan::<KEY_SLOTS>(body, each)
 }
 
-fn scan<'a, const UNIQUE: bool>(
+/// How many names [`unique_members`] keeps at once (those of every object still open, a
+/// marker each), on the stack; a body that needs more goes to serde_json.
+const KEY_SLOTS: usize = 64;
+
+/// Scans with room for `SLOTS` names; with none, repeats are not looked for.
+fn scan<'a, const SLOTS: usize>(
     body: &'a [u8],
     mut each: impl FnMut(Cow<'a, str>, &'a str),
 ) -> Result {
     // Checked once up front (a fast loop over ASCII), so strings need no UTF-8 work below.
     let text = std::str::from_utf8(body).map_err(|_| Refused)?;
-    let mut s = Scanner::<UNIQUE> {
+    let mut s = Scanner::<SLOTS> {
         b: text.as_bytes(),
         i: 0,
-        keys: Vec::new(),
+        keys: [(0, 0); SLOTS],
+        held: 0,
     };
     s.ws();
     s.eat(b'{')?;
@@ -106,12 +109,14 @@ fn scan<'a, const UNIQUE: bool>(
     }
 }
 
-struct Scanner<'a, const UNIQUE: bool> {
+struct Scanner<'a, const SLOTS: usize> {
     b: &'a [u8],
     i: usize,
     /// With `UNIQUE`: the names (byte ranges, quotes excluded) of the members seen so far in
     /// each open object, innermost last, each object's behind a [`OPEN`] marker.
-    keys: Vec<(u32, u32)>,
+    keys: [(u32, u32); SLOTS],
+    /// How many of `keys` are in use.
+    held: usize,
 }
 
 /// The marker in [`Scanner::keys`] where an object's names begin.
@@ -148,7 +153,18 @@ fn plain_prefix(rest: &[u8]) -> usize {
     n
 }
 
-impl<const UNIQUE: bool> Scanner<'_, UNIQUE> {
+impl<const SLOTS: usize> Scanner<'_, SLOTS> {
+    /// Whether repeated names are refused.
+    const UNIQUE: bool = SLOTS > 0;
+
+    /// Records a name (or [`OPEN`]); refuses when the slots are full.
+    #[inline(always)]
+    fn hold(&mut self, key: (u32, u32)) -> Result {
+        *self.keys.get_mut(self.held).ok_or(Refused)? = key;
+        self.held += 1;
+        Ok(())
+    }
+
     /// The current byte, or 0 past the end (0 is never valid where a byte is looked at: the
     /// scan refuses it).
     #[inline(always)]
@@ -191,7 +207,7 @@ impl<const UNIQUE: bool> Scanner<'_, UNIQUE> {
         let start = self.i;
         self.eat(b'"')?;
         let escaped = self.string_rest()?;
-        if UNIQUE {
+        if Self::UNIQUE {
             self.unique_key(start, escaped)?;
         }
         let raw = text.get(start..self.i).ok_or(Refused)?;
@@ -224,7 +240,7 @@ impl<const UNIQUE: bool> Scanner<'_, UNIQUE> {
                             let unit = self.hex4()?;
                             // A request's strings must decode (serde_json, which reads the
                             // messages for the estimate, refuses half a surrogate pair).
-                            if UNIQUE && (0xD800..0xE000).contains(&unit) {
+                            if Self::UNIQUE && (0xD800..0xE000).contains(&unit) {
                                 if unit >= 0xDC00
                                     || self.b.get(self.i..self.i + 2) != Some(&b"\\u"[..])
                                 {
@@ -284,7 +300,7 @@ impl<const UNIQUE: bool> Scanner<'_, UNIQUE> {
         }
         // A request's numbers must be numbers serde_json can hold (it refuses `1e400`, which
         // Python reads as infinity). Short ones without an exponent always are.
-        if UNIQUE && (exponent || self.i - start > 15) {
+        if Self::UNIQUE && (exponent || self.i - start > 15) {
             let text = std::str::from_utf8(&self.b[start..self.i]).map_err(|_| Refused)?;
             if !text.parse::<f64>().is_ok_and(f64::is_finite) {
                 return Err(Refused);
@@ -337,8 +353,8 @@ impl<const UNIQUE: bool> Scanner<'_, UNIQUE> {
                         }
                         stack = (stack << 1) | u128::from(open == b'{');
                         if open == b'{' {
-                            if UNIQUE {
-                                self.keys.push(OPEN);
+                            if Self::UNIQUE {
+                                self.hold(OPEN)?;
                             }
                             self.member_key()?;
                         }
@@ -371,8 +387,13 @@ impl<const UNIQUE: bool> Scanner<'_, UNIQUE> {
                         break;
                     }
                     b'}' if in_object => {
-                        if UNIQUE {
-                            while self.keys.pop().is_some_and(|k| k != OPEN) {}
+                        if Self::UNIQUE {
+                            while self.held > 0 {
+                                self.held -= 1;
+                                if self.keys[self.held] == OPEN {
+                                    break;
+                                }
+                            }
                         }
                     }
                     b']' if !in_object => {}
@@ -393,23 +414,17 @@ impl<const UNIQUE: bool> Scanner<'_, UNIQUE> {
         }
         let (from, to) = (start + 1, self.i - 1);
         let name = &self.b[from..to];
-        let mut n = 0;
-        for &(a, b) in self.keys.iter().rev() {
+        for &(a, b) in self.keys[..self.held].iter().rev() {
             if (a, b) == OPEN {
                 break;
             }
-            n += 1;
             if b - a == name.len() as u32 && &self.b[a as usize..b as usize] == name {
                 return Err(Refused);
             }
         }
-        if n >= MAX_FAST_KEYS {
-            return Err(Refused);
-        }
         // Bodies are at most a few MiB (`--max-body-bytes`); a larger one isn't checked here.
         let from = u32::try_from(from).map_err(|_| Refused)?;
-        self.keys.push((from, to as u32));
-        Ok(())
+        self.hold((from, to as u32))
     }
 
     /// A nested object's key and colon, up to its value.
@@ -418,7 +433,7 @@ impl<const UNIQUE: bool> Scanner<'_, UNIQUE> {
         let start = self.i;
         self.eat(b'"')?;
         let escaped = self.string_rest()?;
-        if UNIQUE {
+        if Self::UNIQUE {
             self.unique_key(start, escaped)?;
         }
         self.ws();
@@ -864,12 +879,13 @@ mod tests {
             let members: Vec<String> = (0..n).map(|i| format!("\"k{i}\":{i}")).collect();
             format!("{{\"model\":\"m\",\"o\":{{{}}}}}", members.join(","))
         };
-        assert!(unique(names(MAX_FAST_KEYS).as_bytes()).is_some());
-        let big = names(MAX_FAST_KEYS + 1);
+        // `model`, `o`, the marker of `o`'s object, and its names fill the slots.
+        assert!(unique(names(KEY_SLOTS - 3).as_bytes()).is_some());
+        let big = names(KEY_SLOTS - 2);
         assert_eq!(unique(big.as_bytes()), None);
         assert!(strict(big.as_bytes()).is_ok());
         // A repeat past the fast scan's reach is still found.
-        let repeated = big.replace("\"k3\":3", "\"k64\":3");
+        let repeated = big.replace("\"k3\":3", "\"k61\":3");
         assert_eq!(strict(repeated.as_bytes()).err(), Some(true));
     }
 
