@@ -713,6 +713,21 @@ impl Head {
     }
 }
 
+/// For the fuzz target `h1_request_head` (fuzz/): runs [`parse`] on `bytes` and, for a whole
+/// head, builds the request from it as the server loop does. Returns whether a head was found.
+/// Panics if a parsed head points outside `bytes`.
+#[doc(hidden)]
+pub fn fuzz_parse_head(bytes: &[u8]) -> bool {
+    let mut head = Head::default();
+    if !matches!(parse(bytes, &mut head), Parse::Head) {
+        return false;
+    }
+    assert!(head.len <= bytes.len() && head.count <= MAX_HEADERS);
+    let head_bytes = Bytes::copy_from_slice(&bytes[..head.len]);
+    let _ = head.request(&head_bytes, Bytes::new(), &|_: &Method, _: &str| Reads::All);
+    true
+}
+
 /// A `Content-Length` value: digits only.
 fn parse_length(v: &[u8]) -> Option<usize> {
     if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {

@@ -173,6 +173,44 @@ impl<B> SseRelay<B> {
     }
 }
 
+/// For the fuzz target `sse_relay` (fuzz/): feeds `frames` through the relay's event splitting
+/// and usage inspection, as [`SseRelay`] does with upstream frames (without a charge to
+/// settle). Returns the bytes queued for the client, the partial event still held, and the
+/// usage read.
+#[doc(hidden)]
+pub fn fuzz_relay(
+    frames: &[&[u8]],
+    drop_usage_chunk: bool,
+) -> (Vec<u8>, Vec<u8>, Option<TokenUsage>) {
+    let mut relay = SseRelay {
+        inner: (),
+        pending: BytesMut::new(),
+        ready: VecDeque::new(),
+        drop_usage_chunk,
+        usage: None,
+        ready_bytes: 0,
+        charge: None,
+        recording: None,
+        seen_first_byte: false,
+        failed: None,
+        yields: 0,
+        idle_yields: 0,
+        wait_for_more: true,
+    };
+    let mut out = Vec::new();
+    for frame in frames {
+        relay.push(Bytes::copy_from_slice(frame));
+        // As `inspect` would with a charge: the text counted when the upstream reports no usage.
+        for b in &relay.ready {
+            crate::usage::generated_text(b, |_| {});
+        }
+        if let Some(b) = relay.take_ready() {
+            out.extend_from_slice(&b);
+        }
+    }
+    (out, relay.pending.to_vec(), relay.usage)
+}
+
 /// Whether `s` (what follows `"usage"`) is `: {` with optional spaces: a usage object rather
 /// than `null`.
 fn followed_by_object(s: &[u8]) -> bool {
