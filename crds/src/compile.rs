@@ -143,6 +143,7 @@ fn timeout_overrides(t: Option<&Timeouts>) -> Result<TimeoutOverrides, (String, 
         connect_ms: ms("connect", &t.connect)?,
         first_byte_ms: ms("firstByte", &t.first_byte)?,
         total_ms: ms("total", &t.total)?,
+        idle_ms: ms("idle", &t.idle)?,
     })
 }
 

@@ -131,6 +131,9 @@ pub struct TimeoutConfig {
     pub first_byte_ms: u64,
     /// Whole request; `None`: unlimited.
     pub total_ms: Option<u64>,
+    /// Longest gap between two chunks of a streamed response; `None`: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }
 
 impl Default for TimeoutConfig {
@@ -141,6 +144,7 @@ impl Default for TimeoutConfig {
             connect_ms: 10_000,
             first_byte_ms: 600_000,
             total_ms: None,
+            idle_ms: None,
         }
     }
 }
@@ -158,6 +162,9 @@ pub struct TimeoutOverrides {
     /// Whole request, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_ms: Option<u64>,
+    /// Longest gap between two chunks of a streamed response, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }
 
 impl TimeoutConfig {
@@ -167,6 +174,7 @@ impl TimeoutConfig {
             connect_ms: o.connect_ms.unwrap_or(self.connect_ms),
             first_byte_ms: o.first_byte_ms.unwrap_or(self.first_byte_ms),
             total_ms: o.total_ms.or(self.total_ms),
+            idle_ms: o.idle_ms.or(self.idle_ms),
         }
     }
 }

@@ -176,6 +176,10 @@ pub struct Timeouts {
     /// The whole request, including a streamed body. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<String>,
+    /// Longest gap between two chunks of a streamed response (an upstream that stalls
+    /// mid-stream): the stream is cut and charged for what it relayed. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<String>,
 }
 
 /// Behaviour of the built-in `mock` provider: deterministic, for quickstarts, tests and benchmarks.

@@ -852,7 +852,8 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
         let whole_reads = incoming.frames_are_whole_reads();
         return Attempt::Done(Ok(stream_response(
             SseRelay::new(
-                crate::upstream::Deadline::new(incoming, deadline),
+                crate::upstream::Deadline::new(incoming, deadline)
+                    .idle(t.idle_ms.map(Duration::from_millis)),
                 charge,
                 !ctx.parsed.include_usage,
             )

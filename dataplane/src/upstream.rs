@@ -489,6 +489,8 @@ pub struct Deadline<B> {
     sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The deadline passed while the body was flowing: the next poll fails.
     expired: bool,
+    /// The longest gap allowed between frames, and its timer (moved forward per frame).
+    idle: Option<(Duration, std::pin::Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl<B> Deadline<B> {
@@ -498,12 +500,23 @@ impl<B> Deadline<B> {
             inner,
             sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             expired: false,
+            idle: None,
         }
+    }
+
+    /// Also fails the body when no frame arrives for `idle` (a stream that stalls mid-way).
+    pub fn idle(mut self, idle: Option<Duration>) -> Self {
+        self.idle = idle.map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        self
     }
 }
 
 fn timed_out() -> Box<dyn std::error::Error + Send + Sync> {
     "the deployment's total timeout passed".into()
+}
+
+fn went_idle() -> Box<dyn std::error::Error + Send + Sync> {
+    "the deployment sent nothing for its idle timeout".into()
 }
 
 impl<B> http_body::Body for Deadline<B>
@@ -534,6 +547,9 @@ where
                 {
                     this.expired = true;
                 }
+                if let Some((d, s)) = this.idle.as_mut() {
+                    s.as_mut().reset(tokio::time::Instant::now() + *d);
+                }
                 return Poll::Ready(Some(Ok(frame)));
             }
             ready => return ready.map(|f| f.map(|r| r.map_err(Into::into))),
@@ -542,6 +558,11 @@ where
             && s.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(Some(Err(timed_out())));
+        }
+        if let Some((_, s)) = this.idle.as_mut()
+            && s.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Some(Err(went_idle())));
         }
         Poll::Pending
     }

@@ -333,3 +333,38 @@ async fn what_no_upstream_worked_on_is_free() {
         assert_eq!(recs[0]["usage_source"], "reported");
     }
 }
+
+/// An upstream that stalls mid-stream for longer than `timeouts.idle` is cut there, and the
+/// request is charged for what was relayed before the stall.
+#[tokio::test]
+async fn a_stream_that_stalls_past_its_idle_timeout_is_cut_and_charged() {
+    let up = MockUpstream::start(Behavior::SlowStream {
+        chunks: 3,
+        delay: Duration::from_millis(1_500),
+    });
+    let gw = start(&up, Some("timeouts: {idle: 300ms}"));
+    let started = std::time::Instant::now();
+    let mut r = post(&gw, body(true), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The stream ends early (an error for the client: no `[DONE]`), after what came first.
+    let mut text = String::new();
+    while let Ok(Some(c)) = r.chunk().await {
+        text.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1_400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(text.contains("tok0") && !text.contains("tok1"), "{text}");
+    let recs = records(&gw, 1).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let r = &recs[0];
+    assert_eq!(r["outcome"], "upstream_error");
+    assert_eq!(r["usage_source"], "estimated");
+    let completion = count_text(Family::O200k, "tok0 ");
+    assert_eq!(r["completion_tokens"], completion);
+    assert_eq!(r["cost_pico"], cost(prompt_estimate(), completion));
+}
