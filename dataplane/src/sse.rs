@@ -57,6 +57,11 @@ impl<B> SseRelay<B> {
     /// Relays `inner`, settling `charge` at the end. With `drop_usage_chunk`, a usage-only
     /// event is not forwarded (the client didn't ask for it).
     pub fn new(inner: B, charge: Charge, drop_usage_chunk: bool) -> Self {
+        Self::open(inner, Some(charge), drop_usage_chunk)
+    }
+
+    /// [`SseRelay::new`], with or without a charge (the fuzz target has none).
+    fn open(inner: B, charge: Option<Charge>, drop_usage_chunk: bool) -> Self {
         Self {
             inner,
             pending: BytesMut::new(),
@@ -64,7 +69,7 @@ impl<B> SseRelay<B> {
             drop_usage_chunk,
             usage: None,
             ready_bytes: 0,
-            charge: Some(charge),
+            charge,
             recording: None,
             seen_first_byte: false,
             failed: None,
@@ -182,21 +187,7 @@ pub fn fuzz_relay(
     frames: &[&[u8]],
     drop_usage_chunk: bool,
 ) -> (Vec<u8>, Vec<u8>, Option<TokenUsage>) {
-    let mut relay = SseRelay {
-        inner: (),
-        pending: BytesMut::new(),
-        ready: VecDeque::new(),
-        drop_usage_chunk,
-        usage: None,
-        ready_bytes: 0,
-        charge: None,
-        recording: None,
-        seen_first_byte: false,
-        failed: None,
-        yields: 0,
-        idle_yields: 0,
-        wait_for_more: true,
-    };
+    let mut relay = SseRelay::open((), None, drop_usage_chunk);
     let mut out = Vec::new();
     for frame in frames {
         relay.push(Bytes::copy_from_slice(frame));
