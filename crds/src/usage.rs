@@ -42,6 +42,19 @@ pub struct UsageRecord {
     /// that left, a timeout after the request was sent).
     #[serde(default)]
     pub usage_source: UsageSource,
+    /// How many requests this record stands for: 1, except in the rows a compaction of the
+    /// usage log writes, each the sum of one subject's records in a time bucket (their
+    /// `outcome` is `compacted`). Left out when 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub requests: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 /// Where a record's token counts come from.

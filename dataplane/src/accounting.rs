@@ -36,6 +36,14 @@ impl UsageCounters {
         self.spend.fetch_add(cost.0, Relaxed);
     }
 
+    /// Adds `requests` settled requests' usage and cost (read back from the usage log).
+    pub fn add_many(&self, requests: u64, usage: TokenUsage, cost: Picodollars) {
+        self.requests.fetch_add(requests, Relaxed);
+        self.prompt_tokens.fetch_add(usage.prompt, Relaxed);
+        self.completion_tokens.fetch_add(usage.completion, Relaxed);
+        self.spend.fetch_add(cost.0, Relaxed);
+    }
+
     /// Spend so far.
     pub fn spend(&self) -> Picodollars {
         Picodollars(self.spend.load(Relaxed))
@@ -337,6 +345,7 @@ impl Charge {
                 cached_tokens: u.cached,
                 cost_pico: cost.0,
                 outcome: outcome.as_str().to_string(),
+                requests: 1,
                 usage_source: source,
             });
         }

@@ -112,6 +112,11 @@ pub struct Args {
     /// start-up so spend and budgets survive a restart.
     #[arg(long, env = "TOLLGATE_USAGE_LOG")]
     pub usage_log: Option<PathBuf>,
+    /// When the usage log passes this many bytes it is rewritten as one row per key, model,
+    /// deployment and time bucket (minutes for the last hour, hours for two days, days for 32
+    /// days, one row before), which keeps budgets and totals exact; 0 never compacts.
+    #[arg(long, env = "TOLLGATE_USAGE_LOG_MAX_BYTES", default_value_t = crate::usage_log::DEFAULT_MAX_BYTES)]
+    pub usage_log_max_bytes: u64,
     /// Add per-key spend and request series to /metrics (one series per key: mind the
     /// cardinality with many keys).
     #[arg(long, env = "TOLLGATE_PER_KEY_METRICS")]
@@ -371,7 +376,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
     let usage_log = args
         .usage_log
         .as_deref()
-        .map(crate::usage_log::open)
+        .map(|p| crate::usage_log::open(p, args.usage_log_max_bytes))
         .transpose()
         .with_context(|| format!("opening the usage log {:?}", args.usage_log))?
         .unwrap_or_default();

@@ -44,6 +44,9 @@ pub const RELOADS: &str = "tollgate_config_reloads_total";
 pub const CONNECTIONS_REFUSED: &str = "tollgate_connections_refused_total";
 /// Client connections ended by a bound: `header_read`, `body_read` or `write_stall`.
 pub const CONNECTIONS_TIMED_OUT: &str = "tollgate_connections_timed_out_total";
+/// `tollgate_usage_log_compactions_total`: times the usage log passed `--usage-log-max-bytes`
+/// and was rewritten as per-subject totals.
+pub const USAGE_LOG_COMPACTIONS: &str = "tollgate_usage_log_compactions_total";
 
 /// Latency buckets (seconds): fine at the low end, where a gateway's own overhead lives, and up
 /// to the minutes a long generation takes.
@@ -85,6 +88,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_counter!(
         CONNECTIONS_TIMED_OUT,
         "Client requests or connections ended by a timeout, by which (header_read, body_read, write_stall)."
+    );
+    metrics::describe_counter!(
+        USAGE_LOG_COMPACTIONS,
+        "Times the usage log was rewritten as per-subject totals (--usage-log-max-bytes)."
     );
     metrics::describe_counter!(RETRIES, "Attempts retried within a model group.");
     metrics::describe_counter!(FALLBACKS, "Requests passed on to a fallback model.");

@@ -7,6 +7,18 @@
 //! path); the writer appends them in batches and flushes after each batch. On shutdown the
 //! channel is closed and the writer drains it before the process exits. Every record has its own
 //! id, so a record read twice (a log concatenated by hand, say) is counted once.
+//!
+//! **Compaction** keeps the file, and what reading it back costs, bounded: when the log passes
+//! `--usage-log-max-bytes`, the writer replaces it with one row per subject (key, team, model,
+//! deployment, usage source) and time bucket, each the sum of the records it stands for
+//! ([`UsageRecord::requests`] of them, `outcome: compacted`), and goes on appending behind
+//! them. Buckets are coarser the older the records ([`bucket_of`]): a minute for the last
+//! hour, an hour for the last two days, a day for the last 32 days, and one row with
+//! `ts_ms: 0` for everything before. Bucket edges fall on UTC minutes, hours and days, so a
+//! daily, weekly, monthly or lifetime budget, and one whose period is a whole number of the
+//! bucket sizes it spans, reads back the spend it read before. The new file is written beside
+//! the log, synced, and renamed over it: a crash leaves the old log or the new one, never
+//! both and never neither.
 
 use crate::accounting::Ledger;
 use crate::limits::{Registry, Scope, period_index};
@@ -20,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tollgate_crds::config::Picodollars;
 
-pub use tollgate_crds::usage::{STREAM, UsageRecord};
+pub use tollgate_crds::usage::{STREAM, UsageRecord, UsageSource};
 
 enum Msg {
     Record(UsageRecord),
@@ -40,6 +52,9 @@ pub struct UsageLog {
 /// machine (not only of the process, whose writes the kernel keeps) loses at most about this
 /// much of the log.
 pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The default `--usage-log-max-bytes`: the size past which the log is compacted.
+pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
 
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -186,22 +201,22 @@ pub fn instance_id() -> String {
     raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Opens the log at `path` for appending and starts its writer. [`UsageLog::close`] flushes it.
-pub fn open(path: &Path) -> std::io::Result<UsageLog> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
+/// Opens the log at `path` for appending and starts its writer, which compacts the file when
+/// it grows past `max_bytes` (0: never). [`UsageLog::close`] flushes it.
+pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<UsageLog> {
+    let file = append_to(path)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
     let path: PathBuf = path.to_path_buf();
     // Synced by a thread of its own, once per SYNC_EVERY when something was written: off the
-    // writer's thread too, so a slow disk's fsync doesn't hold up the records behind it.
+    // writer's thread too, so a slow disk's fsync doesn't hold up the records behind it. The
+    // file it syncs is swapped when a compaction replaces the log.
     let syncs = Arc::new(AtomicU64::new(0));
     let dirty = Arc::new(AtomicBool::new(false));
+    let current = Arc::new(std::sync::Mutex::new(Arc::new(file.try_clone()?)));
     let (stop_sync, tick) = std::sync::mpsc::channel::<()>();
     {
-        let file = file.try_clone()?;
-        let (syncs, dirty, path) = (syncs.clone(), dirty.clone(), path.clone());
+        let (syncs, dirty, path, current) =
+            (syncs.clone(), dirty.clone(), path.clone(), current.clone());
         std::thread::Builder::new()
             .name("tollgate-usage-sync".into())
             .spawn(move || {
@@ -209,6 +224,7 @@ pub fn open(path: &Path) -> std::io::Result<UsageLog> {
                     tick.recv_timeout(SYNC_EVERY)
                 {
                     if dirty.swap(false, Ordering::AcqRel) {
+                        let file = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
                         match file.sync_data() {
                             Ok(()) => {
                                 syncs.fetch_add(1, Ordering::Relaxed);
@@ -221,6 +237,10 @@ pub fn open(path: &Path) -> std::io::Result<UsageLog> {
                 }
             })?;
     }
+    // Compacted when it passes this size; after a compaction that left it large (many
+    // subjects), not before it has grown by max_bytes again.
+    let mut compact_at = max_bytes;
+    let mut size = file.metadata()?.len();
     // A thread of its own: blocking file I/O, off every runtime's workers.
     std::thread::Builder::new()
         .name("tollgate-usage-log".into())
@@ -228,6 +248,7 @@ pub fn open(path: &Path) -> std::io::Result<UsageLog> {
             let mut out = std::io::BufWriter::new(file);
             let mut batch = Vec::with_capacity(256);
             let mut closing = None;
+            let mut line = Vec::with_capacity(512);
             while closing.is_none() {
                 let Some(first) = rx.blocking_recv() else {
                     break;
@@ -245,17 +266,44 @@ pub fn open(path: &Path) -> std::io::Result<UsageLog> {
                     };
                 }
                 for r in batch.drain(..) {
-                    let written = serde_json::to_writer(&mut out, &r)
+                    line.clear();
+                    let written = serde_json::to_writer(&mut line, &r)
                         .map_err(std::io::Error::from)
-                        .and_then(|()| out.write_all(b"\n"));
-                    if let Err(e) = written {
-                        tracing::error!(path = %path.display(), "usage log write failed: {e}");
+                        .and_then(|()| {
+                            line.push(b'\n');
+                            out.write_all(&line)
+                        });
+                    match written {
+                        Ok(()) => size += line.len() as u64,
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), "usage log write failed: {e}");
+                        }
                     }
                 }
                 if let Err(e) = out.flush() {
                     tracing::error!(path = %path.display(), "usage log flush failed: {e}");
                 }
                 dirty.store(true, Ordering::Release);
+                if max_bytes > 0 && size > compact_at {
+                    match compact_file(&mut out, &path, unix_ms()) {
+                        Ok(file) => {
+                            match file.try_clone() {
+                                Ok(f) => {
+                                    *current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(f)
+                                }
+                                Err(e) => tracing::error!(
+                                    path = %path.display(), "usage log: no handle to sync the new file: {e}"
+                                ),
+                            }
+                            size = file.metadata().map_or(0, |m| m.len());
+                            out = std::io::BufWriter::new(file);
+                        }
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), "usage log compaction failed, appending on: {e}");
+                        }
+                    }
+                    compact_at = size.saturating_add(max_bytes);
+                }
             }
             drop(stop_sync);
             let _ = out.get_ref().sync_all();
@@ -268,6 +316,131 @@ pub fn open(path: &Path) -> std::io::Result<UsageLog> {
         stream: None,
         syncs: Some(syncs),
     })
+}
+
+fn append_to(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The start of the time bucket a record of `ts_ms` falls in when compacted at `now_ms`: its
+/// minute if it is less than an hour old, its hour if less than two days, its (UTC) day if
+/// less than 32 days (a month's budget period started at most 31 days ago), else 0.
+pub fn bucket_of(ts_ms: u64, now_ms: u64) -> u64 {
+    const MINUTE: u64 = 60_000;
+    const HOUR: u64 = 60 * MINUTE;
+    const DAY: u64 = 24 * HOUR;
+    let age = now_ms.saturating_sub(ts_ms);
+    let size = match age {
+        a if a < HOUR => MINUTE,
+        a if a < 2 * DAY => HOUR,
+        a if a < 32 * DAY => DAY,
+        _ => return 0,
+    };
+    ts_ms - ts_ms % size
+}
+
+/// Flushes and syncs `out`, writes the compacted log beside `path`, syncs it and renames it
+/// over `path`. Returns the new file, open for appending.
+fn compact_file(
+    out: &mut std::io::BufWriter<std::fs::File>,
+    path: &Path,
+    now_ms: u64,
+) -> std::io::Result<std::fs::File> {
+    out.flush()?;
+    out.get_ref().sync_all()?;
+    let started = std::time::Instant::now();
+    let (rows, read) = compact(std::io::BufReader::new(std::fs::File::open(path)?), now_ms)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".compacting");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        for r in &rows {
+            serde_json::to_writer(&mut w, r)?;
+            w.write_all(b"\n")?;
+        }
+        w.flush()?;
+        w.get_ref().sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    // The rename itself is durable once the directory is synced.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    metrics::counter!(crate::metrics::USAGE_LOG_COMPACTIONS).increment(1);
+    tracing::info!(
+        path = %path.display(),
+        records = read,
+        rows = rows.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "usage log compacted"
+    );
+    append_to(path)
+}
+
+/// Reads a log and sums its records into one row per subject and [`bucket_of`]; records read
+/// twice (by id) count once, lines that aren't records are dropped. Returns the rows and how
+/// many records went into them.
+pub fn compact(log: impl BufRead, now_ms: u64) -> std::io::Result<(Vec<UsageRecord>, usize)> {
+    type Subject = (Arc<str>, Option<String>, Arc<str>, Arc<str>, u8, u64);
+    let mut seen = HashSet::new();
+    let mut sums: std::collections::BTreeMap<Subject, UsageRecord> = Default::default();
+    let mut read = 0;
+    for line in log.lines() {
+        let Ok(r) = serde_json::from_str::<UsageRecord>(&line?) else {
+            continue;
+        };
+        if !seen.insert(r.id.clone()) {
+            continue;
+        }
+        read += 1;
+        let bucket = bucket_of(r.ts_ms, now_ms);
+        let source = r.usage_source as u8;
+        let subject = (
+            r.key.clone(),
+            r.team.clone(),
+            r.model.clone(),
+            r.deployment.clone(),
+            source,
+            bucket,
+        );
+        let row = sums.entry(subject).or_insert_with(|| UsageRecord {
+            id: String::new(),
+            request_id: String::new(),
+            ts_ms: bucket,
+            key: r.key.clone(),
+            team: r.team.clone(),
+            model: r.model.clone(),
+            deployment: r.deployment.clone(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            cost_pico: 0,
+            outcome: "compacted".into(),
+            usage_source: r.usage_source,
+            requests: 0,
+        });
+        row.prompt_tokens += r.prompt_tokens;
+        row.completion_tokens += r.completion_tokens;
+        row.cached_tokens += r.cached_tokens;
+        row.cost_pico += r.cost_pico;
+        row.requests += r.requests;
+    }
+    // Ids of their own, unique across compactions: this process's id, the time, a number.
+    let mut rows: Vec<UsageRecord> = sums.into_values().collect();
+    for (n, r) in rows.iter_mut().enumerate() {
+        r.id = format!("c-{}-{now_ms}-{n}", *INSTANCE);
+    }
+    Ok((rows, read))
 }
 
 /// What reading a log found.
@@ -327,10 +500,10 @@ pub fn replay(
         }
         out.records += 1;
         let cost = Picodollars(r.cost_pico);
-        ledger.key(&r.key).add(Some(r.usage()), cost);
+        ledger.key(&r.key).add_many(r.requests, r.usage(), cost);
         ledger
             .deployment(&r.model, &r.deployment)
-            .add(Some(r.usage()), cost);
+            .add_many(r.requests, r.usage(), cost);
         if let Some((id, p)) = periods.get_key_value(&*r.key)
             && period_index(*p, r.ts_ms / 1000) == period_index(*p, now)
         {
@@ -377,13 +550,162 @@ mod tests {
         );
     }
 
+    fn record_at(id: usize, ts_ms: u64, key: &str, deployment: &str, cost: u64) -> UsageRecord {
+        UsageRecord {
+            id: format!("r{id}"),
+            request_id: String::new(),
+            ts_ms,
+            key: key.into(),
+            team: Some("t".into()),
+            model: "m".into(),
+            deployment: deployment.into(),
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            cached_tokens: 1,
+            cost_pico: cost,
+            outcome: "success".into(),
+            usage_source: if id.is_multiple_of(7) {
+                UsageSource::Estimated
+            } else {
+                UsageSource::Reported
+            },
+            requests: 1,
+        }
+    }
+
+    /// What replay reads from records: totals per key and deployment, and spend in the period
+    /// containing `now` for each kind of budget period.
+    fn read_back(records: &[UsageRecord], now_ms: u64) -> Vec<(String, u64)> {
+        use tollgate_crds::config::BudgetPeriod;
+        let periods = [
+            BudgetPeriod::Lifetime,
+            BudgetPeriod::Daily,
+            BudgetPeriod::Weekly,
+            BudgetPeriod::Monthly,
+            BudgetPeriod::Seconds(60),
+            BudgetPeriod::Seconds(1800),
+            BudgetPeriod::Seconds(3600),
+            BudgetPeriod::Seconds(6 * 3600),
+            BudgetPeriod::Seconds(2 * 86_400),
+            BudgetPeriod::Seconds(30 * 86_400),
+        ];
+        let mut out: std::collections::BTreeMap<String, u64> = Default::default();
+        for r in records {
+            for (what, n) in [
+                ("requests", r.requests),
+                ("prompt", r.prompt_tokens),
+                ("completion", r.completion_tokens),
+                ("cached", r.cached_tokens),
+                ("cost", r.cost_pico),
+            ] {
+                *out.entry(format!("{} {what}", r.key)).or_default() += n;
+                *out.entry(format!("{} {what}", r.deployment)).or_default() += n;
+            }
+            *out.entry(format!("{} {}", r.key, r.usage_source.as_str()))
+                .or_default() += r.requests;
+            for p in periods {
+                if p.index(r.ts_ms / 1000) == p.index(now_ms / 1000) {
+                    *out.entry(format!("{} {p:?}", r.key)).or_default() += r.cost_pico;
+                    *out.entry(format!("t {p:?}")).or_default() += r.cost_pico;
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    fn to_log(records: &[UsageRecord]) -> Vec<u8> {
+        let mut log = Vec::new();
+        for r in records {
+            serde_json::to_writer(&mut log, r).unwrap();
+            log.push(b'\n');
+        }
+        log
+    }
+
+    /// Compaction keeps every total and the spend of every budget period whose edges fall on
+    /// bucket edges, for records spread over 90 days and read back at once, later the same
+    /// day, and after a second compaction; a record logged twice still counts once.
+    #[test]
+    fn compaction_keeps_totals_and_period_spend() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        // 2026-12-07 17:43:21.5 UTC: not on any bucket edge.
+        let now = 1_796_665_401_500;
+        let mut records: Vec<UsageRecord> = (0..20_000)
+            .map(|i| {
+                let age = match i % 4 {
+                    0 => rng.u64(0..3_600_000),
+                    1 => rng.u64(0..2 * 86_400_000),
+                    2 => rng.u64(0..40 * 86_400_000),
+                    _ => rng.u64(0..90 * 86_400_000),
+                };
+                let key = ["ns/a", "ns/b", "ns/c"][rng.usize(0..3)];
+                let deployment = ["ns/d1", "ns/d2"][rng.usize(0..2)];
+                record_at(i, now - age, key, deployment, rng.u64(1..1_000_000))
+            })
+            .collect();
+        let want = read_back(&records, now);
+        let mut log = to_log(&records);
+        // The same record twice, and a torn line: counted once, and dropped.
+        log.extend_from_slice(&to_log(&records[..1]));
+        log.extend_from_slice(b"{\"id\":\"torn");
+        let (rows, read) = compact(&log[..], now).unwrap();
+        assert_eq!(read, records.len());
+        // At most a row per subject (3 keys x 2 deployments x 2 sources) and bucket (60
+        // minutes, 48 hours, 32 days, and the one before).
+        assert!(rows.len() <= 12 * (60 + 48 + 32 + 1), "{} rows", rows.len());
+        assert!(rows.iter().all(|r| r.outcome == "compacted"));
+        assert_eq!(read_back(&rows, now), want);
+
+        // Later the same day, with new records behind the rows: the same once those count.
+        let later = now + 3 * 3_600_000;
+        records.push(record_at(20_000, later - 10, "ns/a", "ns/d1", 5));
+        let mut log = to_log(&rows);
+        log.extend_from_slice(&to_log(&records[20_000..]));
+        let (again, _) = compact(&log[..], later).unwrap();
+        assert_eq!(read_back(&again, later), read_back(&records, later));
+        let ids: HashSet<_> = again.iter().map(|r| &r.id).collect();
+        assert_eq!(ids.len(), again.len(), "rows have ids of their own");
+    }
+
+    /// The writer compacts the file when it passes the size it was given, and what it leaves
+    /// reads back as what was written.
+    #[test]
+    fn the_writer_compacts_past_its_size() {
+        let dir = std::env::temp_dir().join(format!("tollgate-usage-compact-{}", instance_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("usage.jsonl");
+        let now = unix_ms();
+        let records: Vec<UsageRecord> = (0..2000)
+            .map(|i| record_at(i, now - 1000, "ns/a", "ns/d1", 3))
+            .collect();
+        std::fs::write(&path, to_log(&records[..1000])).unwrap();
+        let log = open(&path, 64 << 10).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for r in &records[1000..] {
+            log.record(r.clone());
+        }
+        rt.block_on(log.close());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rows: Vec<UsageRecord> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(rows.len() < 1000, "compacted: {} rows", rows.len());
+        assert!(rows.iter().any(|r| r.outcome == "compacted"));
+        assert_eq!(read_back(&rows, now), read_back(&records, now));
+        assert!(!dir.join("usage.jsonl.compacting").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Records written are synced to disk within about [`SYNC_EVERY`], without waiting for
     /// shutdown.
     #[test]
     fn the_log_is_synced_within_a_second_of_a_write() {
         let dir = std::env::temp_dir().join(format!("tollgate-usage-sync-{}", instance_id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let log = open(&dir.join("usage.jsonl")).unwrap();
+        let log = open(&dir.join("usage.jsonl"), DEFAULT_MAX_BYTES).unwrap();
         let record = |id: &str| UsageRecord {
             id: id.into(),
             request_id: String::new(),
@@ -397,6 +719,7 @@ mod tests {
             cached_tokens: 0,
             cost_pico: 1,
             outcome: "success".into(),
+            requests: 1,
             usage_source: Default::default(),
         };
         std::thread::sleep(SYNC_EVERY + std::time::Duration::from_millis(200));

@@ -270,6 +270,70 @@ async fn spend_and_budgets_survive_a_restart_through_the_usage_log() {
 }
 
 #[tokio::test]
+async fn a_compacted_usage_log_keeps_spend_and_budgets_across_a_restart() {
+    // $0.0002 a request, a daily budget for five; a log compacted past 1,000 bytes (about
+    // three records).
+    let m = key_manifest(", budget: {maxUsd: 0.001, duration: daily}")
+        + &model(
+            "m",
+            "m",
+            ", provider: mock, mock: {promptTokens: 100, completionTokens: 100}, pricing: {inputPerMillion: 1, outputPerMillion: 1}",
+        );
+    let mut gw = Gateway::start(
+        BIN,
+        &m,
+        &[
+            "--usage-log",
+            "{dir}/usage.jsonl",
+            "--usage-log-max-bytes",
+            "1000",
+            "--per-key-metrics",
+        ],
+    );
+    for i in 0..4 {
+        let r = chat(&gw, "m", i % 2 == 1).await;
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+    }
+    gw.restart();
+    let log = std::fs::read_to_string(gw.manifest_dir().join("usage.jsonl")).unwrap();
+    let rows: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        rows.iter().any(|r| r["outcome"] == "compacted"),
+        "compacted: {log}"
+    );
+    assert!(rows.len() < 4, "{log}");
+    let requests: u64 = rows
+        .iter()
+        .map(|r| r["requests"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(requests, 4, "{log}");
+    let cost: u64 = rows.iter().map(|r| r["cost_pico"].as_u64().unwrap()).sum();
+    assert_eq!(cost, 4 * 200_000_000, "{log}");
+
+    // After the restart: the totals, and one more request fits the budget.
+    let text = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"tollgate_spend_usd_total{model="m",deployment="default/m"} 0.0008"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"tollgate_key_requests_total{key="default/k"} 4"#),
+        "{text}"
+    );
+    assert_eq!(chat(&gw, "m", false).await.status(), 200);
+    assert_eq!(chat(&gw, "m", false).await.status(), 429);
+}
+
+#[tokio::test]
 async fn tpm_counts_the_real_usage_not_the_estimate() {
     // The estimate of a tiny request is a few tokens; the mock reports 200 (100 + 100). With a
     // limit of 250 tokens a minute the second request still fits (200 < 250), the third can't

@@ -121,7 +121,7 @@ impl Fold {
     fn add(&mut self, r: &UsageRecord, periods: &HashMap<String, (BudgetPeriod, Picodollars)>) {
         let k = self.keys.entry(r.key.to_string()).or_default();
         *k.entry("total".into()).or_default() += r.cost_pico;
-        *k.entry("requests".into()).or_default() += 1;
+        *k.entry("requests".into()).or_default() += r.requests;
         *k.entry("prompt".into()).or_default() += r.prompt_tokens;
         *k.entry("completion".into()).or_default() += r.completion_tokens;
         if let Some((p, _)) = periods.get(&*r.key) {
@@ -130,7 +130,7 @@ impl Fold {
         }
         let m = self.models.entry(r.deployment.to_string()).or_default();
         *m.entry("total".into()).or_default() += r.cost_pico;
-        *m.entry("requests".into()).or_default() += 1;
+        *m.entry("requests".into()).or_default() += r.requests;
         *m.entry("prompt".into()).or_default() += r.prompt_tokens;
         *m.entry("completion".into()).or_default() += r.completion_tokens;
     }
@@ -432,6 +432,7 @@ mod tests {
             cached_tokens: 0,
             cost_pico: cost,
             outcome: "success".into(),
+            requests: 1,
             usage_source: Default::default(),
         }
     }
