@@ -46,6 +46,10 @@
 #                          --busy-poll DUR (its threads poll their sockets for DUR after their
 #                          last work before sleeping); reports tollgate+busy-poll / tollgate per
 #                          scenario, its CPU, and its added p50 at c=1 over direct
+#   --ab DIR               add the target tollgate-b: the tollgate-dataplane binary in DIR (another
+#                          build, e.g. a branch's target/release), same flags and manifests, measured
+#                          back to back with tollgate in the same rounds; reports tollgate-b /
+#                          tollgate per scenario, CPU and added p50 at c=1: a same-run A/B
 #   --pin                  pin wrk + mock to CPU 0 and the proxy under test to CPU 1
 #                          (use with --gateway-threads 1 --nginx-workers 1)
 #   --perf DIR             afterwards, profile Tollgate with `perf record` under load and count
@@ -73,6 +77,7 @@ REDIS=0
 ROUTING=0
 BARE=0
 BUSY_POLL="" # --busy-poll's duration
+AB_DIR="" # --ab's directory
 ROUTES=8 # deployments in the group of the --routing targets
 PIN=0
 PERF_DIR=""
@@ -104,6 +109,7 @@ while [[ $# -gt 0 ]]; do
         --routing) ROUTING=1; shift ;;
         --bare) BARE=1; shift ;;
         --busy-poll) BUSY_POLL="$2"; shift 2 ;;
+        --ab) AB_DIR="$2"; shift 2 ;;
         --perf) PERF_DIR="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --bin-dir) BIN_DIR="$2"; shift 2 ;;
@@ -308,6 +314,16 @@ if [[ -n "$BUSY_POLL" ]]; then
     GWB_PORT="$(wait_listening tollgate-dataplane "$TMP/gateway-busy-poll.log" "$GWB_PID")"
 fi
 
+# --ab: another build of the data plane, same flags and manifests.
+if [[ -n "$AB_DIR" ]]; then
+    [[ -x "$AB_DIR/tollgate-dataplane" ]] || die "no $AB_DIR/tollgate-dataplane"
+    "${PIN_PROXY[@]}" "$AB_DIR/tollgate-dataplane" --manifests "$TMP/manifests.yaml" --listen 127.0.0.1:0 \
+        --worker-threads "$GW_THREADS" >"$TMP/gateway-b.log" 2>&1 &
+    GWAB_PID=$!
+    PIDS+=("$GWAB_PID")
+    GWAB_PORT="$(wait_listening tollgate-dataplane "$TMP/gateway-b.log" "$GWAB_PID")"
+fi
+
 # --bare: the HTTP stack alone, same threads, same upstream.
 if [[ $BARE -eq 1 ]]; then
     "${PIN_PROXY[@]}" "$BARE_BIN" 127.0.0.1:0 "127.0.0.1:$MOCK_PORT" "$GW_THREADS" >"$TMP/bare.log" 2>&1 &
@@ -362,6 +378,11 @@ if [[ -n "$BUSY_POLL" ]]; then
     TARGETS+=(tollgate+busy-poll)
     ((TW >= 18)) || TW=18
 fi
+if [[ -n "$AB_DIR" ]]; then
+    URL[tollgate-b]="http://127.0.0.1:$GWAB_PORT/v1/chat/completions"
+    TARGETS+=(tollgate-b)
+    ((TW >= 10)) || TW=10
+fi
 if [[ $BARE -eq 1 ]]; then
     URL[hyper-floor]="http://127.0.0.1:$BARE_PORT/v1/chat/completions"
     TARGETS+=(hyper-floor)
@@ -385,6 +406,7 @@ target_pids() {
         tollgate+limits) echo "$GWL_PID" ;;
         tollgate+redis) echo "$GWR_PID" ;;
         tollgate+busy-poll) echo "$GWB_PID" ;;
+        tollgate-b) echo "$GWAB_PID" ;;
         tollgate+*) echo "${RT_PID[$1]}" ;;
         nginx) children "$NGINX_PID" ;;
         hyper-floor) echo "$BARE_PID" ;;
@@ -712,6 +734,19 @@ fi
                 "${CPU[$name,tollgate]}" "${CPU[$name,hyper-floor]}" "${CPU[$name,nginx]}" "$(unit "$name")"
         done
         echo "  added p50 at c=1 over direct: hyper-floor $(sub "${P50[plain-c1,hyper-floor]}" "${P50[plain-c1,direct]}") µs"
+    fi
+    if [[ -n "$AB_DIR" ]]; then
+        echo
+        echo "A/B (tollgate-b: $AB_DIR/tollgate-dataplane, vs tollgate)"
+        for name in plain-c1 plain-c64 stream-c16; do
+            printf '  %-22s tollgate-b/tollgate %s   tollgate-b/nginx %s   tollgate/nginx %s   CPU µs/req b−a %s   (%s)\n' "$(describe "$name")" \
+                "$(ratio "${RPS[$name,tollgate-b]}" "${RPS[$name,tollgate]}")" \
+                "$(ratio "${RPS[$name,tollgate-b]}" "${RPS[$name,nginx]}")" \
+                "$(ratio "${RPS[$name,tollgate]}" "${RPS[$name,nginx]}")" \
+                "$(sdiff "${CPU[$name,tollgate-b]}" "${CPU[$name,tollgate]}")" "$(unit "$name")"
+        done
+        echo "  added p50 at c=1 over direct: tollgate-b $(sub "${P50[plain-c1,tollgate-b]}" "${P50[plain-c1,direct]}") µs, tollgate ${ADDED_GW} µs"
+        echo "  tollgate-b/tollgate round by round, sorted: c=64 $(round_ratios plain-c64 tollgate-b tollgate); streams $(round_ratios stream-c16 tollgate-b tollgate)"
     fi
     if [[ -n "$BUSY_POLL" ]]; then
         echo

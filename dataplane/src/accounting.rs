@@ -132,6 +132,9 @@ pub struct Charge {
     request: Option<(bytes::Bytes, crate::request::Endpoint)>,
     /// The current attempt's request went upstream and no answer says it did no work.
     sent: bool,
+    /// The sequence number of the usage log's open record (see
+    /// [`crate::usage_log::UsageLog::next_seq`]) once the request first went upstream, else 0.
+    opened: u64,
     /// Earlier attempts that went upstream and timed out: estimated tokens and cost.
     unbilled: (TokenUsage, Picodollars),
     /// Text relayed to the client so far (stream content), for the completion estimate.
@@ -162,6 +165,7 @@ impl Charge {
             request_id,
             request: None,
             sent: false,
+            opened: 0,
             unbilled: (TokenUsage::default(), Picodollars(0)),
             relayed: Relayed::default(),
             key,
@@ -187,8 +191,60 @@ impl Charge {
     /// it bills. Unless [`Charge::no_work`] says otherwise, the attempt is charged: with the
     /// usage the upstream reports, else with an estimate (the prompt from the tokenizer, the
     /// completion from the text relayed) marked `usage_source: estimated`.
-    pub fn sending(&mut self) {
+    ///
+    /// With a usage log file, the first attempt sent also writes an open record at the cost
+    /// `reserved` gives (the prompt estimate, and `max_tokens` at the output price): should the
+    /// process be killed before the request settles, the next start charges that (see
+    /// [`crate::usage_log::replay`]).
+    pub fn sending(&mut self, reserved: impl FnOnce() -> crate::limits::Ask) {
         self.sent = true;
+        if self.opened == 0
+            && let Some(log) = self.log.as_ref().filter(|l| l.has_file())
+        {
+            let ask = reserved();
+            self.opened = crate::usage_log::UsageLog::next_seq();
+            log.open_record(self.record(
+                crate::usage_log::UsageLog::id_of(self.opened),
+                TokenUsage {
+                    prompt: ask.tokens,
+                    completion: 0,
+                    cached: 0,
+                },
+                ask.cost,
+                crate::usage_log::OPEN,
+                UsageSource::Estimated,
+            ));
+        }
+    }
+
+    /// A usage record of this request, on its current deployment.
+    fn record(
+        &self,
+        id: String,
+        u: TokenUsage,
+        cost: Picodollars,
+        outcome: &str,
+        usage_source: UsageSource,
+    ) -> crate::usage_log::UsageRecord {
+        let d = &self.deployment;
+        crate::usage_log::UsageRecord {
+            id,
+            request_id: self.request_id.to_str().unwrap_or("").to_string(),
+            ts_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            key: self.key.id.clone(),
+            team: self.key.config.team.clone(),
+            model: d.model.clone(),
+            deployment: d.id.clone(),
+            prompt_tokens: u.prompt,
+            completion_tokens: u.completion,
+            cached_tokens: u.cached,
+            cost_pico: cost.0,
+            outcome: outcome.to_string(),
+            requests: 1,
+            usage_source,
+        }
     }
 
     /// The current attempt did no billable work: it never reached the upstream (no
@@ -330,24 +386,11 @@ impl Charge {
             crate::limits::unix_now(),
         );
         if let Some(log) = &self.log {
-            log.record(crate::usage_log::UsageRecord {
-                id: String::new(),
-                request_id: self.request_id.to_str().unwrap_or("").to_string(),
-                ts_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
-                key: self.key.id.clone(),
-                team: self.key.config.team.clone(),
-                model: d.model.clone(),
-                deployment: d.id.clone(),
-                prompt_tokens: u.prompt,
-                completion_tokens: u.completion,
-                cached_tokens: u.cached,
-                cost_pico: cost.0,
-                outcome: outcome.as_str().to_string(),
-                requests: 1,
-                usage_source: source,
-            });
+            let id = match self.opened {
+                0 => String::new(),
+                seq => crate::usage_log::UsageLog::id_of(seq),
+            };
+            log.record(self.record(id, u, cost, outcome.as_str(), source));
         }
         tracing::debug!(
             target: "tollgate::access",

@@ -421,6 +421,17 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         )
         .with_context(|| format!("reading the usage log {}", path.display()))?;
         tracing::info!(records = r.records, skipped = r.skipped, path = %path.display(), "usage log replayed");
+        if !r.crashed.is_empty() {
+            tracing::warn!(
+                requests = r.crashed.len(),
+                "requests that went upstream before the last exit and never settled (the process was killed): charged what they reserved, outcome \"crashed\""
+            );
+        }
+        if let Some(log) = &state.usage_log {
+            for record in r.crashed {
+                log.record(record);
+            }
+        }
     }
     tokio::spawn(crate::routing::probe_endpoints(state.clone()));
     tokio::spawn(crate::routing::scrape_queues(

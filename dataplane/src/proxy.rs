@@ -806,7 +806,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
         })),
     };
     let mut charge = charge;
-    charge.sending();
+    charge.sending(|| ctx.ask_for(d));
     let resp = match send.await {
         Err(e) if e.is_timeout() => {
             // The request may be running upstream: the attempt keeps its charge (an estimate),

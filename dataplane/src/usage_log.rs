@@ -36,6 +36,8 @@ pub use tollgate_crds::usage::{STREAM, UsageRecord, UsageSource};
 
 enum Msg {
     Record(UsageRecord),
+    /// A request went upstream (the file writer only).
+    Open(UsageRecord),
     Close(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -53,6 +55,13 @@ pub struct UsageLog {
 /// much of the log.
 pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The `outcome` of a record written when a request goes upstream, before it settles.
+pub const OPEN: &str = "open";
+
+/// The `outcome` replay gives a request whose [`OPEN`] record was never closed: the process
+/// was killed while it ran. It is charged the cost the open record reserved.
+pub const CRASHED: &str = "crashed";
+
 /// The default `--usage-log-max-bytes`: the size past which the log is compacted.
 pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
 
@@ -62,17 +71,43 @@ impl std::fmt::Debug for Msg {
     }
 }
 
-static RECORD_SEQ: AtomicU64 = AtomicU64::new(0);
+static RECORD_SEQ: AtomicU64 = AtomicU64::new(1);
 
 impl UsageLog {
+    /// A new record id: this process's id and a sequence number.
+    pub fn new_id() -> String {
+        Self::id_of(Self::next_seq())
+    }
+
+    /// The next record sequence number of this process (never 0).
+    pub fn next_seq() -> u64 {
+        RECORD_SEQ.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The record id of sequence number `seq` (see [`UsageLog::next_seq`]).
+    pub fn id_of(seq: u64) -> String {
+        format!("{}-{seq}", *INSTANCE)
+    }
+
+    /// Whether records go to a file, where [`UsageLog::open_record`] is kept.
+    pub fn has_file(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Writes an [`OPEN`] record to the journal beside the file (see [`journal_path`]; not to
+    /// the log, nor the stream): a request is going upstream, at the cost it reserved. The
+    /// record of its settlement, with the same id, closes it; one never closed (the process
+    /// was killed) is charged at start-up (see [`replay`]).
+    pub fn open_record(&self, record: UsageRecord) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Open(record));
+        }
+    }
+
     /// Sends a record to the writer.
     pub fn record(&self, mut record: UsageRecord) {
         if record.id.is_empty() {
-            record.id = format!(
-                "{}-{}",
-                *INSTANCE,
-                RECORD_SEQ.fetch_add(1, Ordering::Relaxed)
-            );
+            record.id = Self::new_id();
         }
         // The writers stop only when closed, at shutdown, after the server has stopped.
         match (&self.tx, &self.stream) {
@@ -110,6 +145,7 @@ impl UsageLog {
                 if pending.is_empty() && closing.is_none() {
                     match rx.recv().await {
                         Some(Msg::Record(r)) => pending.push(r),
+                        Some(Msg::Open(_)) => {}
                         Some(Msg::Close(ack)) => closing = Some(ack),
                         None => break,
                     }
@@ -117,6 +153,7 @@ impl UsageLog {
                 while let Ok(m) = rx.try_recv() {
                     match m {
                         Msg::Record(r) => pending.push(r),
+                        Msg::Open(_) => {}
                         Msg::Close(ack) => closing = Some(ack),
                     }
                 }
@@ -241,6 +278,7 @@ pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<UsageLog> {
     // subjects), not before it has grown by max_bytes again.
     let mut compact_at = max_bytes;
     let mut size = file.metadata()?.len();
+    let mut journal = Journal::open(journal_path(&path))?;
     // A thread of its own: blocking file I/O, off every runtime's workers.
     std::thread::Builder::new()
         .name("tollgate-usage-log".into())
@@ -257,6 +295,7 @@ pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<UsageLog> {
                 while let Some(msg) = next {
                     match msg {
                         Msg::Record(r) => batch.push(r),
+                        Msg::Open(r) => journal.opened(r),
                         Msg::Close(ack) => closing = Some(ack),
                     }
                     next = if batch.len() < 4096 || closing.is_some() {
@@ -265,7 +304,10 @@ pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<UsageLog> {
                         None
                     };
                 }
+                // Opens first: a request's open record is never behind its settlement on disk.
+                journal.flush();
                 for r in batch.drain(..) {
+                    journal.close(&r.id);
                     line.clear();
                     let written = serde_json::to_writer(&mut line, &r)
                         .map_err(std::io::Error::from)
@@ -284,7 +326,12 @@ pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<UsageLog> {
                     tracing::error!(path = %path.display(), "usage log flush failed: {e}");
                 }
                 dirty.store(true, Ordering::Release);
-                if max_bytes > 0 && size > compact_at {
+                let compact = max_bytes > 0 && size > compact_at;
+                // Before a compaction the journal must hold only requests still in flight:
+                // the compaction takes away the ids of those settled, which would then look
+                // unsettled.
+                let rewritten = (compact || journal.is_long()) && journal.rewrite();
+                if compact && rewritten {
                     match compact_file(&mut out, &path, unix_ms()) {
                         Ok(file) => {
                             match file.try_clone() {
@@ -307,6 +354,7 @@ pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<UsageLog> {
             }
             drop(stop_sync);
             let _ = out.get_ref().sync_all();
+            journal.flush();
             if let Some(ack) = closing {
                 let _ = ack.send(());
             }
@@ -316,6 +364,112 @@ pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<UsageLog> {
         stream: None,
         syncs: Some(syncs),
     })
+}
+
+/// The journal of requests in flight, beside the log at `path`: `<path>.inflight`. A request
+/// that goes upstream appends an [`OPEN`] record here; the log's record of its settlement
+/// (same id) closes it. Whatever is still open at start-up was cut by a killed process.
+pub fn journal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".inflight");
+    PathBuf::from(p)
+}
+
+/// The writer's side of the journal: appends open records, and rewrites the file with only
+/// the requests still in flight once it has grown ([`Journal::is_long`]).
+struct Journal {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    size: u64,
+    /// Its size after the last rewrite.
+    kept: u64,
+    /// Requests opened and not yet settled, by id.
+    in_flight: HashMap<String, UsageRecord>,
+}
+
+/// The journal is rewritten when it passes this size and at least twice what is in flight.
+const JOURNAL_REWRITE: u64 = 1 << 20;
+
+impl Journal {
+    fn open(path: PathBuf) -> std::io::Result<Self> {
+        let file = append_to(&path)?;
+        let size = file.metadata()?.len();
+        Ok(Self {
+            path,
+            out: std::io::BufWriter::new(file),
+            size,
+            kept: 0,
+            in_flight: HashMap::new(),
+        })
+    }
+
+    fn opened(&mut self, r: UsageRecord) {
+        let mut line = serde_json::to_vec(&r).unwrap_or_default();
+        line.push(b'\n');
+        match self.out.write_all(&line) {
+            Ok(()) => self.size += line.len() as u64,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), "usage journal write failed: {e}")
+            }
+        }
+        self.in_flight.insert(r.id.clone(), r);
+    }
+
+    fn close(&mut self, id: &str) {
+        self.in_flight.remove(id);
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.out.flush() {
+            tracing::error!(path = %self.path.display(), "usage journal flush failed: {e}");
+        }
+    }
+
+    fn is_long(&self) -> bool {
+        self.size > JOURNAL_REWRITE.max(2 * self.kept)
+    }
+
+    /// Replaces the file with the requests in flight (written beside it, renamed over it).
+    /// Returns whether it did.
+    fn rewrite(&mut self) -> bool {
+        let tmp = {
+            let mut p = self.path.as_os_str().to_owned();
+            p.push(".tmp");
+            PathBuf::from(p)
+        };
+        let rewritten = (|| {
+            self.out.flush()?;
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            for r in self.in_flight.values() {
+                serde_json::to_writer(&mut w, r)?;
+                w.write_all(b"\n")?;
+            }
+            w.flush()?;
+            w.get_ref().sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            append_to(&self.path)
+        })();
+        match rewritten {
+            Ok(file) => {
+                self.size = file.metadata().map_or(0, |m| m.len());
+                self.kept = self.size;
+                self.out = std::io::BufWriter::new(file);
+                true
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), "usage journal rewrite failed: {e}");
+                false
+            }
+        }
+    }
+}
+
+fn read_if_exists(path: &Path) -> std::io::Result<Option<std::io::BufReader<std::fs::File>>> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(Some(std::io::BufReader::new(f))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn append_to(path: &Path) -> std::io::Result<std::fs::File> {
@@ -387,6 +541,13 @@ fn compact_file(
     append_to(path)
 }
 
+/// The record that closes an [`OPEN`] one whose request never settled.
+fn closed_as_crashed(mut r: UsageRecord) -> UsageRecord {
+    r.outcome = CRASHED.into();
+    r.usage_source = UsageSource::Estimated;
+    r
+}
+
 /// Reads a log and sums its records into one row per subject and [`bucket_of`]; records read
 /// twice (by id) count once, lines that aren't records are dropped. Returns the rows and how
 /// many records went into them.
@@ -450,6 +611,10 @@ pub struct Replay {
     pub records: usize,
     /// Lines that were not records (a torn last line after a crash, say).
     pub skipped: usize,
+    /// Requests that went upstream and never settled (the process was killed): their
+    /// [`OPEN`] records as [`CRASHED`] ones, counted at the cost they reserved. Write them to
+    /// the log, so that they are closed there too.
+    pub crashed: Vec<UsageRecord>,
 }
 
 /// Reads the log at `path` (if it exists) into the usage counters, and seeds each limited key's
@@ -461,10 +626,10 @@ pub fn replay(
     registry: &Registry,
     now: u64,
 ) -> std::io::Result<Replay> {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Replay::default()),
-        Err(e) => return Err(e),
+    // A journal without a log: requests went upstream before any settled.
+    let file = match read_if_exists(path)? {
+        Some(f) => f,
+        None => std::io::BufReader::new(std::fs::File::open("/dev/null")?),
     };
     let periods: HashMap<&str, _> = snapshot
         .keys
@@ -489,15 +654,48 @@ pub fn replay(
     let mut period_spend: HashMap<&str, u64> = HashMap::new();
     let mut team_spend: HashMap<&str, u64> = HashMap::new();
     let mut out = Replay::default();
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line?;
-        let Ok(r) = serde_json::from_str::<UsageRecord>(&line) else {
-            out.skipped += usize::from(!line.trim().is_empty());
-            continue;
+    // The requests that went upstream (the journal's open records), less those settled.
+    let mut open: HashMap<String, UsageRecord> = HashMap::new();
+    if let Some(journal) = read_if_exists(&journal_path(path))? {
+        for line in journal.lines() {
+            if let Ok(r) = serde_json::from_str::<UsageRecord>(&line?) {
+                open.insert(r.id.clone(), r);
+            }
+        }
+    }
+    let mut settled = std::io::BufReader::new(file).lines();
+    let mut crashed = None;
+    loop {
+        let r = match settled.next() {
+            Some(line) => {
+                let line = line?;
+                match serde_json::from_str::<UsageRecord>(&line) {
+                    Ok(r) => r,
+                    Err(_) => {
+                        out.skipped += usize::from(!line.trim().is_empty());
+                        continue;
+                    }
+                }
+            }
+            // Then those that never settled, as if their records were in the log.
+            None => {
+                let rest = crashed.get_or_insert_with(|| {
+                    let mut rest: Vec<UsageRecord> =
+                        open.drain().map(|(_, r)| closed_as_crashed(r)).collect();
+                    rest.sort_by(|a, b| b.id.cmp(&a.id));
+                    out.crashed = rest.iter().rev().cloned().collect();
+                    rest
+                });
+                match rest.pop() {
+                    Some(r) => r,
+                    None => break,
+                }
+            }
         };
         if !seen.insert(r.id.clone()) {
             continue;
         }
+        open.remove(&r.id);
         out.records += 1;
         let cost = Picodollars(r.cost_pico);
         ledger.key(&r.key).add_many(r.requests, r.usage(), cost);

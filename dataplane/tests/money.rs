@@ -278,6 +278,8 @@ async fn timeouts_on_paid_models_are_charged_and_retried_only_on_request() {
         .await
         .unwrap();
     assert_eq!(r.status(), 504);
+    // The mock counts a request when its handler runs, which a loaded machine may delay.
+    eventually(Duration::from_secs(2), || up.stats.requests() >= 1).await;
     assert_eq!(up.stats.requests(), 1, "not retried by default");
     let recs = records(&gw, 1).await;
     assert_eq!(recs[0]["usage_source"], "estimated");
@@ -297,6 +299,7 @@ async fn timeouts_on_paid_models_are_charged_and_retried_only_on_request() {
         .await
         .unwrap();
     assert_eq!(r.status(), 504);
+    eventually(Duration::from_secs(2), || up.stats.requests() >= 3).await;
     assert_eq!(up.stats.requests(), 3, "retried when retryOn names timeout");
     let recs = records(&gw, 1).await;
     assert_eq!(recs.len(), 1, "one record per request: {recs:?}");
@@ -367,4 +370,69 @@ async fn a_stream_that_stalls_past_its_idle_timeout_is_cut_and_charged() {
     let completion = count_text(Family::O200k, "tok0 ");
     assert_eq!(r["completion_tokens"], completion);
     assert_eq!(r["cost_pico"], cost(prompt_estimate(), completion));
+}
+
+/// A gateway killed (SIGKILL: nothing flushed, nothing settled) while a stream runs: the next
+/// start charges the request what it reserved, once, however often the gateway restarts.
+#[tokio::test]
+async fn a_request_cut_by_a_killed_gateway_is_charged_at_the_next_start() {
+    let up = MockUpstream::start(Behavior::SlowStream {
+        chunks: 400,
+        delay: Duration::from_millis(25),
+    });
+    let mut gw = start(&up, None);
+    let max_tokens = 50;
+    let body = json!({"model": "gpt", "stream": true, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": PROMPT}]})
+    .to_string();
+    let mut r = post(&gw, body, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.chunk().await.unwrap().unwrap();
+    let journal = gw.manifest_dir().join("usage.jsonl.inflight");
+    let opened: Vec<Value> = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert_eq!(opened[0]["outcome"], "open");
+    gw.kill();
+    drop(r);
+    assert!(records(&gw, 0).await.is_empty(), "nothing settled");
+
+    // Reserved: the prompt estimate and max_tokens at their prices.
+    let reserved = cost(prompt_estimate(), max_tokens);
+    let spend = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("tollgate_spend_usd_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+    };
+    for round in 0..2 {
+        gw.start_again();
+        let recs = records(&gw, 1).await;
+        assert_eq!(recs.len(), 1, "round {round}: {recs:?}");
+        let rec = &recs[0];
+        assert_eq!(rec["outcome"], "crashed");
+        assert_eq!(rec["usage_source"], "estimated");
+        assert_eq!(rec["id"], opened[0]["id"]);
+        assert_eq!(rec["cost_pico"], reserved);
+        assert_eq!(rec["prompt_tokens"], prompt_estimate());
+        let text = reqwest::get(gw.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let want = reserved as f64 / 1e12;
+        let got = spend(&text).unwrap_or_else(|| panic!("{text}"));
+        assert!((got - want).abs() < 1e-12, "round {round}: {got} != {want}");
+        // Charged at the first start, which closed it in the log; the second finds it closed.
+        assert_eq!(
+            gw.logs().contains("never settled"),
+            round == 0,
+            "{}",
+            gw.logs()
+        );
+        gw.kill();
+    }
 }
