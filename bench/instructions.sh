@@ -8,11 +8,10 @@
 # warm-up requests, zeroes the counters, sends N requests (4 keep-alive connections, each
 # answer checked for 200), dumps, and prints the instructions per request. Targets:
 #   tollgate   the data plane on the benchmark's manifests (one model, one key, pricing)
-#   floor      dataplane/examples/bare_proxy.rs: hyper's server and h1, doing nothing else
-#   floor-own  the same with the data plane's own HTTP/1.1 server (h1_server) instead of
-#              hyper's: the data plane's HTTP stack doing nothing else
+#   floor      dataplane/examples/bare_proxy.rs: hyper's server and h1, doing nothing else:
+#              the data plane's HTTP stack alone
 #
-# Usage: bench/instructions.sh [--target tollgate|floor|floor-own] [--requests N] [--upstream-model M]
+# Usage: bench/instructions.sh [--target tollgate|floor] [--requests N] [--upstream-model M]
 #                              [--bin-dir DIR] [--out FILE] [--no-build]
 #   --upstream-model M   set the LLMModel's upstreamModel (e.g. gpt-4o, whose prompts are
 #                        counted with a BPE tokenizer when a limit needs it)
@@ -44,8 +43,8 @@ while [[ $# -gt 0 ]]; do
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
-[[ $TARGET == tollgate || $TARGET == floor || $TARGET == floor-own ]] ||
-    die "--target is tollgate, floor or floor-own"
+[[ $TARGET == tollgate || $TARGET == floor ]] ||
+    die "--target is tollgate or floor"
 if ! command -v valgrind >/dev/null; then
     sudo=""
     [[ $(id -u) -ne 0 ]] && sudo="sudo"
@@ -68,7 +67,6 @@ PROFILE="$TMP/callgrind.out"
 case "$TARGET" in
     tollgate) CMD=("$BIN_DIR/tollgate-dataplane" --manifests "$TMP/manifests.yaml" --listen 127.0.0.1:0 --worker-threads 1) ;;
     floor) CMD=("$BIN_DIR/examples/bare_proxy" 127.0.0.1:0 "127.0.0.1:$MOCK_PORT" 1) ;;
-    floor-own) CMD=("$BIN_DIR/examples/bare_proxy" 127.0.0.1:0 "127.0.0.1:$MOCK_PORT" 1 --own-server) ;;
 esac
 valgrind --tool=callgrind --callgrind-out-file="$PROFILE" "${CMD[@]}" >"$TMP/target.log" 2>&1 &
 TARGET_PID=$!

@@ -5,13 +5,11 @@
 //! `bench/run.sh --bare` runs it as the target `hyper-floor`, so the gateway can be compared
 //! with what the HTTP stack alone costs.
 //!
-//! `bare_proxy LISTEN UPSTREAM THREADS [--hyper-client | --own-server]`, e.g.
+//! `bare_proxy LISTEN UPSTREAM THREADS [--hyper-client]`, e.g.
 //! `bare_proxy 127.0.0.1:0 127.0.0.1:8001 2`; it prints `listening on ADDR`. With
 //! `--hyper-client` the upstream leg is hyper's HTTP/1.1 client (a connection task per
 //! connection) instead: what the data plane used before `h1`, kept to measure the difference
-//! (`docs/benchmarks.md`). With `--own-server` the client side is the data plane's own HTTP/1.1
-//! server ([`tollgate_dataplane::h1_server`]) instead of hyper's: the floor of the data plane's
-//! stack as it is now (`bench/instructions.sh --target floor-own`).
+//! (`docs/benchmarks.md`).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -21,8 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use tollgate_dataplane::connections::Connections;
-use tollgate_dataplane::{h1, h1_server};
+use tollgate_dataplane::h1;
 
 type Conn = h1::Conn<tokio::net::TcpStream>;
 
@@ -190,7 +187,6 @@ fn main() -> std::io::Result<()> {
         .map_err(std::io::Error::other)?;
     let threads: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(2);
     let hyper_client = args.get(4).is_some_and(|a| a == "--hyper-client");
-    let own_server = args.get(4).is_some_and(|a| a == "--own-server");
     let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
         let s = tokio::net::TcpSocket::new_v4()?;
         s.set_reuseaddr(true)?;
@@ -225,40 +221,9 @@ fn main() -> std::io::Result<()> {
                 local.block_on(&rt, async move {
                     l.set_nonblocking(true)?;
                     let l = tokio::net::TcpListener::from_std(l)?;
-                    let conns = Connections::new(std::time::Duration::from_secs(3600));
                     loop {
-                        let (mut tcp, _) = l.accept().await?;
+                        let (tcp, _) = l.accept().await?;
                         tcp.set_nodelay(true)?;
-                        if own_server {
-                            let reg = conns.open();
-                            tokio::task::spawn_local(async move {
-                                let handle = |r| async move {
-                                    use http_body_util::BodyExt;
-                                    match proxy_h1(r, up).await {
-                                        Ok(r) => r.map(|b| b.map_err(box_err).boxed_unsync()),
-                                        Err(_) => {
-                                            let mut bad = hyper::Response::new(
-                                                http_body_util::Empty::new()
-                                                    .map_err(|e| match e {})
-                                                    .boxed_unsync(),
-                                            );
-                                            *bad.status_mut() = http::StatusCode::BAD_GATEWAY;
-                                            bad
-                                        }
-                                    }
-                                };
-                                let all = |_: &http::Method, _: &str| h1_server::Reads::All;
-                                h1_server::serve(
-                                    &mut tcp,
-                                    &reg.state,
-                                    Default::default(),
-                                    all,
-                                    handle,
-                                )
-                                .await
-                            });
-                            continue;
-                        }
                         tokio::task::spawn_local(async move {
                             let _ = hyper::server::conn::http1::Builder::new()
                                 .serve_connection(

@@ -19,17 +19,14 @@
 //!   which settles their requests as if the clients had gone, so that what the process holds
 //!   (the usage log) is flushed before Kubernetes' `SIGKILL` at the end of the grace period.
 //!
-//! The [`Bounds`] (header-read, body-read and write-stall timeouts) are kept by the HTTP/1.1
-//! loop itself ([`crate::h1_server`]), and for the connections hyper serves by [`Bounded`]
-//! around their socket (and the body-read one where a handler reads a body).
+//! The [`Bounds`] (header-read, body-read and write-stall timeouts) are kept by [`Bounded`]
+//! around each connection's socket (and the body-read one where a handler reads a body).
 //!
 //! Closing a connection lets it finish the request it serves (and flush it) and ends it, an idle
 //! one at once; HTTP/2 gets a GOAWAY. A request that has started to arrive, or a last response
 //! the client hasn't taken yet, gets [`CLOSE_GRACE`] more, and then the connection is dropped
-//! (a client dripping a header, or not reading). The data plane's HTTP/1.1 loop
-//! ([`crate::h1_server`]) looks at the connection's state between requests and while it reads
-//! ([`ConnState::poll_close`]); hyper's servers, for the connections handed to them, are closed
-//! by [`Connections::serve`] through hyper's graceful shutdown, which behaves the same way.
+//! (a client dripping a header, or not reading). [`Connections::serve`] does this through
+//! hyper's graceful shutdown.
 
 use hyper_util::server::graceful::GracefulConnection;
 use std::collections::HashMap;
@@ -47,7 +44,7 @@ const TICKS: u8 = 4;
 
 /// How long a connection told to close may take to end before it is dropped, if it has no
 /// request in flight: time to flush a response already written.
-pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Set once a shutdown has cut the requests still running (see [`cutting`]).
 static CUTTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -90,14 +87,14 @@ impl Default for Bounds {
 /// the connection's life once made (one allocation, the first time something waits), and
 /// re-armed by resetting it.
 #[derive(Debug, Default)]
-pub struct Deadline {
+pub(crate) struct Deadline {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
 }
 
 impl Deadline {
     /// Arms it to pass `after` from now, unless it is armed already.
-    pub fn arm(&mut self, after: Duration) {
+    pub(crate) fn arm(&mut self, after: Duration) {
         if self.armed {
             return;
         }
@@ -110,16 +107,16 @@ impl Deadline {
     }
 
     /// Disarms it (what it bounded made progress, or ended).
-    pub fn disarm(&mut self) {
+    pub(crate) fn disarm(&mut self) {
         self.armed = false;
     }
 
-    pub fn is_armed(&self) -> bool {
+    pub(crate) fn is_armed(&self) -> bool {
         self.armed
     }
 
     /// Whether it is armed and has passed; the task is woken when it passes otherwise.
-    pub fn poll_passed(&mut self, cx: &mut Context<'_>) -> bool {
+    pub(crate) fn poll_passed(&mut self, cx: &mut Context<'_>) -> bool {
         self.armed
             && self
                 .sleep
@@ -336,7 +333,7 @@ impl ConnState {
 
     /// Whether the connection should close now: `IDLE` with no request since the sweep, or
     /// `SHUTDOWN`. An `IDLE` overtaken by a request is withdrawn.
-    pub fn should_close(&self) -> bool {
+    pub(crate) fn should_close(&self) -> bool {
         match self.close.load(Ordering::Acquire) {
             OPEN => false,
             IDLE if self.started.load(Ordering::Relaxed)
@@ -351,12 +348,19 @@ impl ConnState {
         }
     }
 
-    /// Whether the connection should close now (see [`Self::should_close`]), and the calling
-    /// task woken when that changes: for a server that looks between requests
-    /// ([`crate::h1_server`]). `registered` is the caller's, kept for the connection's life.
-    pub fn poll_close(&self, registered: &mut Option<Waker>, cx: &std::task::Context<'_>) -> bool {
-        self.register(registered, cx);
-        self.should_close()
+    /// Resolves when the connection should close (see [`Self::should_close`]): for a
+    /// connection not yet handed to a server (waiting for its first bytes).
+    pub(crate) async fn closing(&self) {
+        let mut registered = None;
+        std::future::poll_fn(|cx| {
+            self.register(&mut registered, cx);
+            if self.should_close() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Runs `serving` unless the connection is aborted first (the shutdown timeout passed):

@@ -2,8 +2,8 @@
 //! built-in mock, with virtual keys, cost accounting and Prometheus metrics.
 //!
 //! Module map, in request order:
-//! - [`server`]: routes and thin handlers; request ids. [`h1_server`]: the HTTP/1.1 server.
-//!   [`connections`]: idle timeout, shutdown.
+//! - [`server`]: the listener (hyper's HTTP/1.1 and h2c servers), routes and thin handlers;
+//!   request ids. [`connections`]: idle timeout, shutdown, per-connection bounds.
 //! - [`auth`]: virtual key lookup by hash.
 //! - [`request`]: reading `model`/`stream` without decoding the rest; minimal body rewrites.
 //! - [`proxy`]: the request path, from parsed request to relayed response.
@@ -28,7 +28,6 @@ pub mod cluster;
 pub mod connections;
 pub mod error;
 pub mod h1;
-pub mod h1_server;
 pub mod json;
 pub mod limits;
 pub mod loader;

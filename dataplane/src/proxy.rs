@@ -37,17 +37,6 @@ use tollgate_crds::policy::RetryOn;
 /// Largest upstream body read whole (non-streamed responses, error bodies).
 const MAX_UPSTREAM_BODY: usize = 64 << 20;
 
-/// The request headers the proxied endpoints read: the key ([`crate::auth`]), the declared
-/// length (`read_body`) and `x-request-id` ([`crate::server`]). The HTTP/1.1 server gives
-/// their handler only these ([`crate::h1_server::Reads`]), so **a request header read on this
-/// path must be listed here**.
-pub static READ_HEADERS: [HeaderName; 4] = [
-    header::AUTHORIZATION,
-    crate::auth::API_KEY,
-    header::CONTENT_LENGTH,
-    crate::server::REQUEST_ID,
-];
-
 /// `x-tollgate-deployment`.
 pub const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-tollgate-deployment");
 /// `x-tollgate-cost-usd`.

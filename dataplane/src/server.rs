@@ -1,8 +1,10 @@
 //! HTTP surface: the listener, routes, thin handlers, request ids.
 //!
-//! Connections are served by the data plane's own HTTP/1.1 loop ([`crate::h1_server`]), which
-//! hands the rare request it doesn't serve (HTTP/1.0, chunked bodies, `Expect`, malformed heads)
-//! to hyper's HTTP/1.1 server, and h2c clients to hyper's HTTP/2 server ([`serve`]). The three proxied endpoints (`POST /v1/chat/completions`,
+//! Connections are served by hyper's HTTP/1.1 server, or its HTTP/2 server for clients that
+//! open with HTTP/2's preface (h2c), behind the bounds of [`crate::connections`] ([`serve`]).
+//! (Until December 2026 HTTP/1.1 was served by a loop of the data plane's own; a same-run A/B
+//! found it no faster at c=64, see `docs/benchmarks.md`, and it needed a list of the headers
+//! each path reads.) The three proxied endpoints (`POST /v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings`, with or without `/v1`) go straight to
 //! [`crate::proxy::handle`]; everything else (models, health, metrics, admin, 404/405) goes
 //! through the axum [`router`]. Skipping the router on the hot path saves its matching, boxing
@@ -14,7 +16,6 @@
 
 use crate::connections::{Bounded, Connections, InFlight};
 use crate::error::{ApiError, ErrorSource};
-use crate::h1_server::{Ended, Reads, Rewound};
 use crate::request::Endpoint;
 use crate::state::AppState;
 use axum::Router;
@@ -105,20 +106,22 @@ pub async fn serve(
         // Tracked: its polls are the work that keeps a busy-polling thread polling.
         tokio::spawn(crate::busy_poll::tracked(async move {
             let _slot = slot;
-            let mut tcp = tcp;
             let state = &registration.state;
             let bounds = shared.state.settings.bounds;
-            let ended = state
-                .unless_aborted(crate::h1_server::serve(
-                    &mut tcp,
-                    state,
-                    bounds,
-                    reads,
-                    |req| dispatch(&shared, req),
-                ))
-                .await;
-            let Some(Ended::HandOver { read, h2 }) = ended else {
-                return;
+            // The first request's head counts from the accept: a client that sends nothing is
+            // closed without an answer.
+            // Closed unanswered by the idle timeout or shutdown too, whichever comes first.
+            let first = tokio::time::timeout(bounds.header_read, starts_with_h2_preface(&tcp));
+            let h2 = tokio::select! {
+                first = first => match first {
+                    Ok(Ok(h2)) => h2,
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        crate::connections::timed_out("header_read");
+                        return;
+                    }
+                },
+                () = state.closing() => return,
             };
             let conn = state.clone();
             let svc = hyper::service::service_fn(move |req| {
@@ -129,14 +132,16 @@ pub async fn serve(
                     Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, in_flight }))
                 }
             });
-            let io = Bounded::new(Rewound::new(read, tcp), state.clone(), bounds, !h2);
+            let io = Bounded::new(tcp, state.clone(), bounds, !h2);
             let io = hyper_util::rt::TokioIo::new(io);
             let ended = if h2 {
                 let conn =
                     hyper::server::conn::http2::Builder::new(streams).serve_connection(io, svc);
                 Connections::serve(state, conn).await
             } else {
-                let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .max_header_size(MAX_HEAD)
+                    .serve_connection(io, svc);
                 Connections::serve(state, conn).await
             };
             if let Err(e) = ended {
@@ -253,13 +258,33 @@ fn proxied_endpoint(path: &str) -> Option<Endpoint> {
     }
 }
 
-/// The headers the handler of a request reads: for the proxied endpoints, only those
-/// [`crate::proxy::READ_HEADERS`] lists.
-fn reads(method: &http::Method, path: &str) -> Reads {
-    if method == http::Method::POST && proxied_endpoint(path).is_some() {
-        Reads::Only(&crate::proxy::READ_HEADERS)
-    } else {
-        Reads::All
+/// The largest HTTP/1.1 request head read (hyper answers a larger one `431` and closes the
+/// connection).
+const MAX_HEAD: usize = 64 << 10;
+
+/// HTTP/2's connection preface, which h2c clients (prior knowledge) open with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client opens with HTTP/2's preface, by peeking at its first bytes (they stay
+/// in the socket for the server that then reads them). A request line differs from the preface
+/// by its second byte at the latest (`POST`, `PUT`, `PATCH` vs `PRI`); a client that sends
+/// fewer bytes than that in its first segment is looked at again shortly after. Errs if the
+/// client closes before sending anything.
+async fn starts_with_h2_preface(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; 3];
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == buf.len() {
+            return Ok(true);
+        }
+        // `peek` answers at once while those bytes are all there is: wait for more.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
 
@@ -268,6 +293,19 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // Two `Host` headers: which one names the target is ambiguous (RFC 9112 §3.2).
+    if req.version() < http::Version::HTTP_2
+        && req.headers().get_all(header::HOST).iter().nth(1).is_some()
+    {
+        let mut resp = ApiError::bad_request(
+            "duplicate_host",
+            "The request has more than one Host header.",
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     if req.method() == http::Method::POST
         && let Some(endpoint) = proxied_endpoint(req.uri().path())
     {

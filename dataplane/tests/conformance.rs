@@ -78,36 +78,33 @@ async fn read_until(sock: &mut TcpStream, needle: &str, within: Duration) -> Str
     String::from_utf8_lossy(&out).into()
 }
 
+/// `Content-Length` with `Transfer-Encoding: chunked` (a request-smuggling vector): the body is
+/// read by its chunks, never by the length, and the connection is closed after the answer, so
+/// nothing sent after the request is read as another one (RFC 9112 §6.1, hyper's server).
 #[tokio::test]
-async fn content_length_with_transfer_encoding_is_refused_and_closed() {
+async fn content_length_with_transfer_encoding_is_read_by_its_chunks_and_closed() {
     let gw = gateway();
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    // What a front proxy that went by the length would take for a second request.
+    let smuggled = "GET /health HTTP/1.1\r\nhost: t\r\n\r\n";
     for (what, head) in [
         (
             "CL first",
-            format!(
-                "content-length: {}\r\ntransfer-encoding: chunked\r\n",
-                body.len()
-            ),
+            "content-length: 5\r\ntransfer-encoding: chunked\r\n",
         ),
         (
             "TE first",
-            format!(
-                "transfer-encoding: chunked\r\ncontent-length: {}\r\n",
-                body.len()
-            ),
+            "transfer-encoding: chunked\r\ncontent-length: 5\r\n",
         ),
     ] {
         let req = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\n{head}\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\n{head}\r\n{:x}\r\n{body}\r\n0\r\n\r\n{smuggled}",
             body.len()
         );
         let (read, closed) = exchange(&gw, req.as_bytes(), Duration::from_secs(5)).await;
-        assert!(
-            read.starts_with("HTTP/1.1 400 Bad Request\r\n"),
-            "{what}: {read}"
-        );
+        assert!(read.starts_with("HTTP/1.1 200 OK\r\n"), "{what}: {read}");
         assert!(read.contains("\r\nconnection: close\r\n"), "{what}: {read}");
+        assert!(read.contains("chat.completion"), "{what}: {read}");
         assert_eq!(read.matches("HTTP/1.1").count(), 1, "{what}: {read}");
         assert!(closed, "{what}");
     }
@@ -151,7 +148,7 @@ async fn malformed_heads_get_400_and_are_closed() {
 #[tokio::test]
 async fn an_oversized_head_gets_431() {
     let gw = gateway();
-    // Past 64 KiB. (Heads of 16 to 64 KiB are served, by hyper.)
+    // Past 64 KiB.
     let req = format!(
         "GET /health HTTP/1.1\r\nhost: t\r\nx-big: {}\r\n\r\n",
         "a".repeat(100 << 10)

@@ -397,7 +397,8 @@ async fn a_request_head_must_arrive_within_the_header_read_timeout() {
     let gw = Gateway::start(BIN, &manifests(), &["--header-read-timeout", "1s"]);
     // Connected, never sent a byte: closed without an answer.
     let mut silent = TcpStream::connect(gw.addr).await.unwrap();
-    // A head dripped a header every 200 ms: a 408, then closed.
+    // A head dripped a header every 200 ms: closed, without an answer (as hyper's server
+    // does; nginx too).
     let mut dripping = TcpStream::connect(gw.addr).await.unwrap();
     dripping
         .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\n")
@@ -427,11 +428,7 @@ async fn a_request_head_must_arrive_within_the_header_read_timeout() {
     );
     let (read, closed, _) = drip.await.unwrap();
     assert!(closed, "a dripped head keeps its connection");
-    assert!(
-        read.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
-        "{read}"
-    );
-    assert!(read.contains("\"code\":\"request_timeout\""), "{read}");
+    assert!(read.is_empty(), "{read}");
 
     // Keep-alive: the time between requests is the idle timeout's, not this one's; a next
     // head is bounded from its first byte.
@@ -446,11 +443,10 @@ async fn a_request_head_must_arrive_within_the_header_read_timeout() {
         .await
         .unwrap();
     let (read, closed, took) = closed_within(&mut kept, Duration::from_secs(5)).await;
-    assert!(closed && read.starts_with("HTTP/1.1 408"), "{read}");
+    assert!(closed && read.is_empty(), "{read}");
     assert!(took < Duration::from_secs(3), "{took:?}");
 
-    // The same on a connection hyper serves (after a chunked request): idle is fine, a
-    // dripped head is closed (hyper answers nothing).
+    // The same after a chunked request: idle is fine, a dripped head is closed.
     let body = r#"{"model":"slow","messages":[{"role":"user","content":"hi"}]}"#;
     let chunked = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
@@ -468,9 +464,9 @@ async fn a_request_head_must_arrive_within_the_header_read_timeout() {
         .await
         .unwrap();
     let (_, closed, took) = closed_within(&mut handed, Duration::from_secs(5)).await;
-    assert!(closed, "hyper keeps a connection whose head never ends");
+    assert!(closed, "a connection whose head never ends is kept");
     assert!(took < Duration::from_secs(3), "{took:?}");
-    // The silent one, the dripped one, the keep-alive one and hyper's.
+    // The silent one, the dripped one, the keep-alive one and the chunked one.
     assert_eq!(timed_out(&gw, "header_read").await, Some(4));
 }
 
