@@ -1,8 +1,11 @@
 //! End-to-end: the real `tollgate-dataplane` binary, real mock upstreams over HTTP on
-//! 127.0.0.1, and a real HTTP client.
+//! 127.0.0.1, and a real HTTP client. Every test of the proxied endpoints runs twice, with the
+//! client speaking HTTP/1.1 and h2c ([`Transport`]): the gateway serves the two with different
+//! servers (its own HTTP/1.1 loop, hyper's HTTP/2), so each must show the same behaviour.
 
 #![expect(clippy::unwrap_used, reason = "tests")]
 
+use Transport::{H2c, Http1};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tollgate_crds::config::MockConfig;
@@ -78,27 +81,103 @@ fn ok_upstream() -> MockUpstream {
     }))
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
+/// How the test client speaks to the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Http1,
+    /// HTTP/2 in cleartext, with prior knowledge: the client starts with the HTTP/2 preface.
+    H2c,
 }
 
+/// For each `async fn name(t: Transport)` named, the tests `name::http1` and `name::h2c`, which
+/// run it over each transport.
+macro_rules! on_both_transports {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn http1() {
+                super::$name(super::Http1).await
+            }
+            #[tokio::test]
+            async fn h2c() {
+                super::$name(super::H2c).await
+            }
+        }
+    )+};
+}
+
+/// A new client (so a new connection) speaking `t`.
+fn client(t: Transport) -> reqwest::Client {
+    let builder = reqwest::Client::builder().timeout(Duration::from_secs(20));
+    match t {
+        Http1 => builder.http1_only(),
+        H2c => builder.http2_prior_knowledge(),
+    }
+    .build()
+    .unwrap()
+}
+
+/// POSTs `body` over `t`, with a client of its own.
 async fn post(
+    t: Transport,
     gw: &Gateway,
     path: &str,
     key: Option<&str>,
     body: impl Into<reqwest::Body>,
 ) -> reqwest::Response {
-    let mut req = client()
+    post_on(&client(t), t, gw, path, key, body).await
+}
+
+/// POSTs `body` with `client` (of [`client`]`(t)`), checking that the answer came over `t`.
+async fn post_on(
+    client: &reqwest::Client,
+    t: Transport,
+    gw: &Gateway,
+    path: &str,
+    key: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    let mut req = client
         .post(gw.url(path))
         .header("content-type", "application/json")
         .body(body);
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }
-    req.send().await.unwrap()
+    let resp = req.send().await.unwrap();
+    let version = match t {
+        Http1 => reqwest::Version::HTTP_11,
+        H2c => reqwest::Version::HTTP_2,
+    };
+    assert_eq!(resp.version(), version, "{t:?}");
+    resp
+}
+
+/// Waits (without blocking the test's runtime) up to `timeout` for `needle` in the log.
+async fn logged(gw: &Gateway, needle: &str, timeout: Duration) -> bool {
+    eventually(timeout, || gw.logs().contains(needle)).await
+}
+
+/// Sends `signal` (`TERM`, `INT`) to the gateway.
+fn signal(gw: &Gateway, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Like [`Gateway::wait_exit`] (whether the gateway exited cleanly within `timeout`), without
+/// blocking the test's runtime, which drives the client's connections meanwhile.
+async fn exited(gw: &mut Gateway, timeout: Duration) -> bool {
+    // Once it has exited, `wait_exit` returns its status at once.
+    eventually(timeout, || !gw.is_running()).await && gw.wait_exit(Duration::from_secs(1))
+}
+
+/// Like [`Gateway::terminate`]: SIGTERM, then up to 10 s for a clean exit.
+async fn terminate(gw: &mut Gateway) -> bool {
+    signal(gw, "TERM");
+    exited(gw, Duration::from_secs(10)).await
 }
 
 async fn error_of(resp: reqwest::Response) -> (u16, Value) {
@@ -115,8 +194,10 @@ fn chat(model: &str) -> String {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string()
 }
 
+/// The value of the first `/metrics` line starting with `series` (scraped over HTTP/1.1, whatever
+/// the transport under test).
 async fn metric(gw: &Gateway, series: &str) -> Option<String> {
-    let text = client()
+    let text = client(Http1)
         .get(gw.url("/metrics"))
         .send()
         .await
@@ -129,11 +210,11 @@ async fn metric(gw: &Gateway, series: &str) -> Option<String> {
         .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
 }
 
-#[tokio::test]
-async fn chat_passes_through_with_cost_rename_and_provider_key() {
+on_both_transports!(chat_passes_through_with_cost_rename_and_provider_key);
+async fn chat_passes_through_with_cost_rename_and_provider_key(t: Transport) {
     let up = ok_upstream();
     let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
-    let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+    let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
     assert_eq!(resp.status(), 200);
     let h = resp.headers().clone();
     assert_eq!(h["x-tollgate-deployment"], "team-a/gpt");
@@ -164,7 +245,7 @@ async fn chat_passes_through_with_cost_rename_and_provider_key() {
     // The access line carries the request id, the key id (never the key), and the cost.
     let rid = h["x-request-id"].to_str().unwrap();
     // Logs arrive through a pipe: give the line a moment.
-    gw.wait_for_log(rid, Duration::from_secs(5));
+    logged(&gw, rid, Duration::from_secs(5)).await;
     let line = gw
         .logs()
         .lines()
@@ -178,13 +259,13 @@ async fn chat_passes_through_with_cost_rename_and_provider_key() {
     assert!(!line.contains(KEY), "{line}");
 }
 
-#[tokio::test]
-async fn body_passes_through_byte_for_byte_when_nothing_changes() {
+on_both_transports!(body_passes_through_byte_for_byte_when_nothing_changes);
+async fn body_passes_through_byte_for_byte_when_nothing_changes(t: Transport) {
     let up = ok_upstream();
     let m = manifests(&up.base_url()).replace("upstreamModel: upstream-gpt", "upstreamModel: gpt");
     let gw = Gateway::start(BIN, &m, &[]);
     let body = r#"{ "model":"gpt",  "messages":[{"role":"user","content":"caf\u00e9"}], "temperature": 0.50 }"#;
-    let resp = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), body).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         up.stats.last_body.lock().unwrap().as_deref(),
@@ -200,14 +281,14 @@ async fn read_sse(resp: reqwest::Response) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn streaming_relays_events_and_charges_hidden_usage() {
+on_both_transports!(streaming_relays_events_and_charges_hidden_usage);
+async fn streaming_relays_events_and_charges_hidden_usage(t: Transport) {
     let up = ok_upstream();
     let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
     let body =
         json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
             .to_string();
-    let resp = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), body).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let events = read_sse(resp).await;
@@ -245,7 +326,7 @@ async fn streaming_relays_events_and_charges_hidden_usage() {
 
     // A client that asks for usage gets the chunk, as the upstream sent it.
     let body = json!({"model": "gpt", "stream": true, "stream_options": {"include_usage": true}, "messages": []}).to_string();
-    let events = read_sse(post(&gw, "/v1/chat/completions", Some(KEY), body).await).await;
+    let events = read_sse(post(t, &gw, "/v1/chat/completions", Some(KEY), body).await).await;
     let usage: Value =
         serde_json::from_str(events[events.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(usage["usage"]["completion_tokens"], 500);
@@ -253,11 +334,12 @@ async fn streaming_relays_events_and_charges_hidden_usage() {
     assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.015"));
 }
 
-#[tokio::test]
-async fn completions_embeddings_and_models() {
+on_both_transports!(completions_embeddings_and_models);
+async fn completions_embeddings_and_models(t: Transport) {
     let up = ok_upstream();
     let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
     let resp = post(
+        t,
         &gw,
         "/v1/completions",
         Some(KEY),
@@ -274,6 +356,7 @@ async fn completions_embeddings_and_models() {
     assert_eq!(v["choices"][0]["text"], "hello from upstream");
 
     let resp = post(
+        t,
         &gw,
         "/v1/embeddings",
         Some(KEY),
@@ -291,6 +374,7 @@ async fn completions_embeddings_and_models() {
 
     // The built-in mock serves the same endpoints.
     let resp = post(
+        t,
         &gw,
         "/v1/embeddings",
         Some(LIMITED_KEY),
@@ -304,7 +388,7 @@ async fn completions_embeddings_and_models() {
     let list = |key: &'static str| {
         let url = gw.url("/v1/models");
         async move {
-            let v: Value = client()
+            let v: Value = client(t)
                 .get(url)
                 .bearer_auth(key)
                 .send()
@@ -325,8 +409,8 @@ async fn completions_embeddings_and_models() {
     assert_eq!(list(LIMITED_KEY).await, ["mock"]);
 }
 
-#[tokio::test]
-async fn auth_and_request_errors_are_openai_shaped() {
+on_both_transports!(auth_and_request_errors_are_openai_shaped);
+async fn auth_and_request_errors_are_openai_shaped(t: Transport) {
     let up = ok_upstream();
     let gw = Gateway::start(
         BIN,
@@ -364,11 +448,11 @@ async fn auth_and_request_errors_are_openai_shaped() {
         ),
     ];
     for (key, body, status, code) in cases {
-        let (s, e) = error_of(post(&gw, "/v1/chat/completions", key, body).await).await;
+        let (s, e) = error_of(post(t, &gw, "/v1/chat/completions", key, body).await).await;
         assert_eq!((s, e["code"].as_str().unwrap()), (status, code), "{e}");
     }
     // x-api-key works as well as Authorization.
-    let resp = client()
+    let resp = client(t)
         .post(gw.url("/v1/chat/completions"))
         .header("x-api-key", LIMITED_KEY)
         .header("x-request-id", "req-123")
@@ -382,6 +466,7 @@ async fn auth_and_request_errors_are_openai_shaped() {
     let chunks =
         futures_util::stream::iter((0..10).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
     let resp = post(
+        t,
         &gw,
         "/v1/chat/completions",
         Some(KEY),
@@ -403,8 +488,8 @@ async fn auth_and_request_errors_are_openai_shaped() {
     }
 }
 
-#[tokio::test]
-async fn upstream_failures_become_clear_gateway_errors() {
+on_both_transports!(upstream_failures_become_clear_gateway_errors);
+async fn upstream_failures_become_clear_gateway_errors(t: Transport) {
     let cases = [
         (
             Behavior::Status(500, r#"{"error":{"message":"boom","type":"server_error"}}"#),
@@ -430,7 +515,7 @@ async fn upstream_failures_become_clear_gateway_errors() {
         let up = MockUpstream::start(behavior);
         let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
         let (s, e) =
-            error_of(post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await).await;
+            error_of(post(t, &gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await).await;
         assert_eq!((s, e["code"].as_str().unwrap()), (status, code), "{e}");
         assert!(
             e["message"].as_str().unwrap().contains("team-a/gpt"),
@@ -452,7 +537,7 @@ async fn upstream_failures_become_clear_gateway_errors() {
         r#"{"error":{"message":"max_tokens is too large","type":"invalid_request_error","code":null}}"#,
     ));
     let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
-    let (s, e) = error_of(post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await).await;
+    let (s, e) = error_of(post(t, &gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await).await;
     assert_eq!(
         (s, e["message"].as_str().unwrap()),
         (400, "max_tokens is too large")
@@ -463,22 +548,25 @@ async fn upstream_failures_become_clear_gateway_errors() {
         &manifests(&format!("http://127.0.0.1:{}/v1", closed_port())),
         &[],
     );
-    let (s, e) = error_of(post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await).await;
+    let (s, e) = error_of(post(t, &gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await).await;
     assert_eq!(
         (s, e["code"].as_str().unwrap()),
         (503, "upstream_unreachable")
     );
 }
 
-#[tokio::test]
-async fn client_disconnect_cancels_the_upstream_stream() {
+on_both_transports!(client_disconnect_cancels_the_upstream_stream);
+async fn client_disconnect_cancels_the_upstream_stream(t: Transport) {
     let up = MockUpstream::start(Behavior::SlowStream {
         chunks: 200,
         delay: Duration::from_millis(50),
     });
     let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
     let body = json!({"model": "gpt", "stream": true, "messages": []}).to_string();
-    let mut resp = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    // Kept to the end: over h2c its connection stays open, and the hang-up is the stream's reset
+    // (over HTTP/1.1, the connection's close).
+    let client = client(t);
+    let mut resp = post_on(&client, t, &gw, "/v1/chat/completions", Some(KEY), body).await;
     // Read a couple of chunks, then hang up.
     let first = resp.chunk().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
@@ -504,13 +592,13 @@ async fn client_disconnect_cancels_the_upstream_stream() {
     assert_eq!(metric(&gw, gone).await.as_deref(), Some("1"));
 }
 
-#[tokio::test]
-async fn reload_swaps_good_config_and_keeps_serving_on_a_bad_one() {
+on_both_transports!(reload_swaps_good_config_and_keeps_serving_on_a_bad_one);
+async fn reload_swaps_good_config_and_keeps_serving_on_a_bad_one(t: Transport) {
     let up = ok_upstream();
     let m = manifests(&up.base_url());
     let gw = Gateway::start(BIN, &m, &[]);
     assert_eq!(
-        post(&gw, "/v1/chat/completions", Some(KEY), chat("new-model"))
+        post(t, &gw, "/v1/chat/completions", Some(KEY), chat("new-model"))
             .await
             .status(),
         404
@@ -522,12 +610,12 @@ async fn reload_swaps_good_config_and_keeps_serving_on_a_bad_one() {
     );
     gw.write_manifests(&added);
     assert!(
-        gw.wait_for_log("reloaded manifests", Duration::from_secs(10)),
+        logged(&gw, "reloaded manifests", Duration::from_secs(10)).await,
         "{}",
         gw.logs()
     );
     assert_eq!(
-        post(&gw, "/v1/chat/completions", Some(KEY), chat("new-model"))
+        post(t, &gw, "/v1/chat/completions", Some(KEY), chat("new-model"))
             .await
             .status(),
         200
@@ -539,8 +627,9 @@ async fn reload_swaps_good_config_and_keeps_serving_on_a_bad_one() {
         "modelName: new-model, provider: mock, pricing: {inputPerMillion: -1}",
     );
     gw.write_manifests(&broken);
+    let kept = "still serving the previous config";
     assert!(
-        gw.wait_for_log("still serving the previous config", Duration::from_secs(10)),
+        logged(&gw, kept, Duration::from_secs(10)).await,
         "{}",
         gw.logs()
     );
@@ -551,33 +640,33 @@ async fn reload_swaps_good_config_and_keeps_serving_on_a_bad_one() {
         gw.logs()
     );
     assert_eq!(
-        post(&gw, "/v1/chat/completions", Some(KEY), chat("new-model"))
+        post(t, &gw, "/v1/chat/completions", Some(KEY), chat("new-model"))
             .await
             .status(),
         200
     );
     assert_eq!(
-        post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt"))
+        post(t, &gw, "/v1/chat/completions", Some(KEY), chat("gpt"))
             .await
             .status(),
         200
     );
 }
 
-#[tokio::test]
-async fn health_and_metrics_endpoints() {
+on_both_transports!(health_and_metrics_endpoints);
+async fn health_and_metrics_endpoints(t: Transport) {
     let gw = Gateway::start(
         BIN,
         &manifests("http://127.0.0.1:9/v1"),
         &["--per-key-metrics"],
     );
-    let r = client()
+    let r = client(t)
         .get(gw.url("/health/liveliness"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let v: Value = client()
+    let v: Value = client(t)
         .get(gw.url("/health/readiness"))
         .send()
         .await
@@ -593,12 +682,15 @@ async fn health_and_metrics_endpoints() {
         ),
         (Some("ready"), Some(2), Some(3))
     );
-    assert_eq!(
-        post(&gw, "/v1/chat/completions", Some(LIMITED_KEY), chat("mock"))
-            .await
-            .status(),
-        200
-    );
+    let resp = post(
+        t,
+        &gw,
+        "/v1/chat/completions",
+        Some(LIMITED_KEY),
+        chat("mock"),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
     // 7 × $1/M + 3 × $2/M
     assert_eq!(
         metric(
@@ -614,30 +706,30 @@ async fn health_and_metrics_endpoints() {
             .await
             .is_some()
     );
-    let (s, e) = error_of(client().get(gw.url("/v1/nope")).send().await.unwrap()).await;
+    let (s, e) = error_of(client(t).get(gw.url("/v1/nope")).send().await.unwrap()).await;
     assert_eq!((s, e["code"].as_str().unwrap()), (404, "unknown_url"));
 }
 
 /// A chat answer and a whole stream from the `ok_upstream` model `gpt`.
-async fn serves_a_chat_and_a_stream(gw: &Gateway) {
-    let resp = post(gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+async fn serves_a_chat_and_a_stream(t: Transport, gw: &Gateway) {
+    let resp = post(t, gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "hello from upstream");
     let body =
         json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
             .to_string();
-    let events = read_sse(post(gw, "/v1/chat/completions", Some(KEY), body).await).await;
+    let events = read_sse(post(t, gw, "/v1/chat/completions", Some(KEY), body).await).await;
     assert_eq!(events.last().map(String::as_str), Some("data: [DONE]"));
 }
 
+on_both_transports!(busy_polling_serves_requests_and_sleeps_when_idle);
 /// `--busy-poll`: requests are served as without it, the threads poll for the window after
 /// their work, and an idle gateway sleeps.
-#[tokio::test]
-async fn busy_polling_serves_requests_and_sleeps_when_idle() {
+async fn busy_polling_serves_requests_and_sleeps_when_idle(t: Transport) {
     let up = ok_upstream();
     let gw = Gateway::start(BIN, &manifests(&up.base_url()), &["--busy-poll", "10ms"]);
-    serves_a_chat_and_a_stream(&gw).await;
+    serves_a_chat_and_a_stream(t, &gw).await;
     // The requests' threads polled for 10 ms after them (windows closed by now).
     tokio::time::sleep(Duration::from_millis(100)).await;
     let windows: u64 = metric(&gw, "tollgate_busy_poll_windows_total ")
@@ -667,11 +759,11 @@ async fn busy_polling_serves_requests_and_sleeps_when_idle() {
     );
 }
 
+on_both_transports!(an_upstream_answer_sent_before_the_body_was_read_reaches_the_client);
 /// An upstream that refuses a large body as soon as it has the request head (a 413, as vLLM or
 /// a proxy in front of it may) and closes without reading the rest: the client gets that
 /// answer, not a failed connection.
-#[tokio::test]
-async fn an_upstream_answer_sent_before_the_body_was_read_reaches_the_client() {
+async fn an_upstream_answer_sent_before_the_body_was_read_reaches_the_client(t: Transport) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const ANSWER: &str = r#"{"error":{"message":"request too large for this deployment","type":"invalid_request_error","code":"request_too_large"}}"#;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -699,7 +791,7 @@ async fn an_upstream_answer_sent_before_the_body_was_read_reaches_the_client() {
     let big =
         json!({"model": "gpt", "messages": [{"role": "user", "content": "x".repeat(8 << 20)}]})
             .to_string();
-    let resp = post(&gw, "/v1/chat/completions", Some(KEY), big).await;
+    let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), big).await;
     assert_eq!(resp.status(), 413);
     assert_eq!(resp.text().await.unwrap(), ANSWER);
 }
@@ -728,31 +820,31 @@ fn slow_streams_and_a_short_shutdown() -> (MockUpstream, Gateway) {
     (up, gw)
 }
 
+on_both_transports!(shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage);
 /// SIGTERM with a stream in flight: the stream may run for the shutdown timeout, then its
 /// connection is closed, its request settled and the usage log flushed before the process
 /// exits (on Kubernetes: before the SIGKILL at the end of the grace period).
-#[tokio::test]
-async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage() {
+async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage(t: Transport) {
     let (_up, mut gw) = slow_streams_and_a_short_shutdown();
-    let done = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+    let done = post(t, &gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
     assert_eq!(done.status(), 200);
     done.bytes().await.unwrap();
     let body =
         json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
             .to_string();
-    let mut streaming = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    let mut streaming = post(t, &gw, "/v1/chat/completions", Some(KEY), body).await;
     assert_eq!(streaming.status(), 200);
     assert!(streaming.chunk().await.unwrap().is_some());
 
     let asked = std::time::Instant::now();
-    assert!(gw.terminate(), "the gateway should exit cleanly");
+    assert!(terminate(&mut gw).await, "the gateway should exit cleanly");
     let took = asked.elapsed();
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(6),
         "exit should come at the 1 s shutdown timeout, not at the stream's end (10 s): {took:?}"
     );
     assert!(
-        gw.wait_for_log("shutdown timeout", Duration::from_secs(1)),
+        logged(&gw, "shutdown timeout", Duration::from_secs(1)).await,
         "the cut should be logged: {}",
         gw.logs()
     );
@@ -771,10 +863,10 @@ async fn shutdown_cuts_streams_at_its_timeout_and_flushes_their_usage() {
     assert_eq!(outcomes, [r#""success""#, r#""shutdown""#], "{log}");
 }
 
+on_both_transports!(a_second_signal_cuts_the_shutdown_short_and_keeps_the_usage);
 /// A second SIGTERM (or Ctrl-C) doesn't wait out the shutdown delay and timeout: the stream in
 /// flight is cut at once, and still settled and logged before the process exits.
-#[tokio::test]
-async fn a_second_signal_cuts_the_shutdown_short_and_keeps_the_usage() {
+async fn a_second_signal_cuts_the_shutdown_short_and_keeps_the_usage(t: Transport) {
     let (up, _) = slow_streams_and_a_short_shutdown();
     let mut gw = Gateway::start(
         BIN,
@@ -791,17 +883,13 @@ async fn a_second_signal_cuts_the_shutdown_short_and_keeps_the_usage() {
     let body =
         json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
             .to_string();
-    let mut streaming = post(&gw, "/v1/chat/completions", Some(KEY), body).await;
+    let mut streaming = post(t, &gw, "/v1/chat/completions", Some(KEY), body).await;
     assert!(streaming.chunk().await.unwrap().is_some());
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &gw.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    assert!(gw.wait_for_log("readiness fails now", Duration::from_secs(2)));
+    signal(&gw, "TERM");
+    assert!(logged(&gw, "readiness fails now", Duration::from_secs(2)).await);
     let asked = std::time::Instant::now();
     assert!(
-        gw.terminate(),
+        terminate(&mut gw).await,
         "the gateway should exit cleanly: {}",
         gw.logs()
     );
@@ -819,15 +907,15 @@ async fn a_second_signal_cuts_the_shutdown_short_and_keeps_the_usage() {
     assert_eq!(outcomes, [r#""shutdown""#], "{log}");
 }
 
+on_both_transports!(after_sigterm_readiness_fails_while_requests_are_served_for_the_delay);
 /// SIGTERM with `--shutdown-delay`: readiness fails at once, new connections are still served
 /// for the delay (Kubernetes is still removing the pod from its endpoints), then the process
 /// exits.
-#[tokio::test]
-async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay() {
+async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay(t: Transport) {
     let up = ok_upstream();
     let mut gw = Gateway::start(BIN, &manifests(&up.base_url()), &["--shutdown-delay", "2s"]);
     let ready = || async {
-        let r = client()
+        let r = client(t)
             .get(gw.url("/health/readiness"))
             .send()
             .await
@@ -835,17 +923,13 @@ async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay()
         (r.status().as_u16(), r.json::<Value>().await.unwrap())
     };
     assert_eq!(ready().await.0, 200);
-    let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+    let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers().get("connection").is_none());
     let asked = std::time::Instant::now();
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &gw.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    signal(&gw, "TERM");
     assert!(
-        gw.wait_for_log("readiness fails now", Duration::from_secs(1)),
+        logged(&gw, "readiness fails now", Duration::from_secs(1)).await,
         "{}",
         gw.logs()
     );
@@ -854,17 +938,21 @@ async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay()
         (status, body["status"].as_str()),
         (503, Some("shutting down"))
     );
-    // Still served, on new connections (each request here has its own client), and told to
-    // close them after.
-    let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+    // Still served, on new connections (each request here has its own client); over HTTP/1.1,
+    // told to close them after. (HTTP/2 has no `connection` header, and the gateway sends an h2c
+    // connection its GOAWAY at the end of the delay, not now: see `--shutdown-delay`.)
+    let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["connection"], "close");
+    match t {
+        Http1 => assert_eq!(resp.headers()["connection"], "close"),
+        H2c => assert!(resp.headers().get("connection").is_none()),
+    }
     assert!(
         asked.elapsed() < Duration::from_secs(2),
         "the checks above took longer than the delay; the test can't tell"
     );
     assert!(
-        gw.wait_exit(Duration::from_secs(10)),
+        exited(&mut gw, Duration::from_secs(10)).await,
         "the gateway should exit cleanly after the delay"
     );
     let took = asked.elapsed();
@@ -876,6 +964,7 @@ async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay()
 
 /// The same over HTTP/2 (h2c), where each stream runs in a task of its own: 20 streams cut at the
 /// shutdown timeout are all settled and in the flushed log.
+// h2c only: concurrent streams on one connection have no HTTP/1.1 counterpart.
 #[tokio::test]
 async fn shutdown_settles_every_cut_http2_stream() {
     let (_up, mut gw) = slow_streams_and_a_short_shutdown();
@@ -914,11 +1003,11 @@ async fn shutdown_settles_every_cut_http2_stream() {
     assert_eq!(cut, 20, "{log}");
 }
 
+on_both_transports!(the_work_stealing_runtime_serves_streams_and_keeps_deadlines);
 /// `--runtime work-stealing` (one multi-threaded runtime; requests may move between threads, and
 /// so do the upstream deadline's timers): answers, streams with their usage charged, and a 504
 /// at the first-byte deadline.
-#[tokio::test]
-async fn the_work_stealing_runtime_serves_streams_and_keeps_deadlines() {
+async fn the_work_stealing_runtime_serves_streams_and_keeps_deadlines(t: Transport) {
     let up = ok_upstream();
     let slow = MockUpstream::start(Behavior::Ok(MockConfig {
         latency_ms: 5_000,
@@ -931,13 +1020,13 @@ async fn the_work_stealing_runtime_serves_streams_and_keeps_deadlines() {
         );
     let gw = Gateway::start(BIN, &m, &["--runtime", "work-stealing"]);
     for _ in 0..5 {
-        serves_a_chat_and_a_stream(&gw).await;
+        serves_a_chat_and_a_stream(t, &gw).await;
     }
     // 10 x (1000 x $2.5/M + 500 x $10/M).
     assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.075"));
-    let t = std::time::Instant::now();
-    let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("slow")).await;
-    let waited = t.elapsed();
+    let asked = std::time::Instant::now();
+    let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), chat("slow")).await;
+    let waited = asked.elapsed();
     assert_eq!(resp.status(), 504);
     assert!(
         waited >= Duration::from_millis(450) && waited < Duration::from_secs(4),
@@ -946,6 +1035,7 @@ async fn the_work_stealing_runtime_serves_streams_and_keeps_deadlines() {
 }
 
 /// `--busy-poll` needs the per-core runtime; with the work-stealing one, startup says so.
+// No transport: the process refuses to start.
 #[test]
 fn busy_polling_with_work_stealing_is_refused() {
     let out = std::process::Command::new(BIN)
@@ -961,6 +1051,7 @@ fn busy_polling_with_work_stealing_is_refused() {
     );
 }
 
+// No transport: the process refuses to start.
 #[test]
 fn invalid_manifests_fail_startup_with_the_reason() {
     let out = std::process::Command::new(BIN)
@@ -987,15 +1078,17 @@ fn invalid_manifests_fail_startup_with_the_reason() {
     );
 }
 
-#[tokio::test]
-async fn a_client_leaving_after_the_usage_chunk_is_still_charged_exactly() {
+on_both_transports!(a_client_leaving_after_the_usage_chunk_is_still_charged_exactly);
+async fn a_client_leaving_after_the_usage_chunk_is_still_charged_exactly(t: Transport) {
     let up = MockUpstream::start(Behavior::UsageThenStall {
         prompt: 1000,
         completion: 500,
     });
     let gw = Gateway::start(BIN, &manifests(&up.base_url()), &[]);
-    let body = json!({"model": "gpt", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
-    let mut resp = post(&gw, "/v1/chat/completions", Some(KEY), body.to_string()).await;
+    let body = json!({"model": "gpt", "stream": true, "stream_options": {"include_usage": true}, "messages": []}).to_string();
+    // Kept to the end, as in `client_disconnect_cancels_the_upstream_stream`.
+    let client = client(t);
+    let mut resp = post_on(&client, t, &gw, "/v1/chat/completions", Some(KEY), body).await;
     let mut seen = String::new();
     while !seen.contains("\"usage\":{") {
         let chunk = resp
@@ -1099,14 +1192,14 @@ impl RawUpstream {
     }
 }
 
-#[tokio::test]
-async fn upstream_connections_are_reused_and_a_closed_one_loses_no_request() {
+on_both_transports!(upstream_connections_are_reused_and_a_closed_one_loses_no_request);
+async fn upstream_connections_are_reused_and_a_closed_one_loses_no_request(t: Transport) {
     use std::sync::atomic::Ordering::SeqCst;
     for close_after_each in [false, true] {
         let up = RawUpstream::start(close_after_each);
         let gw = Gateway::start(BIN, &manifests(&format!("http://{}/v1", up.addr)), &[]);
         for i in 0..20 {
-            let resp = post(&gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
+            let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
             assert_eq!(
                 resp.status(),
                 200,
@@ -1128,13 +1221,13 @@ async fn upstream_connections_are_reused_and_a_closed_one_loses_no_request() {
     }
 }
 
-#[tokio::test]
-async fn crlf_framed_stream_is_charged_and_its_usage_event_dropped() {
+on_both_transports!(crlf_framed_stream_is_charged_and_its_usage_event_dropped);
+async fn crlf_framed_stream_is_charged_and_its_usage_event_dropped(t: Transport) {
     let up = RawUpstream::start(false);
     let gw = Gateway::start(BIN, &manifests(&format!("http://{}/v1", up.addr)), &[]);
     let body =
         json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
-    let resp = post(&gw, "/v1/chat/completions", Some(KEY), body.to_string()).await;
+    let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), body.to_string()).await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     // The client didn't ask for usage: the usage event is gone, the rest is as sent.
@@ -1145,6 +1238,7 @@ async fn crlf_framed_stream_is_charged_and_its_usage_event_dropped() {
     assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.000075"));
 }
 
+// h2c only, and by curl: another client's h2c than reqwest's, which the cases above use.
 #[tokio::test]
 async fn http2_prior_knowledge_clients_are_served() {
     let up = ok_upstream();
