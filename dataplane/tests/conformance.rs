@@ -1,7 +1,7 @@
 //! HTTP/1.1 as raw bytes over TCP against the real binary: framing and head validation (what a
 //! request smuggler or a broken client sends), `Expect: 100-continue` without a key, the admin
-//! API's key check before its body, and the line endings and HTTP/1.0 keep-alive the gateway
-//! accepts, pinned.
+//! API's key check before its body, the line endings and HTTP/1.0 keep-alive the gateway
+//! accepts, and a half-closed request (a client that left), pinned.
 
 #![expect(clippy::unwrap_used, reason = "tests")]
 
@@ -23,6 +23,15 @@ metadata: {{name: m}}
 spec:
   modelName: m
   provider: mock
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: LLMModel
+metadata: {{name: slow}}
+spec:
+  modelName: slow
+  provider: mock
+  mock: {{latency: 3s}}
+  pricing: {{inputPerMillion: 1, outputPerMillion: 1}}
 ---
 apiVersion: v1
 kind: Secret
@@ -280,4 +289,44 @@ async fn http_1_0_keep_alive_is_honoured() {
         closed,
         "the last HTTP/1.0 request, without keep-alive, leaves it open"
     );
+}
+
+/// A client that sends a request and then shuts down its side (FIN) has left: HTTP/1.1 is not
+/// served half-closed. The request is cut (its upstream call cancelled, and charged what the
+/// upstream had done by then, as any client that leaves) and the connection closed without an
+/// answer, rather than let the upstream run, and bill, for a client that may be gone.
+#[tokio::test]
+async fn a_half_closed_request_is_a_client_that_left() {
+    let gw = gateway();
+    let body = r#"{"model":"slow","messages":[{"role":"user","content":"hi"}]}"#;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut sock = TcpStream::connect(gw.addr).await.unwrap();
+    sock.write_all(req.as_bytes()).await.unwrap();
+    sock.shutdown().await.unwrap();
+    let started = Instant::now();
+    let (read, closed) = read_for(&mut sock, Duration::from_secs(5)).await;
+    assert!(closed && read.is_empty(), "{closed} {read:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed at once, not after the upstream's 3 s: {:?}",
+        started.elapsed()
+    );
+    // Settled as a client that left.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = reqwest::get(gw.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(r#"outcome="client_gone"} 1"#) {
+            break;
+        }
+        assert!(Instant::now() < end, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
