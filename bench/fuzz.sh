@@ -11,7 +11,7 @@
 #   --runs N            executions per target (default 10000000)
 #   --max-time S        also stop each target after S seconds (default: no limit)
 #   --keep-corpus DIR   keep the inputs found, in DIR/TARGET
-#   TARGET...           some of: json_request usage_response sse_relay h1_response
+#   TARGET...           some of: json_request usage_response sse_relay h1_response tokens_count
 #
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked`). Only a stable toolchain? It runs with
 # RUSTC_BOOTSTRAP=1 (cargo-fuzz passes nightly-only flags) and without a sanitizer (-s none):
@@ -24,7 +24,7 @@ RUNS=10000000
 MAX_TIME=0
 KEEP=""
 TARGETS=()
-ALL=(json_request usage_response sse_relay h1_response)
+ALL=(json_request usage_response sse_relay h1_response tokens_count)
 
 while [[ $# -gt 0 ]]; do
     case "$1" in

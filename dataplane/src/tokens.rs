@@ -11,9 +11,24 @@
 //!
 //! Counting costs CPU, so it is done only when something needs the estimate (a limit, a
 //! budget, a context window with fallbacks), and at most once per tokenizer per request.
+//!
+//! **The tokenizer** ([`Vocab`]) is tiktoken's algorithm on compact tables: the text is split
+//! by the encoding's regex (as bpe-openai splits it), and each piece is merged byte pair by
+//! byte pair, the pair that makes the lowest-ranked token first (the leftmost of equals), as
+//! tiktoken's `byte_pair_merge` does; the count is the parts left. Candidate merges sit in a
+//! heap, so a piece of n bytes costs O(n log n) rather than tiktoken's O(n²). The vocabulary is
+//! embedded flat (every token's bytes in rank order and where each ends, made by `build.rs`
+//! from `data/*.tiktoken.gz`), and the only table built at run time maps a token to its rank
+//! with 4 bytes a token (a `hashbrown::HashTable` of ranks, hashed by the token's bytes).
+//! bpe-openai's own encodings keep search automata over the whole vocabulary, tens of MB
+//! resident each (see docs/benchmarks.md). A piece longer than [`MAX_PIECE`] bytes (no natural
+//! text has one) is counted in chunks of that size, which bounds the memory a count takes.
+//! The counts equal bpe-openai's (itself tested against tiktoken): see the tests below and the
+//! fuzz target `tokens_count`.
 
 use crate::request::{Endpoint, ParsedRequest};
 use serde_json::Value;
+use std::hash::BuildHasher;
 
 /// Which tokenizer a model uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,13 +72,239 @@ impl Family {
     }
 }
 
+/// The longest piece merged whole; longer ones are counted in chunks of this many bytes.
+pub const MAX_PIECE: usize = 64 << 10;
+
+/// A tiktoken encoding: its pre-tokenizer and its vocabulary's ranks (see the module docs).
+pub struct Vocab {
+    /// Every token's bytes, in rank order.
+    bytes: &'static [u8],
+    /// Where each token ends in `bytes`; token `r` starts where token `r - 1` ends.
+    ends: Vec<u32>,
+    /// Ranks, found by their token's bytes.
+    ranks: hashbrown::HashTable<u32>,
+    hasher: hashbrown::DefaultHashBuilder,
+    /// The splitting regex: one pattern per alternative of tiktoken's, as bpe-openai writes
+    /// them, a look-ahead `\s+(?!\S)` becoming a pattern whose last character is dropped from
+    /// the match (`lookahead`).
+    pre: regex_automata::meta::Regex,
+    lookahead: Vec<bool>,
+}
+
+impl std::fmt::Debug for Vocab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Vocab({} tokens)", self.ends.len())
+    }
+}
+
+impl Vocab {
+    fn new(bytes: &'static [u8], ends: &[u8], patterns: &[(&str, bool)]) -> Self {
+        let ends: Vec<u32> = ends
+            .chunks_exact(4)
+            .map(|e| u32::from_le_bytes([e[0], e[1], e[2], e[3]]))
+            .collect();
+        let hasher = hashbrown::DefaultHashBuilder::default();
+        let mut ranks = hashbrown::HashTable::with_capacity(ends.len());
+        let token = |r: u32| -> &[u8] {
+            let start = r.checked_sub(1).map_or(0, |p| ends[p as usize] as usize);
+            &bytes[start..ends[r as usize] as usize]
+        };
+        for r in 0..ends.len() as u32 {
+            let t = token(r);
+            ranks.insert_unique(hasher.hash_one(t), r, |&r: &u32| hasher.hash_one(token(r)));
+        }
+        let (patterns, lookahead): (Vec<&str>, Vec<bool>) = patterns.iter().copied().unzip();
+        let pre =
+            regex_automata::meta::Regex::new_many(&patterns).expect("tiktoken's patterns compile");
+        Self {
+            bytes,
+            ends,
+            ranks,
+            hasher,
+            pre,
+            lookahead,
+        }
+    }
+
+    /// The pieces of `text` (tiktoken's pre-tokenization), each matched anchored where the
+    /// last one ended.
+    fn split<'a>(&'a self, text: &'a str) -> impl Iterator<Item = &'a str> {
+        let mut last = 0;
+        std::iter::from_fn(move || {
+            let input =
+                regex_automata::Input::new(&text[last..]).anchored(regex_automata::Anchored::Yes);
+            let m = self.pre.find(input)?;
+            let start = last;
+            let mut end = last + m.range().end;
+            if self.lookahead[m.pattern().as_usize()] {
+                // The look-ahead character is not part of the piece.
+                end -= text[start..end]
+                    .chars()
+                    .next_back()
+                    .map_or(0, char::len_utf8);
+            }
+            if end == start {
+                // A look-ahead pattern matches two characters at least; should one ever match
+                // one, the piece keeps it.
+                end = last + m.range().end;
+            }
+            if end == start {
+                return None;
+            }
+            last = end;
+            Some(&text[start..end])
+        })
+    }
+
+    fn token(&self, r: u32) -> &[u8] {
+        let start = r
+            .checked_sub(1)
+            .map_or(0, |p| self.ends[p as usize] as usize);
+        &self.bytes[start..self.ends[r as usize] as usize]
+    }
+
+    /// The rank of `piece` if it is a token.
+    fn rank(&self, piece: &[u8]) -> Option<u32> {
+        self.ranks
+            .find(self.hasher.hash_one(piece), |&r| self.token(r) == piece)
+            .copied()
+    }
+
+    /// Tokens of `text`, as tiktoken counts them (see the module docs for long pieces).
+    pub fn count(&self, text: &str) -> usize {
+        thread_local! {
+            static MERGE: std::cell::RefCell<Merge> = std::cell::RefCell::new(Merge::default());
+        }
+        MERGE.with_borrow_mut(|m| {
+            self.split(text)
+                .map(|piece| {
+                    piece
+                        .as_bytes()
+                        .chunks(MAX_PIECE)
+                        .map(|chunk| self.count_piece(chunk, m))
+                        .sum::<usize>()
+                })
+                .sum()
+        })
+    }
+
+    /// Tokens of one piece: tiktoken's byte-pair merge, the pair of parts whose merge is the
+    /// lowest-ranked token first (the leftmost of equals), until no pair merges into a token.
+    /// Parts are a linked list by start offset, and candidate merges a heap, so a piece of
+    /// n bytes costs O(n log n), not tiktoken's O(n²).
+    fn count_piece(&self, piece: &[u8], m: &mut Merge) -> usize {
+        let n = piece.len();
+        if n <= 1 || self.rank(piece).is_some() {
+            return usize::from(n > 0);
+        }
+        const NONE: u32 = u32::MAX;
+        // next[i]: where the part starting at i ends (n for the last); pair[i]: the rank of
+        // that part merged with the next one, or NONE; a merged-away part's pair is NONE.
+        m.next.clear();
+        m.next.extend(1..=n as u32);
+        m.prev.clear();
+        m.prev.extend((0..n as u32).map(|i| i.wrapping_sub(1)));
+        m.pair.clear();
+        m.heap.clear();
+        let rank = |from: u32, to: u32| self.rank(&piece[from as usize..to as usize]);
+        for i in 0..n as u32 - 1 {
+            let r = rank(i, i + 2).unwrap_or(NONE);
+            m.pair.push(r);
+            if r != NONE {
+                m.heap.push(std::cmp::Reverse((r, i)));
+            }
+        }
+        m.pair.push(NONE);
+        let mut parts = n;
+        while let Some(std::cmp::Reverse((r, i))) = m.heap.pop() {
+            if m.pair[i as usize] != r {
+                continue; // merged away, or its neighbour changed since
+            }
+            let j = m.next[i as usize]; // the part merged into i
+            let k = m.next[j as usize]; // where the merged part ends
+            m.next[i as usize] = k;
+            m.pair[j as usize] = NONE;
+            if (k as usize) < n {
+                m.prev[k as usize] = i;
+            }
+            parts -= 1;
+            let after = if (k as usize) < n {
+                rank(i, m.next[k as usize]).unwrap_or(NONE)
+            } else {
+                NONE
+            };
+            m.pair[i as usize] = after;
+            if after != NONE {
+                m.heap.push(std::cmp::Reverse((after, i)));
+            }
+            if i > 0 {
+                let p = m.prev[i as usize];
+                let before = rank(p, k).unwrap_or(NONE);
+                m.pair[p as usize] = before;
+                if before != NONE {
+                    m.heap.push(std::cmp::Reverse((before, p)));
+                }
+            }
+        }
+        parts
+    }
+}
+
+/// A piece's merge state, kept per thread between counts.
+#[derive(Default)]
+struct Merge {
+    next: Vec<u32>,
+    prev: Vec<u32>,
+    pair: Vec<u32>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(u32, u32)>>,
+}
+
+/// The vocabulary of `family`, built at its first use (`None` for [`Family::Other`]).
+pub fn vocab(family: Family) -> Option<&'static Vocab> {
+    // tiktoken's splitting regexes, as bpe-openai writes them: the look-ahead `\s+(?!\S)`
+    // becomes a second pattern whose last character is dropped from the match.
+    static CL100K: std::sync::LazyLock<Vocab> = std::sync::LazyLock::new(|| {
+        Vocab::new(
+            include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.bytes")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.ends")),
+            &[
+                (
+                    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+$",
+                    false,
+                ),
+                ("\\s+\\s", true),
+                ("\\s+", false),
+            ],
+        )
+    });
+    static O200K: std::sync::LazyLock<Vocab> = std::sync::LazyLock::new(|| {
+        let words = [
+            "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+            "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+            "\\p{N}{1,3}",
+            " ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*",
+            "\\s*[\\r\\n]+",
+            "\\s+$",
+        ]
+        .join("|");
+        Vocab::new(
+            include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.bytes")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.ends")),
+            &[(&words, false), ("\\s+\\s", true), ("\\s+", false)],
+        )
+    });
+    match family {
+        Family::O200k => Some(&O200K),
+        Family::Cl100k => Some(&CL100K),
+        Family::Other => None,
+    }
+}
+
 /// Estimated prompt tokens of a request to a model of `family`.
 pub fn estimate(family: Family, endpoint: Endpoint, req: &ParsedRequest<'_>, body: &[u8]) -> u64 {
     let bytes_estimate = (body.len() as u64 / 4).max(1);
-    let tokenizer = match family {
-        Family::O200k => bpe_openai::o200k_base(),
-        Family::Cl100k => bpe_openai::cl100k_base(),
-        Family::Other => return bytes_estimate,
+    let Some(tokenizer) = vocab(family) else {
+        return bytes_estimate;
     };
     let count = |s: &str| tokenizer.count(s) as u64;
     let parse = |name: &str| {
@@ -100,10 +341,9 @@ pub fn estimate(family: Family, endpoint: Endpoint, req: &ParsedRequest<'_>, bod
 /// Tokens of plain text (a completion relayed to the client) for a model of `family`: its BPE
 /// count, or bytes / 4 for other models.
 pub fn count_text(family: Family, text: &str) -> u64 {
-    match family {
-        Family::O200k => bpe_openai::o200k_base().count(text) as u64,
-        Family::Cl100k => bpe_openai::cl100k_base().count(text) as u64,
-        Family::Other => (text.len() as u64).div_ceil(4),
+    match vocab(family) {
+        Some(v) => v.count(text) as u64,
+        None => (text.len() as u64).div_ceil(4),
     }
 }
 
@@ -164,6 +404,89 @@ mod tests {
             format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{long}"}}]}}"#);
         let n = est("gpt-4o", &body);
         assert!((1000..=1010).contains(&n), "{n}");
+    }
+
+    /// Texts of every kind the splitting regexes tell apart: words and contractions in cases,
+    /// numbers, punctuation, runs of spaces and newlines, code, JSON, non-Latin scripts, emoji,
+    /// combining marks.
+    fn samples() -> Vec<String> {
+        let mut v: Vec<String> = [
+            "Hello, world! How's it going? I'd say we'll see.",
+            "THE QUICK brown Fox's JUMPS; 1234567 + 89 = 1234656.",
+            "  leading and   inner   spaces \n\n\ttabs\r\n and \u{a0}nbsp   ",
+            "fn main() {\n    println!(\"{}\", x[0] /* c */ >> 2);\n}\n",
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"n":2}"#,
+            "Ceci n'est pas une pipe. Über straße naïve café — «quotes» …",
+            "日本語のテキストと中文字符，한국어 문장입니다.",
+            "Привет, мир! Γειά σου Κόσμε! مرحبا بالعالم שלום עולם",
+            "emoji 👋🏽 family 👨‍👩‍👧 flags 🇫🇷🇯🇵 and e\u{301} combining",
+            "https://example.com/path?query=1&x=y#frag user@example.org",
+            "0x7fffffff 3.14159e-10 1,000,000 12:30:45 2026-12-07",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "",
+            " ",
+            "\n",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // Random mixes of the above's characters.
+        let chars: Vec<char> = v.concat().chars().collect();
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..300 {
+            let n = rng.usize(0..120);
+            v.push((0..n).map(|_| chars[rng.usize(..chars.len())]).collect());
+        }
+        v
+    }
+
+    /// The compact tokenizer counts as bpe-openai's does (itself checked against tiktoken) for
+    /// every sample, in both encodings.
+    #[test]
+    fn counts_match_bpe_openai() {
+        for (family, reference) in [
+            (Family::O200k, bpe_openai::o200k_base()),
+            (Family::Cl100k, bpe_openai::cl100k_base()),
+        ] {
+            let ours = vocab(family).expect("a BPE family");
+            for text in samples() {
+                assert_eq!(
+                    ours.count(&text),
+                    reference.count(text.as_str()),
+                    "{family:?}: {text:?}"
+                );
+            }
+        }
+    }
+
+    /// Long pieces (a run of one letter, of spaces, a long word) count as bpe-openai counts
+    /// them; past MAX_PIECE bytes, a piece is counted in chunks of that size.
+    #[test]
+    fn long_pieces_are_counted_exactly_then_in_chunks() {
+        let o200k = vocab(Family::O200k).expect("a BPE family");
+        let reference = bpe_openai::o200k_base();
+        for text in [
+            "a".repeat(5000),
+            " ".repeat(3000),
+            "supercalifragilistic".repeat(300),
+            "ab".repeat(2000),
+        ] {
+            assert_eq!(
+                o200k.count(&text),
+                reference.count(text.as_str()),
+                "{}",
+                &text[..20]
+            );
+        }
+        let text = "a".repeat(4 * MAX_PIECE);
+        let started = std::time::Instant::now();
+        let n = o200k.count(&text);
+        eprintln!(
+            "{} bytes of one letter: {:?}",
+            text.len(),
+            started.elapsed()
+        );
+        assert_eq!(n, 4 * o200k.count(&"a".repeat(MAX_PIECE)));
     }
 
     #[test]

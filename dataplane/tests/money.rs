@@ -267,12 +267,12 @@ async fn a_2xx_whose_body_fails_is_charged_and_not_retried() {
 #[tokio::test]
 async fn timeouts_on_paid_models_are_charged_and_retried_only_on_request() {
     let up = MockUpstream::start(Behavior::Ok(MockConfig {
-        latency_ms: 2_000,
+        latency_ms: 3_000,
         ..Default::default()
     }));
     let gw = start(
         &up,
-        Some("retries: {attempts: 3, backoff: 1ms}, timeouts: {firstByte: 200ms}"),
+        Some("retries: {attempts: 3, backoff: 1ms}, timeouts: {firstByte: 500ms}"),
     );
     let r = post(&gw, body(false), Duration::from_secs(10))
         .await
@@ -286,13 +286,13 @@ async fn timeouts_on_paid_models_are_charged_and_retried_only_on_request() {
     assert_eq!(recs[0]["cost_pico"], cost(prompt_estimate(), 0));
 
     let up = MockUpstream::start(Behavior::Ok(MockConfig {
-        latency_ms: 2_000,
+        latency_ms: 3_000,
         ..Default::default()
     }));
     let gw = start(
         &up,
         Some(
-            "retries: {attempts: 3, backoff: 1ms, retryOn: [timeout]}, timeouts: {firstByte: 200ms}",
+            "retries: {attempts: 3, backoff: 1ms, retryOn: [timeout]}, timeouts: {firstByte: 500ms}",
         ),
     );
     let r = post(&gw, body(false), Duration::from_secs(10))
