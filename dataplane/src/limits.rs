@@ -3,9 +3,10 @@
 //! upstream, settled with the real usage after.
 //!
 //! Each limited key or deployment has a [`Subject`]: a few counters behind a small sync mutex,
-//! held only to compare and add (never across an await). A request reserves on its key, then on
-//! its deployment; a deployment that is full is skipped for another of the group, and the key's
-//! reservation is undone when none has room. What is reserved:
+//! held only to compare and add (never across an await). A request reserves on its deployment,
+//! then on its key's team, then on its key (`proxy::reserve`; in Redis, the same subjects in one
+//! script); a full deployment is skipped for another of the group, and a refusal by the team or
+//! the key undoes what was taken. What is reserved:
 //!
 //! - one request, and one in flight;
 //! - the prompt tokens, estimated by [`crate::tokens`] (the model's tokenizer for OpenAI
