@@ -3,7 +3,7 @@
 #![expect(clippy::unwrap_used, reason = "tests")]
 
 use serde_json::{Value, json};
-use tollgate_testkit::Gateway;
+use tollgate_testkit::{Gateway, chat_request};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
 const MASTER: &str = "sk-master-key-for-tests-0001";
@@ -44,13 +44,8 @@ async fn admin(
 }
 
 async fn chat(gw: &Gateway, key: &str, model: &str) -> u16 {
-    reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .body(json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string())
-        .send()
+    gw.chat(key, &chat_request(model, false))
         .await
-        .unwrap()
         .status()
         .as_u16()
 }

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 use std::time::Duration;
 use tollgate_crds::config::MockConfig;
-use tollgate_testkit::{Behavior, Gateway, MockUpstream, avoid_minute_boundary};
+use tollgate_testkit::{Behavior, Gateway, MockUpstream, avoid_minute_boundary, chat_request};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
 const KEY: &str = "sk-limits-test-key-0001";
@@ -33,13 +33,7 @@ fn model(name: &str, model_name: &str, extra: &str) -> String {
 }
 
 async fn chat(gw: &Gateway, model: &str, stream: bool) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .body(json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).to_string())
-        .send()
-        .await
-        .unwrap()
+    gw.chat(KEY, &chat_request(model, stream)).await
 }
 
 #[tokio::test]

@@ -74,13 +74,7 @@ spec: {{secretRef: {{name: k}}{key_spec}}}
 }
 
 async fn chat(gw: &Gateway) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .body(body())
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(KEY, &serde_json::from_str(&body()).unwrap()).await;
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 

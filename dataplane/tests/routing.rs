@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tollgate_crds::config::MockConfig;
-use tollgate_testkit::{Behavior, Gateway, MockUpstream, closed_port, eventually};
+use tollgate_testkit::{Behavior, Gateway, MockUpstream, chat_request, closed_port, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
 const KEY: &str = "sk-routing-test-key-0001";
@@ -57,21 +57,11 @@ fn client() -> reqwest::Client {
 }
 
 async fn chat(gw: &Gateway, model: &str) -> reqwest::Response {
-    chat_body(
-        gw,
-        json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
-    )
-    .await
+    gw.chat(KEY, &chat_request(model, false)).await
 }
 
 async fn chat_body(gw: &Gateway, body: Value) -> reqwest::Response {
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    gw.chat(KEY, &body).await
 }
 
 fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tollgate_testkit::kube::KubeCluster;
-use tollgate_testkit::{Gateway, Operator, workspace_bin};
+use tollgate_testkit::{Gateway, Operator, chat_request, workspace_bin};
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_tollgate-operator");
 const KEY: &str = "sk-cluster-test-key-0001";
@@ -64,14 +64,7 @@ fn key() -> String {
 }
 
 async fn chat(gw: &Gateway, key: &str) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}]}))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.chat(key, &chat_request("demo", false)).await;
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 

@@ -146,6 +146,11 @@ pub struct Gateway {
     logs: Arc<Mutex<Vec<String>>>,
 }
 
+/// A chat completion request for `model`: one user message, `hi`.
+pub fn chat_request(model: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+}
+
 impl Gateway {
     /// Starts `bin` on a free port with `manifests` (multi-document YAML) and extra flags. The
     /// manifests are re-read every 100 ms. `{dir}` in a flag stands for the manifest directory.
@@ -307,6 +312,20 @@ impl Gateway {
     /// `http://addr{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs `body` to `/v1/chat/completions` with `key` as the bearer token (30 s timeout).
+    pub async fn chat(&self, key: &str, body: &serde_json::Value) -> reqwest::Response {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("a client")
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /v1/chat/completions: {e}"))
     }
 
     /// The manifest directory.
