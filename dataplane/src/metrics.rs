@@ -44,6 +44,9 @@ pub const RELOADS: &str = "tollgate_config_reloads_total";
 pub const CONNECTIONS_REFUSED: &str = "tollgate_connections_refused_total";
 /// Client connections ended by a bound: `header_read`, `body_read` or `write_stall`.
 pub const CONNECTIONS_TIMED_OUT: &str = "tollgate_connections_timed_out_total";
+/// `tollgate_usage_stream_dropped_total`: usage records dropped from the Redis stream's backlog
+/// past [`crate::usage_log::STREAM_BACKLOG`] while Redis failed (the usage log file keeps them).
+pub const USAGE_STREAM_DROPPED: &str = "tollgate_usage_stream_dropped_total";
 /// `tollgate_usage_log_compactions_total`: times the usage log passed `--usage-log-max-bytes`
 /// and was rewritten as per-subject totals.
 pub const USAGE_LOG_COMPACTIONS: &str = "tollgate_usage_log_compactions_total";
@@ -88,6 +91,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_counter!(
         CONNECTIONS_TIMED_OUT,
         "Client requests or connections ended by a timeout, by which (header_read, body_read, write_stall)."
+    );
+    metrics::describe_counter!(
+        USAGE_STREAM_DROPPED,
+        "Usage records dropped from the Redis stream's backlog while Redis failed."
     );
     metrics::describe_counter!(
         USAGE_LOG_COMPACTIONS,

@@ -55,6 +55,9 @@ pub struct UsageLog {
 /// much of the log.
 pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How many records the Redis stream writer keeps while Redis fails (about 300 bytes each).
+pub const STREAM_BACKLOG: usize = 65_536;
+
 /// The `outcome` of a record written when a request goes upstream, before it settles.
 pub const OPEN: &str = "open";
 
@@ -135,16 +138,23 @@ impl UsageLog {
 
     /// Also appends every record to the Redis stream [`STREAM`], where the operator consumes
     /// them. A batch that fails is kept and tried again, so a Redis outage delays records but
-    /// doesn't lose them (while the process lives; the file, if any, has them regardless).
+    /// doesn't lose them (while the process lives; the file, if any, has them regardless), up to
+    /// [`STREAM_BACKLOG`] records: past that the oldest are dropped from the stream's backlog
+    /// and counted in `tollgate_usage_stream_dropped_total`.
     pub fn with_stream(mut self, conn: redis::aio::ConnectionManager) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         tokio::spawn(async move {
-            let mut pending: Vec<UsageRecord> = Vec::new();
+            let mut pending: std::collections::VecDeque<UsageRecord> = Default::default();
+            let keep = |pending: &mut std::collections::VecDeque<UsageRecord>, r| {
+                if push_bounded(pending, r, STREAM_BACKLOG) {
+                    metrics::counter!(crate::metrics::USAGE_STREAM_DROPPED).increment(1);
+                }
+            };
             let mut closing = None;
             loop {
                 if pending.is_empty() && closing.is_none() {
                     match rx.recv().await {
-                        Some(Msg::Record(r)) => pending.push(r),
+                        Some(Msg::Record(r)) => keep(&mut pending, r),
                         Some(Msg::Open(_)) => {}
                         Some(Msg::Close(ack)) => closing = Some(ack),
                         None => break,
@@ -152,7 +162,7 @@ impl UsageLog {
                 }
                 while let Ok(m) = rx.try_recv() {
                     match m {
-                        Msg::Record(r) => pending.push(r),
+                        Msg::Record(r) => keep(&mut pending, r),
                         Msg::Open(_) => {}
                         Msg::Close(ack) => closing = Some(ack),
                     }
@@ -213,6 +223,16 @@ impl UsageLog {
             }
         }
     }
+}
+
+/// Appends `item`, first dropping the oldest if `queue` holds `max`; returns whether it did.
+fn push_bounded<T>(queue: &mut std::collections::VecDeque<T>, item: T, max: usize) -> bool {
+    let full = queue.len() >= max;
+    if full {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+    full
 }
 
 /// Identifies this process in record and lease ids (see [`instance_id`]).
@@ -895,6 +915,15 @@ mod tests {
         assert_eq!(read_back(&rows, now), read_back(&records, now));
         assert!(!dir.join("usage.jsonl.compacting").exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The stream's backlog keeps the newest records up to its bound.
+    #[test]
+    fn the_stream_backlog_is_bounded() {
+        let mut q = std::collections::VecDeque::new();
+        let dropped: Vec<bool> = (0..5).map(|i| push_bounded(&mut q, i, 3)).collect();
+        assert_eq!(dropped, [false, false, false, true, true]);
+        assert_eq!(q, [2, 3, 4]);
     }
 
     /// Records written are synced to disk within about [`SYNC_EVERY`], without waiting for
