@@ -16,7 +16,7 @@ fmt: ## Format the code
 lint: ## Clippy, warnings as errors
 	cargo clippy --workspace --all-targets -- -D warnings
 
-generate: ## Regenerate the CRD YAML in charts/tollgate/crds
+generate: ## Regenerate the CRD YAML in charts/tollgate/files/crds
 	cargo run -q -p tollgate-crds --bin crdgen
 
 bench: ## Gateway vs direct vs nginx, in one run
