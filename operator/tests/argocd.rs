@@ -112,14 +112,13 @@ fn combinations(kind: &str, types: &[&str]) -> Vec<(Value, Option<Vec<Option<&'s
     let mut out = vec![(base.clone(), None)];
     // A status without observedGeneration (written by something else) is not trusted.
     let mut no_gen = base.clone();
-    no_gen["status"] = json!({"conditions": types.iter().map(|t| condition(t, "True")).collect::<Vec<_>>()});
+    no_gen["status"] =
+        json!({"conditions": types.iter().map(|t| condition(t, "True")).collect::<Vec<_>>()});
     out.push((no_gen, None));
     let n = types.len() as u32;
     for observed in [3, 2] {
         for i in 0..4usize.pow(n) {
-            let states: Vec<Option<&str>> = (0..n)
-                .map(|d| STATES[i / 4usize.pow(d) % 4])
-                .collect();
+            let states: Vec<Option<&str>> = (0..n).map(|d| STATES[i / 4usize.pow(d) % 4]).collect();
             let conditions: Vec<Value> = types
                 .iter()
                 .zip(&states)
@@ -263,7 +262,10 @@ fn health_messages_say_why() {
         )],
     );
     assert_eq!(got[0].0, "Degraded");
-    assert!(got[0].1.starts_with("The budget for this period is spent"), "{got:?}");
+    assert!(
+        got[0].1.starts_with("The budget for this period is spent"),
+        "{got:?}"
+    );
     let got = health(
         &script("RoutePolicy"),
         &[obj(
@@ -289,7 +291,9 @@ fn health_messages_say_why() {
 #[test]
 fn scripts_are_lua_5_1() {
     for (kind, s) in scripts() {
-        for newer in ["goto ", "//", "::", " & ", " | ", "~=", "<<", ">>", "<const>", "<close>"] {
+        for newer in [
+            "goto ", "//", "::", " & ", " | ", "~=", "<<", ">>", "<const>", "<close>",
+        ] {
             // `~=` (not equal) is 5.1; `~` alone (xor, 5.3) is not.
             if newer == "~=" {
                 assert!(

@@ -629,7 +629,10 @@ fn chart_lints_with_helm_3_and_4_and_its_schema_refuses_typos() {
         ] {
             let out = helm.run(&["template", RELEASE, &chart, "--set", set]);
             let err = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "helm {version}: --set {set} rendered");
+            assert!(
+                !out.status.success(),
+                "helm {version}: --set {set} rendered"
+            );
             assert!(
                 err.contains("schema") && says.iter().all(|s| err.contains(s)),
                 "helm {version}: --set {set}: {err}"
@@ -879,9 +882,25 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
     };
     assert!(!categories().contains("tollgate-next"));
     let changed = changed.display().to_string();
-    helm.ok(&["upgrade", RELEASE, &changed, "-n", NS, "--set", "mode=cluster"]);
+    helm.ok(&[
+        "upgrade",
+        RELEASE,
+        &changed,
+        "-n",
+        NS,
+        "--set",
+        "mode=cluster",
+    ]);
     assert!(categories().contains("tollgate-next"), "{}", categories());
-    helm.ok(&["upgrade", RELEASE, &chart, "-n", NS, "--set", "mode=cluster"]);
+    helm.ok(&[
+        "upgrade",
+        RELEASE,
+        &chart,
+        "-n",
+        NS,
+        "--set",
+        "mode=cluster",
+    ]);
     assert!(!categories().contains("tollgate-next"), "{}", categories());
     // The CRDs carry the keep policy and Argo CD's early sync wave.
     let crd = get_json(&kube, &["crd", "llmmodels.tollgate.dev"]);
@@ -900,7 +919,10 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
     // CRDs: the others set crds.install=false). ---------------------------------------------
     for (i, release) in [(1, "bundled"), (3, "monitored"), (4, "scaled")] {
         let ns = format!("{release}-system");
-        let values = scratch.path(&format!("values-{i}.yaml")).display().to_string();
+        let values = scratch
+            .path(&format!("values-{i}.yaml"))
+            .display()
+            .to_string();
         helm.ok(&[
             "install",
             release,
@@ -915,7 +937,15 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
         ]);
         assert_release_objects_exist(&kube, &helm, release, &ns);
     }
-    let redis = get_json(&kube, &["statefulset", "bundled-tollgate-redis", "-n", "bundled-system"]);
+    let redis = get_json(
+        &kube,
+        &[
+            "statefulset",
+            "bundled-tollgate-redis",
+            "-n",
+            "bundled-system",
+        ],
+    );
     let args = redis["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(args.contains(r#""--appendonly","yes""#), "{args}");
     assert_eq!(
@@ -1267,7 +1297,11 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
             &format!("{kind}/{name} {t}={status}"),
             Duration::from_secs(60),
             op_logs,
-            || condition(kind, name, t).filter(|(s, _)| s == status).map(|(_, m)| m),
+            || {
+                condition(kind, name, t)
+                    .filter(|(s, _)| s == status)
+                    .map(|(_, m)| m)
+            },
         )
     };
     for model in ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small", "demo"] {
@@ -1285,7 +1319,11 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
         let list = get_json(&kube, &[kind, "-n", "examples"]);
         for o in list["items"].as_array().unwrap() {
             assert_eq!(o["metadata"]["generation"], 1, "{}", o["metadata"]);
-            assert!(o["status"]["observedGeneration"].is_number(), "{}", o["status"]);
+            assert!(
+                o["status"]["observedGeneration"].is_number(),
+                "{}",
+                o["status"]
+            );
         }
     }
     // The mock example serves a request with its generated key.
@@ -1388,7 +1426,10 @@ fn value_leaves(
             for (k, x) in o {
                 let p = child(k);
                 let s = &schema["properties"][k];
-                assert!(!s.is_null(), "values.yaml has {p}, values.schema.json doesn't");
+                assert!(
+                    !s.is_null(),
+                    "values.yaml has {p}, values.schema.json doesn't"
+                );
                 value_leaves(x, s, comments, &p, out);
             }
         }
@@ -1435,7 +1476,10 @@ fn every_value_is_documented_in_the_schema_and_the_chart_readme() {
         )
         .unwrap();
     }
-    assert!(undocumented.is_empty(), "values without a `# --` comment: {undocumented:?}");
+    assert!(
+        undocumented.is_empty(),
+        "values without a `# --` comment: {undocumented:?}"
+    );
     let readme_path = dir.join("README.md");
     let readme = std::fs::read_to_string(&readme_path).unwrap();
     let (begin, end) = ("<!-- values:begin -->\n", "<!-- values:end -->");
