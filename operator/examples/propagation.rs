@@ -556,7 +556,7 @@ async fn main() {
     let started = Instant::now();
     println!("Starting etcd + kube-apiserver 1.20.2 + controller manager on 127.0.0.1 ...");
     let kube = KubeCluster::start();
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate/crds");
+    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate/files/crds");
     kube.install_crds(&crds);
     kube.kubectl_ok(&["create", "namespace", "tollgate-system"]);
     kube.kubectl_ok(&["create", "namespace", NS]);

@@ -15,6 +15,7 @@
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -27,6 +28,11 @@ const NS: &str = "tollgate-system";
 const RELEASE: &str = "tollgate";
 /// The Helm version `scripts/helm.sh` installs (for finding its cache).
 const HELM_VERSION: &str = "3.17.2";
+/// The Helm 4 version `scripts/helm.sh 4` installs.
+const HELM4_VERSION: &str = "4.2.3";
+/// The test API server's version: what `helm template` renders for (PodDisruptionBudget and
+/// HorizontalPodAutoscaler versions depend on it).
+const KUBE_VERSION: &str = "1.20.2";
 
 fn chart_dir() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -61,6 +67,84 @@ fn helm_bin() -> PathBuf {
          at a helm binary"
     );
     PathBuf::from("helm")
+}
+
+/// Helm 4 (`scripts/helm.sh 4`): `$TOLLGATE_HELM4`, else its cache.
+fn helm4_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TOLLGATE_HELM4").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("TOLLGATE_HELM4_CACHE")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(format!(".cache/tollgate/helm-{HELM4_VERSION}"))
+        })
+        .join("bin/helm");
+    assert!(
+        cache.is_file(),
+        "no helm 4: run scripts/helm.sh 4, or point TOLLGATE_HELM4 at a helm 4 binary"
+    );
+    cache
+}
+
+/// `kubernetes-validate` (PyPI): `$TOLLGATE_KUBERNETES_VALIDATE`, else the repo's `.venv`
+/// (scripts/test.sh installs it there).
+fn kubernetes_validate_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TOLLGATE_KUBERNETES_VALIDATE").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/kubernetes-validate");
+    assert!(
+        venv.is_file(),
+        "no kubernetes-validate: run scripts/test.sh (it installs it into .venv), or point \
+         TOLLGATE_KUBERNETES_VALIDATE at one"
+    );
+    venv
+}
+
+/// Value sets every check runs on: name, values file.
+const VALUE_SETS: &[(&str, &str)] = &[
+    ("defaults", "{}\n"),
+    (
+        "cluster mode, bundled Redis",
+        "mode: cluster\nredis: {bundled: {enabled: true}}\nreplicaCount: 3\n",
+    ),
+    (
+        "cluster mode, external Redis from a Secret, one watched namespace",
+        "mode: cluster\nredis: {existingSecret: my-redis, existingSecretKey: url}\n\
+         operator: {watchNamespace: team-a, admin: {existingSecret: tollgate-admin}}\n",
+    ),
+    (
+        "monitoring and network policies",
+        "mode: cluster\nredis: {url: \"redis://redis:6379/0\"}\n\
+         metrics: {serviceMonitor: {enabled: true, labels: {release: prometheus}}, prometheusRule: {enabled: true}}\n\
+         networkPolicy:\n  enabled: true\n  restrictEgress: true\n\
+         \x20 ingressFrom: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ingress-nginx}}}]\n\
+         \x20 metricsFrom: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]\n\
+         \x20 extraEgress: [{ports: [{port: 443, protocol: TCP}]}]\n",
+    ),
+    (
+        "autoscaling on CPU and on requests in flight",
+        "redis: {url: \"redis://redis:6379/0\"}\nautoscaling:\n  enabled: true\n  maxReplicas: 20\n\
+         \x20 metrics:\n    - type: Pods\n      pods:\n        metric: {name: tollgate_in_flight_requests}\n\
+         \x20       target: {type: AverageValue, averageValue: \"32\"}\n\
+         podDisruptionBudget: {minAvailable: 1}\n",
+    ),
+];
+
+/// The values files of [`VALUE_SETS`], written into `scratch`.
+fn value_files(scratch: &Scratch) -> Vec<(&'static str, String)> {
+    VALUE_SETS
+        .iter()
+        .enumerate()
+        .map(|(i, (name, yaml))| {
+            let path = scratch.path(&format!("values-{i}.yaml"));
+            std::fs::write(&path, yaml).unwrap();
+            (*name, path.display().to_string())
+        })
+        .collect()
 }
 
 /// A directory removed on drop.
@@ -126,12 +210,70 @@ impl Helm<'_> {
     /// renders it).
     fn template(&self, release: &str, ns: &str, set: &[&str]) -> String {
         let chart = chart_dir();
-        let mut args = vec!["template", release, &chart, "-n", ns, "--include-crds"];
+        let mut args = vec![
+            "template",
+            release,
+            &chart,
+            "-n",
+            ns,
+            "--include-crds",
+            "--kube-version",
+            KUBE_VERSION,
+        ];
         for s in set {
             args.extend(["--set", s]);
         }
         self.ok(&args)
     }
+
+    /// `helm template` with a values file, for Kubernetes `kube_version`.
+    fn template_values(&self, release: &str, ns: &str, values: &str, kube_version: &str) -> String {
+        let chart = chart_dir();
+        self.ok(&[
+            "template",
+            release,
+            &chart,
+            "-n",
+            ns,
+            "-f",
+            values,
+            "--kube-version",
+            kube_version,
+        ])
+    }
+}
+
+/// Copies a directory tree.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// Every object of release `release` (its manifest, as Helm recorded it) exists in the API
+/// server.
+fn assert_release_objects_exist(kube: &KubeCluster, helm: &Helm, release: &str, ns: &str) {
+    let manifest = helm.ok(&["get", "manifest", release, "-n", ns]);
+    let out = kube.kubectl_stdin(&["get", "-n", ns, "-o", "name", "-f", "-"], &manifest);
+    assert!(
+        out.status.success(),
+        "objects of release {release} missing: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(
+        found,
+        manifest.matches("\nkind: ").count(),
+        "release {release}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// `kubectl apply --dry-run=server` of `yaml`: the names of the objects the server accepted.
@@ -160,6 +302,37 @@ const CRDS: [&str; 3] = [
     "customresourcedefinition.apiextensions.k8s.io/routepolicies.tollgate.dev",
     "customresourcedefinition.apiextensions.k8s.io/virtualkeys.tollgate.dev",
 ];
+
+/// Stand-ins for the Prometheus Operator's CRDs (schemaless: their real schemas are not in any
+/// registry this test can reach), so that the API server takes the ServiceMonitor and
+/// PrometheusRule the chart renders. kubernetes-validate can't check them either (no schema);
+/// their fields are those of the Prometheus Operator's `monitoring.coreos.com/v1`.
+const PROMETHEUS_CRDS: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: servicemonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: prometheusrules.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+";
 
 const KSERVE_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -426,38 +599,112 @@ fn wait_for<T>(
 }
 
 #[test]
-fn chart_lints_and_rejects_an_unknown_mode() {
+fn chart_lints_with_helm_3_and_4_and_its_schema_refuses_typos() {
+    let scratch = Scratch::new();
+    let chart = chart_dir();
+    let files = value_files(&scratch);
+    for bin in [helm_bin(), helm4_bin()] {
+        let helm = Helm {
+            bin,
+            scratch: &scratch,
+            kubeconfig: scratch.path("no-cluster"),
+        };
+        let version = helm.ok(&["version", "--short"]);
+        for (name, values) in &files {
+            let out = helm.run(&["lint", "--strict", &chart, "-f", values]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("0 chart(s) failed"),
+                "helm {version} lint --strict, {name}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // values.schema.json: a typo in the values fails the render, naming the key.
+        // (Helm 3 and 4 word it differently: both name the key.)
+        for (set, says) in [
+            ("replicaCont=2", &["replicaCont", "not allowed"][..]),
+            ("mode=clustr", &["mode", "standalone"]),
+            ("redis.bundled.enabeld=true", &["enabeld", "not allowed"]),
+            ("autoscaling.maxReplicas=lots", &["maxReplicas"]),
+        ] {
+            let out = helm.run(&["template", RELEASE, &chart, "--set", set]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "helm {version}: --set {set} rendered"
+            );
+            assert!(
+                err.contains("schema") && says.iter().all(|s| err.contains(s)),
+                "helm {version}: --set {set}: {err}"
+            );
+        }
+        // And what the schema can't say, the templates do.
+        let out = helm.run(&[
+            "template",
+            RELEASE,
+            &chart,
+            "--set",
+            "autoscaling.enabled=true,autoscaling.targetCPUUtilizationPercentage=0",
+        ]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("autoscaling.enabled needs a metric"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Every value set, rendered for the oldest and the newest Kubernetes that
+/// kubernetes-validate has schemas for, is valid under `kubernetes-validate --strict`
+/// (unknown fields refused). Only the Prometheus Operator's kinds have no schema there.
+#[test]
+fn rendered_manifests_pass_kubernetes_validate_strict() {
     let scratch = Scratch::new();
     let helm = Helm {
         bin: helm_bin(),
         scratch: &scratch,
         kubeconfig: scratch.path("no-cluster"),
     };
-    let chart = chart_dir();
-    for set in [
-        &[][..],
-        &["--set", "mode=cluster"],
-        &[
-            "--set",
-            "mode=cluster",
-            "--set",
-            "redis.url=redis://redis:6379/0",
-            "--set",
-            "operator.watchNamespace=team-a",
-        ],
-    ] {
-        let mut args = vec!["lint", "--strict", &chart];
-        args.extend(set);
-        let out = helm.ok(&args);
-        assert!(out.contains("0 chart(s) failed"), "{out}");
+    let validate = kubernetes_validate_bin();
+    for (name, values) in value_files(&scratch) {
+        for kube in ["1.25.0", "1.37.0"] {
+            let yaml = helm.template_values(RELEASE, NS, &values, kube);
+            let file = scratch.path("rendered.yaml");
+            std::fs::write(&file, &yaml).unwrap();
+            let out = Command::new(&validate)
+                .args(["--strict", "-k", kube])
+                .arg(&file)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.status.success(),
+                "kubernetes-validate --strict -k {kube}, {name}:\n{text}"
+            );
+            let objects = yaml.matches("\nkind: ").count();
+            let passed = text.matches(" passed for resource ").count();
+            let unknown: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("Couldn't find schema"))
+                .collect();
+            assert!(
+                unknown
+                    .iter()
+                    .all(|l| l.contains("kind ServiceMonitor") || l.contains("kind PrometheusRule")),
+                "{name}: {unknown:?}"
+            );
+            assert_eq!(
+                passed + unknown.len(),
+                objects,
+                "{name}, {kube}: not every object was validated\n{text}"
+            );
+        }
     }
-    let out = helm.run(&["template", RELEASE, &chart, "--set", "mode=clustr"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(r#"mode must be "standalone" or "cluster", not "clustr""#),
-        "{err}"
-    );
 }
 
 #[tokio::test]
@@ -483,12 +730,15 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
     // KServe's API, as far as discovery goes (a schemaless stand-in for its CRD): so that
     // `kubectl auth can-i` can name the resource, and the operator finds and watches it.
     kube.apply_yaml(KSERVE_CRD);
+    kube.apply_yaml(PROMETHEUS_CRDS);
     kube.kubectl_ok(&[
         "wait",
         "--for",
         "condition=established",
         "--timeout=60s",
         "crd/inferenceservices.serving.kserve.io",
+        "crd/servicemonitors.monitoring.coreos.com",
+        "crd/prometheusrules.monitoring.coreos.com",
     ]);
 
     // --- Every rendered object of both modes is valid for the API server. ----------------
@@ -497,6 +747,7 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
         "secret/tollgate-manifests",
         "service/tollgate",
         "deployment.apps/tollgate",
+        "poddisruptionbudget.policy/tollgate",
     ]);
     want.extend(names(&CRDS));
     assert_eq!(
@@ -533,12 +784,26 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
         "service/tollgate",
         "deployment.apps/tollgate",
         "deployment.apps/tollgate-operator",
+        "poddisruptionbudget.policy/tollgate",
+        "poddisruptionbudget.policy/tollgate-operator",
     ]);
     want.extend(names(&CRDS));
     assert_eq!(
         cluster, want,
         "cluster mode: the operator, RBAC, no manifests Secret"
     );
+    // Every value set is valid for this (1.20) API server too: PodDisruptionBudgets and
+    // HorizontalPodAutoscalers in the versions it serves.
+    for (i, (name, values)) in value_files(&scratch).iter().enumerate() {
+        let ns = format!("values-{i}");
+        kube.kubectl_ok(&["create", "namespace", &ns]);
+        let yaml = helm.template_values(RELEASE, &ns, values, KUBE_VERSION);
+        let accepted = dry_run(&kube, &yaml);
+        assert!(
+            accepted.len() >= 7,
+            "{name}: the server accepted only {accepted:?}"
+        );
+    }
 
     // --- A real `helm install` (standalone, the default), then the upgrade to cluster mode. --
     let chart = chart_dir();
@@ -590,6 +855,105 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
     );
     let gone = kube.kubectl(&["get", "secret", "tollgate-manifests", "-n", NS]);
     assert!(!gone.status.success(), "the manifests Secret is left over");
+    assert_release_objects_exist(&kube, &helm, RELEASE, NS);
+
+    // --- A CRD change reaches the cluster with `helm upgrade` (Helm never upgrades crds/). --
+    let changed = scratch.path("chart-next");
+    copy_dir(Path::new(&chart), &changed);
+    let crd_file = changed.join("files/crds/llmmodels.tollgate.dev.yaml");
+    let crd = std::fs::read_to_string(&crd_file).unwrap();
+    assert!(crd.contains("    categories:\n    - tollgate\n"), "{crd}");
+    std::fs::write(
+        &crd_file,
+        crd.replace(
+            "    categories:\n    - tollgate\n",
+            "    categories:\n    - tollgate\n    - tollgate-next\n",
+        ),
+    )
+    .unwrap();
+    let categories = || {
+        kube.kubectl_ok(&[
+            "get",
+            "crd",
+            "llmmodels.tollgate.dev",
+            "-o",
+            "jsonpath={.spec.names.categories}",
+        ])
+    };
+    assert!(!categories().contains("tollgate-next"));
+    let changed = changed.display().to_string();
+    helm.ok(&[
+        "upgrade",
+        RELEASE,
+        &changed,
+        "-n",
+        NS,
+        "--set",
+        "mode=cluster",
+    ]);
+    assert!(categories().contains("tollgate-next"), "{}", categories());
+    helm.ok(&[
+        "upgrade",
+        RELEASE,
+        &chart,
+        "-n",
+        NS,
+        "--set",
+        "mode=cluster",
+    ]);
+    assert!(!categories().contains("tollgate-next"), "{}", categories());
+    // The CRDs carry the keep policy and Argo CD's early sync wave.
+    let crd = get_json(&kube, &["crd", "llmmodels.tollgate.dev"]);
+    assert_eq!(
+        crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+        "{}",
+        crd["metadata"]
+    );
+    assert_eq!(
+        crd["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"], "-10",
+        "{}",
+        crd["metadata"]
+    );
+
+    // --- Real installs of the fuller value sets, beside the first release (which owns the
+    // CRDs: the others set crds.install=false). ---------------------------------------------
+    for (i, release) in [(1, "bundled"), (3, "monitored"), (4, "scaled")] {
+        let ns = format!("{release}-system");
+        let values = scratch
+            .path(&format!("values-{i}.yaml"))
+            .display()
+            .to_string();
+        helm.ok(&[
+            "install",
+            release,
+            &chart,
+            "-n",
+            &ns,
+            "--create-namespace",
+            "-f",
+            &values,
+            "--set",
+            "crds.install=false",
+        ]);
+        assert_release_objects_exist(&kube, &helm, release, &ns);
+    }
+    let redis = get_json(
+        &kube,
+        &[
+            "statefulset",
+            "bundled-tollgate-redis",
+            "-n",
+            "bundled-system",
+        ],
+    );
+    let args = redis["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains(r#""--appendonly","yes""#), "{args}");
+    assert_eq!(
+        redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        "data"
+    );
+    let hpa = get_json(&kube, &["hpa", "scaled-tollgate", "-n", "scaled-system"]);
+    assert_eq!(hpa["spec"]["maxReplicas"], 20, "{hpa}");
     let op = container(&kube, "tollgate-operator");
     let operator = get_json(&kube, &["deployment", "tollgate-operator", "-n", NS]);
     assert_eq!(operator["spec"]["replicas"], 2);
@@ -719,7 +1083,11 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
     let scoped = helm.template(
         "scoped",
         "scoped-system",
-        &["mode=cluster", "operator.watchNamespace=team-a"],
+        &[
+            "mode=cluster",
+            "operator.watchNamespace=team-a",
+            "crds.install=false",
+        ],
     );
     kube.apply_yaml(&scoped);
     let scoped_sa = sa("scoped-system", "scoped-tollgate-operator");
@@ -877,6 +1245,254 @@ async fn chart_installs_in_both_modes_with_rbac_that_suffices() {
             refused.is_empty(),
             "the {name} was refused something:\n{}",
             refused.join("\n")
+        );
+    }
+
+    // --- examples/kubernetes, applied as they are, reconciled by this operator. ------------
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes");
+    kube.kubectl_ok(&["create", "namespace", "examples"]);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&examples)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let file_names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        file_names,
+        [
+            "anthropic.yaml",
+            "keys.yaml",
+            "kserve.yaml",
+            "mock.yaml",
+            "openai.yaml",
+            "routepolicy.yaml",
+            "vllm.yaml"
+        ]
+    );
+    // Each file on its own, as the README says (`kubectl apply -n team-a -f <file>`): the
+    // server validates every object against the CRDs' schemas. anthropic.yaml applies too (the
+    // schema has the provider); the operator reports it not served, below.
+    for f in &files {
+        let f = f.display().to_string();
+        kube.kubectl_ok(&["apply", "-n", "examples", "-f", &f]);
+    }
+    let condition = |kind: &str, name: &str, t: &str| -> Option<(String, String)> {
+        let v = get_json(&kube, &[kind, name, "-n", "examples"]);
+        let c = v["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == t)?
+            .clone();
+        Some((
+            c["status"].as_str()?.to_string(),
+            c["message"].as_str().unwrap_or_default().to_string(),
+        ))
+    };
+    let wait_condition = |kind: &str, name: &str, t: &str, status: &str| -> String {
+        wait_for(
+            &format!("{kind}/{name} {t}={status}"),
+            Duration::from_secs(60),
+            op_logs,
+            || {
+                condition(kind, name, t)
+                    .filter(|(s, _)| s == status)
+                    .map(|(_, m)| m)
+            },
+        )
+    };
+    for model in ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small", "demo"] {
+        wait_condition("llmmodel", model, "Ready", "True");
+    }
+    for key in ["chat-app", "batch-jobs", "contractor", "demo"] {
+        wait_condition("virtualkey", key, "Ready", "True");
+    }
+    wait_condition("routepolicy", "gpt-4o", "Accepted", "True");
+    // The Anthropic example needs a provider this version doesn't have: said on the object.
+    let why = wait_condition("llmmodel", "claude-sonnet", "Ready", "False");
+    assert!(why.contains("anthropic"), "{why}");
+    // The operator wrote status only: every example object is still at its first generation.
+    for kind in ["llmmodels", "virtualkeys", "routepolicies"] {
+        let list = get_json(&kube, &[kind, "-n", "examples"]);
+        for o in list["items"].as_array().unwrap() {
+            assert_eq!(o["metadata"]["generation"], 1, "{}", o["metadata"]);
+            assert!(
+                o["status"]["observedGeneration"].is_number(),
+                "{}",
+                o["status"]
+            );
+        }
+    }
+    // The mock example serves a request with its generated key.
+    let demo_key = wait_for(
+        "the demo key Secret",
+        Duration::from_secs(60),
+        op_logs,
+        || {
+            let out = kube.kubectl(&["get", "secret", "demo-key", "-n", "examples", "-o", "json"]);
+            let s: Secret = serde_json::from_slice(&out.stdout).ok()?;
+            String::from_utf8(s.data?.get("key")?.0.clone()).ok()
+        },
+    );
+    let t = Instant::now();
+    loop {
+        let r = reqwest::Client::new()
+            .post(format!("http://{listen}/v1/chat/completions"))
+            .bearer_auth(&demo_key)
+            .json(&json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}]}))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the mock example's key is not served: {}\n{}",
+            r.status(),
+            gateway.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `# --` comment above each key of values.yaml, by dotted path (comment lines that
+/// follow the first, up to the key, continue it).
+fn values_comments(values: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut pending: Option<String> = None;
+    for line in values.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if let Some(text) = trimmed.strip_prefix("# --") {
+            pending = Some(text.trim().to_string());
+            continue;
+        }
+        if let Some(text) = trimmed.strip_prefix('#') {
+            if let Some(p) = pending.as_mut() {
+                p.push(' ');
+                p.push_str(text.trim());
+            }
+            continue;
+        }
+        let Some((key, _)) = trimmed.split_once(':') else {
+            continue;
+        };
+        if trimmed.starts_with('-') || !key.chars().all(|c| c.is_ascii_alphanumeric()) {
+            continue;
+        }
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key.to_string()));
+        if let Some(text) = pending.take() {
+            let path: Vec<&str> = stack.iter().map(|(_, k)| k.as_str()).collect();
+            out.push((path.join("."), text));
+        }
+    }
+    out
+}
+
+/// The documented leaves of the values: objects whose keys have no comments of their own
+/// (free Kubernetes objects like `resources`, or probe timings) are one leaf.
+fn value_leaves(
+    v: &Value,
+    schema: &Value,
+    comments: &std::collections::BTreeMap<String, String>,
+    path: &str,
+    out: &mut Vec<(String, Value, Value)>,
+) {
+    let child = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match v {
+        Value::Object(o)
+            if schema.get("properties").is_some()
+                && o.keys().any(|k| {
+                    let prefix = format!("{}.", child(k));
+                    comments.contains_key(&child(k))
+                        || comments.keys().any(|c| c.starts_with(&prefix))
+                }) =>
+        {
+            for (k, x) in o {
+                let p = child(k);
+                let s = &schema["properties"][k];
+                assert!(
+                    !s.is_null(),
+                    "values.yaml has {p}, values.schema.json doesn't"
+                );
+                value_leaves(x, s, comments, &p, out);
+            }
+        }
+        _ => out.push((path.to_string(), v.clone(), schema.clone())),
+    }
+}
+
+/// The values table of charts/tollgate/README.md is generated from values.yaml: every value,
+/// its default and its `# --` comment; values.schema.json describes each value with the same
+/// comment. `TOLLGATE_BLESS=1` rewrites the table (and fails nothing).
+#[test]
+fn every_value_is_documented_in_the_schema_and_the_chart_readme() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate");
+    let text = std::fs::read_to_string(dir.join("values.yaml")).unwrap();
+    let values: Value = serde_yaml::from_str(&text).unwrap();
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("values.schema.json")).unwrap())
+            .unwrap();
+    let comments: std::collections::BTreeMap<String, String> =
+        values_comments(&text).into_iter().collect();
+    let mut leaves = Vec::new();
+    value_leaves(&values, &schema, &comments, "", &mut leaves);
+    let mut table = String::from("| Key | Default | Description |\n| --- | --- | --- |\n");
+    let mut undocumented = Vec::new();
+    for (path, default, s) in &leaves {
+        let Some(comment) = comments.get(path) else {
+            undocumented.push(path.clone());
+            continue;
+        };
+        assert_eq!(
+            s["description"].as_str(),
+            Some(comment.as_str()),
+            "values.schema.json's description of {path} is not its comment in values.yaml"
+        );
+        let default = match default {
+            Value::String(s) if s.contains('\n') => "(see values.yaml)".to_string(),
+            d => format!("`{}`", serde_json::to_string(d).unwrap()),
+        };
+        writeln!(
+            table,
+            "| `{path}` | {} | {} |",
+            default.replace('|', "\\|"),
+            comment.replace('|', "\\|")
+        )
+        .unwrap();
+    }
+    assert!(
+        undocumented.is_empty(),
+        "values without a `# --` comment: {undocumented:?}"
+    );
+    let readme_path = dir.join("README.md");
+    let readme = std::fs::read_to_string(&readme_path).unwrap();
+    let (begin, end) = ("<!-- values:begin -->\n", "<!-- values:end -->");
+    let (head, rest) = readme.split_once(begin).expect("no values:begin marker");
+    let (_, tail) = rest.split_once(end).expect("no values:end marker");
+    let want = format!("{head}{begin}{table}{end}{tail}");
+    if std::env::var_os("TOLLGATE_BLESS").is_some() {
+        std::fs::write(&readme_path, &want).unwrap();
+    } else {
+        assert!(
+            readme == want,
+            "charts/tollgate/README.md's values table is stale: run \
+             TOLLGATE_BLESS=1 cargo nextest run -p tollgate-operator --test chart every_value"
         );
     }
 }

@@ -38,7 +38,7 @@ fn admin_url(op: &Operator) -> String {
 }
 
 fn crds_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate/crds")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate/files/crds")
 }
 
 fn dataplane() -> String {

@@ -8,7 +8,7 @@ use tollgate_testkit::kube::KubeCluster;
 use tollgate_testkit::wait_until;
 
 fn crds_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate/crds")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tollgate/files/crds")
 }
 
 fn json(s: &str) -> serde_json::Value {

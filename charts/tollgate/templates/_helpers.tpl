@@ -116,13 +116,41 @@ The data plane's service account (cluster mode).
 {{- end }}
 
 {{/*
+Whether the chart runs its own Redis ("true" or ""): `redis.bundled.enabled` and no Redis of
+the user's.
+*/}}
+{{- define "tollgate.bundledRedis" -}}
+{{- if and .Values.redis.bundled.enabled (not .Values.redis.url) (not .Values.redis.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the bundled Redis (StatefulSet, Service).
+*/}}
+{{- define "tollgate.redisName" -}}
+{{- printf "%s-redis" (include "tollgate.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The Redis URL the chart stores in its Secret: `redis.url`, or the bundled Redis's. Empty with
+`redis.existingSecret` (the URL is then the user's) or without Redis.
+*/}}
+{{- define "tollgate.redisUrl" -}}
+{{- if .Values.redis.existingSecret }}
+{{- else if .Values.redis.url }}
+{{- .Values.redis.url }}
+{{- else if include "tollgate.bundledRedis" . }}
+{{- printf "redis://%s.%s.svc:6379/0" (include "tollgate.redisName" .) .Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/*
 Name of the Secret holding the Redis URL: the user's, or the one this chart renders from
-`redis.url`. Empty when no Redis is configured.
+`redis.url` or for the bundled Redis. Empty when no Redis is configured.
 */}}
 {{- define "tollgate.redisSecretName" -}}
 {{- if .Values.redis.existingSecret }}
 {{- .Values.redis.existingSecret }}
-{{- else if .Values.redis.url }}
+{{- else if include "tollgate.redisUrl" . }}
 {{- printf "%s-redis" (include "tollgate.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
@@ -176,4 +204,72 @@ Name of the operator's leader-election Lease: `<fullname>-operator`, so `tollgat
 
 {{- define "tollgate.operatorImage" -}}
 {{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
+{{- end }}
+
+{{/*
+Metadata the chart adds to each CRD it installs: its labels, `helm.sh/resource-policy: keep`
+(unless `crds.keep` is off) and an early Argo CD sync wave, so that the CRDs exist before any
+custom resource of the same Application is applied.
+*/}}
+{{- define "tollgate.crdMetadata" -}}
+labels:
+  {{- include "tollgate.commonLabels" . | nindent 2 }}
+annotations:
+  {{- if .Values.crds.keep }}
+  helm.sh/resource-policy: keep
+  {{- end }}
+  argocd.argoproj.io/sync-wave: "-10"
+{{- end }}
+
+{{/*
+`apiVersion` of PodDisruptionBudgets: `policy/v1` from Kubernetes 1.21 on (and when rendering
+without a cluster), else `policy/v1beta1`.
+*/}}
+{{- define "tollgate.pdbApiVersion" -}}
+{{- if semverCompare ">=1.21-0" .Capabilities.KubeVersion.Version }}policy/v1{{ else }}policy/v1beta1{{ end }}
+{{- end }}
+
+{{/*
+`apiVersion` of HorizontalPodAutoscalers: `autoscaling/v2` from 1.23 on, else
+`autoscaling/v2beta2` (the same fields).
+*/}}
+{{- define "tollgate.hpaApiVersion" -}}
+{{- if semverCompare ">=1.23-0" .Capabilities.KubeVersion.Version }}autoscaling/v2{{ else }}autoscaling/v2beta2{{ end }}
+{{- end }}
+
+{{/*
+A PodDisruptionBudget's limit: `minAvailable` when set, else `maxUnavailable`.
+*/}}
+{{- define "tollgate.pdbLimit" -}}
+{{- $pdb := .Values.podDisruptionBudget }}
+{{- if ne (toString $pdb.minAvailable) "" }}
+minAvailable: {{ $pdb.minAvailable }}
+{{- else }}
+maxUnavailable: {{ $pdb.maxUnavailable }}
+{{- end }}
+{{- end }}
+
+{{/*
+Egress rules of the release's pods when `networkPolicy.restrictEgress` is on: DNS, the bundled
+Redis, and `networkPolicy.extraEgress` (providers, the Kubernetes API server).
+*/}}
+{{- define "tollgate.egressCommon" -}}
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- if include "tollgate.bundledRedis" . }}
+- ports:
+    - port: 6379
+      protocol: TCP
+  to:
+    - podSelector:
+        matchLabels:
+          app.kubernetes.io/instance: {{ .Release.Name }}
+          app.kubernetes.io/component: redis
+{{- end }}
+{{- with .Values.networkPolicy.extraEgress }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
