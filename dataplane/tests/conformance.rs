@@ -317,12 +317,7 @@ async fn a_half_closed_request_is_a_client_that_left() {
     // Settled as a client that left.
     let end = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = reqwest::get(gw.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = gw.metrics().await;
         if text.contains(r#"outcome="client_gone"} 1"#) {
             break;
         }

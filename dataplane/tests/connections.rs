@@ -472,12 +472,7 @@ async fn a_request_head_must_arrive_within_the_header_read_timeout() {
 
 /// The value of `tollgate_connections_timed_out_total{timeout="<which>"}`, if there is one.
 async fn timed_out(gw: &Gateway, which: &str) -> Option<u64> {
-    let text = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     let series = format!("tollgate_connections_timed_out_total{{timeout=\"{which}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(series.as_str()))
@@ -486,12 +481,7 @@ async fn timed_out(gw: &Gateway, which: &str) -> Option<u64> {
 
 /// `tollgate_requests_total` series for `model`: a request that went upstream has one.
 async fn went_upstream(gw: &Gateway, model: &str) -> bool {
-    let text = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     // Series are made with the config (at 0): one that counted a request.
     text.lines().any(|l| {
         l.starts_with("tollgate_requests_total{")

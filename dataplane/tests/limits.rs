@@ -148,12 +148,7 @@ async fn budget_stops_the_key_and_counts_streamed_usage() {
         served += 1;
     }
     assert_eq!(served, 5, "five requests of $0.0002 fill a $0.001 budget");
-    let text = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     assert!(
         text.contains(r#"tollgate_spend_usd_total{model="m",deployment="default/m"} 0.001"#),
         "{text}"
@@ -194,12 +189,7 @@ async fn concurrent_requests_never_overshoot_the_budget() {
         .filter(|r| r.as_ref().unwrap().status() == 429)
         .count();
     assert_eq!((ok, refused), (10, 190));
-    let text = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     let spend = text
         .lines()
         .find(|l| l.starts_with("tollgate_spend_usd_total{"))
@@ -248,12 +238,7 @@ async fn spend_and_budgets_survive_a_restart_through_the_usage_log() {
     assert!(!log.contains(KEY), "the key itself must never be logged");
 
     // After the restart: totals are back, and only two more requests fit the budget.
-    let text = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     assert!(
         text.contains(r#"tollgate_spend_usd_total{model="m",deployment="default/m"} 0.0006"#),
         "{text}"
@@ -309,12 +294,7 @@ async fn a_compacted_usage_log_keeps_spend_and_budgets_across_a_restart() {
     assert_eq!(cost, 4 * 200_000_000, "{log}");
 
     // After the restart: the totals, and one more request fits the budget.
-    let text = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     assert!(
         text.contains(r#"tollgate_spend_usd_total{model="m",deployment="default/m"} 0.0008"#),
         "{text}"

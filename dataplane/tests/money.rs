@@ -417,12 +417,7 @@ async fn a_request_cut_by_a_killed_gateway_is_charged_at_the_next_start() {
         assert_eq!(rec["id"], opened[0]["id"]);
         assert_eq!(rec["cost_pico"], reserved);
         assert_eq!(rec["prompt_tokens"], prompt_estimate());
-        let text = reqwest::get(gw.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = gw.metrics().await;
         let want = reserved as f64 / 1e12;
         let got = spend(&text).unwrap_or_else(|| panic!("{text}"));
         assert!((got - want).abs() < 1e-12, "round {round}: {got} != {want}");

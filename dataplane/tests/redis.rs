@@ -156,12 +156,7 @@ async fn redis_outage_follows_the_failure_policy_and_recovers() {
         "{}",
         open.logs()
     );
-    let metrics = reqwest::get(open.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = open.metrics().await;
     assert!(metrics.contains("tollgate_redis_up 0"), "{metrics}");
 
     redis.restart();
@@ -532,12 +527,7 @@ async fn requests_that_cost_nothing_settle_on_every_subject() {
         redis_cli(&redis, &["ZCARD", &format!("{k}:leases")]).trim(),
         "0"
     );
-    let metrics = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         !metrics.contains("tollgate_redis_errors_total{"),
         "{}",

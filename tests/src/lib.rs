@@ -314,6 +314,12 @@ impl Gateway {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        let get = async { reqwest::get(self.url("/metrics")).await?.text().await };
+        get.await.unwrap_or_else(|e| panic!("GET /metrics: {e}"))
+    }
+
     /// POSTs `body` to `/v1/chat/completions` with `key` as the bearer token (30 s timeout).
     pub async fn chat(&self, key: &str, body: &serde_json::Value) -> reqwest::Response {
         reqwest::Client::builder()
