@@ -384,6 +384,12 @@ impl ConnState {
     }
 
     /// Asks the connection's task to close it, for `why` ([`IDLE`], [`SHUTDOWN`] or [`ABORT`]).
+    /// Closes this connection as shutdown closes them all: its requests in flight finish, then
+    /// it ends (HTTP/2: a GOAWAY).
+    pub(crate) fn close_gracefully(&self) {
+        self.close(SHUTDOWN);
+    }
+
     fn close(&self, why: u8) {
         self.close.fetch_max(why, Ordering::Release);
         let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone();

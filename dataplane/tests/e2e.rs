@@ -939,8 +939,8 @@ async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay(t
         (503, Some("shutting down"))
     );
     // Still served, on new connections (each request here has its own client); over HTTP/1.1,
-    // told to close them after. (HTTP/2 has no `connection` header, and the gateway sends an h2c
-    // connection its GOAWAY at the end of the delay, not now: see `--shutdown-delay`.)
+    // told to close them after. (HTTP/2 has no `connection` header: an h2c connection gets a
+    // GOAWAY, see the next test.)
     let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), chat("gpt")).await;
     assert_eq!(resp.status(), 200);
     match t {
@@ -959,6 +959,56 @@ async fn after_sigterm_readiness_fails_while_requests_are_served_for_the_delay(t
     assert!(
         took >= Duration::from_millis(1900) && took < Duration::from_secs(8),
         "exit should come after the 2 s delay: {took:?}"
+    );
+}
+
+/// During `--shutdown-delay` an h2c connection that is served a request gets a GOAWAY after it
+/// (HTTP/2's `Connection: close`): its client opens its next connection, elsewhere once the
+/// pod has left the endpoints, rather than keep this one until the delay ends.
+// h2c only: the HTTP/1.1 counterpart (`Connection: close`) is asserted in the test above.
+#[tokio::test]
+async fn during_the_shutdown_delay_an_h2c_connection_gets_a_goaway() {
+    let up = ok_upstream();
+    let mut gw = Gateway::start(BIN, &manifests(&up.base_url()), &["--shutdown-delay", "3s"]);
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let mut conn = tokio::spawn(conn);
+    let request = || {
+        http::Request::post(gw.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {KEY}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(chat("gpt"))))
+            .unwrap()
+    };
+    let resp = send.send_request(request()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    signal(&gw, "TERM");
+    assert!(
+        logged(&gw, "readiness fails now", Duration::from_secs(1)).await,
+        "{}",
+        gw.logs()
+    );
+    // Not closed for being open: the connection stays until it is served a request.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut conn)
+            .await
+            .is_err()
+    );
+    let resp = send.send_request(request()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    let asked = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_millis(1500), &mut conn).await;
+    assert!(ended.is_ok(), "the connection lasts until the delay ends");
+    assert!(asked.elapsed() < Duration::from_millis(1500));
+    assert!(
+        exited(&mut gw, Duration::from_secs(10)).await,
+        "the gateway should exit cleanly after the delay"
     );
 }
 
