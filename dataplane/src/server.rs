@@ -127,14 +127,17 @@ pub async fn serve(
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 let in_flight = conn.start();
-                let conn = conn.clone();
+                // Only h2c connections are closed from here (below).
+                let h2_conn = h2.then(|| conn.clone());
                 async move {
                     let resp = dispatch(&shared, req).await;
                     // Shutting down: an HTTP/1.1 answer says `Connection: close` (see
                     // `proxied`); an h2c connection gets a GOAWAY, so that its client, too,
                     // opens its next connection (elsewhere, once the pod has left the
                     // Service's endpoints) while this one finishes its streams.
-                    if h2 && shared.state.draining.load(Ordering::Relaxed) {
+                    if let Some(conn) = h2_conn
+                        && shared.state.draining.load(Ordering::Relaxed)
+                    {
                         conn.close_gracefully();
                     }
                     Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, in_flight }))
