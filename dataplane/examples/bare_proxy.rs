@@ -1,7 +1,7 @@
 //! The floor of the stack: a pass-through HTTP/1.1 proxy with nothing else (no auth, no JSON,
 //! no accounting, no metrics), built the way the data plane is: a current-thread runtime per
 //! thread, `SO_REUSEPORT`, hyper's HTTP/1.1 server, the data plane's own upstream client
-//! ([`tollgate_dataplane::h1`]) with a thread-local pool, bodies passed through as they arrive.
+//! ([`tollgate_dataplane::upstream::h1`]) with a thread-local pool, bodies passed through as they arrive.
 //! `bench/run.sh --bare` runs it as the target `hyper-floor`, so the gateway can be compared
 //! with what the HTTP stack alone costs.
 //!
@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use tollgate_dataplane::h1;
+use tollgate_dataplane::upstream::h1;
 
 type Conn = h1::Conn<tokio::net::TcpStream>;
 

@@ -1,4 +1,4 @@
-//! `tollgate-dataplane`: see [`tollgate_dataplane::cli::Args`].
+//! `tollgate-dataplane`: see [`tollgate_dataplane::app::Args`].
 
 use clap::Parser;
 
@@ -11,7 +11,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// A config or start-up error is a message, not a crash: printed as the error and its causes
 /// (`{:#}`), never with the backtrace `anyhow`'s `Debug` adds when `RUST_BACKTRACE` is set.
 fn main() -> std::process::ExitCode {
-    match tollgate_dataplane::cli::run(tollgate_dataplane::cli::Args::parse()) {
+    match tollgate_dataplane::app::run(tollgate_dataplane::app::Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");

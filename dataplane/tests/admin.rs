@@ -210,7 +210,7 @@ async fn an_unreadable_keys_file_is_never_rewritten_without_its_keys() {
     let first = v["key"].as_str().unwrap().to_string();
     let path = gw
         .manifest_dir()
-        .join(tollgate_dataplane::loader::GENERATED_KEYS_FILE);
+        .join(tollgate_dataplane::config::loader::GENERATED_KEYS_FILE);
     let mut text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("VirtualKey"), "{text}");
     // A hand edit gone wrong.

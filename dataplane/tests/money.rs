@@ -12,7 +12,7 @@
 use serde_json::{Value, json};
 use std::time::Duration;
 use tollgate_crds::config::MockConfig;
-use tollgate_dataplane::tokens::{Family, count_text};
+use tollgate_dataplane::accounting::tokens::{Family, count_text};
 use tollgate_testkit::{Behavior, Gateway, MockUpstream, closed_port, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");

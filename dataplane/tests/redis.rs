@@ -733,8 +733,8 @@ mod library {
     use std::sync::Arc;
     use tollgate_crds::common::Limits;
     use tollgate_crds::config::{BudgetConfig, BudgetPeriod, Picodollars};
+    use tollgate_dataplane::limits::redis::{FailureMode, SharedLimits};
     use tollgate_dataplane::limits::{Ask, Limited, Refusal, Registry, Reservation, Rules, Scope};
-    use tollgate_dataplane::shared::{FailureMode, SharedLimits};
 
     /// A minute boundary.
     const T: u64 = 6_000_000;

@@ -8,7 +8,7 @@ use http_body_util::BodyExt;
 use libfuzzer_sys::fuzz_target;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tollgate_dataplane::h1::Conn;
+use tollgate_dataplane::upstream::h1::Conn;
 
 thread_local! {
     static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()

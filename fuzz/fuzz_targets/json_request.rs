@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tollgate_dataplane::json::{Invalid, strict_members, unique_members};
-use tollgate_dataplane::request::{Endpoint, ParsedRequest};
+use tollgate_dataplane::api::json::{Invalid, strict_members, unique_members};
+use tollgate_dataplane::api::request::{Endpoint, ParsedRequest};
 
 fuzz_target!(|body: &[u8]| {
     let mut fast = Vec::new();

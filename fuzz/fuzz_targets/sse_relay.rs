@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tollgate_dataplane::sse::fuzz_relay;
+use tollgate_dataplane::gateway::relay::fuzz_relay;
 
 fuzz_target!(|input: &[u8]| {
     let [seed, flags, stream @ ..] = input else {

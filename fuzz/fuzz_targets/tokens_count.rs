@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tollgate_dataplane::tokens::{Family, vocab};
+use tollgate_dataplane::accounting::tokens::{Family, vocab};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, rest)) = data.split_first() else {

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;
-use tollgate_dataplane::usage;
+use tollgate_dataplane::api::usage;
 
 #[derive(Deserialize)]
 struct Usage {

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 use tollgate_crds::config::MockConfig;
-use tollgate_dataplane::mock::Mock;
-use tollgate_dataplane::request::Endpoint;
+use tollgate_dataplane::api::request::Endpoint;
+use tollgate_dataplane::upstream::mock::Mock;
 
 /// Where a gateway's config comes from.
 #[derive(Clone, Debug)]
@@ -663,7 +663,7 @@ async fn respond(
                 "/v1/embeddings" => Endpoint::Embeddings,
                 _ => Endpoint::ChatCompletions,
             };
-            tollgate_dataplane::mock::serve(&Mock::new(cfg), endpoint, body).await
+            tollgate_dataplane::upstream::mock::serve(&Mock::new(cfg), endpoint, body).await
         }
         Behavior::FailFirst {
             n,
@@ -684,7 +684,12 @@ async fn respond(
                 }
                 return r;
             }
-            tollgate_dataplane::mock::serve(&Mock::new(then), Endpoint::ChatCompletions, body).await
+            tollgate_dataplane::upstream::mock::serve(
+                &Mock::new(then),
+                Endpoint::ChatCompletions,
+                body,
+            )
+            .await
         }
         Behavior::Status(code, body) => {
             let status = http::StatusCode::from_u16(*code).unwrap();

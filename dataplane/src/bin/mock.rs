@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tollgate_crds::common::parse_duration;
 use tollgate_crds::config::{DEFAULT_MOCK_REPLY, MockConfig};
-use tollgate_dataplane::mock::{Mock, router};
+use tollgate_dataplane::upstream::mock::{Mock, router};
 
 /// A deterministic OpenAI-compatible server.
 #[derive(Debug, Parser)]
@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
             let _ = tcp.set_nodelay(true);
         });
         axum::serve(listener, router(Arc::new(Mock::new(&cfg))))
-            .with_graceful_shutdown(tollgate_dataplane::cli::shutdown_signal())
+            .with_graceful_shutdown(tollgate_dataplane::app::shutdown_signal())
             .await?;
         Ok(())
     })

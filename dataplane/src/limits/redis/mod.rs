@@ -375,14 +375,14 @@ impl Health {
         match r {
             Ok(_) => {
                 if !self.up.swap(true, Relaxed) {
-                    metrics::gauge!(crate::metrics::REDIS_UP).set(1.0);
+                    metrics::gauge!(crate::telemetry::REDIS_UP).set(1.0);
                     tracing::info!("redis reachable again: limits and budgets are shared again");
                 }
             }
             Err(e) => {
-                metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => op).increment(1);
+                metrics::counter!(crate::telemetry::REDIS_ERRORS, "op" => op).increment(1);
                 if self.up.swap(false, Relaxed) {
-                    metrics::gauge!(crate::metrics::REDIS_UP).set(0.0);
+                    metrics::gauge!(crate::telemetry::REDIS_UP).set(0.0);
                     let policy = match self.failure {
                         FailureMode::Open => {
                             "failing open: this replica's own counters decide until it is back"
@@ -493,7 +493,7 @@ impl SharedLimits {
             .set_response_timeout(Some(REDIS_TIMEOUT))
             .set_number_of_retries(1);
         let conn = ConnectionManager::new_with_config(client, config).await?;
-        metrics::gauge!(crate::metrics::REDIS_UP).set(1.0);
+        metrics::gauge!(crate::telemetry::REDIS_UP).set(1.0);
         let health = Arc::new(Health {
             failure,
             up: std::sync::atomic::AtomicBool::new(true),
@@ -526,12 +526,12 @@ impl SharedLimits {
     }
 
     /// A new lease id: unique across replicas and restarts (this process's random
-    /// [`crate::usage_log::INSTANCE`], then a sequence number).
+    /// [`crate::accounting::usage_log::INSTANCE`], then a sequence number).
     pub fn new_lease(&self) -> Arc<str> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         format!(
             "{}.{:x}",
-            *crate::usage_log::INSTANCE,
+            *crate::accounting::usage_log::INSTANCE,
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         )
         .into()
@@ -1012,7 +1012,7 @@ fn keep(
     let over = backlog.len().saturating_sub(max);
     if over > 0 {
         backlog.drain(..over);
-        metrics::counter!(crate::metrics::REDIS_SETTLEMENTS_DROPPED).increment(over as u64);
+        metrics::counter!(crate::telemetry::REDIS_SETTLEMENTS_DROPPED).increment(over as u64);
         tracing::warn!(
             dropped = over,
             "Redis settlement backlog full: the oldest settlements are dropped; their leases \

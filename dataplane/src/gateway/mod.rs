@@ -12,19 +12,23 @@
 //! the upstream answered 2xx. The key's reservation and the usage record belong to the
 //! request, not the attempt, so a retried or re-routed request is counted once.
 //!
-//! Nothing here knows about axum's routing; the handlers in [`crate::server`] call
+//! Nothing here knows about axum's routing; the handlers in [`crate::http::server`] call
 //! [`handle`] and add the request id.
 
+pub mod auth;
+pub mod relay;
+pub mod state;
+
 use crate::accounting::{Charge, Outcome};
-use crate::auth::authenticate;
-use crate::error::{ApiError, Result};
+use crate::api::error::{ApiError, Result};
+use crate::api::request::{Endpoint, ParsedRequest};
+use crate::config::snapshot::{Group, RuntimeDeployment, RuntimeKey, Target};
+use crate::gateway::auth::authenticate;
+use crate::gateway::relay::SseRelay;
+use crate::gateway::state::AppState;
+use crate::limits::redis::FailureMode;
 use crate::limits::{Ask, Refused, Reservation, Room, Scope};
-use crate::request::{Endpoint, ParsedRequest};
 use crate::routing::Route;
-use crate::shared::FailureMode;
-use crate::snapshot::{Group, RuntimeDeployment, RuntimeKey, Target};
-use crate::sse::SseRelay;
-use crate::state::AppState;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
@@ -44,7 +48,7 @@ pub const COST_HEADER: HeaderName = HeaderName::from_static("x-tollgate-cost-usd
 
 /// The answer to a request whose body didn't arrive within the body-read timeout.
 pub fn body_timed_out() -> ApiError {
-    crate::connections::timed_out("body_read");
+    crate::http::connections::timed_out("body_read");
     ApiError::request_timeout(
         "The request body did not arrive within the gateway's body-read timeout.",
     )
@@ -111,7 +115,7 @@ where
     let mut joined: Option<bytes::BytesMut> = None;
     let mut total = 0usize;
     // Armed the first time the body has nothing ready, never disarmed: a total.
-    let mut deadline = crate::connections::Deadline::default();
+    let mut deadline = crate::http::connections::Deadline::default();
     loop {
         let frame = std::future::poll_fn(|cx| {
             let polled = body.as_mut().poll_frame(cx);
@@ -179,11 +183,11 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Prompt tokens before the call, as `d`'s model counts them (see [`crate::tokens`]).
-    fn prompt_tokens(&mut self, family: crate::tokens::Family) -> u64 {
+    /// Prompt tokens before the call, as `d`'s model counts them (see [`crate::accounting::tokens`]).
+    fn prompt_tokens(&mut self, family: crate::accounting::tokens::Family) -> u64 {
         let slot = &mut self.est_tokens[family.index()];
         *slot.get_or_insert_with(|| {
-            crate::tokens::estimate(family, self.endpoint, self.parsed, self.body)
+            crate::accounting::tokens::estimate(family, self.endpoint, self.parsed, self.body)
         })
     }
 
@@ -347,7 +351,7 @@ where
             }
         };
         let Some((g, _)) = next else { break };
-        metrics::counter!(crate::metrics::FALLBACKS, "from" => group.name.to_string(), "to" => g.name.to_string()).increment(1);
+        metrics::counter!(crate::telemetry::FALLBACKS, "from" => group.name.to_string(), "to" => g.name.to_string()).increment(1);
         tracing::info!(
             from = &*group.name,
             to = &*g.name,
@@ -379,7 +383,7 @@ where
 /// The first model of `list` that exists, that `key` may use and (with `needed`) whose context
 /// window fits, and the rest of the list after it.
 fn next_group<'s, 'l>(
-    snapshot: &'s crate::snapshot::Snapshot,
+    snapshot: &'s crate::config::snapshot::Snapshot,
     key: &RuntimeKey,
     list: &'l [Arc<str>],
     needed: Option<u64>,
@@ -441,7 +445,7 @@ async fn serve_group(ctx: &mut Ctx<'_>, group: &Group, last_resort: bool) -> Gro
             return GroupEnd::TooLong(f);
         }
         if route.stats.failure(&policy.cooldown, began.elapsed()) {
-            metrics::counter!(crate::metrics::COOLDOWNS, "model" => d.model.to_string(), "deployment" => d.id.to_string()).increment(1);
+            metrics::counter!(crate::telemetry::COOLDOWNS, "model" => d.model.to_string(), "deployment" => d.id.to_string()).increment(1);
             tracing::warn!(
                 deployment = &*d.id,
                 endpoint = route.endpoint,
@@ -470,7 +474,8 @@ async fn serve_group(ctx: &mut Ctx<'_>, group: &Group, last_resort: bool) -> Gro
             pause = pause.max(ra);
         }
         tracing::debug!(deployment = &*d.id, ?class, ?pause, "retrying");
-        metrics::counter!(crate::metrics::RETRIES, "model" => group.name.to_string()).increment(1);
+        metrics::counter!(crate::telemetry::RETRIES, "model" => group.name.to_string())
+            .increment(1);
         ctx.retries += 1;
         tokio::time::sleep(pause).await;
     }
@@ -710,7 +715,7 @@ async fn attempt_route(
 
 fn insert_cost(h: &mut HeaderMap, cost: tollgate_crds::config::Picodollars) {
     let mut buf = [0u8; 40];
-    if let Some(v) = crate::values::header_value(cost.write_usd(&mut buf)) {
+    if let Some(v) = crate::rt::values::header_value(cost.write_usd(&mut buf)) {
         h.insert(COST_HEADER, v);
     }
 }
@@ -885,7 +890,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
         }
     };
     if status.is_success() {
-        let Ok(usage) = crate::usage::from_response(&bytes) else {
+        let Ok(usage) = crate::api::usage::from_response(&bytes) else {
             charge.settle(None, Outcome::UpstreamError);
             return Attempt::Done(Err(ApiError::bad_gateway(
                 "upstream_invalid_response",
@@ -894,7 +899,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
         };
         if usage.is_none() {
             // No usage in a 2xx: charged an estimate from the prompt and the text generated.
-            crate::usage::generated_text(&bytes, |text| charge.relayed(text));
+            crate::api::usage::generated_text(&bytes, |text| charge.relayed(text));
         }
         route.stats.success(began.elapsed());
         let cost = charge.settle(usage, Outcome::Success).recorded().await;

@@ -1,6 +1,6 @@
 //! Command-line flags (each with an environment fallback) and process wiring.
 
-use crate::state::{AppState, Settings, Stop};
+use crate::gateway::state::{AppState, Settings, Stop};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use std::net::SocketAddr;
@@ -102,7 +102,7 @@ pub struct Args {
         value_enum,
         default_value = "open"
     )]
-    pub redis_failure: crate::shared::FailureMode,
+    pub redis_failure: crate::limits::redis::FailureMode,
     /// How long a request's reservation in Redis is held at most: the slot of a request whose
     /// replica died before settling it comes back after this, and its reserved cost is then
     /// charged as spent (it may have run upstream). Longer than your longest request.
@@ -115,7 +115,7 @@ pub struct Args {
     /// When the usage log passes this many bytes it is rewritten as one row per key, model,
     /// deployment and time bucket (minutes for the last hour, hours for two days, days for 32
     /// days, one row before), which keeps budgets and totals exact; 0 never compacts.
-    #[arg(long, env = "TOLLGATE_USAGE_LOG_MAX_BYTES", default_value_t = crate::usage_log::DEFAULT_MAX_BYTES)]
+    #[arg(long, env = "TOLLGATE_USAGE_LOG_MAX_BYTES", default_value_t = crate::accounting::usage_log::DEFAULT_MAX_BYTES)]
     pub usage_log_max_bytes: u64,
     /// Add per-key spend and request series to /metrics (one series per key: mind the
     /// cardinality with many keys).
@@ -244,14 +244,14 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
         let mut b = tokio::runtime::Builder::new_current_thread();
         b.enable_all();
         if !busy_poll.is_zero() {
-            b.on_thread_unpark(crate::busy_poll::unparked);
+            b.on_thread_unpark(crate::rt::busy_poll::unparked);
         }
         b.build()
     };
     // Each thread's serving, from its own block_on (the spinner's state is per thread).
     let serve = move |listener, state: Arc<AppState>| async move {
         if !busy_poll.is_zero() {
-            tokio::spawn(crate::busy_poll::spin(busy_poll));
+            tokio::spawn(crate::rt::busy_poll::spin(busy_poll));
         }
         serve_on(listener, state).await
     };
@@ -304,7 +304,7 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
 
 /// How long a thread that stopped serving waits for the Redis settlements still unanswered (each
 /// is one script call, normally a millisecond; a Redis call times out after 250 ms). Together
-/// with [`crate::connections::ABORT_GRACE`] it fits in the 5 s the Helm chart leaves after the
+/// with [`crate::http::connections::ABORT_GRACE`] it fits in the 5 s the Helm chart leaves after the
 /// shutdown timeout.
 const SETTLE_GRACE: Duration = Duration::from_secs(2);
 
@@ -320,8 +320,8 @@ async fn close(state: &AppState) {
 async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
     let (config, loaded, cluster) = match &args.manifests {
         Some(path) => {
-            let loaded = crate::loader::fingerprint(path);
-            match crate::loader::load(path) {
+            let loaded = crate::config::loader::fingerprint(path);
+            match crate::config::loader::load(path) {
                 Ok(c) => (c, loaded, None),
                 Err(errors) => {
                     for e in &errors {
@@ -336,7 +336,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
             }
         }
         None => {
-            let source = crate::cluster::ConfigSource::start(
+            let source = crate::config::cluster::ConfigSource::start(
                 args.config_namespace.clone(),
                 args.config_name.clone(),
             )
@@ -350,7 +350,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
             (config, 0, Some((source, hash)))
         }
     };
-    let prometheus = crate::metrics::install()?;
+    let prometheus = crate::telemetry::install()?;
     let upkeep = prometheus.clone();
     tokio::spawn(async move {
         // Histograms buffer samples until upkeep drains them; without it memory grows.
@@ -366,7 +366,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         idle_timeout: args.idle_timeout,
         shutdown_timeout: args.shutdown_timeout,
         shutdown_delay: args.shutdown_delay,
-        bounds: crate::connections::Bounds {
+        bounds: crate::http::connections::Bounds {
             header_read: args.header_read_timeout,
             body_read: args.body_read_timeout,
             write_stall: args.write_stall_timeout,
@@ -376,7 +376,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
     let usage_log = args
         .usage_log
         .as_deref()
-        .map(|p| crate::usage_log::open(p, args.usage_log_max_bytes))
+        .map(|p| crate::accounting::usage_log::open(p, args.usage_log_max_bytes))
         .transpose()
         .with_context(|| format!("opening the usage log {:?}", args.usage_log))?
         .unwrap_or_default();
@@ -392,7 +392,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
     };
     let shared = match &args.redis_url {
         Some(url) => Some(Arc::new(
-            crate::shared::SharedLimits::connect(url, args.redis_failure, args.redis_lease)
+            crate::limits::redis::SharedLimits::connect(url, args.redis_failure, args.redis_lease)
                 .await
                 .context("connecting to Redis (--redis-url)")?,
         )),
@@ -412,7 +412,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         shared,
     )?;
     if let Some(path) = &args.usage_log {
-        let r = crate::usage_log::replay(
+        let r = crate::accounting::usage_log::replay(
             path,
             &state.snapshot.load(),
             &state.ledger,
@@ -443,7 +443,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
             tokio::spawn(source.follow(state.clone(), hash));
         }
         (None, Some(path)) => {
-            tokio::spawn(crate::loader::watch(
+            tokio::spawn(crate::config::loader::watch(
                 state.clone(),
                 path.clone(),
                 args.reload_interval,
@@ -520,7 +520,7 @@ async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> an
             }
         }
     };
-    crate::server::serve(listener, state.clone(), stop).await;
+    crate::http::server::serve(listener, state.clone(), stop).await;
     // Before this thread's runtime goes: the Redis settlements its cut requests started.
     if let Some(shared) = &state.shared {
         shared.settled(SETTLE_GRACE).await;

@@ -5,7 +5,7 @@
 //! lives in the API server, a pod that (re)starts while the operator is down still serves the
 //! last one published.
 
-use crate::state::AppState;
+use crate::gateway::state::AppState;
 use anyhow::Context as _;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -112,7 +112,7 @@ impl ConfigSource {
             match self.current() {
                 Some(Ok((config, hash))) if hash != installed => match state.install(&config) {
                     Ok(()) => {
-                        metrics::counter!(crate::metrics::RELOADS, "result" => "success")
+                        metrics::counter!(crate::telemetry::RELOADS, "result" => "success")
                             .increment(1);
                         tracing::info!(
                             config_hash = hash,
@@ -123,7 +123,7 @@ impl ConfigSource {
                         installed = hash;
                     }
                     Err(e) => {
-                        metrics::counter!(crate::metrics::RELOADS, "result" => "rejected")
+                        metrics::counter!(crate::telemetry::RELOADS, "result" => "rejected")
                             .increment(1);
                         tracing::error!(
                             "published config not installed; still serving the previous one: {e}"
@@ -131,7 +131,8 @@ impl ConfigSource {
                     }
                 },
                 Some(Err(e)) => {
-                    metrics::counter!(crate::metrics::RELOADS, "result" => "rejected").increment(1);
+                    metrics::counter!(crate::telemetry::RELOADS, "result" => "rejected")
+                        .increment(1);
                     tracing::error!(
                         "published config can't be read; still serving the previous one: {e}"
                     );

@@ -3,14 +3,16 @@
 //! it through ALPN.
 //!
 //! Plain-HTTP upstreams (vLLM and KServe pods, Ollama, the mock) are the common case inside a
-//! cluster and take the fast path: [`crate::h1`], an HTTP/1.1 client driven by the request's
+//! cluster and take the fast path: [`crate::upstream::h1`], an HTTP/1.1 client driven by the request's
 //! own task, with a pool of connections per thread kept here. A connection goes back to the
 //! pool when its response body has been read to the end, and a request that a reused
 //! connection turned out to be closed for (no answer, or a `408` the upstream wrote as it closed
 //! the idle connection) is sent again on a new one. `https` upstreams go through hyper-util's
 //! pooling client, which adds TLS and HTTP/2.
 
-use crate::h1;
+pub mod h1;
+pub mod mock;
+
 use bytes::Bytes;
 use http::header::HOST;
 use http::uri::Scheme;
@@ -50,7 +52,7 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 /// An idle plain-HTTP connection, and when it became idle.
 struct Idle {
     conn: Conn,
-    /// When it went idle ([`crate::clock::mono_ms`]).
+    /// When it went idle ([`crate::rt::clock::mono_ms`]).
     since_ms: u64,
 }
 
@@ -146,7 +148,7 @@ impl Origin {
 /// Sends `req` (an absolute URI) and returns the response once its head has arrived.
 ///
 /// Connections are pooled per thread and driven by the request that uses them, so with the
-/// per-core runtime (see [`crate::cli`]) a request never hops threads on its way upstream and
+/// per-core runtime (see [`crate::app`]) a request never hops threads on its way upstream and
 /// back.
 pub async fn send(
     connect_timeout: Duration,
@@ -204,12 +206,12 @@ pub async fn send_to(
 }
 
 /// [`send_to`] for a plain-HTTP origin, with the request's head written beforehand (see
-/// [`crate::h1::RequestHead`], which must carry `Host`), and the response head due `by`
+/// [`crate::upstream::h1::RequestHead`], which must carry `Host`), and the response head due `by`
 /// (connecting included): after that the error [`is_timeout`](SendError::is_timeout).
 pub async fn send_with_head(
     origin: &Origin,
     connect_timeout: Duration,
-    head: &crate::h1::RequestHead,
+    head: &crate::upstream::h1::RequestHead,
     body: Bytes,
     by: tokio::time::Instant,
 ) -> Result<Response<UpstreamBody>, SendError> {
@@ -271,7 +273,7 @@ where
                     upstream = &*origin.addr,
                     "pooled connection closed before the request was written; sending it again"
                 );
-                metrics::counter!(crate::metrics::RESENDS).increment(1);
+                metrics::counter!(crate::telemetry::RESENDS).increment(1);
                 fresh_only = true;
             }
             Err(h1::Error::TimedOut) => return Err(SendError::timed_out()),
@@ -302,7 +304,7 @@ fn checkout(key: &str) -> Option<Conn> {
         let mut p = p.borrow_mut();
         let idle = p.get_mut(key)?;
         while let Some(i) = idle.pop_back() {
-            if crate::clock::mono_ms().saturating_sub(i.since_ms) > POOL_IDLE_MS {
+            if crate::rt::clock::mono_ms().saturating_sub(i.since_ms) > POOL_IDLE_MS {
                 // The rest are older still.
                 idle.clear();
                 break;
@@ -329,7 +331,7 @@ fn release(key: Arc<str>, mut conn: Conn) {
         }
         idle.push_back(Idle {
             conn,
-            since_ms: crate::clock::mono_ms(),
+            since_ms: crate::rt::clock::mono_ms(),
         });
     });
     if !SWEEPER.with(|s| s.replace(true))
@@ -349,7 +351,7 @@ async fn sweep_idle() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = crate::clock::mono_ms();
+        let now = crate::rt::clock::mono_ms();
         POOL.with(|p| {
             p.borrow_mut().retain(|_, idle| {
                 idle.retain(|i| {
@@ -437,7 +439,7 @@ enum Inner {
 impl UpstreamBody {
     /// Whether each frame holds everything the upstream had sent when it was polled (so a
     /// relay gains nothing by waiting for more before writing). hyper's client hands a body
-    /// over one chunk per poll; [`crate::h1`] hands over all that one read brought.
+    /// over one chunk per poll; [`crate::upstream::h1`] hands over all that one read brought.
     pub fn frames_are_whole_reads(&self) -> bool {
         matches!(self.inner, Inner::H1 { .. })
     }

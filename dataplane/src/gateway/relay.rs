@@ -43,7 +43,7 @@ pub struct SseRelay<B> {
     ready_bytes: usize,
     charge: Option<Charge>,
     /// The budget spend on its way to Redis: the stream ends once it is recorded.
-    recording: Option<crate::shared::Recorded>,
+    recording: Option<crate::limits::redis::Recorded>,
     seen_first_byte: bool,
     failed: Option<Box<dyn std::error::Error + Send + Sync>>,
     yields: u32,
@@ -81,7 +81,7 @@ impl<B> SseRelay<B> {
 
     /// Whether to put a write off for a poll or two while the upstream body keeps delivering
     /// (on by default). Off for a body whose every frame is all that was read from the upstream
-    /// ([`crate::h1`]): there, nothing more is ready when it says pending, and waiting would
+    /// ([`crate::upstream::h1`]): there, nothing more is ready when it says pending, and waiting would
     /// only cost wake-ups.
     pub fn wait_for_more(mut self, wait: bool) -> Self {
         self.wait_for_more = wait;
@@ -142,7 +142,7 @@ impl<B> SseRelay<B> {
     fn inspect(&mut self, complete: Bytes) {
         if let Some(c) = self.charge.as_mut() {
             // Counted only if the upstream never reports usage (see `Charge::sending`).
-            crate::usage::generated_text(&complete, |text| c.relayed(text));
+            crate::api::usage::generated_text(&complete, |text| c.relayed(text));
         }
         let mut from = 0;
         let mut search = 0;
@@ -155,7 +155,7 @@ impl<B> SseRelay<B> {
             let start = last_event_end(&complete[..at]).unwrap_or(0).max(from);
             let end = first_event_end(&complete[at..]).map_or(complete.len(), |p| at + p);
             let Some((usage, only_usage)) =
-                event_data(&complete[start..end]).and_then(|d| crate::usage::from_chunk(&d))
+                event_data(&complete[start..end]).and_then(|d| crate::api::usage::from_chunk(&d))
             else {
                 continue;
             };
@@ -193,7 +193,7 @@ pub fn fuzz_relay(
         relay.push(Bytes::copy_from_slice(frame));
         // As `inspect` would with a charge: the text counted when the upstream reports no usage.
         for b in &relay.ready {
-            crate::usage::generated_text(b, |_| {});
+            crate::api::usage::generated_text(b, |_| {});
         }
         if let Some(b) = relay.take_ready() {
             out.extend_from_slice(&b);

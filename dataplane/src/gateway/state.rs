@@ -2,9 +2,9 @@
 //! on reload), the usage ledger, and settings.
 
 use crate::accounting::Ledger;
+use crate::config::snapshot::{BuildError, Snapshot};
 use crate::limits::Registry;
 use crate::routing::Health;
-use crate::snapshot::{BuildError, Snapshot};
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ pub struct Settings {
     /// How long the listeners keep accepting after SIGTERM, with readiness failing.
     pub shutdown_delay: std::time::Duration,
     /// Bounds on the work a client connection may make the gateway wait on.
-    pub bounds: crate::connections::Bounds,
+    pub bounds: crate::http::connections::Bounds,
     /// Most client connections open at once across the process; 0 for no limit.
     pub max_connections: usize,
 }
@@ -37,7 +37,7 @@ impl Default for Settings {
             idle_timeout: std::time::Duration::from_secs(620),
             shutdown_timeout: std::time::Duration::from_secs(25),
             shutdown_delay: std::time::Duration::ZERO,
-            bounds: crate::connections::Bounds::default(),
+            bounds: crate::http::connections::Bounds::default(),
             max_connections: 10_000,
         }
     }
@@ -58,11 +58,11 @@ pub struct AppState {
     /// Prometheus renderer, when the binary installed the recorder.
     pub prometheus: Option<PrometheusHandle>,
     /// Where usage records go, if anywhere.
-    pub usage_log: Option<crate::usage_log::UsageLog>,
+    pub usage_log: Option<crate::accounting::usage_log::UsageLog>,
     /// The admin API, when a master key is set.
     pub admin: Option<crate::admin::Admin>,
     /// Counters shared through Redis, when `--redis-url` is set.
-    pub shared: Option<Arc<crate::shared::SharedLimits>>,
+    pub shared: Option<Arc<crate::limits::redis::SharedLimits>>,
     /// Set on SIGTERM: readiness fails from then on (see [`AppState::drain`]).
     pub draining: std::sync::atomic::AtomicBool,
     /// [`Stop::Stopping`] on SIGTERM or SIGINT, [`Stop::Now`] on a second one: every worker
@@ -90,9 +90,9 @@ impl AppState {
         config: &GatewayConfig,
         settings: Settings,
         prometheus: Option<PrometheusHandle>,
-        usage_log: Option<crate::usage_log::UsageLog>,
+        usage_log: Option<crate::accounting::usage_log::UsageLog>,
         admin: Option<crate::admin::Admin>,
-        shared: Option<Arc<crate::shared::SharedLimits>>,
+        shared: Option<Arc<crate::limits::redis::SharedLimits>>,
     ) -> Result<Arc<Self>, BuildError> {
         let ledger = Ledger::default();
         let limits = Registry::default();

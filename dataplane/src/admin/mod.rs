@@ -3,12 +3,12 @@
 //! `GET /spend/teams`, authorized by the master key (`--master-key`).
 //!
 //! Standalone, a generated key becomes a VirtualKey and a Secret in the generated-keys file the
-//! loader reads with the manifests ([`crate::loader::keys_file_for`]), so it survives restarts
+//! loader reads with the manifests ([`crate::config::loader::keys_file_for`]), so it survives restarts
 //! and goes through the same validation as a hand-written key. The Secret holds only the key's
 //! SHA-256 (`keySha256`): the key itself is shown once, in the response, and stored nowhere.
 
-use crate::error::ApiError;
-use crate::state::AppState;
+use crate::api::error::ApiError;
+use crate::gateway::state::AppState;
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -34,7 +34,7 @@ pub struct Admin {
 impl Admin {
     /// Admin API with `master_key`, storing keys beside `manifests`.
     pub fn new(master_key: &str, manifests: PathBuf) -> Self {
-        let keys_file = crate::loader::keys_file_for(&manifests);
+        let keys_file = crate::config::loader::keys_file_for(&manifests);
         Self {
             master: KeyHash::of(master_key),
             manifests,
@@ -44,7 +44,7 @@ impl Admin {
     }
 
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let presented = crate::auth::presented_key(headers).ok_or_else(|| {
+        let presented = crate::gateway::auth::presented_key(headers).ok_or_else(|| {
             ApiError::unauthorized(
                 "missing_api_key",
                 "The admin API needs the master key as `Authorization: Bearer <key>`.",
@@ -133,7 +133,7 @@ async fn commit(state: &AppState, a: &Admin, docs: Vec<Value>) -> Result<(), Api
     write_docs(&a.keys_file, &docs)
         .map_err(|e| ApiError::internal(format!("writing the keys file failed: {e}")))?;
     let manifests = a.manifests.clone();
-    let loaded = tokio::task::spawn_blocking(move || crate::loader::load(&manifests))
+    let loaded = tokio::task::spawn_blocking(move || crate::config::loader::load(&manifests))
         .await
         .map_err(|_| ApiError::internal("reload failed"))?;
     match loaded {
@@ -197,7 +197,7 @@ use tollgate_crds::admin::abbreviate;
 fn find_key(
     state: &AppState,
     key_or_token: &str,
-) -> Option<std::sync::Arc<crate::snapshot::RuntimeKey>> {
+) -> Option<std::sync::Arc<crate::config::snapshot::RuntimeKey>> {
     let snap = state.snapshot.load();
     if let Some(k) = snap.keys.get(&KeyHash::of(key_or_token)) {
         return Some(k.clone());
@@ -207,7 +207,7 @@ fn find_key(
         .and_then(|h| snap.keys.get(&h).cloned())
 }
 
-fn key_info(k: &crate::snapshot::RuntimeKey) -> Value {
+fn key_info(k: &crate::config::snapshot::RuntimeKey) -> Value {
     let c = &k.config;
     let period_spend = k
         .limits

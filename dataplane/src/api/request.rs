@@ -3,19 +3,19 @@
 //!
 //! The gateway decides on exactly the bytes the upstream reads: a body in which any object
 //! repeats a member name is refused (`400 duplicate_field`), since parsers disagree on which
-//! copy counts (see [`crate::json`]); the fields it reads for money (`model`, `stream`,
+//! copy counts (see [`crate::api::json`]); the fields it reads for money (`model`, `stream`,
 //! `stream_options`, `max_tokens`, `max_completion_tokens`, `n`) must have the documented type
 //! or the request is refused rather than read one way here and another upstream.
 //!
 //! The body is split once into its top-level fields, each kept as raw JSON text borrowed from
-//! the request (by [`crate::json::members`]; serde_json decides on bodies that scan refuses, and
+//! the request (by [`crate::api::json::members`]; serde_json decides on bodies that scan refuses, and
 //! words the error). Routing reads `model`, `stream` and `stream_options`; every other field (the
 //! messages, tools, images) is never decoded. When nothing must change the original bytes go
 //! upstream untouched; otherwise the fields are re-joined, copying raw slices, with only the
 //! changed values written anew.
 
-use crate::error::ApiError;
-use crate::json::{CowStr, Invalid};
+use crate::api::error::ApiError;
+use crate::api::json::{CowStr, Invalid};
 use bytes::Bytes;
 use std::borrow::Cow;
 
@@ -100,8 +100,8 @@ impl<'a> ParsedRequest<'a> {
     /// Splits `body` and checks the fields the gateway relies on.
     pub fn parse(body: &'a [u8], endpoint: Endpoint) -> Result<Self, ApiError> {
         let mut fields = Vec::with_capacity(8);
-        if crate::json::unique_members(body, |k, v| fields.push((k, v))).is_err() {
-            fields = crate::json::strict_members(body).map_err(|e| match e {
+        if crate::api::json::unique_members(body, |k, v| fields.push((k, v))).is_err() {
+            fields = crate::api::json::strict_members(body).map_err(|e| match e {
                 Invalid::Json(e) => ApiError::bad_request(
                     "invalid_json",
                     format!("The request body is not valid JSON ({e}). Send a JSON object with `model` and `{}`.", endpoint.required_field()),

@@ -9,7 +9,7 @@
 //! the key undoes what was taken. What is reserved:
 //!
 //! - one request, and one in flight;
-//! - the prompt tokens, estimated by [`crate::tokens`] (the model's tokenizer for OpenAI
+//! - the prompt tokens, estimated by [`crate::accounting::tokens`] (the model's tokenizer for OpenAI
 //!   models, else bytes / 4, an over-estimate for JSON bodies), corrected to the real prompt +
 //!   completion tokens on settlement;
 //! - the estimated cost (those prompt tokens at the input price, plus `max_tokens` at the
@@ -19,9 +19,11 @@
 //! can't slip past it; what can still exceed it is bounded by what is in flight. Subjects live
 //! in a [`Registry`] that outlives config reloads, so a reload never resets a window or a
 //! budget. These counters are per process; with `--redis-url` the limits and budgets are kept
-//! in Redis instead, shared by every replica ([`crate::shared`]).
+//! in Redis instead, shared by every replica ([`crate::limits::redis`]).
 
-use crate::error::ApiError;
+pub mod redis;
+
+use crate::api::error::ApiError;
 use http::{HeaderMap, StatusCode};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -220,7 +222,7 @@ impl Room {
         let digits = secs.format(self.reset_secs).as_bytes();
         reset[..digits.len()].copy_from_slice(digits);
         reset[digits.len()] = b's';
-        let reset = crate::values::header_value(&reset[..=digits.len()]);
+        let reset = crate::rt::values::header_value(&reset[..=digits.len()]);
         for (what, v) in [("requests", self.requests), ("tokens", self.tokens)] {
             let Some((limit, remaining)) = v else {
                 continue;
@@ -237,8 +239,8 @@ impl Room {
                     "x-ratelimit-reset-tokens",
                 ],
             };
-            h.insert(names[0], crate::values::number(limit));
-            h.insert(names[1], crate::values::number(remaining));
+            h.insert(names[0], crate::rt::values::number(limit));
+            h.insert(names[1], crate::rt::values::number(remaining));
             if let Some(r) = &reset {
                 h.insert(names[2], r.clone());
             }
@@ -383,8 +385,8 @@ pub struct Reservation {
     /// Reserved in this process, each with the minute it was taken in.
     held: Vec<Taken>,
     /// Reserved in Redis, each under the lease of the reserve that took it.
-    remote: Vec<crate::shared::Held>,
-    shared: Option<Arc<crate::shared::SharedLimits>>,
+    remote: Vec<crate::limits::redis::Held>,
+    shared: Option<Arc<crate::limits::redis::SharedLimits>>,
 }
 
 /// One subject's reservation in this process.
@@ -404,19 +406,21 @@ impl Reservation {
     /// of the attempt it replaces, whose release may reach Redis after it.
     pub fn add_shared(
         &mut self,
-        shared: Arc<crate::shared::SharedLimits>,
+        shared: Arc<crate::limits::redis::SharedLimits>,
         lease: Arc<str>,
         held: Vec<(Arc<Limited>, Ask)>,
         now: u64,
     ) {
         self.shared = Some(shared);
-        self.remote
-            .extend(held.into_iter().map(|(limited, ask)| crate::shared::Held {
-                limited,
-                ask,
-                lease: lease.clone(),
-                minute: now / 60,
-            }));
+        self.remote.extend(
+            held.into_iter()
+                .map(|(limited, ask)| crate::limits::redis::Held {
+                    limited,
+                    ask,
+                    lease: lease.clone(),
+                    minute: now / 60,
+                }),
+        );
     }
 
     /// Reserves `ask` on `limited`, adding it to this reservation.
@@ -475,7 +479,7 @@ impl Reservation {
         tokens: u64,
         cost: Picodollars,
         now: u64,
-    ) -> Option<crate::shared::Recorded> {
+    ) -> Option<crate::limits::redis::Recorded> {
         let mut recorded = None;
         if let Some(shared) = &self.shared
             && !self.remote.is_empty()
@@ -555,10 +559,10 @@ impl Registry {
     }
 }
 
-/// Seconds since the Unix epoch, from the coarse clock (see [`crate::clock`]).
+/// Seconds since the Unix epoch, from the coarse clock (see [`crate::rt::clock`]).
 #[inline]
 pub fn unix_now() -> u64 {
-    crate::clock::unix_secs()
+    crate::rt::clock::unix_secs()
 }
 
 /// Index of the budget period containing `now` (Unix seconds); see [`BudgetPeriod::index`].

@@ -45,7 +45,7 @@ pub const CONNECTIONS_REFUSED: &str = "tollgate_connections_refused_total";
 /// Client connections ended by a bound: `header_read`, `body_read` or `write_stall`.
 pub const CONNECTIONS_TIMED_OUT: &str = "tollgate_connections_timed_out_total";
 /// `tollgate_usage_stream_dropped_total`: usage records dropped from the Redis stream's backlog
-/// past [`crate::usage_log::STREAM_BACKLOG`] while Redis failed (the usage log file keeps them).
+/// past [`crate::accounting::usage_log::STREAM_BACKLOG`] while Redis failed (the usage log file keeps them).
 pub const USAGE_STREAM_DROPPED: &str = "tollgate_usage_stream_dropped_total";
 /// `tollgate_usage_log_compactions_total`: times the usage log passed `--usage-log-max-bytes`
 /// and was rewritten as per-subject totals.
@@ -182,7 +182,7 @@ pub fn render_ledger(ledger: &Ledger, per_key: bool, out: &mut String) {
 
 /// Routing gauges from the current snapshot: endpoints per state and requests in flight, per
 /// deployment.
-pub fn render_routes(snapshot: &crate::snapshot::Snapshot, out: &mut String) {
+pub fn render_routes(snapshot: &crate::config::snapshot::Snapshot, out: &mut String) {
     use crate::routing::RouteState;
     let _ = writeln!(
         out,

@@ -214,9 +214,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         }
         // When the request went out whole: a connection that ends at once after that (see
         // `RACE_MS`) ended as the request arrived, not while the upstream worked on it.
-        let written_ms = crate::clock::mono_ms();
+        let written_ms = crate::rt::clock::mono_ms();
         let ended = |e: Option<std::io::Error>| {
-            if crate::clock::mono_ms().saturating_sub(written_ms) <= RACE_MS {
+            if crate::rt::clock::mono_ms().saturating_sub(written_ms) <= RACE_MS {
                 Error::Closed(e)
             } else {
                 Error::ClosedAfterWrite(e)

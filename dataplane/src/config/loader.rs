@@ -5,7 +5,7 @@
 //! error never replaces the running one: each error is logged with the object and field at
 //! fault, and the old config keeps serving.
 
-use crate::state::AppState;
+use crate::gateway::state::AppState;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -141,7 +141,7 @@ pub async fn watch(
             .and_then(|c| state.install(&c).map(|()| c).map_err(|e| e.to_string()))
         {
             Ok(config) => {
-                metrics::counter!(crate::metrics::RELOADS, "result" => "success").increment(1);
+                metrics::counter!(crate::telemetry::RELOADS, "result" => "success").increment(1);
                 tracing::info!(
                     config_hash = config.content_hash(),
                     models = config.models.len(),
@@ -150,7 +150,7 @@ pub async fn watch(
                 );
             }
             Err(errors) => {
-                metrics::counter!(crate::metrics::RELOADS, "result" => "rejected").increment(1);
+                metrics::counter!(crate::telemetry::RELOADS, "result" => "rejected").increment(1);
                 tracing::error!(path = %path.display(), "manifests not reloaded; still serving the previous config: {errors}");
             }
         }

@@ -11,7 +11,7 @@
 //! take a route out for `duration`; after that it is half-open, serving one request at a time
 //! until one succeeds (closed again) or fails (straight back to cooldown).
 
-use crate::snapshot::RuntimeDeployment;
+use crate::config::snapshot::RuntimeDeployment;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -20,11 +20,11 @@ use tollgate_crds::config::{CooldownConfig, PolicyConfig};
 use tollgate_crds::policy::RetryOn;
 use tollgate_crds::policy::Strategy;
 
-/// Milliseconds on a monotonic clock (never 0), from the coarse clock (see [`crate::clock`]):
+/// Milliseconds on a monotonic clock (never 0), from the coarse clock (see [`crate::rt::clock`]):
 /// cooldowns and scrape ages need no finer.
 #[inline]
 pub fn now_ms() -> u64 {
-    crate::clock::mono_ms()
+    crate::rt::clock::mono_ms()
 }
 
 /// Queue gauges scraped from a vLLM-style `/metrics` endpoint.
@@ -339,7 +339,11 @@ impl Policy {
     /// timeout on a priced deployment is not: the request may be running upstream, which bills
     /// it (the attempt is charged an estimate), and a retry would pay for it twice. Naming
     /// `timeout` in `retryOn` opts in.
-    pub fn retries_on(&self, class: RetryOn, d: &crate::snapshot::RuntimeDeployment) -> bool {
+    pub fn retries_on(
+        &self,
+        class: RetryOn,
+        d: &crate::config::snapshot::RuntimeDeployment,
+    ) -> bool {
         match &self.retry_on {
             Some(r) => r.contains(&class),
             None => class != RetryOn::Timeout || d.pricing == Default::default(),
@@ -544,7 +548,7 @@ pub fn parse_vllm_metrics(text: &str) -> Option<QueueGauges> {
 
 /// Scrapes the `/metrics` of every endpoint of every queue-aware group, every `interval`, for
 /// as long as the process runs. Reads the current snapshot each round, so reloads are followed.
-pub async fn scrape_queues(state: Arc<crate::state::AppState>, interval: Duration) {
+pub async fn scrape_queues(state: Arc<crate::gateway::state::AppState>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let timeout = interval.clamp(Duration::from_millis(100), Duration::from_secs(2));
@@ -557,11 +561,11 @@ pub async fn scrape_queues(state: Arc<crate::state::AppState>, interval: Duratio
             .filter(|g| g.policy.strategy == Strategy::QueueAware)
             .flat_map(|g| g.routes.iter())
             .filter_map(|r| match &r.deployment.target {
-                crate::snapshot::Target::Upstream { endpoints, .. } => endpoints
+                crate::config::snapshot::Target::Upstream { endpoints, .. } => endpoints
                     .get(r.endpoint)
                     .and_then(|e| e.metrics.clone())
                     .map(|u| (u, r.stats.clone())),
-                crate::snapshot::Target::Mock(_) => None,
+                crate::config::snapshot::Target::Mock(_) => None,
             })
             .collect();
         if targets.is_empty() {
@@ -583,7 +587,7 @@ pub async fn scrape_queues(state: Arc<crate::state::AppState>, interval: Duratio
 /// Probes every endpoint of every deployment with a `healthCheck`, each on its own interval,
 /// for as long as the process runs. A failed probe is a failure like a failed request (it can
 /// start a cooldown); a passing one ends a cooldown.
-pub async fn probe_endpoints(state: Arc<crate::state::AppState>) {
+pub async fn probe_endpoints(state: Arc<crate::gateway::state::AppState>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -592,7 +596,7 @@ pub async fn probe_endpoints(state: Arc<crate::state::AppState>) {
         let now = now_ms();
         for g in snapshot.groups.values() {
             for r in &g.routes {
-                let (Some(h), crate::snapshot::Target::Upstream { endpoints, auth }) =
+                let (Some(h), crate::config::snapshot::Target::Upstream { endpoints, auth }) =
                     (&r.deployment.health_check, &r.deployment.target)
                 else {
                     continue;
@@ -623,7 +627,7 @@ pub async fn probe_endpoints(state: Arc<crate::state::AppState>) {
                     } else {
                         stats.last_probe.store(2, Relaxed);
                         if stats.failure(&cooldown, started.elapsed()) {
-                            metrics::counter!(crate::metrics::COOLDOWNS, "model" => model.to_string(), "deployment" => id.to_string()).increment(1);
+                            metrics::counter!(crate::telemetry::COOLDOWNS, "model" => model.to_string(), "deployment" => id.to_string()).increment(1);
                             tracing::warn!(
                                 deployment = &*id,
                                 "health probe failed; endpoint cooling down"
@@ -657,7 +661,7 @@ async fn scrape(uri: http::Uri) -> Option<QueueGauges> {
 
 /// The health of every route, as `GET /health` shows it (no URLs, no secrets), and whether any
 /// route of any model can serve.
-pub fn health_report(snapshot: &crate::snapshot::Snapshot) -> (serde_json::Value, bool) {
+pub fn health_report(snapshot: &crate::config::snapshot::Snapshot) -> (serde_json::Value, bool) {
     use serde_json::json;
     let now = now_ms();
     let mut healthy = Vec::new();

@@ -21,8 +21,8 @@
 //! both and never neither.
 
 use crate::accounting::Ledger;
+use crate::config::snapshot::Snapshot;
 use crate::limits::{Registry, Scope, period_index};
-use crate::snapshot::Snapshot;
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -147,7 +147,7 @@ impl UsageLog {
             let mut pending: std::collections::VecDeque<UsageRecord> = Default::default();
             let keep = |pending: &mut std::collections::VecDeque<UsageRecord>, r| {
                 if push_bounded(pending, r, STREAM_BACKLOG) {
-                    metrics::counter!(crate::metrics::USAGE_STREAM_DROPPED).increment(1);
+                    metrics::counter!(crate::telemetry::USAGE_STREAM_DROPPED).increment(1);
                 }
             };
             let mut closing = None;
@@ -187,7 +187,7 @@ impl UsageLog {
                             pending.drain(..n);
                         }
                         Err(e) => {
-                            metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => "usage_stream")
+                            metrics::counter!(crate::telemetry::REDIS_ERRORS, "op" => "usage_stream")
                                 .increment(1);
                             tracing::debug!("usage stream append failed, retrying: {e}");
                             if closing.is_some() {
@@ -550,7 +550,7 @@ fn compact_file(
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::File::open(dir)?.sync_all()?;
     }
-    metrics::counter!(crate::metrics::USAGE_LOG_COMPACTIONS).increment(1);
+    metrics::counter!(crate::telemetry::USAGE_LOG_COMPACTIONS).increment(1);
     tracing::info!(
         path = %path.display(),
         records = read,

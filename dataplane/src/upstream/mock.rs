@@ -2,7 +2,7 @@
 //! latency and chunking. The same code serves in-process (provider `mock`) and as a real HTTP
 //! server (the `tollgate-mock` binary, used by benchmarks and tests as an upstream).
 
-use crate::request::{Endpoint, ParsedRequest};
+use crate::api::request::{Endpoint, ParsedRequest};
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::StreamExt;

@@ -127,7 +127,7 @@ impl Deadline {
 
 /// Counts a connection or request ended by one of the [`Bounds`].
 pub fn timed_out(which: &'static str) {
-    metrics::counter!(crate::metrics::CONNECTIONS_TIMED_OUT, "timeout" => which).increment(1);
+    metrics::counter!(crate::telemetry::CONNECTIONS_TIMED_OUT, "timeout" => which).increment(1);
 }
 
 /// The socket of a connection hyper serves, with the [`Bounds`] hyper doesn't keep as the data

@@ -4,7 +4,10 @@
 //! Counters are atomics owned by a [`Ledger`] that outlives config reloads, so a reload never
 //! resets spend; the snapshot holds `Arc`s to them so the hot path touches no map and no lock.
 
-use crate::snapshot::{RuntimeDeployment, RuntimeKey};
+pub mod tokens;
+pub mod usage_log;
+
+use crate::config::snapshot::{RuntimeDeployment, RuntimeKey};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -104,7 +107,7 @@ impl Outcome {
     /// The outcome of a request dropped before its end: [`Outcome::Shutdown`] once shutdown has
     /// cut the requests still running, else [`Outcome::ClientGone`].
     pub fn dropped() -> Self {
-        if crate::connections::cutting() {
+        if crate::http::connections::cutting() {
             Outcome::Shutdown
         } else {
             Outcome::ClientGone
@@ -129,11 +132,11 @@ impl Outcome {
 pub struct Charge {
     request_id: http::HeaderValue,
     /// The request as the client sent it, for the estimate.
-    request: Option<(bytes::Bytes, crate::request::Endpoint)>,
+    request: Option<(bytes::Bytes, crate::api::request::Endpoint)>,
     /// The current attempt's request went upstream and no answer says it did no work.
     sent: bool,
     /// The sequence number of the usage log's open record (see
-    /// [`crate::usage_log::UsageLog::next_seq`]) once the request first went upstream, else 0.
+    /// [`crate::accounting::usage_log::UsageLog::next_seq`]) once the request first went upstream, else 0.
     opened: u64,
     /// Earlier attempts that went upstream and timed out: estimated tokens and cost.
     unbilled: (TokenUsage, Picodollars),
@@ -144,7 +147,7 @@ pub struct Charge {
     started: Instant,
     first_byte: Option<Instant>,
     reservation: crate::limits::Reservation,
-    log: Option<crate::usage_log::UsageLog>,
+    log: Option<crate::accounting::usage_log::UsageLog>,
     in_flight: Option<crate::routing::InFlight>,
     /// The current deployment's failed attempt is already counted in its metrics.
     attempt_counted: bool,
@@ -159,7 +162,7 @@ impl Charge {
         deployment: Arc<RuntimeDeployment>,
         started: Instant,
         reservation: crate::limits::Reservation,
-        log: Option<crate::usage_log::UsageLog>,
+        log: Option<crate::accounting::usage_log::UsageLog>,
     ) -> Self {
         Self {
             request_id,
@@ -182,7 +185,11 @@ impl Charge {
 
     /// Keeps the request's body, from which the prompt is estimated should the upstream do work
     /// and report no usage.
-    pub fn with_request(mut self, body: bytes::Bytes, endpoint: crate::request::Endpoint) -> Self {
+    pub fn with_request(
+        mut self,
+        body: bytes::Bytes,
+        endpoint: crate::api::request::Endpoint,
+    ) -> Self {
         self.request = Some((body, endpoint));
         self
     }
@@ -195,23 +202,23 @@ impl Charge {
     /// With a usage log file, the first attempt sent also writes an open record at the cost
     /// `reserved` gives (the prompt estimate, and `max_tokens` at the output price): should the
     /// process be killed before the request settles, the next start charges that (see
-    /// [`crate::usage_log::replay`]).
+    /// [`crate::accounting::usage_log::replay`]).
     pub fn sending(&mut self, reserved: impl FnOnce() -> crate::limits::Ask) {
         self.sent = true;
         if self.opened == 0
             && let Some(log) = self.log.as_ref().filter(|l| l.has_file())
         {
             let ask = reserved();
-            self.opened = crate::usage_log::UsageLog::next_seq();
+            self.opened = crate::accounting::usage_log::UsageLog::next_seq();
             log.open_record(self.record(
-                crate::usage_log::UsageLog::id_of(self.opened),
+                crate::accounting::usage_log::UsageLog::id_of(self.opened),
                 TokenUsage {
                     prompt: ask.tokens,
                     completion: 0,
                     cached: 0,
                 },
                 ask.cost,
-                crate::usage_log::OPEN,
+                crate::accounting::usage_log::OPEN,
                 UsageSource::Estimated,
             ));
         }
@@ -225,9 +232,9 @@ impl Charge {
         cost: Picodollars,
         outcome: &str,
         usage_source: UsageSource,
-    ) -> crate::usage_log::UsageRecord {
+    ) -> crate::accounting::usage_log::UsageRecord {
         let d = &self.deployment;
-        crate::usage_log::UsageRecord {
+        crate::accounting::usage_log::UsageRecord {
             id,
             request_id: self.request_id.to_str().unwrap_or("").to_string(),
             ts_ms: std::time::SystemTime::now()
@@ -264,10 +271,14 @@ impl Charge {
     fn estimate(&self) -> TokenUsage {
         let family = self.deployment.tokens;
         let prompt = match &self.request {
-            Some((body, endpoint)) => match crate::request::ParsedRequest::parse(body, *endpoint) {
-                Ok(parsed) => crate::tokens::estimate(family, *endpoint, &parsed, body),
-                Err(_) => (body.len() as u64 / 4).max(1),
-            },
+            Some((body, endpoint)) => {
+                match crate::api::request::ParsedRequest::parse(body, *endpoint) {
+                    Ok(parsed) => {
+                        crate::accounting::tokens::estimate(family, *endpoint, &parsed, body)
+                    }
+                    Err(_) => (body.len() as u64 / 4).max(1),
+                }
+            }
             None => 0,
         };
         TokenUsage {
@@ -388,7 +399,7 @@ impl Charge {
         if let Some(log) = &self.log {
             let id = match self.opened {
                 0 => String::new(),
-                seq => crate::usage_log::UsageLog::id_of(seq),
+                seq => crate::accounting::usage_log::UsageLog::id_of(seq),
             };
             log.record(self.record(id, u, cost, outcome.as_str(), source));
         }
@@ -415,7 +426,7 @@ impl Charge {
 pub struct Settled {
     /// What the request cost.
     pub cost: Picodollars,
-    recorded: Option<crate::shared::Recorded>,
+    recorded: Option<crate::limits::redis::Recorded>,
 }
 
 impl Settled {
@@ -430,7 +441,7 @@ impl Settled {
     }
 
     /// The spend still on its way to Redis, if any.
-    pub fn pending(self) -> Option<crate::shared::Recorded> {
+    pub fn pending(self) -> Option<crate::limits::redis::Recorded> {
         self.recorded
     }
 }
@@ -462,11 +473,11 @@ impl Relayed {
     }
 
     /// Completion tokens of the text, as a model of `family` counts them.
-    fn tokens(&self, family: crate::tokens::Family) -> u64 {
+    fn tokens(&self, family: crate::accounting::tokens::Family) -> u64 {
         if self.text.is_empty() && self.overflow == 0 {
             return 0;
         }
-        crate::tokens::count_text(family, &String::from_utf8_lossy(&self.text))
+        crate::accounting::tokens::count_text(family, &String::from_utf8_lossy(&self.text))
             .saturating_add(self.overflow.div_ceil(4))
     }
 }

@@ -26,7 +26,7 @@
 //! The counts equal bpe-openai's (itself tested against tiktoken): see the tests below and the
 //! fuzz target `tokens_count`.
 
-use crate::request::{Endpoint, ParsedRequest};
+use crate::api::request::{Endpoint, ParsedRequest};
 use serde_json::Value;
 use std::hash::BuildHasher;
 

@@ -1,23 +1,23 @@
 //! HTTP surface: the listener, routes, thin handlers, request ids.
 //!
 //! Connections are served by hyper's HTTP/1.1 server, or its HTTP/2 server for clients that
-//! open with HTTP/2's preface (h2c), behind the bounds of [`crate::connections`] ([`serve`]).
+//! open with HTTP/2's preface (h2c), behind the bounds of [`crate::http::connections`] ([`serve`]).
 //! (Until December 2026 HTTP/1.1 was served by a loop of the data plane's own; a same-run A/B
 //! found it no faster at c=64, see `docs/benchmarks.md`, and it needed a list of the headers
 //! each path reads.) The three proxied endpoints (`POST /v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings`, with or without `/v1`) go straight to
-//! [`crate::proxy::handle`]; everything else (models, health, metrics, admin, 404/405) goes
+//! [`crate::gateway::handle`]; everything else (models, health, metrics, admin, 404/405) goes
 //! through the axum [`router`]. Skipping the router on the hot path saves its matching, boxing
 //! and the tower layers: about a tenth of the gateway's own CPU per request (see
 //! `docs/benchmarks.md`).
 //!
 //! Every response carries `x-request-id` (the client's, or a new one), and every error is
-//! OpenAI-shaped (see [`crate::error`]).
+//! OpenAI-shaped (see [`crate::api::error`]).
 
-use crate::connections::{Bounded, Connections, InFlight};
-use crate::error::{ApiError, ErrorSource};
-use crate::request::Endpoint;
-use crate::state::AppState;
+use crate::api::error::{ApiError, ErrorSource};
+use crate::api::request::Endpoint;
+use crate::gateway::state::AppState;
+use crate::http::connections::{Bounded, Connections, InFlight};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -64,7 +64,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 ///
 /// HTTP/1.1, and HTTP/2 for clients that start with its preface (h2c, as meshes and
 /// `appProtocol: h2c` backends do). Connections idle for the idle timeout are closed (see
-/// [`crate::connections`]).
+/// [`crate::http::connections`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -93,7 +93,7 @@ pub async fn serve(
         // Past --max-connections: closed at once (the client sees the connection end before
         // any answer), counted.
         let Some(slot) = Slot::take(&shared.state) else {
-            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
+            metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED).increment(1);
             drop(tcp);
             continue;
         };
@@ -104,7 +104,7 @@ pub async fn serve(
         let registration = conns.open();
         let streams = Streams(conns.clone());
         // Tracked: its polls are the work that keeps a busy-polling thread polling.
-        tokio::spawn(crate::busy_poll::tracked(async move {
+        tokio::spawn(crate::rt::busy_poll::tracked(async move {
             let _slot = slot;
             let state = &registration.state;
             let bounds = shared.state.settings.bounds;
@@ -117,7 +117,7 @@ pub async fn serve(
                     Ok(Ok(h2)) => h2,
                     Ok(Err(_)) => return,
                     Err(_) => {
-                        crate::connections::timed_out("header_read");
+                        crate::http::connections::timed_out("header_read");
                         return;
                     }
                 },
@@ -163,7 +163,9 @@ pub async fn serve(
     drop(listener);
     let mut stop = shared.state.stop.subscribe();
     let now = async move {
-        let _ = stop.wait_for(|s| *s == crate::state::Stop::Now).await;
+        let _ = stop
+            .wait_for(|s| *s == crate::gateway::state::Stop::Now)
+            .await;
     };
     conns
         .shutdown(shared.state.settings.shutdown_timeout, now)
@@ -182,7 +184,7 @@ where
 {
     fn execute(&self, fut: F) {
         let task = self.0.task();
-        tokio::spawn(crate::busy_poll::tracked(async move {
+        tokio::spawn(crate::rt::busy_poll::tracked(async move {
             fut.await;
             drop(task);
         }));
@@ -190,7 +192,7 @@ where
 }
 
 /// A response body that counts its request finished when it is dropped (sent, or abandoned by
-/// a client that went away), for the idle timeout (see [`crate::connections`]).
+/// a client that went away), for the idle timeout (see [`crate::http::connections`]).
 struct Tracked {
     body: Body,
     #[expect(dead_code, reason = "held for its Drop")]
@@ -362,7 +364,7 @@ fn request_id<B>(req: &http::Request<B>) -> HeaderValue {
     for (i, b) in hex.iter_mut().enumerate() {
         *b = b"0123456789abcdef"[((id >> (4 * (19 - i))) & 0xf) as usize];
     }
-    crate::values::header_value(&hex).unwrap_or(HeaderValue::from_static("0"))
+    crate::rt::values::header_value(&hex).unwrap_or(HeaderValue::from_static("0"))
 }
 
 async fn proxied<B>(state: &AppState, endpoint: Endpoint, req: http::Request<B>) -> Response
@@ -373,7 +375,7 @@ where
     let rid = request_id(&req);
     let rid_str = rid.to_str().unwrap_or("");
     let http1 = req.version() < http::Version::HTTP_2;
-    let mut resp = match crate::proxy::handle(state, endpoint, req, &rid).await {
+    let mut resp = match crate::gateway::handle(state, endpoint, req, &rid).await {
         Ok(r) => r,
         Err(e) => {
             log_error(&e, rid_str, endpoint);
@@ -403,7 +405,7 @@ where
 }
 
 fn log_error(e: &ApiError, request_id: &str, endpoint: Endpoint) {
-    metrics::counter!(crate::metrics::REJECTED, "code" => e.code).increment(1);
+    metrics::counter!(crate::telemetry::REJECTED, "code" => e.code).increment(1);
     match e.source {
         ErrorSource::Client => {
             tracing::debug!(
@@ -437,7 +439,7 @@ async fn models(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let rid = request_id(&req);
     let snapshot = state.snapshot.load();
     let now = crate::limits::unix_now() as i64;
-    let mut resp = match crate::auth::authenticate(&snapshot, req.headers(), now) {
+    let mut resp = match crate::gateway::auth::authenticate(&snapshot, req.headers(), now) {
         Ok(key) => {
             let mut names: Vec<&String> =
                 snapshot.groups.keys().filter(|m| key.allows(m)).collect();
@@ -495,9 +497,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .as_ref()
         .map(|p| p.render())
         .unwrap_or_default();
-    crate::metrics::render_ledger(&state.ledger, state.settings.per_key_metrics, &mut out);
-    crate::metrics::render_routes(&state.snapshot.load(), &mut out);
-    crate::busy_poll::render(&mut out);
+    crate::telemetry::render_ledger(&state.ledger, state.settings.per_key_metrics, &mut out);
+    crate::telemetry::render_routes(&state.snapshot.load(), &mut out);
+    crate::rt::busy_poll::render(&mut out);
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -555,7 +557,7 @@ async fn admin_body(
     let read = axum::body::to_bytes(body, MAX_ADMIN_BODY);
     let bytes = tokio::time::timeout(state.settings.bounds.body_read, read)
         .await
-        .map_err(|_| crate::proxy::body_timed_out())?
+        .map_err(|_| crate::gateway::body_timed_out())?
         .map_err(|_| ApiError::too_large(MAX_ADMIN_BODY))?;
     Ok((parts.headers, bytes))
 }

@@ -4,10 +4,10 @@
 //! never changes a request mid-flight.
 
 use crate::accounting::{Ledger, Outcome, UsageCounters};
+use crate::api::request::Endpoint;
 use crate::limits::{Limited, Registry, Rules, Scope};
-use crate::mock::Mock;
-use crate::request::Endpoint;
 use crate::routing::{Health, Policy, Route};
+use crate::upstream::mock::Mock;
 use http::{HeaderValue, Uri};
 use metrics::{Counter, Histogram};
 use std::collections::{HashMap, HashSet};
@@ -57,16 +57,16 @@ pub struct DeploymentMetrics {
 
 impl DeploymentMetrics {
     fn new(model: &str, id: &str) -> Self {
-        let counter = |outcome: &'static str| metrics::counter!(crate::metrics::REQUESTS, "model" => model.to_string(), "deployment" => id.to_string(), "outcome" => outcome);
+        let counter = |outcome: &'static str| metrics::counter!(crate::telemetry::REQUESTS, "model" => model.to_string(), "deployment" => id.to_string(), "outcome" => outcome);
         Self {
             success: counter(Outcome::Success.as_str()),
             upstream_error: counter(Outcome::UpstreamError.as_str()),
             client_gone: counter(Outcome::ClientGone.as_str()),
             shutdown: counter(Outcome::Shutdown.as_str()),
             rejected: counter(Outcome::Rejected.as_str()),
-            estimated: metrics::counter!(crate::metrics::ESTIMATED, "model" => model.to_string(), "deployment" => id.to_string()),
-            duration: metrics::histogram!(crate::metrics::DURATION, "model" => model.to_string(), "deployment" => id.to_string()),
-            ttfb: metrics::histogram!(crate::metrics::TTFB, "model" => model.to_string(), "deployment" => id.to_string()),
+            estimated: metrics::counter!(crate::telemetry::ESTIMATED, "model" => model.to_string(), "deployment" => id.to_string()),
+            duration: metrics::histogram!(crate::telemetry::DURATION, "model" => model.to_string(), "deployment" => id.to_string()),
+            ttfb: metrics::histogram!(crate::telemetry::TTFB, "model" => model.to_string(), "deployment" => id.to_string()),
         }
     }
 
@@ -98,14 +98,14 @@ pub struct UpstreamEndpoint {
     pub probe: Option<Uri>,
 }
 
-/// A plain-HTTP upstream endpoint, served through [`crate::h1`].
+/// A plain-HTTP upstream endpoint, served through [`crate::upstream::h1`].
 #[derive(Debug)]
 pub struct PlainHttp {
     /// Where the connections go.
     pub origin: crate::upstream::Origin,
     /// The request head per API endpoint (indexed by [`Endpoint::index`]): request line,
     /// `Host`, `Content-Type` and the deployment's `Authorization`, written once per config.
-    pub heads: [crate::h1::RequestHead; 3],
+    pub heads: [crate::upstream::h1::RequestHead; 3],
 }
 
 /// Where a deployment's requests go.
@@ -146,7 +146,7 @@ pub struct RuntimeDeployment {
     /// Context window in tokens, if known.
     pub context_window: Option<u32>,
     /// How prompt tokens are estimated for this deployment's model.
-    pub tokens: crate::tokens::Family,
+    pub tokens: crate::accounting::tokens::Family,
     /// Active health probe settings.
     pub health_check: Option<tollgate_crds::config::HealthCheckConfig>,
     /// Usage (shared across reloads).
@@ -240,7 +240,7 @@ fn upstream_endpoint(
                 (&http::header::CONTENT_TYPE, &json),
             ];
             let auth = auth.map(|a| (&http::header::AUTHORIZATION, a));
-            crate::h1::RequestHead::post(
+            crate::upstream::h1::RequestHead::post(
                 u.path_and_query().map_or("/", |pq| pq.as_str()),
                 headers.into_iter().chain(auth),
             )
@@ -378,7 +378,7 @@ impl Snapshot {
                     pricing: d.pricing,
                     timeouts: d.timeouts,
                     context_window: d.context_window,
-                    tokens: crate::tokens::Family::of(&d.upstream_model),
+                    tokens: crate::accounting::tokens::Family::of(&d.upstream_model),
                     health_check: d.health_check.clone(),
                     usage: ledger.deployment(name, &d.id),
                     limits: registry.limited(

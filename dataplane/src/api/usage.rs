@@ -43,13 +43,13 @@ struct WithUsage {
 /// Usage of a complete response body; `Err` when the body isn't a JSON object. The whole body
 /// is checked (a 2xx that isn't JSON is the upstream's failure), but only `usage` is decoded.
 ///
-/// The body is scanned by [`crate::json::members`]; what the scan refuses goes to serde_json,
+/// The body is scanned by [`crate::api::json::members`]; what the scan refuses goes to serde_json,
 /// which decides (and may still accept it: a body the scan leaves to it, like one nested too
 /// deeply, or a top-level array, which serde reads as the struct's fields in order).
 pub fn from_response(body: &[u8]) -> Result<Option<TokenUsage>, serde_json::Error> {
     let mut usage = None;
     let mut seen = 0;
-    let scanned = crate::json::members(body, |key, value| {
+    let scanned = crate::api::json::members(body, |key, value| {
         if key == "usage" {
             usage = Some(value);
             seen += 1;
@@ -208,7 +208,7 @@ data: {"choices":[{"text":"done","delta":{"content":null,"reasoning_content":"hm
             br#"{"usage":null,"data":[{"embedding":[0.1,-2e-3]}]}"#,
         ];
         let mut with_usage = 0;
-        for body in (0..2).flat_map(|seed| crate::json::mutations(seeds, 20_000, seed)) {
+        for body in (0..2).flat_map(|seed| crate::api::json::mutations(seeds, 20_000, seed)) {
             // The same usage, or the same error, word for word.
             let fast = from_response(&body).map_err(|e| e.to_string());
             assert_eq!(

@@ -1,8 +1,8 @@
 //! Virtual-key authentication: the key from `Authorization: Bearer` or `x-api-key`, looked up by
 //! its SHA-256. Keys are never stored or compared in the clear, and never logged or echoed.
 
-use crate::error::ApiError;
-use crate::snapshot::{RuntimeKey, Snapshot};
+use crate::api::error::ApiError;
+use crate::config::snapshot::{RuntimeKey, Snapshot};
 use http::HeaderMap;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
