@@ -1,5 +1,5 @@
 //! Turns the tiktoken vocabularies in `data/` (`cl100k_base`, `o200k_base`: one base64 token and
-//! its rank per line, gzipped) into two flat files each in `OUT_DIR`, which `src/tokens.rs`
+//! its rank per line, gzipped) into two flat files each in `OUT_DIR`, which `src/accounting/tokens.rs`
 //! embeds: `NAME.bytes`, every token's bytes in rank order, one after the other, and
 //! `NAME.ends`, where each ends (little-endian u32). No parsing at run time, and the tables sit
 //! in the binary's read-only pages until a count needs them.

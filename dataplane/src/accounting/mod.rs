@@ -4,10 +4,12 @@
 //! Counters are atomics owned by a [`Ledger`] that outlives config reloads, so a reload never
 //! resets spend; the snapshot holds `Arc`s to them so the hot path touches no map and no lock.
 
+pub mod render;
 pub mod tokens;
 pub mod usage_log;
 
-use crate::config::snapshot::{RuntimeDeployment, RuntimeKey};
+use crate::config::snapshot::RuntimeKey;
+use crate::routing::RuntimeDeployment;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -319,8 +321,10 @@ impl Charge {
             self.sent = false;
             self.relayed = Relayed::default();
         }
-        self.reservation
-            .release(crate::limits::Scope::Deployment, crate::limits::unix_now());
+        self.reservation.release(
+            crate::limits::Scope::Deployment,
+            crate::rt::clock::unix_secs(),
+        );
     }
 
     /// Moves the request to `next` for its next attempt.
@@ -394,7 +398,7 @@ impl Charge {
         let recorded = self.reservation.settle(
             u.prompt.saturating_add(u.completion),
             cost,
-            crate::limits::unix_now(),
+            crate::rt::clock::unix_secs(),
         );
         if let Some(log) = &self.log {
             let id = match self.opened {

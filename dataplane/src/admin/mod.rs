@@ -170,13 +170,14 @@ pub async fn generate(
             )
         })?
     };
-    let g = tollgate_crds::admin::build(req, "default", crate::limits::unix_now() as i64, || {
-        new_key().map_err(|e| tollgate_crds::admin::AdminError {
-            code: e.code,
-            message: e.message.into_owned(),
+    let g =
+        tollgate_crds::admin::build(req, "default", crate::rt::clock::unix_secs() as i64, || {
+            new_key().map_err(|e| tollgate_crds::admin::AdminError {
+                code: e.code,
+                message: e.message.into_owned(),
+            })
         })
-    })
-    .map_err(|e| ApiError::bad_request(e.code, e.message))?;
+        .map_err(|e| ApiError::bad_request(e.code, e.message))?;
     let _guard = a.write.lock().await;
     if state.snapshot.load().keys.contains_key(&g.hash) {
         return Err(ApiError::bad_request(
@@ -212,7 +213,7 @@ fn key_info(k: &crate::config::snapshot::RuntimeKey) -> Value {
     let period_spend = k
         .limits
         .as_ref()
-        .map(|l| l.period_spend(crate::limits::unix_now()).to_string());
+        .map(|l| l.period_spend(crate::rt::clock::unix_secs()).to_string());
     json!({
         "token": serde_json::to_value(c.hash).unwrap_or_default(),
         "tollgate_id": c.id,

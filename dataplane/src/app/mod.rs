@@ -366,7 +366,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         idle_timeout: args.idle_timeout,
         shutdown_timeout: args.shutdown_timeout,
         shutdown_delay: args.shutdown_delay,
-        bounds: crate::http::connections::Bounds {
+        bounds: crate::gateway::state::Bounds {
             header_read: args.header_read_timeout,
             body_read: args.body_read_timeout,
             write_stall: args.write_stall_timeout,
@@ -417,7 +417,7 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
             &state.snapshot.load(),
             &state.ledger,
             &state.limits,
-            crate::limits::unix_now(),
+            crate::rt::clock::unix_secs(),
         )
         .with_context(|| format!("reading the usage log {}", path.display()))?;
         tracing::info!(records = r.records, skipped = r.skipped, path = %path.display(), "usage log replayed");
@@ -433,9 +433,13 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
             }
         }
     }
-    tokio::spawn(crate::routing::probe_endpoints(state.clone()));
-    tokio::spawn(crate::routing::scrape_queues(
-        state.clone(),
+    let current = {
+        let state = state.clone();
+        move || state.snapshot.load_full()
+    };
+    tokio::spawn(crate::routing::probe::probe_endpoints(current.clone()));
+    tokio::spawn(crate::routing::probe::scrape_queues(
+        current,
         args.queue_scrape_interval,
     ));
     match (cluster, &args.manifests) {

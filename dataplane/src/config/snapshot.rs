@@ -3,17 +3,15 @@
 //! registered once. A request loads one `Arc<Snapshot>` and uses it to the end, so a reload
 //! never changes a request mid-flight.
 
-use crate::accounting::{Ledger, Outcome, UsageCounters};
-use crate::api::request::Endpoint;
+use crate::accounting::{Ledger, UsageCounters};
 use crate::limits::{Limited, Registry, Rules, Scope};
-use crate::routing::{Health, Policy, Route};
+use crate::routing::deployment::{DeploymentMetrics, upstream_endpoint};
+use crate::routing::{Group, Health, Policy, Route, RuntimeDeployment, Target};
 use crate::upstream::mock::Mock;
-use http::{HeaderValue, Uri};
-use metrics::{Counter, Histogram};
+use http::HeaderValue;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use tollgate_crds::config::{Backend, GatewayConfig, KeyConfig, KeyHash, Prices, TimeoutConfig};
-use tollgate_crds::model::Provider;
+use tollgate_crds::config::{Backend, GatewayConfig, KeyConfig, KeyHash};
 
 /// A virtual key, ready for lookups.
 #[derive(Debug)]
@@ -37,229 +35,6 @@ impl RuntimeKey {
     pub fn allows(&self, model: &str) -> bool {
         self.allowed.as_ref().is_none_or(|a| a.contains(model))
     }
-}
-
-/// Per-deployment metric handles, registered when the snapshot is built.
-#[derive(Debug)]
-pub struct DeploymentMetrics {
-    success: Counter,
-    upstream_error: Counter,
-    client_gone: Counter,
-    shutdown: Counter,
-    rejected: Counter,
-    /// Requests charged an estimate.
-    pub estimated: Counter,
-    /// Request duration.
-    pub duration: Histogram,
-    /// Time to first byte.
-    pub ttfb: Histogram,
-}
-
-impl DeploymentMetrics {
-    fn new(model: &str, id: &str) -> Self {
-        let counter = |outcome: &'static str| metrics::counter!(crate::telemetry::REQUESTS, "model" => model.to_string(), "deployment" => id.to_string(), "outcome" => outcome);
-        Self {
-            success: counter(Outcome::Success.as_str()),
-            upstream_error: counter(Outcome::UpstreamError.as_str()),
-            client_gone: counter(Outcome::ClientGone.as_str()),
-            shutdown: counter(Outcome::Shutdown.as_str()),
-            rejected: counter(Outcome::Rejected.as_str()),
-            estimated: metrics::counter!(crate::telemetry::ESTIMATED, "model" => model.to_string(), "deployment" => id.to_string()),
-            duration: metrics::histogram!(crate::telemetry::DURATION, "model" => model.to_string(), "deployment" => id.to_string()),
-            ttfb: metrics::histogram!(crate::telemetry::TTFB, "model" => model.to_string(), "deployment" => id.to_string()),
-        }
-    }
-
-    /// The request counter for `outcome`.
-    pub fn outcome(&self, outcome: Outcome) -> &Counter {
-        match outcome {
-            Outcome::Success => &self.success,
-            Outcome::UpstreamError => &self.upstream_error,
-            Outcome::ClientGone => &self.client_gone,
-            Outcome::Shutdown => &self.shutdown,
-            Outcome::Rejected => &self.rejected,
-        }
-    }
-}
-
-/// One resolved address of an HTTP deployment (a pod, or the provider's API).
-#[derive(Debug)]
-pub struct UpstreamEndpoint {
-    /// Base URL, as configured.
-    pub base: String,
-    /// Full URIs per API endpoint (chat, completions, embeddings).
-    pub uris: Box<[Uri; 3]>,
-    /// For a plain-HTTP URL, where connections go and the prepared request heads (`None` for
-    /// https, which goes through hyper's client with a built request).
-    pub plain: Option<PlainHttp>,
-    /// The server's Prometheus `/metrics` (same scheme and authority as `base`).
-    pub metrics: Option<Uri>,
-    /// The active health probe's URI, if the deployment has one.
-    pub probe: Option<Uri>,
-}
-
-/// A plain-HTTP upstream endpoint, served through [`crate::upstream::h1`].
-#[derive(Debug)]
-pub struct PlainHttp {
-    /// Where the connections go.
-    pub origin: crate::upstream::Origin,
-    /// The request head per API endpoint (indexed by [`Endpoint::index`]): request line,
-    /// `Host`, `Content-Type` and the deployment's `Authorization`, written once per config.
-    pub heads: [crate::upstream::h1::RequestHead; 3],
-}
-
-/// Where a deployment's requests go.
-#[derive(Debug)]
-pub enum Target {
-    /// An HTTP upstream with one or more endpoints.
-    Upstream {
-        /// Endpoints.
-        endpoints: Vec<UpstreamEndpoint>,
-        /// `Authorization` header, if the deployment has a key.
-        auth: Option<HeaderValue>,
-    },
-    /// The built-in mock.
-    Mock(Arc<Mock>),
-}
-
-/// One deployment, ready to serve.
-#[derive(Debug)]
-pub struct RuntimeDeployment {
-    /// `namespace/name`.
-    pub id: Arc<str>,
-    /// As a header value, for `x-tollgate-deployment`.
-    pub id_header: HeaderValue,
-    /// Public model name.
-    pub model: Arc<str>,
-    /// Provider.
-    pub provider: Provider,
-    /// Upstream model name.
-    pub upstream_model: String,
-    /// Where requests go.
-    pub target: Target,
-    /// Relative weight.
-    pub weight: u32,
-    /// Prices.
-    pub pricing: Prices,
-    /// Timeouts.
-    pub timeouts: TimeoutConfig,
-    /// Context window in tokens, if known.
-    pub context_window: Option<u32>,
-    /// How prompt tokens are estimated for this deployment's model.
-    pub tokens: crate::accounting::tokens::Family,
-    /// Active health probe settings.
-    pub health_check: Option<tollgate_crds::config::HealthCheckConfig>,
-    /// Usage (shared across reloads).
-    pub usage: Arc<UsageCounters>,
-    /// Rate limits, if any.
-    pub limits: Option<Arc<Limited>>,
-    /// Metric handles.
-    pub metrics: DeploymentMetrics,
-}
-
-impl RuntimeDeployment {
-    /// The upstream URI of endpoint `i` for `endpoint`, if this is an HTTP deployment.
-    pub fn uri(
-        &self,
-        endpoint: Endpoint,
-        i: usize,
-    ) -> Option<(&UpstreamEndpoint, &Uri, Option<&HeaderValue>)> {
-        match &self.target {
-            Target::Upstream { endpoints, auth } => {
-                let e = endpoints.get(i)?;
-                Some((e, &e.uris[endpoint.index()], auth.as_ref()))
-            }
-            Target::Mock(_) => None,
-        }
-    }
-
-    /// How many endpoints this deployment has (1 for the mock).
-    pub fn endpoint_count(&self) -> usize {
-        match &self.target {
-            Target::Upstream { endpoints, .. } => endpoints.len(),
-            Target::Mock(_) => 1,
-        }
-    }
-}
-
-/// All deployments of one public model name, and how they are routed.
-#[derive(Debug)]
-pub struct Group {
-    /// Public model name.
-    pub name: Arc<str>,
-    /// The name as a header value, for `x-tollgate-model-group`.
-    pub name_header: HeaderValue,
-    /// Deployments.
-    pub deployments: Vec<Arc<RuntimeDeployment>>,
-    /// Every endpoint of every deployment.
-    pub routes: Vec<Route>,
-    /// The RoutePolicy, or defaults.
-    pub policy: Policy,
-    /// Whether any deployment has rate limits (admission then checks them).
-    pub limited: bool,
-}
-
-impl Group {
-    /// The largest context window among the deployments; `None` when any has no limit.
-    pub fn context_window(&self) -> Option<u32> {
-        self.deployments
-            .iter()
-            .map(|d| d.context_window)
-            .try_fold(0, |acc, w| w.map(|w| acc.max(w)))
-    }
-}
-
-/// Prepares the URIs (and, for plain HTTP, the request heads) of one upstream base URL.
-fn upstream_endpoint(
-    base: &str,
-    health: Option<&tollgate_crds::config::HealthCheckConfig>,
-    auth: Option<&HeaderValue>,
-) -> Result<UpstreamEndpoint, String> {
-    let uri = |path: &str| {
-        format!("{base}{path}")
-            .parse::<Uri>()
-            .map_err(|e| format!("invalid URL {base:?}: {e}"))
-    };
-    let parsed: Uri = base
-        .parse()
-        .map_err(|e| format!("invalid URL {base:?}: {e}"))?;
-    let metrics = match (parsed.scheme_str(), parsed.authority()) {
-        (Some(scheme), Some(auth)) => format!("{scheme}://{auth}/metrics").parse().ok(),
-        _ => None,
-    };
-    let uris = Box::new([
-        uri(Endpoint::ChatCompletions.upstream_path())?,
-        uri(Endpoint::Completions.upstream_path())?,
-        uri(Endpoint::Embeddings.upstream_path())?,
-    ]);
-    let plain = crate::upstream::Origin::of(&parsed).map(|origin| {
-        let json = HeaderValue::from_static("application/json");
-        let heads = uris.each_ref().map(|u| {
-            let headers = [
-                (&http::header::HOST, origin.host()),
-                (&http::header::CONTENT_TYPE, &json),
-            ];
-            let auth = auth.map(|a| (&http::header::AUTHORIZATION, a));
-            crate::upstream::h1::RequestHead::post(
-                u.path_and_query().map_or("/", |pq| pq.as_str()),
-                headers.into_iter().chain(auth),
-            )
-        });
-        PlainHttp { origin, heads }
-    });
-    Ok(UpstreamEndpoint {
-        plain,
-        base: base.to_string(),
-        uris,
-        metrics,
-        probe: health
-            .map(|h| {
-                format!("{base}{}", h.path)
-                    .parse()
-                    .map_err(|e| format!("invalid health check URL: {e}"))
-            })
-            .transpose()?,
-    })
 }
 
 /// The runtime view of one config.
@@ -481,5 +256,11 @@ mod tests {
             first,
             "different keys land in different places"
         );
+    }
+}
+
+impl AsRef<crate::routing::Groups> for Snapshot {
+    fn as_ref(&self) -> &crate::routing::Groups {
+        &self.groups
     }
 }

@@ -22,13 +22,14 @@ pub mod state;
 use crate::accounting::{Charge, Outcome};
 use crate::api::error::{ApiError, Result};
 use crate::api::request::{Endpoint, ParsedRequest};
-use crate::config::snapshot::{Group, RuntimeDeployment, RuntimeKey, Target};
+use crate::config::snapshot::RuntimeKey;
 use crate::gateway::auth::authenticate;
 use crate::gateway::relay::SseRelay;
 use crate::gateway::state::AppState;
 use crate::limits::redis::FailureMode;
 use crate::limits::{Ask, Refused, Reservation, Room, Scope};
 use crate::routing::Route;
+use crate::routing::{Group, RuntimeDeployment, Target};
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
@@ -48,7 +49,7 @@ pub const COST_HEADER: HeaderName = HeaderName::from_static("x-tollgate-cost-usd
 
 /// The answer to a request whose body didn't arrive within the body-read timeout.
 pub fn body_timed_out() -> ApiError {
-    crate::http::connections::timed_out("body_read");
+    crate::telemetry::timed_out("body_read");
     ApiError::request_timeout(
         "The request body did not arrive within the gateway's body-read timeout.",
     )
@@ -115,7 +116,7 @@ where
     let mut joined: Option<bytes::BytesMut> = None;
     let mut total = 0usize;
     // Armed the first time the body has nothing ready, never disarmed: a total.
-    let mut deadline = crate::http::connections::Deadline::default();
+    let mut deadline = crate::rt::deadline::Deadline::default();
     loop {
         let frame = std::future::poll_fn(|cx| {
             let polled = body.as_mut().poll_frame(cx);
@@ -258,7 +259,7 @@ where
     let started = Instant::now();
     let snapshot = state.snapshot.load_full();
     let (parts, body) = req.into_parts();
-    let now = crate::limits::unix_now();
+    let now = crate::rt::clock::unix_secs();
     let key = authenticate(&snapshot, &parts.headers, now as i64)?;
     let body = read_body(
         &parts.headers,
@@ -526,7 +527,7 @@ async fn admit_route(
         let first = ctx.charge.is_none();
         // The estimate (a BPE count for OpenAI models) only when a limit or budget needs it.
         let (ask, now) = if reserves(d, first.then_some(&**ctx.key)) {
-            (ctx.ask_for(d), crate::limits::unix_now())
+            (ctx.ask_for(d), crate::rt::clock::unix_secs())
         } else {
             (Ask::default(), 0)
         };

@@ -8,6 +8,7 @@ use crate::routing::Health;
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Arc;
+use std::time::Duration;
 use tollgate_crds::GatewayConfig;
 
 /// Settings from the command line.
@@ -24,7 +25,7 @@ pub struct Settings {
     /// How long the listeners keep accepting after SIGTERM, with readiness failing.
     pub shutdown_delay: std::time::Duration,
     /// Bounds on the work a client connection may make the gateway wait on.
-    pub bounds: crate::http::connections::Bounds,
+    pub bounds: Bounds,
     /// Most client connections open at once across the process; 0 for no limit.
     pub max_connections: usize,
 }
@@ -37,7 +38,7 @@ impl Default for Settings {
             idle_timeout: std::time::Duration::from_secs(620),
             shutdown_timeout: std::time::Duration::from_secs(25),
             shutdown_delay: std::time::Duration::ZERO,
-            bounds: crate::http::connections::Bounds::default(),
+            bounds: Bounds::default(),
             max_connections: 10_000,
         }
     }
@@ -129,5 +130,27 @@ impl AppState {
         let snapshot = Snapshot::build(config, &self.ledger, &self.limits, &self.health)?;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
+    }
+}
+
+/// Bounds on what a client may make a connection wait for (see `docs/limits-and-budgets.md`).
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// From a request head's first byte (from the accept, for a connection's first request) to
+    /// its end.
+    pub header_read: Duration,
+    /// From the end of a request head to the end of its body.
+    pub body_read: Duration,
+    /// Longest a write to the client may make no progress.
+    pub write_stall: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(10),
+            body_read: Duration::from_secs(60),
+            write_stall: Duration::from_secs(60),
+        }
     }
 }

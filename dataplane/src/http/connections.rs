@@ -28,6 +28,9 @@
 //! (a client dripping a header, or not reading). [`Connections::serve`] does this through
 //! hyper's graceful shutdown.
 
+use crate::gateway::state::Bounds;
+use crate::rt::deadline::Deadline;
+use crate::telemetry::timed_out;
 use hyper_util::server::graceful::GracefulConnection;
 use std::collections::HashMap;
 use std::io;
@@ -59,76 +62,6 @@ pub fn cutting() -> bool {
 /// How long shutdown waits, after cutting the requests still served at the shutdown timeout, for
 /// their tasks to end (milliseconds, normally).
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);
-
-/// Bounds on what a client may make a connection wait for (see `docs/limits-and-budgets.md`).
-#[derive(Clone, Copy, Debug)]
-pub struct Bounds {
-    /// From a request head's first byte (from the accept, for a connection's first request) to
-    /// its end.
-    pub header_read: Duration,
-    /// From the end of a request head to the end of its body.
-    pub body_read: Duration,
-    /// Longest a write to the client may make no progress.
-    pub write_stall: Duration,
-}
-
-impl Default for Bounds {
-    fn default() -> Self {
-        Self {
-            header_read: Duration::from_secs(10),
-            body_read: Duration::from_secs(60),
-            write_stall: Duration::from_secs(60),
-        }
-    }
-}
-
-/// A timer for a connection's bounds, armed only when a read or write has to wait: a request
-/// that arrives in one read, and a response the socket takes at once, never touch it. Kept for
-/// the connection's life once made (one allocation, the first time something waits), and
-/// re-armed by resetting it.
-#[derive(Debug, Default)]
-pub(crate) struct Deadline {
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    armed: bool,
-}
-
-impl Deadline {
-    /// Arms it to pass `after` from now, unless it is armed already.
-    pub(crate) fn arm(&mut self, after: Duration) {
-        if self.armed {
-            return;
-        }
-        self.armed = true;
-        let at = tokio::time::Instant::now() + after;
-        match &mut self.sleep {
-            Some(s) => s.as_mut().reset(at),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
-        }
-    }
-
-    /// Disarms it (what it bounded made progress, or ended).
-    pub(crate) fn disarm(&mut self) {
-        self.armed = false;
-    }
-
-    pub(crate) fn is_armed(&self) -> bool {
-        self.armed
-    }
-
-    /// Whether it is armed and has passed; the task is woken when it passes otherwise.
-    pub(crate) fn poll_passed(&mut self, cx: &mut Context<'_>) -> bool {
-        self.armed
-            && self
-                .sleep
-                .as_mut()
-                .is_some_and(|s| s.as_mut().poll(cx).is_ready())
-    }
-}
-
-/// Counts a connection or request ended by one of the [`Bounds`].
-pub fn timed_out(which: &'static str) {
-    metrics::counter!(crate::telemetry::CONNECTIONS_TIMED_OUT, "timeout" => which).increment(1);
-}
 
 /// The socket of a connection hyper serves, with the [`Bounds`] hyper doesn't keep as the data
 /// plane wants them:

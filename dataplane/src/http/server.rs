@@ -117,7 +117,7 @@ pub async fn serve(
                     Ok(Ok(h2)) => h2,
                     Ok(Err(_)) => return,
                     Err(_) => {
-                        crate::http::connections::timed_out("header_read");
+                        crate::telemetry::timed_out("header_read");
                         return;
                     }
                 },
@@ -438,7 +438,7 @@ fn json(status: StatusCode, body: String) -> Response {
 async fn models(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let rid = request_id(&req);
     let snapshot = state.snapshot.load();
-    let now = crate::limits::unix_now() as i64;
+    let now = crate::rt::clock::unix_secs() as i64;
     let mut resp = match crate::gateway::auth::authenticate(&snapshot, req.headers(), now) {
         Ok(key) => {
             let mut names: Vec<&String> =
@@ -470,7 +470,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
     }
     let s = state.snapshot.load();
-    let (_, usable) = crate::routing::health_report(&s);
+    let (_, usable) = crate::routing::report::health_report(&s.groups);
     let body = serde_json::json!({
         "status": if usable { "ready" } else { "no deployment is usable" },
         "config_hash": s.config_hash,
@@ -487,7 +487,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 /// Each deployment endpoint's state: healthy, failing, cooling_down or probing.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let (report, _) = crate::routing::health_report(&state.snapshot.load());
+    let (report, _) = crate::routing::report::health_report(&state.snapshot.load().groups);
     json(StatusCode::OK, report.to_string())
 }
 
@@ -497,8 +497,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .as_ref()
         .map(|p| p.render())
         .unwrap_or_default();
-    crate::telemetry::render_ledger(&state.ledger, state.settings.per_key_metrics, &mut out);
-    crate::telemetry::render_routes(&state.snapshot.load(), &mut out);
+    crate::accounting::render::render_ledger(
+        &state.ledger,
+        state.settings.per_key_metrics,
+        &mut out,
+    );
+    crate::routing::report::render_routes(&state.snapshot.load().groups, &mut out);
     crate::rt::busy_poll::render(&mut out);
     (
         StatusCode::OK,

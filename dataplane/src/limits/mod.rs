@@ -559,12 +559,6 @@ impl Registry {
     }
 }
 
-/// Seconds since the Unix epoch, from the coarse clock (see [`crate::rt::clock`]).
-#[inline]
-pub fn unix_now() -> u64 {
-    crate::rt::clock::unix_secs()
-}
-
 /// Index of the budget period containing `now` (Unix seconds); see [`BudgetPeriod::index`].
 pub fn period_index(period: BudgetPeriod, now: u64) -> u64 {
     period.index(now)

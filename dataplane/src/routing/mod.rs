@@ -11,11 +11,19 @@
 //! take a route out for `duration`; after that it is half-open, serving one request at a time
 //! until one succeeds (closed again) or fails (straight back to cooldown).
 
-use crate::config::snapshot::RuntimeDeployment;
+pub mod deployment;
+
+pub mod probe;
+pub mod report;
+
+pub use deployment::{Group, RuntimeDeployment, Target};
+
+/// Every group of a config, by public model name.
+pub type Groups = std::collections::HashMap<String, Group>;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tollgate_crds::config::{CooldownConfig, PolicyConfig};
 use tollgate_crds::policy::RetryOn;
 use tollgate_crds::policy::Strategy;
@@ -339,11 +347,7 @@ impl Policy {
     /// timeout on a priced deployment is not: the request may be running upstream, which bills
     /// it (the attempt is charged an estimate), and a retry would pay for it twice. Naming
     /// `timeout` in `retryOn` opts in.
-    pub fn retries_on(
-        &self,
-        class: RetryOn,
-        d: &crate::config::snapshot::RuntimeDeployment,
-    ) -> bool {
+    pub fn retries_on(&self, class: RetryOn, d: &RuntimeDeployment) -> bool {
         match &self.retry_on {
             Some(r) => r.contains(&class),
             None => class != RetryOn::Timeout || d.pricing == Default::default(),
@@ -544,190 +548,6 @@ pub fn parse_vllm_metrics(text: &str) -> Option<QueueGauges> {
     }
     q.kv_cache = kv_new.or(kv_old).unwrap_or(0.0);
     found.then_some(q)
-}
-
-/// Scrapes the `/metrics` of every endpoint of every queue-aware group, every `interval`, for
-/// as long as the process runs. Reads the current snapshot each round, so reloads are followed.
-pub async fn scrape_queues(state: Arc<crate::gateway::state::AppState>, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let timeout = interval.clamp(Duration::from_millis(100), Duration::from_secs(2));
-    loop {
-        tick.tick().await;
-        let snapshot = state.snapshot.load_full();
-        let targets: Vec<(http::Uri, Arc<EndpointStats>)> = snapshot
-            .groups
-            .values()
-            .filter(|g| g.policy.strategy == Strategy::QueueAware)
-            .flat_map(|g| g.routes.iter())
-            .filter_map(|r| match &r.deployment.target {
-                crate::config::snapshot::Target::Upstream { endpoints, .. } => endpoints
-                    .get(r.endpoint)
-                    .and_then(|e| e.metrics.clone())
-                    .map(|u| (u, r.stats.clone())),
-                crate::config::snapshot::Target::Mock(_) => None,
-            })
-            .collect();
-        if targets.is_empty() {
-            continue;
-        }
-        futures_util::future::join_all(targets.into_iter().map(|(uri, stats)| async move {
-            match tokio::time::timeout(timeout, scrape(uri.clone())).await {
-                Ok(Some(q)) => stats.set_queue(q),
-                _ => {
-                    tracing::debug!(%uri, "queue metrics scrape failed");
-                    stats.scrape_failed();
-                }
-            }
-        }))
-        .await;
-    }
-}
-
-/// Probes every endpoint of every deployment with a `healthCheck`, each on its own interval,
-/// for as long as the process runs. A failed probe is a failure like a failed request (it can
-/// start a cooldown); a passing one ends a cooldown.
-pub async fn probe_endpoints(state: Arc<crate::gateway::state::AppState>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let snapshot = state.snapshot.load_full();
-        let now = now_ms();
-        for g in snapshot.groups.values() {
-            for r in &g.routes {
-                let (Some(h), crate::config::snapshot::Target::Upstream { endpoints, auth }) =
-                    (&r.deployment.health_check, &r.deployment.target)
-                else {
-                    continue;
-                };
-                let Some(uri) = endpoints.get(r.endpoint).and_then(|e| e.probe.clone()) else {
-                    continue;
-                };
-                if r.stats.next_probe.load(Relaxed) > now {
-                    continue;
-                }
-                r.stats.next_probe.store(now + h.interval_ms, Relaxed);
-                let (stats, auth, cooldown) = (r.stats.clone(), auth.clone(), g.policy.cooldown);
-                let (timeout, id) = (Duration::from_millis(h.timeout_ms), r.deployment.id.clone());
-                let model = r.deployment.model.clone();
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let mut req = http::Request::new(bytes::Bytes::new());
-                    *req.uri_mut() = uri;
-                    if let Some(a) = auth {
-                        req.headers_mut().insert(http::header::AUTHORIZATION, a);
-                    }
-                    let ok = matches!(
-                        tokio::time::timeout(timeout, crate::upstream::send(timeout, req)).await,
-                        Ok(Ok(resp)) if resp.status().is_success()
-                    );
-                    if ok {
-                        stats.probe_passed();
-                    } else {
-                        stats.last_probe.store(2, Relaxed);
-                        if stats.failure(&cooldown, started.elapsed()) {
-                            metrics::counter!(crate::telemetry::COOLDOWNS, "model" => model.to_string(), "deployment" => id.to_string()).increment(1);
-                            tracing::warn!(
-                                deployment = &*id,
-                                "health probe failed; endpoint cooling down"
-                            );
-                        }
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// One scrape: GET `uri`, parse vLLM's gauges.
-async fn scrape(uri: http::Uri) -> Option<QueueGauges> {
-    use http_body_util::BodyExt;
-    let mut req = http::Request::new(bytes::Bytes::new());
-    *req.uri_mut() = uri;
-    let resp = crate::upstream::send(Duration::from_secs(2), req)
-        .await
-        .ok()?;
-    if !resp.status().is_success() {
-        return None;
-    }
-    let body = http_body_util::Limited::new(resp.into_body(), 4 << 20)
-        .collect()
-        .await
-        .ok()?
-        .to_bytes();
-    parse_vllm_metrics(std::str::from_utf8(&body).ok()?)
-}
-
-/// The health of every route, as `GET /health` shows it (no URLs, no secrets), and whether any
-/// route of any model can serve.
-pub fn health_report(snapshot: &crate::config::snapshot::Snapshot) -> (serde_json::Value, bool) {
-    use serde_json::json;
-    let now = now_ms();
-    let mut healthy = Vec::new();
-    let mut unhealthy = Vec::new();
-    let mut models = serde_json::Map::new();
-    let mut usable = false;
-    let mut names: Vec<_> = snapshot.groups.keys().collect();
-    names.sort();
-    for name in names {
-        let g = &snapshot.groups[name];
-        let mut deployments = Vec::new();
-        for d in &g.deployments {
-            let mut endpoints = Vec::new();
-            for r in g.routes.iter().filter(|r| Arc::ptr_eq(&r.deployment, d)) {
-                let state = r.stats.state(&g.policy.cooldown);
-                let entry = json!({"model": name, "deployment": &*d.id, "endpoint": r.endpoint});
-                if state == RouteState::CoolingDown {
-                    unhealthy.push(entry);
-                } else {
-                    usable = true;
-                    healthy.push(entry);
-                }
-                let mut e = json!({
-                    "endpoint": r.endpoint,
-                    "state": state.as_str(),
-                    "in_flight": r.stats.in_flight(),
-                    "latency_ms": r.stats.latency().map(|l| l.as_secs_f64() * 1e3),
-                    "cooldown_remaining_ms": r.stats.cooldown_left_ms(now),
-                    "cooldowns": r.stats.cooldowns(),
-                });
-                if r.deployment.health_check.is_some() {
-                    e["probe"] =
-                        json!(
-                            r.stats
-                                .last_probe()
-                                .map(|ok| if ok { "passed" } else { "failed" })
-                        );
-                }
-                if g.policy.strategy == Strategy::QueueAware {
-                    e["queue"] = match r.stats.queue(now, QUEUE_MAX_AGE_MS) {
-                        Some(q) => {
-                            json!({"waiting": q.waiting, "running": q.running, "kv_cache_usage": q.kv_cache})
-                        }
-                        None => json!(null),
-                    };
-                }
-                endpoints.push(e);
-            }
-            deployments.push(json!({"id": &*d.id, "endpoints": endpoints}));
-        }
-        models.insert(
-            name.clone(),
-            json!({"strategy": strategy_name(g.policy.strategy), "deployments": deployments}),
-        );
-    }
-    let ready = usable || snapshot.groups.is_empty();
-    (
-        json!({
-            "healthy_count": healthy.len(),
-            "unhealthy_count": unhealthy.len(),
-            "healthy_endpoints": healthy,
-            "unhealthy_endpoints": unhealthy,
-            "models": models,
-        }),
-        ready,
-    )
 }
 
 /// The strategy's name as written in a RoutePolicy.

@@ -3,4 +3,5 @@
 
 pub mod busy_poll;
 pub mod clock;
+pub mod deadline;
 pub mod values;

@@ -6,10 +6,7 @@
 //! [`Ledger`] counters. Labels are model and deployment names, which
 //! the config bounds; per-key series are opt-in (`--per-key-metrics`).
 
-use crate::accounting::Ledger;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::fmt::Write;
-use std::sync::atomic::Ordering::Relaxed;
 
 /// `tollgate_requests_total{model,deployment,outcome}`.
 pub const REQUESTS: &str = "tollgate_requests_total";
@@ -113,121 +110,13 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-fn label(v: &str) -> String {
+pub fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
 
-/// Token and spend series from the ledger, in Prometheus text format.
-pub fn render_ledger(ledger: &Ledger, per_key: bool, out: &mut String) {
-    let deployments = ledger.deployments();
-    let _ = writeln!(
-        out,
-        "# HELP tollgate_tokens_total Tokens reported by upstreams.\n# TYPE tollgate_tokens_total counter"
-    );
-    for ((model, id), c) in &deployments {
-        let (m, d) = (label(model), label(id));
-        let _ = writeln!(
-            out,
-            "tollgate_tokens_total{{model=\"{m}\",deployment=\"{d}\",type=\"prompt\"}} {}",
-            c.prompt_tokens.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "tollgate_tokens_total{{model=\"{m}\",deployment=\"{d}\",type=\"completion\"}} {}",
-            c.completion_tokens.load(Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP tollgate_spend_usd_total Spend from real usage and LLMModel prices.\n# TYPE tollgate_spend_usd_total counter"
-    );
-    for ((model, id), c) in &deployments {
-        let _ = writeln!(
-            out,
-            "tollgate_spend_usd_total{{model=\"{}\",deployment=\"{}\"}} {}",
-            label(model),
-            label(id),
-            c.spend()
-        );
-    }
-    if per_key {
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_key_spend_usd_total Spend per virtual key.\n# TYPE tollgate_key_spend_usd_total counter"
-        );
-        for (id, c) in ledger.keys() {
-            let _ = writeln!(
-                out,
-                "tollgate_key_spend_usd_total{{key=\"{}\"}} {}",
-                label(&id),
-                c.spend()
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_key_requests_total Requests per virtual key.\n# TYPE tollgate_key_requests_total counter"
-        );
-        for (id, c) in ledger.keys() {
-            let _ = writeln!(
-                out,
-                "tollgate_key_requests_total{{key=\"{}\"}} {}",
-                label(&id),
-                c.requests.load(Relaxed)
-            );
-        }
-    }
-}
-
-/// Routing gauges from the current snapshot: endpoints per state and requests in flight, per
-/// deployment.
-pub fn render_routes(snapshot: &crate::config::snapshot::Snapshot, out: &mut String) {
-    use crate::routing::RouteState;
-    let _ = writeln!(
-        out,
-        "# HELP tollgate_deployment_endpoints Endpoints of a deployment, by routing state.\n# TYPE tollgate_deployment_endpoints gauge"
-    );
-    let mut in_flight = Vec::new();
-    for (model, g) in &snapshot.groups {
-        for d in &g.deployments {
-            let mut counts = [0u32; 4];
-            let mut busy = 0u64;
-            for r in g
-                .routes
-                .iter()
-                .filter(|r| std::sync::Arc::ptr_eq(&r.deployment, d))
-            {
-                let i = match r.stats.state(&g.policy.cooldown) {
-                    RouteState::Healthy => 0,
-                    RouteState::Failing => 1,
-                    RouteState::CoolingDown => 2,
-                    RouteState::Probing => 3,
-                };
-                counts[i] += 1;
-                busy += u64::from(r.stats.in_flight());
-            }
-            let (m, id) = (label(model), label(&d.id));
-            for (state, n) in ["healthy", "failing", "cooling_down", "probing"]
-                .iter()
-                .zip(counts)
-            {
-                let _ = writeln!(
-                    out,
-                    "tollgate_deployment_endpoints{{model=\"{m}\",deployment=\"{id}\",state=\"{state}\"}} {n}"
-                );
-            }
-            in_flight.push((m, id, busy));
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP tollgate_deployment_in_flight Requests in flight to a deployment.\n# TYPE tollgate_deployment_in_flight gauge"
-    );
-    for (m, id, n) in in_flight {
-        let _ = writeln!(
-            out,
-            "tollgate_deployment_in_flight{{model=\"{m}\",deployment=\"{id}\"}} {n}"
-        );
-    }
+/// Counts a connection or request ended by one of its bounds (header read, body read, write stall).
+pub fn timed_out(which: &'static str) {
+    metrics::counter!(CONNECTIONS_TIMED_OUT, "timeout" => which).increment(1);
 }

@@ -209,7 +209,7 @@ fn usage_json(u: TokenUsage) -> String {
 }
 
 fn now() -> u64 {
-    crate::limits::unix_now()
+    crate::rt::clock::unix_secs()
 }
 
 /// A deterministic embedding in which texts sharing words point the same way: each word is

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Fails when a data-plane module uses a layer above its own (docs/architecture.md).
+
+The layers of `dataplane/src`, from the top: a module may name (`crate::layer::...`) its own
+layer and the ones below it, never one above. Comments are skipped (a doc link is not a
+dependency). Exit status 1 lists each upward use as `file:line: layer -> layer`.
+
+Usage: scripts/check-layers.py [dataplane/src]
+"""
+import pathlib
+import re
+import sys
+
+# Top to bottom. Keep in step with docs/architecture.md and dataplane/src/lib.rs.
+LAYERS = ["app", "http", "admin", "gateway", "config", "routing", "limits", "accounting",
+          "upstream", "api", "telemetry", "rt"]
+RANK = {name: i for i, name in enumerate(LAYERS)}
+USE = re.compile(r"\bcrate::([a-z_0-9]+)")
+COMMENT = re.compile(r"//.*")
+
+
+def layer_of(src: pathlib.Path, path: pathlib.Path):
+    top = path.relative_to(src).parts[0]
+    if top.endswith(".rs"):
+        top = top[:-3]
+    return top
+
+
+def main() -> int:
+    src = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "dataplane/src")
+    problems = []
+    unknown = set()
+    for path in sorted(src.rglob("*.rs")):
+        own = layer_of(src, path)
+        if own in ("lib", "main", "bin"):
+            continue  # the crate root and the binaries sit above every layer
+        if own not in RANK:
+            unknown.add(own)
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = COMMENT.sub("", line)
+            for m in USE.finditer(code):
+                used = m.group(1)
+                if used not in RANK:
+                    unknown.add(used)
+                elif RANK[used] < RANK[own]:
+                    problems.append(f"{path}:{n}: {own} -> {used} (upward)")
+    for name in sorted(unknown):
+        problems.append(f"{src}/{name}: not a layer; add it to LAYERS in {sys.argv[0]}")
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} upward or unknown uses; layers, top to bottom: {' > '.join(LAYERS)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
