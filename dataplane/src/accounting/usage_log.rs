@@ -20,9 +20,6 @@
 //! the log, synced, and renamed over it: a crash leaves the old log or the new one, never
 //! both and never neither.
 
-use crate::accounting::Ledger;
-use crate::config::snapshot::Snapshot;
-use crate::limits::{Registry, Scope, period_index};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -30,7 +27,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::mpsc;
-use tollgate_crds::config::Picodollars;
 
 pub use tollgate_crds::usage::{STREAM, UsageRecord, UsageSource};
 
@@ -637,42 +633,16 @@ pub struct Replay {
     pub crashed: Vec<UsageRecord>,
 }
 
-/// Reads the log at `path` (if it exists) into the usage counters, and seeds each limited key's
-/// budget with its spend in the current period.
-pub fn replay(
-    path: &Path,
-    snapshot: &Snapshot,
-    ledger: &Ledger,
-    registry: &Registry,
-    now: u64,
-) -> std::io::Result<Replay> {
+/// Reads the log at `path` (if it exists) and its journal, and hands `each` every record to
+/// count, once: the settled ones (a record read twice is skipped), then the requests that went
+/// upstream and never settled, as [`CRASHED`] records.
+pub fn replay(path: &Path, mut each: impl FnMut(&UsageRecord)) -> std::io::Result<Replay> {
     // A journal without a log: requests went upstream before any settled.
     let file = match read_if_exists(path)? {
         Some(f) => f,
         None => std::io::BufReader::new(std::fs::File::open("/dev/null")?),
     };
-    let periods: HashMap<&str, _> = snapshot
-        .keys
-        .values()
-        .filter_map(|k| {
-            k.config
-                .budget
-                .as_ref()
-                .map(|b| (k.config.id.as_str(), b.period))
-        })
-        .collect();
-    let team_periods: HashMap<&str, _> = snapshot
-        .keys
-        .values()
-        .filter_map(|k| {
-            let team = k.config.team.as_deref()?;
-            let b = k.team_limits.as_ref()?.rules().budget.as_ref()?;
-            Some((team, b.period))
-        })
-        .collect();
     let mut seen = HashSet::new();
-    let mut period_spend: HashMap<&str, u64> = HashMap::new();
-    let mut team_spend: HashMap<&str, u64> = HashMap::new();
     let mut out = Replay::default();
     // The requests that went upstream (the journal's open records), less those settled.
     let mut open: HashMap<String, UsageRecord> = HashMap::new();
@@ -717,36 +687,7 @@ pub fn replay(
         }
         open.remove(&r.id);
         out.records += 1;
-        let cost = Picodollars(r.cost_pico);
-        ledger.key(&r.key).add_many(r.requests, r.usage(), cost);
-        ledger
-            .deployment(&r.model, &r.deployment)
-            .add_many(r.requests, r.usage(), cost);
-        if let Some((id, p)) = periods.get_key_value(&*r.key)
-            && period_index(*p, r.ts_ms / 1000) == period_index(*p, now)
-        {
-            *period_spend.entry(id).or_default() += r.cost_pico;
-        }
-        if let Some((team, p)) = r
-            .team
-            .as_deref()
-            .and_then(|t| team_periods.get_key_value(t))
-            && period_index(*p, r.ts_ms / 1000) == period_index(*p, now)
-        {
-            *team_spend.entry(team).or_default() += r.cost_pico;
-        }
-    }
-    for (team, spend) in team_spend {
-        registry.seed_spend(
-            Scope::Team,
-            team,
-            team_periods[team],
-            Picodollars(spend),
-            now,
-        );
-    }
-    for (key, spend) in period_spend {
-        registry.seed_spend(Scope::Key, key, periods[key], Picodollars(spend), now);
+        each(&r);
     }
     Ok(out)
 }

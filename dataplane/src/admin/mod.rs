@@ -61,20 +61,32 @@ impl Admin {
     }
 }
 
-fn admin<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Admin, ApiError> {
-    let a = state.admin.as_ref().ok_or_else(|| {
+/// What an admin request is served with.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The gateway's state (its config, ledger and limits).
+    pub state: std::sync::Arc<AppState>,
+    /// The admin API's settings, when it is on.
+    pub admin: Option<std::sync::Arc<Admin>>,
+}
+
+impl Ctx {
+    /// Checks an admin request's master key from its headers alone: handlers call it before
+    /// they read a body, so that a client without the key can't make the gateway read (and
+    /// hold) one.
+    pub fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        admin(self, headers).map(|_| ())
+    }
+}
+
+fn admin<'a>(ctx: &'a Ctx, headers: &HeaderMap) -> Result<&'a Admin, ApiError> {
+    let a = ctx.admin.as_deref().ok_or_else(|| {
         let mut e = ApiError::bad_request("admin_disabled", "The admin API is off: start the data plane with --master-key (or TOLLGATE_MASTER_KEY).");
         e.status = StatusCode::NOT_FOUND;
         e
     })?;
     a.authorize(headers)?;
     Ok(a)
-}
-
-/// Checks an admin request's master key from its headers alone: handlers call it before they
-/// read a body, so that a client without the key can't make the gateway read (and hold) one.
-pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    admin(state, headers).map(|_| ())
 }
 
 pub use tollgate_crds::admin::GenerateRequest;
@@ -154,12 +166,9 @@ async fn commit(state: &AppState, a: &Admin, docs: Vec<Value>) -> Result<(), Api
 }
 
 /// `POST /key/generate`.
-pub async fn generate(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Value, ApiError> {
-    let a = admin(state, headers)?;
+pub async fn generate(ctx: &Ctx, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+    let a = admin(ctx, headers)?;
+    let state = &*ctx.state;
     let req: GenerateRequest = if body.iter().all(u8::is_ascii_whitespace) {
         GenerateRequest::default()
     } else {
@@ -237,11 +246,12 @@ fn usd(p: Picodollars) -> f64 {
 
 /// `GET /key/info?key=...`.
 pub fn info(
-    state: &AppState,
+    ctx: &Ctx,
     headers: &HeaderMap,
     query: &BTreeMap<String, String>,
 ) -> Result<Value, ApiError> {
-    admin(state, headers)?;
+    admin(ctx, headers)?;
+    let state = &*ctx.state;
     let wanted = query.get("key").ok_or_else(|| {
         ApiError::bad_request("missing_key", "Pass the key (or its token) as ?key=.")
     })?;
@@ -254,8 +264,9 @@ pub fn info(
 }
 
 /// `GET /key/list`.
-pub fn list(state: &AppState, headers: &HeaderMap) -> Result<Value, ApiError> {
-    admin(state, headers)?;
+pub fn list(ctx: &Ctx, headers: &HeaderMap) -> Result<Value, ApiError> {
+    admin(ctx, headers)?;
+    let state = &*ctx.state;
     let snap = state.snapshot.load();
     let mut keys: Vec<Value> = snap.keys.values().map(|k| key_info(k)).collect();
     keys.sort_by(|a, b| a["tollgate_id"].as_str().cmp(&b["tollgate_id"].as_str()));
@@ -273,8 +284,9 @@ struct DeleteRequest {
 
 /// `POST /key/delete`: only keys made through the admin API; manifest keys are edited in the
 /// manifests.
-pub async fn delete(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
-    let a = admin(state, headers)?;
+pub async fn delete(ctx: &Ctx, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+    let a = admin(ctx, headers)?;
+    let state = &*ctx.state;
     let req: DeleteRequest = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request("invalid_json", format!("Invalid /key/delete request: {e}."))
     })?;
@@ -321,8 +333,9 @@ pub async fn delete(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Resul
 }
 
 /// `GET /spend/keys`, `/spend/models`, `/spend/teams`.
-pub fn spend(state: &AppState, headers: &HeaderMap, by: &str) -> Result<Value, ApiError> {
-    admin(state, headers)?;
+pub fn spend(ctx: &Ctx, headers: &HeaderMap, by: &str) -> Result<Value, ApiError> {
+    admin(ctx, headers)?;
+    let state = &*ctx.state;
     let snap = state.snapshot.load();
     let teams: BTreeMap<&str, &str> = snap
         .keys

@@ -1,6 +1,7 @@
 //! Command-line flags (each with an environment fallback) and process wiring.
 
 use crate::gateway::state::{AppState, Settings, Stop};
+use crate::http::server::Served;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use std::net::SocketAddr;
@@ -222,11 +223,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(async move {
-                let state = prepare(&args).await?;
+                let served = prepare(&args).await?;
+                let state = served.state.clone();
                 stop_on_signal(&state)?;
                 let listener = bind(args.listen, ReusePort::No)?;
                 announce(&state, listener.local_addr()?);
-                serve_on(listener, state.clone()).await?;
+                serve_on(listener, served).await?;
                 close(&state).await;
                 Ok(())
             }),
@@ -249,29 +251,30 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
         b.build()
     };
     // Each thread's serving, from its own block_on (the spinner's state is per thread).
-    let serve = move |listener, state: Arc<AppState>| async move {
+    let serve = move |listener, served: Served| async move {
         if !busy_poll.is_zero() {
             tokio::spawn(crate::rt::busy_poll::spin(busy_poll));
         }
-        serve_on(listener, state).await
+        serve_on(listener, served).await
     };
     let rt = current()?;
-    let (state, listener) = rt.block_on(async {
-        let state = prepare(&args).await?;
-        stop_on_signal(&state)?;
-        anyhow::Ok((state, bind(args.listen, ReusePort::First)?))
+    let (served, listener) = rt.block_on(async {
+        let served = prepare(&args).await?;
+        stop_on_signal(&served.state)?;
+        anyhow::Ok((served, bind(args.listen, ReusePort::First)?))
     })?;
+    let state = served.state.clone();
     // With port 0 the first socket picked the port; the others join it.
     let addr = listener.local_addr()?;
     let mut handles = Vec::new();
     for i in 1..threads {
-        let state = state.clone();
+        let served = served.clone();
         let rt = current()?;
         let listener = rt.block_on(async { bind(addr, ReusePort::Join) })?;
         handles.push(
             std::thread::Builder::new()
                 .name(format!("tollgate-worker-{i}"))
-                .spawn(move || rt.block_on(serve(listener, state)))?,
+                .spawn(move || rt.block_on(serve(listener, served)))?,
         );
     }
     announce(&state, addr);
@@ -280,7 +283,7 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
         // (the Redis connection, the usage writers) serve their last requests.
         // Every worker is joined and the usage flushed even if one failed; the first failure
         // is what the process reports.
-        let served = serve(listener, state.clone()).await;
+        let ended = serve(listener, served).await;
         let joined = tokio::task::spawn_blocking(move || {
             let mut first = Ok(());
             for h in handles {
@@ -298,7 +301,7 @@ fn run_per_core(args: Args, threads: usize) -> anyhow::Result<()> {
         .map_err(anyhow::Error::from)
         .and_then(|r| r);
         close(&state).await;
-        served.and(joined)
+        ended.and(joined)
     })
 }
 
@@ -317,7 +320,7 @@ async fn close(state: &AppState) {
 }
 
 /// Loads the config, installs metrics, and starts the background tasks on this runtime.
-async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
+async fn prepare(args: &Args) -> anyhow::Result<Served> {
     let (config, loaded, cluster) = match &args.manifests {
         Some(path) => {
             let loaded = crate::config::loader::fingerprint(path);
@@ -403,23 +406,11 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         None => usage_log,
     };
     let usage_log = usage_log.is_enabled().then_some(usage_log);
-    let state = AppState::new(
-        &config,
-        settings,
-        Some(prometheus),
-        usage_log,
-        admin,
-        shared,
-    )?;
+    let state = AppState::new(&config, settings, Some(prometheus), usage_log, shared)?;
     if let Some(path) = &args.usage_log {
-        let r = crate::accounting::usage_log::replay(
-            path,
-            &state.snapshot.load(),
-            &state.ledger,
-            &state.limits,
-            crate::rt::clock::unix_secs(),
-        )
-        .with_context(|| format!("reading the usage log {}", path.display()))?;
+        let r = state
+            .replay_usage_log(path, crate::rt::clock::unix_secs())
+            .with_context(|| format!("reading the usage log {}", path.display()))?;
         tracing::info!(records = r.records, skipped = r.skipped, path = %path.display(), "usage log replayed");
         if !r.crashed.is_empty() {
             tracing::warn!(
@@ -456,7 +447,10 @@ async fn prepare(args: &Args) -> anyhow::Result<Arc<AppState>> {
         }
         (None, None) => {}
     }
-    Ok(state)
+    Ok(Served {
+        state,
+        admin: admin.map(Arc::new),
+    })
 }
 
 fn announce(state: &AppState, addr: SocketAddr) {
@@ -506,7 +500,8 @@ fn bind(addr: SocketAddr, reuse_port: ReusePort) -> anyhow::Result<tokio::net::T
     s.listen(1024).with_context(context)
 }
 
-async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
+async fn serve_on(listener: tokio::net::TcpListener, served: Served) -> anyhow::Result<()> {
+    let state = served.state.clone();
     let stop = {
         let state = state.clone();
         async move {
@@ -524,7 +519,7 @@ async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>) -> an
             }
         }
     };
-    crate::http::server::serve(listener, state.clone(), stop).await;
+    crate::http::server::serve(listener, served, stop).await;
     // Before this thread's runtime goes: the Redis settlements its cut requests started.
     if let Some(shared) = &state.shared {
         shared.settled(SETTLE_GRACE).await;

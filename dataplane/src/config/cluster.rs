@@ -5,7 +5,7 @@
 //! lives in the API server, a pod that (re)starts while the operator is down still serves the
 //! last one published.
 
-use crate::gateway::state::AppState;
+use super::Install;
 use anyhow::Context as _;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -106,7 +106,7 @@ impl ConfigSource {
     }
 
     /// Installs every new config as it is published, for as long as the process runs.
-    pub async fn follow(self, state: Arc<AppState>, mut installed: String) {
+    pub async fn follow(self, state: Arc<impl Install>, mut installed: String) {
         loop {
             self.changed.notified().await;
             match self.current() {

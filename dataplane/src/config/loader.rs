@@ -5,7 +5,7 @@
 //! error never replaces the running one: each error is logged with the object and field at
 //! fault, and the old config keeps serving.
 
-use crate::gateway::state::AppState;
+use super::Install;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -114,7 +114,7 @@ pub fn fingerprint(path: &Path) -> u64 {
 /// `loaded` is the fingerprint taken *before* the running config was read, so an edit made
 /// between start-up and this task's first poll is not mistaken for the running config.
 pub async fn watch(
-    state: std::sync::Arc<AppState>,
+    state: std::sync::Arc<impl Install>,
     path: PathBuf,
     interval: Duration,
     loaded: u64,

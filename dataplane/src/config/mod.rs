@@ -4,3 +4,10 @@
 pub mod cluster;
 pub mod loader;
 pub mod snapshot;
+
+/// What a config source ([`loader::watch`], [`cluster::ConfigSource::follow`]) hands each new
+/// config to: the gateway's state, which compiles it and swaps it in.
+pub trait Install: Send + Sync + 'static {
+    /// Compiles and swaps in `config`; the running one stays if it doesn't build.
+    fn install(&self, config: &tollgate_crds::GatewayConfig) -> Result<(), snapshot::BuildError>;
+}

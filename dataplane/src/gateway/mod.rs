@@ -16,14 +16,16 @@
 //! [`handle`] and add the request id.
 
 pub mod auth;
+pub mod charge;
 pub mod relay;
 pub mod state;
 
-use crate::accounting::{Charge, Outcome};
+use crate::accounting::Outcome;
 use crate::api::error::{ApiError, Result};
 use crate::api::request::{Endpoint, ParsedRequest};
 use crate::config::snapshot::RuntimeKey;
 use crate::gateway::auth::authenticate;
+use crate::gateway::charge::Charge;
 use crate::gateway::relay::SseRelay;
 use crate::gateway::state::AppState;
 use crate::limits::redis::FailureMode;

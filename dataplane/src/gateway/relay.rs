@@ -7,7 +7,8 @@
 //! upstream connection and so cancels the upstream request), the [`Charge`] is settled exactly
 //! once.
 
-use crate::accounting::{Charge, Outcome};
+use crate::accounting::Outcome;
+use crate::gateway::charge::Charge;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use memchr::memmem;

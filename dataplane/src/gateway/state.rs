@@ -2,14 +2,19 @@
 //! on reload), the usage ledger, and settings.
 
 use crate::accounting::Ledger;
+use crate::accounting::usage_log;
 use crate::config::snapshot::{BuildError, Snapshot};
 use crate::limits::Registry;
+use crate::limits::{Scope, period_index};
 use crate::routing::Health;
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate_crds::GatewayConfig;
+use tollgate_crds::config::Picodollars;
 
 /// Settings from the command line.
 #[derive(Clone, Debug)]
@@ -60,8 +65,6 @@ pub struct AppState {
     pub prometheus: Option<PrometheusHandle>,
     /// Where usage records go, if anywhere.
     pub usage_log: Option<crate::accounting::usage_log::UsageLog>,
-    /// The admin API, when a master key is set.
-    pub admin: Option<crate::admin::Admin>,
     /// Counters shared through Redis, when `--redis-url` is set.
     pub shared: Option<Arc<crate::limits::redis::SharedLimits>>,
     /// Set on SIGTERM: readiness fails from then on (see [`AppState::drain`]).
@@ -92,7 +95,6 @@ impl AppState {
         settings: Settings,
         prometheus: Option<PrometheusHandle>,
         usage_log: Option<crate::accounting::usage_log::UsageLog>,
-        admin: Option<crate::admin::Admin>,
         shared: Option<Arc<crate::limits::redis::SharedLimits>>,
     ) -> Result<Arc<Self>, BuildError> {
         let ledger = Ledger::default();
@@ -107,7 +109,6 @@ impl AppState {
             settings,
             prometheus,
             usage_log,
-            admin,
             shared,
             draining: std::sync::atomic::AtomicBool::new(false),
             stop: tokio::sync::watch::Sender::new(Stop::Serving),
@@ -123,6 +124,70 @@ impl AppState {
         !self
             .draining
             .swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads the usage log at `path` (see [`usage_log::replay`]) into the ledger, and seeds each
+    /// limited key's and team's budget with its spend in the current period (`now`, Unix
+    /// seconds).
+    pub fn replay_usage_log(&self, path: &Path, now: u64) -> std::io::Result<usage_log::Replay> {
+        let snapshot = self.snapshot.load();
+        let periods: HashMap<&str, _> = snapshot
+            .keys
+            .values()
+            .filter_map(|k| {
+                k.config
+                    .budget
+                    .as_ref()
+                    .map(|b| (k.config.id.as_str(), b.period))
+            })
+            .collect();
+        let team_periods: HashMap<&str, _> = snapshot
+            .keys
+            .values()
+            .filter_map(|k| {
+                let team = k.config.team.as_deref()?;
+                let b = k.team_limits.as_ref()?.rules().budget.as_ref()?;
+                Some((team, b.period))
+            })
+            .collect();
+        let mut period_spend: HashMap<&str, u64> = HashMap::new();
+        let mut team_spend: HashMap<&str, u64> = HashMap::new();
+        let out = usage_log::replay(path, |r| {
+            let cost = Picodollars(r.cost_pico);
+            self.ledger
+                .key(&r.key)
+                .add_many(r.requests, r.usage(), cost);
+            self.ledger
+                .deployment(&r.model, &r.deployment)
+                .add_many(r.requests, r.usage(), cost);
+            if let Some((id, p)) = periods.get_key_value(&*r.key)
+                && period_index(*p, r.ts_ms / 1000) == period_index(*p, now)
+            {
+                *period_spend.entry(id).or_default() += r.cost_pico;
+            }
+            if let Some((team, p)) = r
+                .team
+                .as_deref()
+                .and_then(|t| team_periods.get_key_value(t))
+                && period_index(*p, r.ts_ms / 1000) == period_index(*p, now)
+            {
+                *team_spend.entry(team).or_default() += r.cost_pico;
+            }
+        })?;
+        for (team, spend) in team_spend {
+            self.limits.seed_spend(
+                Scope::Team,
+                team,
+                team_periods[team],
+                Picodollars(spend),
+                now,
+            );
+        }
+        for (key, spend) in period_spend {
+            self.limits
+                .seed_spend(Scope::Key, key, periods[key], Picodollars(spend), now);
+        }
+        Ok(out)
     }
 
     /// Swaps in `config`. In-flight requests finish on the snapshot they started with.
@@ -152,5 +217,11 @@ impl Default for Bounds {
             body_read: Duration::from_secs(60),
             write_stall: Duration::from_secs(60),
         }
+    }
+}
+
+impl crate::config::Install for AppState {
+    fn install(&self, config: &GatewayConfig) -> Result<(), BuildError> {
+        AppState::install(self, config)
     }
 }

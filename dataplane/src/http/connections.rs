@@ -49,16 +49,6 @@ const TICKS: u8 = 4;
 /// request in flight: time to flush a response already written.
 pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Set once a shutdown has cut the requests still running (see [`cutting`]).
-static CUTTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether a shutdown of this process has cut the requests still running: a request dropped
-/// from then on was cut, not left by its client ([`crate::accounting::Outcome::Shutdown`]).
-/// Process-wide, as shutdown is.
-pub fn cutting() -> bool {
-    CUTTING.load(Ordering::Relaxed)
-}
-
 /// How long shutdown waits, after cutting the requests still served at the shutdown timeout, for
 /// their tasks to end (milliseconds, normally).
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);
@@ -515,7 +505,7 @@ impl Connections {
             tracing::warn!(
                 "shutdown timeout ({timeout:?}) passed, or a second signal came, with {n} connection(s) and {tasks} HTTP/2 stream(s) still serving: closing them mid-request"
             );
-            CUTTING.store(true, Ordering::Relaxed);
+            crate::accounting::start_cutting();
             self.close_all(ABORT);
             // Dropped connections end at their next poll; HTTP/2 streams' tasks see the
             // connection gone and end too, settling their requests. Bounded all the same.

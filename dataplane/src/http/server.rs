@@ -30,9 +30,30 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// `x-request-id`.
 pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
+/// What a listener serves: the gateway, and the admin API when it is on.
+#[derive(Clone)]
+pub struct Served {
+    /// The gateway's state.
+    pub state: Arc<AppState>,
+    /// The admin API (`--master-key`), if on.
+    pub admin: Option<Arc<crate::admin::Admin>>,
+}
+
 /// The data plane's routes. Paths work with and without the `/v1` prefix, as in OpenAI's SDKs
 /// configured with either base URL.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(served: &Served) -> Router {
+    let admin = Router::new()
+        .route("/key/generate", post(key_generate))
+        .route("/key/info", get(key_info))
+        .route("/key/list", get(key_list))
+        .route("/key/delete", post(key_delete))
+        .route("/spend/keys", get(|s, r| spend(s, r, "keys")))
+        .route("/spend/models", get(|s, r| spend(s, r, "models")))
+        .route("/spend/teams", get(|s, r| spend(s, r, "teams")))
+        .with_state(crate::admin::Ctx {
+            state: served.state.clone(),
+            admin: served.admin.clone(),
+        });
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/chat/completions", post(chat))
@@ -47,16 +68,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health/liveness", get(live))
         .route("/health/readiness", get(ready))
         .route("/metrics", get(metrics))
-        .route("/key/generate", post(key_generate))
-        .route("/key/info", get(key_info))
-        .route("/key/list", get(key_list))
-        .route("/key/delete", post(key_delete))
-        .route("/spend/keys", get(|s, r| spend(s, r, "keys")))
-        .route("/spend/models", get(|s, r| spend(s, r, "models")))
-        .route("/spend/teams", get(|s, r| spend(s, r, "teams")))
+        .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .with_state(served.state.clone())
 }
 
 /// Serves connections from `listener` until `shutdown` resolves, then lets the open ones finish
@@ -67,15 +82,16 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// [`crate::http::connections`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    state: Arc<AppState>,
+    served: Served,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let state = served.state.clone();
     let conns = Connections::new(state.settings.idle_timeout);
     // Aborted when dropped, as serve() ends or is dropped.
     let mut background = tokio::task::JoinSet::new();
     background.spawn(conns.clone().sweep_forever());
     let shared = Arc::new(Shared {
-        router: router(state.clone()),
+        router: router(&served),
         state,
     });
     let mut shutdown = std::pin::pin!(shutdown);
@@ -566,25 +582,25 @@ async fn admin_body(
     Ok((parts.headers, bytes))
 }
 
-async fn key_generate(State(state): State<Arc<AppState>>, req: Request) -> Response {
+async fn key_generate(State(ctx): State<crate::admin::Ctx>, req: Request) -> Response {
     let rid = request_id(&req);
-    if let Err(e) = crate::admin::authorize(&state, req.headers()) {
+    if let Err(e) = ctx.authorize(req.headers()) {
         return admin_response(rid, Err(e));
     }
-    let result = match admin_body(&state, req).await {
-        Ok((h, b)) => crate::admin::generate(&state, &h, &b).await,
+    let result = match admin_body(&ctx.state, req).await {
+        Ok((h, b)) => crate::admin::generate(&ctx, &h, &b).await,
         Err(e) => Err(e),
     };
     admin_response(rid, result)
 }
 
-async fn key_delete(State(state): State<Arc<AppState>>, req: Request) -> Response {
+async fn key_delete(State(ctx): State<crate::admin::Ctx>, req: Request) -> Response {
     let rid = request_id(&req);
-    if let Err(e) = crate::admin::authorize(&state, req.headers()) {
+    if let Err(e) = ctx.authorize(req.headers()) {
         return admin_response(rid, Err(e));
     }
-    let result = match admin_body(&state, req).await {
-        Ok((h, b)) => crate::admin::delete(&state, &h, &b).await,
+    let result = match admin_body(&ctx.state, req).await {
+        Ok((h, b)) => crate::admin::delete(&ctx, &h, &b).await,
         Err(e) => Err(e),
     };
     admin_response(rid, result)
@@ -600,17 +616,17 @@ fn query(req: &Request) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
-async fn key_info(State(state): State<Arc<AppState>>, req: Request) -> Response {
+async fn key_info(State(ctx): State<crate::admin::Ctx>, req: Request) -> Response {
     let rid = request_id(&req);
-    admin_response(rid, crate::admin::info(&state, req.headers(), &query(&req)))
+    admin_response(rid, crate::admin::info(&ctx, req.headers(), &query(&req)))
 }
 
-async fn key_list(State(state): State<Arc<AppState>>, req: Request) -> Response {
+async fn key_list(State(ctx): State<crate::admin::Ctx>, req: Request) -> Response {
     let rid = request_id(&req);
-    admin_response(rid, crate::admin::list(&state, req.headers()))
+    admin_response(rid, crate::admin::list(&ctx, req.headers()))
 }
 
-async fn spend(State(state): State<Arc<AppState>>, req: Request, by: &'static str) -> Response {
+async fn spend(State(ctx): State<crate::admin::Ctx>, req: Request, by: &'static str) -> Response {
     let rid = request_id(&req);
-    admin_response(rid, crate::admin::spend(&state, req.headers(), by))
+    admin_response(rid, crate::admin::spend(&ctx, req.headers(), by))
 }
