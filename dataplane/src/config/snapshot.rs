@@ -241,6 +241,12 @@ impl Snapshot {
     }
 }
 
+impl AsRef<crate::routing::Groups> for Snapshot {
+    fn as_ref(&self) -> &crate::routing::Groups {
+        &self.groups
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,11 +262,5 @@ mod tests {
             first,
             "different keys land in different places"
         );
-    }
-}
-
-impl AsRef<crate::routing::Groups> for Snapshot {
-    fn as_ref(&self) -> &crate::routing::Groups {
-        &self.groups
     }
 }
