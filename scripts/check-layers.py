@@ -6,6 +6,7 @@ layer and the ones below it, never one above. Comments are skipped (a doc link i
 dependency). Exit status 1 lists each upward use as `file:line: layer -> layer`.
 
 Usage: scripts/check-layers.py [dataplane/src]
+       scripts/check-layers.py --self-test   (shows it failing on a deliberate upward use)
 """
 import pathlib
 import re
@@ -26,8 +27,7 @@ def layer_of(src: pathlib.Path, path: pathlib.Path):
     return top
 
 
-def main() -> int:
-    src = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "dataplane/src")
+def check(src: pathlib.Path) -> list:
     problems = []
     unknown = set()
     for path in sorted(src.rglob("*.rs")):
@@ -47,6 +47,34 @@ def main() -> int:
                     problems.append(f"{path}:{n}: {own} -> {used} (upward)")
     for name in sorted(unknown):
         problems.append(f"{src}/{name}: not a layer; add it to LAYERS in {sys.argv[0]}")
+    return problems
+
+
+def self_test() -> int:
+    """A tree with one upward use (routing -> gateway), one downward and one in a comment."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        src = pathlib.Path(d)
+        (src / "routing").mkdir()
+        (src / "rt").mkdir()
+        (src / "lib.rs").write_text("pub mod routing;\npub mod rt;\n")
+        (src / "routing" / "mod.rs").write_text(
+            "//! See [`crate::app`].\nuse crate::rt::clock;\nuse crate::gateway::state::AppState;\n")
+        (src / "rt" / "mod.rs").write_text("pub fn f() {}\n")
+        problems = check(src)
+    expected = [f"{src}/routing/mod.rs:3: routing -> gateway (upward)"]
+    if problems != expected:
+        print(f"self-test failed: {problems} != {expected}")
+        return 1
+    print(f"self-test: the deliberate upward use is reported: {problems[0]}")
+    return 0
+
+
+def main() -> int:
+    if sys.argv[1:] == ["--self-test"]:
+        return self_test()
+    src = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "dataplane/src")
+    problems = check(src)
     for p in problems:
         print(p)
     if problems:

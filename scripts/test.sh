@@ -61,6 +61,10 @@ export TOLLGATE_HELM TOLLGATE_HELM4 TOLLGATE_KUBERNETES_VALIDATE TOLLGATE_LUA
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
+log "layers: no upward use between the data plane's layers (docs/architecture.md)"
+python3 scripts/check-layers.py --self-test
+python3 scripts/check-layers.py dataplane/src
+
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
