@@ -5,9 +5,9 @@
 //! Counters are atomics owned by a [`Ledger`] that outlives config reloads, so a reload never
 //! resets spend; the snapshot holds `Arc`s to them so the hot path touches no map and no lock.
 
-pub mod render;
+pub(crate) mod render;
 pub mod tokens;
-pub mod usage_log;
+pub(crate) mod usage_log;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -16,20 +16,20 @@ use tollgate_crds::config::{Picodollars, TokenUsage};
 
 /// Usage totals of one key or deployment.
 #[derive(Debug, Default)]
-pub struct UsageCounters {
+pub(crate) struct UsageCounters {
     /// Requests settled.
-    pub requests: AtomicU64,
+    pub(crate) requests: AtomicU64,
     /// Prompt tokens.
-    pub prompt_tokens: AtomicU64,
+    pub(crate) prompt_tokens: AtomicU64,
     /// Completion tokens.
-    pub completion_tokens: AtomicU64,
+    pub(crate) completion_tokens: AtomicU64,
     /// Spend, pico-dollars.
-    pub spend: AtomicU64,
+    pub(crate) spend: AtomicU64,
 }
 
 impl UsageCounters {
     /// Adds one settled request.
-    pub fn add(&self, usage: Option<TokenUsage>, cost: Picodollars) {
+    pub(crate) fn add(&self, usage: Option<TokenUsage>, cost: Picodollars) {
         self.requests.fetch_add(1, Relaxed);
         if let Some(u) = usage {
             self.prompt_tokens.fetch_add(u.prompt, Relaxed);
@@ -39,7 +39,7 @@ impl UsageCounters {
     }
 
     /// Adds `requests` settled requests' usage and cost (read back from the usage log).
-    pub fn add_many(&self, requests: u64, usage: TokenUsage, cost: Picodollars) {
+    pub(crate) fn add_many(&self, requests: u64, usage: TokenUsage, cost: Picodollars) {
         self.requests.fetch_add(requests, Relaxed);
         self.prompt_tokens.fetch_add(usage.prompt, Relaxed);
         self.completion_tokens.fetch_add(usage.completion, Relaxed);
@@ -47,27 +47,27 @@ impl UsageCounters {
     }
 
     /// Spend so far.
-    pub fn spend(&self) -> Picodollars {
+    pub(crate) fn spend(&self) -> Picodollars {
         Picodollars(self.spend.load(Relaxed))
     }
 }
 
 /// Counters by key id and by deployment id, kept across reloads.
 #[derive(Debug, Default)]
-pub struct Ledger {
+pub(crate) struct Ledger {
     keys: Mutex<BTreeMap<String, Arc<UsageCounters>>>,
     deployments: Mutex<BTreeMap<(String, String), Arc<UsageCounters>>>,
 }
 
 impl Ledger {
     /// The counters of key `id` (created on first use). Called when a snapshot is built.
-    pub fn key(&self, id: &str) -> Arc<UsageCounters> {
+    pub(crate) fn key(&self, id: &str) -> Arc<UsageCounters> {
         let mut map = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(id.to_string()).or_default().clone()
     }
 
     /// The counters of deployment `id` of `model`.
-    pub fn deployment(&self, model: &str, id: &str) -> Arc<UsageCounters> {
+    pub(crate) fn deployment(&self, model: &str, id: &str) -> Arc<UsageCounters> {
         let mut map = self.deployments.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((model.to_string(), id.to_string()))
             .or_default()
@@ -75,13 +75,13 @@ impl Ledger {
     }
 
     /// Every key's counters, by id.
-    pub fn keys(&self) -> Vec<(String, Arc<UsageCounters>)> {
+    pub(crate) fn keys(&self) -> Vec<(String, Arc<UsageCounters>)> {
         let map = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Every deployment's counters, by (model, deployment id).
-    pub fn deployments(&self) -> Vec<((String, String), Arc<UsageCounters>)> {
+    pub(crate) fn deployments(&self) -> Vec<((String, String), Arc<UsageCounters>)> {
         let map = self.deployments.lock().unwrap_or_else(|e| e.into_inner());
         map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
@@ -93,18 +93,18 @@ static CUTTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 /// Whether a shutdown of this process has cut the requests still running: a request dropped
 /// from then on was cut, not left by its client ([`Outcome::Shutdown`]). Process-wide, as
 /// shutdown is.
-pub fn cutting() -> bool {
+pub(crate) fn cutting() -> bool {
     CUTTING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Marks the requests still running as cut by shutdown (see [`cutting`]).
-pub fn start_cutting() {
+pub(crate) fn start_cutting() {
     CUTTING.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// How a proxied request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Served.
     Success,
     /// The upstream failed (error status, bad body, broken stream).
@@ -120,7 +120,7 @@ pub enum Outcome {
 impl Outcome {
     /// The outcome of a request dropped before its end: [`Outcome::Shutdown`] once shutdown has
     /// cut the requests still running, else [`Outcome::ClientGone`].
-    pub fn dropped() -> Self {
+    pub(crate) fn dropped() -> Self {
         if cutting() {
             Outcome::Shutdown
         } else {
@@ -129,7 +129,7 @@ impl Outcome {
     }
 
     /// Metric label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
             Outcome::UpstreamError => "upstream_error",

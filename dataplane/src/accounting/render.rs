@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Token and spend series from the ledger, in Prometheus text format.
-pub fn render_ledger(ledger: &Ledger, per_key: bool, out: &mut String) {
+pub(crate) fn render_ledger(ledger: &Ledger, per_key: bool, out: &mut String) {
     let deployments = ledger.deployments();
     let _ = writeln!(
         out,

@@ -43,7 +43,7 @@ pub enum Family {
 
 impl Family {
     /// The family of an upstream model name.
-    pub fn of(upstream_model: &str) -> Self {
+    pub(crate) fn of(upstream_model: &str) -> Self {
         let m = upstream_model.to_ascii_lowercase();
         // A provider prefix (`openai/gpt-4o`) or a dated suffix doesn't change the tokenizer.
         let m = m.rsplit('/').next().unwrap_or(&m);
@@ -67,13 +67,13 @@ impl Family {
     }
 
     /// Index for per-request caches.
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
 
 /// The longest piece merged whole; longer ones are counted in chunks of this many bytes.
-pub const MAX_PIECE: usize = 64 << 10;
+pub(crate) const MAX_PIECE: usize = 64 << 10;
 
 /// A tiktoken encoding: its pre-tokenizer and its vocabulary's ranks (see the module docs).
 pub struct Vocab {
@@ -301,7 +301,12 @@ pub fn vocab(family: Family) -> Option<&'static Vocab> {
 }
 
 /// Estimated prompt tokens of a request to a model of `family`.
-pub fn estimate(family: Family, endpoint: Endpoint, req: &ParsedRequest<'_>, body: &[u8]) -> u64 {
+pub(crate) fn estimate(
+    family: Family,
+    endpoint: Endpoint,
+    req: &ParsedRequest<'_>,
+    body: &[u8],
+) -> u64 {
     let bytes_estimate = (body.len() as u64 / 4).max(1);
     let Some(tokenizer) = vocab(family) else {
         return bytes_estimate;

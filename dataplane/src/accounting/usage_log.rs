@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::mpsc;
 
-pub use tollgate_crds::usage::{STREAM, UsageRecord, UsageSource};
+pub(crate) use tollgate_crds::usage::{STREAM, UsageRecord, UsageSource};
 
 enum Msg {
     Record(UsageRecord),
@@ -39,30 +39,31 @@ enum Msg {
 
 /// Where records go: the file writer, the Redis stream writer, or both.
 #[derive(Clone, Debug, Default)]
-pub struct UsageLog {
+pub(crate) struct UsageLog {
     tx: Option<mpsc::UnboundedSender<Msg>>,
     stream: Option<mpsc::UnboundedSender<Msg>>,
-    /// How often the file has been synced to disk so far.
+    /// How often the file has been synced to disk so far (the tests read it).
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the tests"))]
     syncs: Option<Arc<AtomicU64>>,
 }
 
 /// How often the usage log's file is synced to disk while records are written: a crash of the
 /// machine (not only of the process, whose writes the kernel keeps) loses at most about this
 /// much of the log.
-pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How many records the Redis stream writer keeps while Redis fails (about 300 bytes each).
-pub const STREAM_BACKLOG: usize = 65_536;
+pub(crate) const STREAM_BACKLOG: usize = 65_536;
 
 /// The `outcome` of a record written when a request goes upstream, before it settles.
-pub const OPEN: &str = "open";
+pub(crate) const OPEN: &str = "open";
 
 /// The `outcome` replay gives a request whose [`OPEN`] record was never closed: the process
 /// was killed while it ran. It is charged the cost the open record reserved.
-pub const CRASHED: &str = "crashed";
+pub(crate) const CRASHED: &str = "crashed";
 
 /// The default `--usage-log-max-bytes`: the size past which the log is compacted.
-pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+pub(crate) const DEFAULT_MAX_BYTES: u64 = 64 << 20;
 
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,22 +75,22 @@ static RECORD_SEQ: AtomicU64 = AtomicU64::new(1);
 
 impl UsageLog {
     /// A new record id: this process's id and a sequence number.
-    pub fn new_id() -> String {
+    pub(crate) fn new_id() -> String {
         Self::id_of(Self::next_seq())
     }
 
     /// The next record sequence number of this process (never 0).
-    pub fn next_seq() -> u64 {
+    pub(crate) fn next_seq() -> u64 {
         RECORD_SEQ.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The record id of sequence number `seq` (see [`UsageLog::next_seq`]).
-    pub fn id_of(seq: u64) -> String {
+    pub(crate) fn id_of(seq: u64) -> String {
         format!("{}-{seq}", *INSTANCE)
     }
 
     /// Whether records go to a file, where [`UsageLog::open_record`] is kept.
-    pub fn has_file(&self) -> bool {
+    pub(crate) fn has_file(&self) -> bool {
         self.tx.is_some()
     }
 
@@ -97,14 +98,14 @@ impl UsageLog {
     /// the log, nor the stream): a request is going upstream, at the cost it reserved. The
     /// record of its settlement, with the same id, closes it; one never closed (the process
     /// was killed) is charged at start-up (see [`replay`]).
-    pub fn open_record(&self, record: UsageRecord) {
+    pub(crate) fn open_record(&self, record: UsageRecord) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Msg::Open(record));
         }
     }
 
     /// Sends a record to the writer.
-    pub fn record(&self, mut record: UsageRecord) {
+    pub(crate) fn record(&self, mut record: UsageRecord) {
         if record.id.is_empty() {
             record.id = Self::new_id();
         }
@@ -123,12 +124,13 @@ impl UsageLog {
 
     /// How many times the file has been synced to disk (every [`SYNC_EVERY`] while records
     /// are written).
-    pub fn syncs(&self) -> u64 {
+    #[cfg(test)]
+    fn syncs(&self) -> u64 {
         self.syncs.as_ref().map_or(0, |s| s.load(Ordering::Relaxed))
     }
 
     /// Whether records go anywhere.
-    pub fn is_enabled(&self) -> bool {
+    pub(crate) fn is_enabled(&self) -> bool {
         self.tx.is_some() || self.stream.is_some()
     }
 
@@ -137,7 +139,7 @@ impl UsageLog {
     /// doesn't lose them (while the process lives; the file, if any, has them regardless), up to
     /// [`STREAM_BACKLOG`] records: past that the oldest are dropped from the stream's backlog
     /// and counted in `tollgate_usage_stream_dropped_total`.
-    pub fn with_stream(mut self, conn: redis::aio::ConnectionManager) -> Self {
+    pub(crate) fn with_stream(mut self, conn: redis::aio::ConnectionManager) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         tokio::spawn(async move {
             let mut pending: std::collections::VecDeque<UsageRecord> = Default::default();
@@ -211,7 +213,7 @@ impl UsageLog {
     }
 
     /// Writes out everything sent so far, syncs the file, and stops the writer.
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         for tx in self.tx.iter().chain(self.stream.iter()) {
             let (ack, done) = tokio::sync::oneshot::channel();
             if tx.send(Msg::Close(ack)).is_ok() {
@@ -232,12 +234,12 @@ fn push_bounded<T>(queue: &mut std::collections::VecDeque<T>, item: T, max: usiz
 }
 
 /// Identifies this process in record and lease ids (see [`instance_id`]).
-pub static INSTANCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(instance_id);
+pub(crate) static INSTANCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(instance_id);
 
 /// A new id for a process: 128 random bits, in hex. Not the start time and the pid: every
 /// container is pid 1, so two replicas started in the same millisecond (a Deployment's pods
 /// often are) would share it, and so would their records' and leases' ids.
-pub fn instance_id() -> String {
+pub(crate) fn instance_id() -> String {
     let mut raw = [0u8; 16];
     if getrandom::fill(&mut raw).is_err() {
         // No randomness from the OS (never seen on Linux): the clock's nanoseconds, the pid and
@@ -256,7 +258,7 @@ pub fn instance_id() -> String {
 
 /// Opens the log at `path` for appending and starts its writer, which compacts the file when
 /// it grows past `max_bytes` (0: never). [`UsageLog::close`] flushes it.
-pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<UsageLog> {
+pub(crate) fn open(path: &Path, max_bytes: u64) -> std::io::Result<UsageLog> {
     let file = append_to(path)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
     let path: PathBuf = path.to_path_buf();
@@ -385,7 +387,7 @@ pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<UsageLog> {
 /// The journal of requests in flight, beside the log at `path`: `<path>.inflight`. A request
 /// that goes upstream appends an [`OPEN`] record here; the log's record of its settlement
 /// (same id) closes it. Whatever is still open at start-up was cut by a killed process.
-pub fn journal_path(path: &Path) -> PathBuf {
+pub(crate) fn journal_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".inflight");
     PathBuf::from(p)
@@ -504,7 +506,7 @@ fn unix_ms() -> u64 {
 /// The start of the time bucket a record of `ts_ms` falls in when compacted at `now_ms`: its
 /// minute if it is less than an hour old, its hour if less than two days, its (UTC) day if
 /// less than 32 days (a month's budget period started at most 31 days ago), else 0.
-pub fn bucket_of(ts_ms: u64, now_ms: u64) -> u64 {
+pub(crate) fn bucket_of(ts_ms: u64, now_ms: u64) -> u64 {
     const MINUTE: u64 = 60_000;
     const HOUR: u64 = 60 * MINUTE;
     const DAY: u64 = 24 * HOUR;
@@ -567,7 +569,10 @@ fn closed_as_crashed(mut r: UsageRecord) -> UsageRecord {
 /// Reads a log and sums its records into one row per subject and [`bucket_of`]; records read
 /// twice (by id) count once, lines that aren't records are dropped. Returns the rows and how
 /// many records went into them.
-pub fn compact(log: impl BufRead, now_ms: u64) -> std::io::Result<(Vec<UsageRecord>, usize)> {
+pub(crate) fn compact(
+    log: impl BufRead,
+    now_ms: u64,
+) -> std::io::Result<(Vec<UsageRecord>, usize)> {
     type Subject = (Arc<str>, Option<String>, Arc<str>, Arc<str>, u8, u64);
     let mut seen = HashSet::new();
     let mut sums: std::collections::BTreeMap<Subject, UsageRecord> = Default::default();
@@ -622,21 +627,21 @@ pub fn compact(log: impl BufRead, now_ms: u64) -> std::io::Result<(Vec<UsageReco
 
 /// What reading a log found.
 #[derive(Debug, Default)]
-pub struct Replay {
+pub(crate) struct Replay {
     /// Records counted.
-    pub records: usize,
+    pub(crate) records: usize,
     /// Lines that were not records (a torn last line after a crash, say).
-    pub skipped: usize,
+    pub(crate) skipped: usize,
     /// Requests that went upstream and never settled (the process was killed): their
     /// [`OPEN`] records as [`CRASHED`] ones, counted at the cost they reserved. Write them to
     /// the log, so that they are closed there too.
-    pub crashed: Vec<UsageRecord>,
+    pub(crate) crashed: Vec<UsageRecord>,
 }
 
 /// Reads the log at `path` (if it exists) and its journal, and hands `each` every record to
 /// count, once: the settled ones (a record read twice is skipped), then the requests that went
 /// upstream and never settled, as [`CRASHED`] records.
-pub fn replay(path: &Path, mut each: impl FnMut(&UsageRecord)) -> std::io::Result<Replay> {
+pub(crate) fn replay(path: &Path, mut each: impl FnMut(&UsageRecord)) -> std::io::Result<Replay> {
     // A journal without a log: requests went upstream before any settled.
     let file = match read_if_exists(path)? {
         Some(f) => f,

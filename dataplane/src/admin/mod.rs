@@ -18,12 +18,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use subtle::ConstantTimeEq;
 use tollgate_crds::config::{KeyHash, Picodollars};
 
-/// Annotation marking objects the admin API wrote.
-pub use tollgate_crds::admin::GENERATED_BY;
-
 /// Admin settings.
 #[derive(Debug)]
-pub struct Admin {
+pub(crate) struct Admin {
     master: KeyHash,
     manifests: PathBuf,
     keys_file: PathBuf,
@@ -33,7 +30,7 @@ pub struct Admin {
 
 impl Admin {
     /// Admin API with `master_key`, storing keys beside `manifests`.
-    pub fn new(master_key: &str, manifests: PathBuf) -> Self {
+    pub(crate) fn new(master_key: &str, manifests: PathBuf) -> Self {
         let keys_file = crate::config::loader::keys_file_for(&manifests);
         Self {
             master: KeyHash::of(master_key),
@@ -63,18 +60,18 @@ impl Admin {
 
 /// What an admin request is served with.
 #[derive(Clone)]
-pub struct Ctx {
+pub(crate) struct Ctx {
     /// The gateway's state (its config, ledger and limits).
-    pub state: std::sync::Arc<AppState>,
+    pub(crate) state: std::sync::Arc<AppState>,
     /// The admin API's settings, when it is on.
-    pub admin: Option<std::sync::Arc<Admin>>,
+    pub(crate) admin: Option<std::sync::Arc<Admin>>,
 }
 
 impl Ctx {
     /// Checks an admin request's master key from its headers alone: handlers call it before
     /// they read a body, so that a client without the key can't make the gateway read (and
     /// hold) one.
-    pub fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         admin(self, headers).map(|_| ())
     }
 }
@@ -89,7 +86,7 @@ fn admin<'a>(ctx: &'a Ctx, headers: &HeaderMap) -> Result<&'a Admin, ApiError> {
     Ok(a)
 }
 
-pub use tollgate_crds::admin::GenerateRequest;
+pub(crate) use tollgate_crds::admin::GenerateRequest;
 
 fn new_key() -> Result<String, ApiError> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
@@ -166,7 +163,11 @@ async fn commit(state: &AppState, a: &Admin, docs: Vec<Value>) -> Result<(), Api
 }
 
 /// `POST /key/generate`.
-pub async fn generate(ctx: &Ctx, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn generate(
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Value, ApiError> {
     let a = admin(ctx, headers)?;
     let state = &*ctx.state;
     let req: GenerateRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -245,7 +246,7 @@ fn usd(p: Picodollars) -> f64 {
 }
 
 /// `GET /key/info?key=...`.
-pub fn info(
+pub(crate) fn info(
     ctx: &Ctx,
     headers: &HeaderMap,
     query: &BTreeMap<String, String>,
@@ -264,7 +265,7 @@ pub fn info(
 }
 
 /// `GET /key/list`.
-pub fn list(ctx: &Ctx, headers: &HeaderMap) -> Result<Value, ApiError> {
+pub(crate) fn list(ctx: &Ctx, headers: &HeaderMap) -> Result<Value, ApiError> {
     admin(ctx, headers)?;
     let state = &*ctx.state;
     let snap = state.snapshot.load();
@@ -284,7 +285,7 @@ struct DeleteRequest {
 
 /// `POST /key/delete`: only keys made through the admin API; manifest keys are edited in the
 /// manifests.
-pub async fn delete(ctx: &Ctx, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn delete(ctx: &Ctx, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
     let a = admin(ctx, headers)?;
     let state = &*ctx.state;
     let req: DeleteRequest = serde_json::from_slice(body).map_err(|e| {
@@ -333,7 +334,7 @@ pub async fn delete(ctx: &Ctx, headers: &HeaderMap, body: &[u8]) -> Result<Value
 }
 
 /// `GET /spend/keys`, `/spend/models`, `/spend/teams`.
-pub fn spend(ctx: &Ctx, headers: &HeaderMap, by: &str) -> Result<Value, ApiError> {
+pub(crate) fn spend(ctx: &Ctx, headers: &HeaderMap, by: &str) -> Result<Value, ApiError> {
     admin(ctx, headers)?;
     let state = &*ctx.state;
     let snap = state.snapshot.load();

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 
 /// Where a failure came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorSource {
+pub(crate) enum ErrorSource {
     /// The client's request is wrong; retrying elsewhere won't help.
     Client,
     /// The upstream failed or misbehaved; another deployment may succeed.
@@ -24,21 +24,21 @@ pub enum ErrorSource {
 #[derive(Debug)]
 pub struct ApiError {
     /// HTTP status.
-    pub status: StatusCode,
+    pub(crate) status: StatusCode,
     /// OpenAI's `type`: `invalid_request_error`, `authentication_error`, ...
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// Machine-readable `code`; also the metric label.
-    pub code: &'static str,
+    pub(crate) code: &'static str,
     /// What happened and, where it helps, what to do.
-    pub message: Cow<'static, str>,
+    pub(crate) message: Cow<'static, str>,
     /// Where it came from.
-    pub source: ErrorSource,
+    pub(crate) source: ErrorSource,
     /// Seconds for a `retry-after` header.
-    pub retry_after: Option<u64>,
+    pub(crate) retry_after: Option<u64>,
 }
 
 /// Result with [`ApiError`].
-pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = ApiError> = std::result::Result<T, E>;
 
 impl ApiError {
     fn new(
@@ -59,7 +59,7 @@ impl ApiError {
     }
 
     /// 400: the request is malformed.
-    pub fn bad_request(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -70,7 +70,7 @@ impl ApiError {
     }
 
     /// 401: no key, or a key we don't know.
-    pub fn unauthorized(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn unauthorized(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
@@ -81,7 +81,7 @@ impl ApiError {
     }
 
     /// 403: the key may not use this model.
-    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(
             StatusCode::FORBIDDEN,
             "permission_error",
@@ -92,7 +92,7 @@ impl ApiError {
     }
 
     /// 404: no such model.
-    pub fn model_not_found(model: &str) -> Self {
+    pub(crate) fn model_not_found(model: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -105,7 +105,7 @@ impl ApiError {
     }
 
     /// 408: the client took longer than the gateway waits to send its request.
-    pub fn request_timeout(message: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn request_timeout(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
@@ -116,7 +116,7 @@ impl ApiError {
     }
 
     /// 413: the body is larger than the limit.
-    pub fn too_large(limit: usize) -> Self {
+    pub(crate) fn too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
@@ -127,7 +127,7 @@ impl ApiError {
     }
 
     /// 502: the upstream answered, but not usefully.
-    pub fn bad_gateway(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn bad_gateway(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,
             "upstream_error",
@@ -138,7 +138,7 @@ impl ApiError {
     }
 
     /// 503: no upstream could be reached.
-    pub fn unavailable(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn unavailable(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream_error",
@@ -149,7 +149,7 @@ impl ApiError {
     }
 
     /// 504: the upstream took too long.
-    pub fn timeout(message: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn timeout(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_error",
@@ -160,7 +160,7 @@ impl ApiError {
     }
 
     /// 500: a bug or an unexpected state in Tollgate.
-    pub fn internal(message: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn internal(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",
@@ -171,7 +171,7 @@ impl ApiError {
     }
 
     /// The OpenAI-shaped JSON body.
-    pub fn body(&self) -> Bytes {
+    pub(crate) fn body(&self) -> Bytes {
         #[derive(serde::Serialize)]
         struct Inner<'a> {
             message: &'a str,

@@ -52,7 +52,7 @@ type Result<T = (), E = Refused> = std::result::Result<T, E>;
 /// Scans `body` as one JSON object and calls `each(key, raw_value)` for each of its members in
 /// order (duplicates included), with the key decoded and the value as its raw JSON text.
 /// `each` may have been called for some members when the scan refuses.
-pub fn members<'a>(body: &'a [u8], each: impl FnMut(Cow<'a, str>, &'a str)) -> Result {
+pub(crate) fn members<'a>(body: &'a [u8], each: impl FnMut(Cow<'a, str>, &'a str)) -> Result {
     scan::<0>(body, each)
 }
 
@@ -477,7 +477,7 @@ pub fn strict_members(body: &[u8]) -> std::result::Result<Vec<(Cow<'_, str>, &st
 
 /// A string borrowed from the body when it has no escapes (serde's own `Cow<str>` always
 /// allocates).
-pub struct CowStr<'a>(pub Cow<'a, str>);
+pub(crate) struct CowStr<'a>(pub Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for CowStr<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {

@@ -31,17 +31,8 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    /// Path below the deployment's base URL.
-    pub fn upstream_path(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "/chat/completions",
-            Endpoint::Completions => "/completions",
-            Endpoint::Embeddings => "/embeddings",
-        }
-    }
-
     /// Position in per-API tables (chat, completions, embeddings).
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         match self {
             Endpoint::ChatCompletions => 0,
             Endpoint::Completions => 1,
@@ -59,7 +50,7 @@ impl Endpoint {
     }
 
     /// Name for metrics and logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "chat_completions",
             Endpoint::Completions => "completions",
@@ -73,16 +64,16 @@ pub struct ParsedRequest<'a> {
     /// Top-level fields: key and raw JSON value.
     fields: Vec<(Cow<'a, str>, &'a str)>,
     /// The `model` the client asked for.
-    pub model: Cow<'a, str>,
+    pub(crate) model: Cow<'a, str>,
     /// Whether the client asked for a stream.
-    pub stream: bool,
+    pub(crate) stream: bool,
     /// Whether the client asked for `stream_options.include_usage`.
-    pub include_usage: bool,
+    pub(crate) include_usage: bool,
     /// `max_completion_tokens` (or the older `max_tokens`; the larger when both are set), when
     /// set.
-    pub max_tokens: Option<u64>,
+    pub(crate) max_tokens: Option<u64>,
     /// `n`: how many choices to generate (1 when not set).
-    pub choices: u64,
+    pub(crate) choices: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -93,7 +84,7 @@ struct StreamOptions {
 
 impl<'a> ParsedRequest<'a> {
     /// The raw JSON of top-level field `name`, if present.
-    pub fn field(&self, name: &str) -> Option<&'a str> {
+    pub(crate) fn field(&self, name: &str) -> Option<&'a str> {
         self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
     }
 
@@ -204,7 +195,7 @@ impl<'a> ParsedRequest<'a> {
 
     /// The texts of an embeddings request's `input` (a string, or an array of strings); token
     /// arrays count as one input each.
-    pub fn embedding_inputs(&self) -> Vec<String> {
+    pub(crate) fn embedding_inputs(&self) -> Vec<String> {
         let Some((_, raw)) = self.fields.iter().find(|(k, _)| k == "input") else {
             return Vec::new();
         };
@@ -227,7 +218,7 @@ impl<'a> ParsedRequest<'a> {
     ///
     /// A streamed request always asks the upstream for `include_usage`, so that its cost is
     /// known; the gateway drops that extra chunk again if the client didn't ask for it.
-    pub fn upstream_body(&self, original: &Bytes, upstream_model: &str) -> Bytes {
+    pub(crate) fn upstream_body(&self, original: &Bytes, upstream_model: &str) -> Bytes {
         let rename = self.model != upstream_model;
         let add_usage = self.stream && !self.include_usage;
         if !rename && !add_usage {

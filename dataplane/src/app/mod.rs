@@ -21,80 +21,80 @@ pub struct Args {
         required_unless_present = "kubernetes",
         conflicts_with = "kubernetes"
     )]
-    pub manifests: Option<PathBuf>,
+    pub(crate) manifests: Option<PathBuf>,
     /// Cluster mode: serve the config the operator publishes in `--config-namespace` (through
     /// the in-cluster service account, or KUBECONFIG).
     #[arg(long, env = "TOLLGATE_KUBERNETES")]
-    pub kubernetes: bool,
+    pub(crate) kubernetes: bool,
     /// Cluster mode: namespace of the published config Secrets.
     #[arg(
         long,
         env = "TOLLGATE_CONFIG_NAMESPACE",
         default_value = "tollgate-system"
     )]
-    pub config_namespace: String,
+    pub(crate) config_namespace: String,
     /// Cluster mode: name of the head config Secret.
     #[arg(long, env = "TOLLGATE_CONFIG_NAME", default_value = tollgate_crds::publish::DEFAULT_NAME)]
-    pub config_name: String,
+    pub(crate) config_name: String,
     /// Address to listen on.
     #[arg(long, env = "TOLLGATE_LISTEN", default_value = "0.0.0.0:4000")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES", default_value_t = 16 << 20)]
-    pub max_body_bytes: usize,
+    pub(crate) max_body_bytes: usize,
     /// How long a client connection may stay open without a request (keep-alive idle, or a
     /// request head that never completes) before the gateway closes it. Longer than the idle
     /// timeouts of the load balancers and ingresses that pool connections to the gateway (60 to
     /// 350 s for cloud load balancers, 60 s for ingress-nginx), so that the gateway is never
     /// the side that closes a pooled connection as a request is sent on it.
     #[arg(long, env = "TOLLGATE_IDLE_TIMEOUT", default_value = "620s", value_parser = idle_timeout)]
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// How long a client may take to send a request head, from its first byte (or, for a
     /// connection's first request, from when the connection was accepted). Past it the
     /// connection is closed, with a `408` if part of a head had come. Time between requests on
     /// a keep-alive connection is the idle timeout's.
     #[arg(long, env = "TOLLGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// How long a client may take to send a whole request body, from the end of its head: a
     /// total, not a gap between bytes, so that a body dripped byte by byte is bounded too. Past
     /// it the request gets a `408` and nothing goes upstream.
     #[arg(long, env = "TOLLGATE_BODY_READ_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
-    pub body_read_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
     /// How long a write to a client may make no progress (a client that stopped reading a
     /// streamed response) before the connection is dropped; its request is then settled as if
     /// the client had gone, and the upstream request cancelled.
     #[arg(long, env = "TOLLGATE_WRITE_STALL_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
-    pub write_stall_timeout: Duration,
+    pub(crate) write_stall_timeout: Duration,
     /// Most client connections open at once (all worker threads together); past it a new
     /// connection is accepted and closed at once, and counted in
     /// `tollgate_connections_refused_total`. `0`: no limit.
     #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS", default_value_t = 10_000)]
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// On SIGTERM, how long in-flight requests (long streams included) may run before their
     /// connections are closed; then usage is flushed and the process exits. Keep it a few
     /// seconds under the pod's `terminationGracePeriodSeconds` (30 s by default; the Helm chart
     /// sets this flag from its own), so that the flush happens before Kubernetes' SIGKILL.
     #[arg(long, env = "TOLLGATE_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = humantime_duration)]
-    pub shutdown_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
     /// On SIGTERM, how long to keep accepting new requests (with `/health/readiness` failing)
     /// before closing the listeners: the time Kubernetes takes to remove a terminating pod from
     /// its Services' endpoints everywhere, during which clients still send to it. The Helm chart
     /// sets `5s`; standalone there is nothing to wait for.
     #[arg(long, env = "TOLLGATE_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime_duration)]
-    pub shutdown_delay: Duration,
+    pub(crate) shutdown_delay: Duration,
     /// How often the manifests are checked for changes.
     #[arg(long, env = "TOLLGATE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime_duration)]
-    pub reload_interval: Duration,
+    pub(crate) reload_interval: Duration,
     /// How often queue-aware routing scrapes each vLLM endpoint's `/metrics`.
     #[arg(long, env = "TOLLGATE_QUEUE_SCRAPE_INTERVAL", default_value = "500ms", value_parser = humantime_duration)]
-    pub queue_scrape_interval: Duration,
+    pub(crate) queue_scrape_interval: Duration,
     /// Master key for the admin API (`/key/generate`, `/key/info`, `/spend/keys`, ...). Without
     /// it the admin API is off.
     #[arg(long, env = "TOLLGATE_MASTER_KEY", hide_env_values = true)]
-    pub master_key: Option<String>,
+    pub(crate) master_key: Option<String>,
     /// Redis URL (`redis://host:6379/0`): limits and budgets are then shared by every replica.
     #[arg(long, env = "TOLLGATE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    pub(crate) redis_url: Option<String>,
     /// When Redis can't be reached: `open` falls back to this replica's own counters, `closed`
     /// refuses limited requests with 503.
     #[arg(
@@ -103,48 +103,48 @@ pub struct Args {
         value_enum,
         default_value = "open"
     )]
-    pub redis_failure: crate::limits::redis::FailureMode,
+    pub(crate) redis_failure: crate::limits::redis::FailureMode,
     /// How long a request's reservation in Redis is held at most: the slot of a request whose
     /// replica died before settling it comes back after this, and its reserved cost is then
     /// charged as spent (it may have run upstream). Longer than your longest request.
     #[arg(long, env = "TOLLGATE_REDIS_LEASE", default_value = "15m", value_parser = humantime_duration)]
-    pub redis_lease: Duration,
+    pub(crate) redis_lease: Duration,
     /// Append a usage record per request to this file (JSON lines), and read it back at
     /// start-up so spend and budgets survive a restart.
     #[arg(long, env = "TOLLGATE_USAGE_LOG")]
-    pub usage_log: Option<PathBuf>,
+    pub(crate) usage_log: Option<PathBuf>,
     /// When the usage log passes this many bytes it is rewritten as one row per key, model,
     /// deployment and time bucket (minutes for the last hour, hours for two days, days for 32
     /// days, one row before), which keeps budgets and totals exact; 0 never compacts.
     #[arg(long, env = "TOLLGATE_USAGE_LOG_MAX_BYTES", default_value_t = crate::accounting::usage_log::DEFAULT_MAX_BYTES)]
-    pub usage_log_max_bytes: u64,
+    pub(crate) usage_log_max_bytes: u64,
     /// Add per-key spend and request series to /metrics (one series per key: mind the
     /// cardinality with many keys).
     #[arg(long, env = "TOLLGATE_PER_KEY_METRICS")]
-    pub per_key_metrics: bool,
+    pub(crate) per_key_metrics: bool,
     /// Log format.
     #[arg(long, env = "TOLLGATE_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     /// Log filter, as RUST_LOG (e.g. `info`, `tollgate_dataplane=debug`).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
-    pub log: String,
+    pub(crate) log: String,
     /// Worker threads (default: one per core).
     #[arg(long, env = "TOLLGATE_WORKER_THREADS")]
-    pub worker_threads: Option<usize>,
+    pub(crate) worker_threads: Option<usize>,
     /// Runtime: `per-core` (a single-threaded runtime per worker, each with its own listening
     /// socket and upstream pool) or `work-stealing` (one shared multi-threaded runtime).
     #[arg(long, env = "TOLLGATE_RUNTIME", value_enum, default_value = "per-core")]
-    pub runtime: RuntimeKind,
+    pub(crate) runtime: RuntimeKind,
     /// With `per-core`: how long a worker thread keeps polling its sockets after its last work
     /// before it sleeps, so that the next event doesn't wait for an idle CPU to wake (slow on
     /// VMs). Costs CPU while it polls; `0` turns it off. See `docs/benchmarks.md`.
     #[arg(long, env = "TOLLGATE_BUSY_POLL", default_value = "0", value_parser = busy_poll)]
-    pub busy_poll: Duration,
+    pub(crate) busy_poll: Duration,
 }
 
 /// How requests are spread over threads.
 #[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum RuntimeKind {
+pub(crate) enum RuntimeKind {
     /// A current-thread runtime per worker thread, connections spread by `SO_REUSEPORT`.
     PerCore,
     /// Tokio's multi-threaded, work-stealing runtime.
@@ -153,7 +153,7 @@ pub enum RuntimeKind {
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.

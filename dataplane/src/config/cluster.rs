@@ -19,7 +19,7 @@ use tollgate_crds::GatewayConfig;
 use tollgate_crds::publish::{HEAD_HASH, HEAD_SHARDS, LABEL, SHARD_DATA, decode, shard_name};
 
 /// The watched config Secrets.
-pub struct ConfigSource {
+pub(crate) struct ConfigSource {
     store: Store<Secret>,
     changed: Arc<Notify>,
     namespace: String,
@@ -28,7 +28,7 @@ pub struct ConfigSource {
 
 impl ConfigSource {
     /// Starts watching the config Secrets in `namespace`.
-    pub async fn start(namespace: String, name: String) -> anyhow::Result<Self> {
+    pub(crate) async fn start(namespace: String, name: String) -> anyhow::Result<Self> {
         let client = Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
@@ -90,7 +90,7 @@ impl ConfigSource {
     }
 
     /// Waits for the first complete config.
-    pub async fn first(&self) -> anyhow::Result<(GatewayConfig, String)> {
+    pub(crate) async fn first(&self) -> anyhow::Result<(GatewayConfig, String)> {
         self.store
             .wait_until_ready()
             .await
@@ -106,7 +106,7 @@ impl ConfigSource {
     }
 
     /// Installs every new config as it is published, for as long as the process runs.
-    pub async fn follow(self, state: Arc<impl Install>, mut installed: String) {
+    pub(crate) async fn follow(self, state: Arc<impl Install>, mut installed: String) {
         loop {
             self.changed.notified().await;
             match self.current() {

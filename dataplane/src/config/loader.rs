@@ -15,7 +15,7 @@ use tollgate_crds::{GatewayConfig, Objects, compile};
 /// Where keys made through the admin API are kept: `generated-keys.yaml` in the manifest
 /// directory, or beside a single manifest file as `<file>.generated-keys.yaml`. Either way the
 /// loader reads it with the manifests.
-pub fn keys_file_for(manifests: &Path) -> PathBuf {
+pub(crate) fn keys_file_for(manifests: &Path) -> PathBuf {
     if manifests.is_dir() {
         manifests.join(GENERATED_KEYS_FILE)
     } else {
@@ -64,7 +64,7 @@ fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Reads and compiles the manifests at `path`. Any error fails the whole load.
-pub fn load(path: &Path) -> Result<GatewayConfig, Vec<String>> {
+pub(crate) fn load(path: &Path) -> Result<GatewayConfig, Vec<String>> {
     let files =
         manifest_files(path).map_err(|e| vec![format!("reading {}: {e}", path.display())])?;
     if files.is_empty() {
@@ -95,7 +95,7 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<String>> {
 }
 
 /// A cheap fingerprint of the manifests: names, sizes and modification times.
-pub fn fingerprint(path: &Path) -> u64 {
+pub(crate) fn fingerprint(path: &Path) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     if let Ok(files) = manifest_files(path) {
         for f in files {
@@ -113,7 +113,7 @@ pub fn fingerprint(path: &Path) -> u64 {
 /// compile cleanly. Polling (rather than inotify) also sees a ConfigMap's atomic symlink swap.
 /// `loaded` is the fingerprint taken *before* the running config was read, so an edit made
 /// between start-up and this task's first poll is not mistaken for the running config.
-pub async fn watch(
+pub(crate) async fn watch(
     state: std::sync::Arc<impl Install>,
     path: PathBuf,
     interval: Duration,

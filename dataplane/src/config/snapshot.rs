@@ -8,6 +8,7 @@ use crate::limits::{Limited, Registry, Rules, Scope};
 use crate::routing::deployment::{DeploymentMetrics, upstream_endpoint};
 use crate::routing::{Group, Health, Policy, Route, RuntimeDeployment, Target};
 use crate::upstream::mock::Mock;
+use crate::upstream::provider::Adapter;
 use http::HeaderValue;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -15,37 +16,37 @@ use tollgate_crds::config::{Backend, GatewayConfig, KeyConfig, KeyHash};
 
 /// A virtual key, ready for lookups.
 #[derive(Debug)]
-pub struct RuntimeKey {
+pub(crate) struct RuntimeKey {
     /// `namespace/name`, shared.
-    pub id: Arc<str>,
+    pub(crate) id: Arc<str>,
     /// The compiled key.
-    pub config: KeyConfig,
+    pub(crate) config: KeyConfig,
     /// Allowed models; `None`: all.
-    pub allowed: Option<HashSet<String>>,
+    pub(crate) allowed: Option<HashSet<String>>,
     /// Usage of this key (shared across reloads).
-    pub usage: Arc<UsageCounters>,
+    pub(crate) usage: Arc<UsageCounters>,
     /// Rate limits and budget, if any.
-    pub limits: Option<Arc<Limited>>,
+    pub(crate) limits: Option<Arc<Limited>>,
     /// The team's budget, shared with the team's other keys, if the team has one.
-    pub team_limits: Option<Arc<Limited>>,
+    pub(crate) team_limits: Option<Arc<Limited>>,
 }
 
 impl RuntimeKey {
     /// Whether this key may use `model`.
-    pub fn allows(&self, model: &str) -> bool {
+    pub(crate) fn allows(&self, model: &str) -> bool {
         self.allowed.as_ref().is_none_or(|a| a.contains(model))
     }
 }
 
 /// The runtime view of one config.
 #[derive(Debug)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Keys by hash.
-    pub keys: HashMap<KeyHash, Arc<RuntimeKey>, KeyHashState>,
+    pub(crate) keys: HashMap<KeyHash, Arc<RuntimeKey>, KeyHashState>,
     /// Groups by public model name.
-    pub groups: HashMap<String, Group>,
+    pub(crate) groups: HashMap<String, Group>,
     /// Content hash of the config.
-    pub config_hash: String,
+    pub(crate) config_hash: String,
 }
 
 /// Hashes a [`KeyHash`] for the key map by taking its first 8 bytes.
@@ -54,7 +55,7 @@ pub struct Snapshot {
 /// again (the default SipHash, run on every request's lookup) adds nothing. The map of model
 /// names, which clients do choose, keeps the default DoS-resistant hasher.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct KeyHashState;
+pub(crate) struct KeyHashState;
 
 impl std::hash::BuildHasher for KeyHashState {
     type Hasher = FirstWord;
@@ -65,7 +66,7 @@ impl std::hash::BuildHasher for KeyHashState {
 
 /// The hasher of [`KeyHashState`]: the first 8 bytes written, ignoring the length prefix.
 #[derive(Debug)]
-pub struct FirstWord(u64);
+pub(crate) struct FirstWord(u64);
 
 impl std::hash::Hasher for FirstWord {
     fn finish(&self) -> u64 {
@@ -82,23 +83,14 @@ impl std::hash::Hasher for FirstWord {
 /// A deployment that can't be turned into a runtime one (a URL that isn't a valid URI).
 #[derive(Debug, thiserror::Error)]
 #[error("deployment {id}: {message}")]
-pub struct BuildError {
+pub(crate) struct BuildError {
     id: String,
     message: String,
 }
 
 impl Snapshot {
-    /// The snapshot of an empty config (serves nothing).
-    pub fn empty() -> Self {
-        Self {
-            keys: HashMap::default(),
-            groups: HashMap::new(),
-            config_hash: String::new(),
-        }
-    }
-
     /// Builds the runtime view of `config`, taking usage counters from `ledger`.
-    pub fn build(
+    pub(crate) fn build(
         config: &GatewayConfig,
         ledger: &Ledger,
         registry: &Registry,
@@ -119,26 +111,35 @@ impl Snapshot {
                         if urls.is_empty() {
                             return Err(err("no backend URL".into()));
                         }
+                        let adapter = Adapter::of(d.provider).ok_or_else(|| {
+                            err(format!(
+                                "provider {:?} has no adapter in this data plane",
+                                d.provider
+                            ))
+                        })?;
                         let auth = match &d.api_key {
-                            Some(k) => {
-                                let mut v = HeaderValue::try_from(format!("Bearer {}", k.expose()))
-                                    .map_err(|_| {
-                                        err("the API key has characters not allowed in a header"
-                                            .into())
-                                    })?;
-                                v.set_sensitive(true);
-                                Some(v)
-                            }
+                            Some(k) => Some(adapter.auth(k.expose()).ok_or_else(|| {
+                                err("the API key has characters not allowed in a header".into())
+                            })?),
                             None => None,
                         };
                         let endpoints = urls
                             .iter()
                             .map(|base| {
-                                upstream_endpoint(base, d.health_check.as_ref(), auth.as_ref())
-                                    .map_err(&err)
+                                upstream_endpoint(
+                                    adapter,
+                                    base,
+                                    d.health_check.as_ref(),
+                                    auth.as_ref(),
+                                )
+                                .map_err(&err)
                             })
                             .collect::<Result<Vec<_>, _>>()?;
-                        Target::Upstream { endpoints, auth }
+                        Target::Upstream {
+                            adapter,
+                            endpoints,
+                            auth,
+                        }
                     }
                 };
                 deployments.push(Arc::new(RuntimeDeployment {
@@ -146,7 +147,6 @@ impl Snapshot {
                     id_header: HeaderValue::try_from(d.id.as_str())
                         .map_err(|_| err("invalid id".into()))?,
                     model: model.clone(),
-                    provider: d.provider,
                     upstream_model: d.upstream_model.clone(),
                     target,
                     weight: d.weight,
@@ -191,7 +191,6 @@ impl Snapshot {
                         message: "the model name is not a valid header value".into(),
                     })?,
                     name: model.clone(),
-                    limited: deployments.iter().any(|d| d.limits.is_some()),
                     deployments,
                     routes,
                     policy: Policy::new(group.policy.as_ref()),

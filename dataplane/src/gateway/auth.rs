@@ -9,11 +9,11 @@ use subtle::ConstantTimeEq;
 use tollgate_crds::config::KeyHash;
 
 /// `x-api-key`, the key as Anthropic's SDKs send it.
-pub const API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+pub(crate) const API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
 /// The key the client sent, if any, as its bytes: they are only hashed, so they aren't checked
 /// to be text first (a key that isn't printable ASCII matches no key and gets the same 401).
-pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     if let Some(v) = headers.get(http::header::AUTHORIZATION) {
         let v = v.as_bytes().trim_ascii();
         let (scheme, rest) = match v.iter().position(|&b| b == b' ') {
@@ -31,7 +31,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 /// The virtual key of a request, or a 401.
-pub fn authenticate(
+pub(crate) fn authenticate(
     snapshot: &Snapshot,
     headers: &HeaderMap,
     now_unix: i64,

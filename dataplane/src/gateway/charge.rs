@@ -14,7 +14,7 @@ use tollgate_crds::usage::UsageSource;
 /// What one request owes, settled once with its real usage, or, when the upstream did work
 /// it reported no usage for, with an estimate (see [`Charge::sending`]).
 #[derive(Debug)]
-pub struct Charge {
+pub(crate) struct Charge {
     request_id: http::HeaderValue,
     /// The request as the client sent it, for the estimate.
     request: Option<(bytes::Bytes, crate::api::request::Endpoint)>,
@@ -41,7 +41,7 @@ pub struct Charge {
 
 impl Charge {
     /// Opens a charge for a request by `key` served by `deployment`.
-    pub fn new(
+    pub(crate) fn new(
         request_id: http::HeaderValue,
         key: Arc<RuntimeKey>,
         deployment: Arc<RuntimeDeployment>,
@@ -70,7 +70,7 @@ impl Charge {
 
     /// Keeps the request's body, from which the prompt is estimated should the upstream do work
     /// and report no usage.
-    pub fn with_request(
+    pub(crate) fn with_request(
         mut self,
         body: bytes::Bytes,
         endpoint: crate::api::request::Endpoint,
@@ -88,7 +88,7 @@ impl Charge {
     /// `reserved` gives (the prompt estimate, and `max_tokens` at the output price): should the
     /// process be killed before the request settles, the next start charges that (see
     /// [`crate::accounting::usage_log::replay`]).
-    pub fn sending(&mut self, reserved: impl FnOnce() -> crate::limits::Ask) {
+    pub(crate) fn sending(&mut self, reserved: impl FnOnce() -> crate::limits::Ask) {
         self.sent = true;
         if self.opened == 0
             && let Some(log) = self.log.as_ref().filter(|l| l.has_file())
@@ -142,13 +142,13 @@ impl Charge {
     /// The current attempt did no billable work: it never reached the upstream (no
     /// connection), or the upstream answered with an error status or ended the connection
     /// before answering.
-    pub fn no_work(&mut self) {
+    pub(crate) fn no_work(&mut self) {
         self.sent = false;
     }
 
     /// Text the client received (a stream's content, tool-call arguments), counted as
     /// completion tokens if the upstream reports no usage.
-    pub fn relayed(&mut self, text: &[u8]) {
+    pub(crate) fn relayed(&mut self, text: &[u8]) {
         self.relayed.push(text);
     }
 
@@ -174,19 +174,19 @@ impl Charge {
     }
 
     /// Counts the request in flight on its endpoint until it settles.
-    pub fn set_in_flight(&mut self, guard: crate::routing::InFlight) {
+    pub(crate) fn set_in_flight(&mut self, guard: crate::routing::InFlight) {
         self.in_flight = Some(guard);
     }
 
     /// The reservations, for adding the next deployment's on a retry.
-    pub fn reservation_mut(&mut self) -> &mut crate::limits::Reservation {
+    pub(crate) fn reservation_mut(&mut self) -> &mut crate::limits::Reservation {
         &mut self.reservation
     }
 
     /// Ends a failed attempt on the current deployment: counted in its metrics, its
     /// reservations released with no usage. The key's reservation, the usage record and the
     /// key's counters stay with the request, which is settled once at the end.
-    pub fn attempt_failed(&mut self) {
+    pub(crate) fn attempt_failed(&mut self) {
         self.deployment
             .metrics
             .outcome(Outcome::UpstreamError)
@@ -211,25 +211,20 @@ impl Charge {
     }
 
     /// Moves the request to `next` for its next attempt.
-    pub fn set_deployment(&mut self, next: Arc<RuntimeDeployment>) {
+    pub(crate) fn set_deployment(&mut self, next: Arc<RuntimeDeployment>) {
         self.deployment = next;
         self.attempt_counted = false;
     }
 
     /// Marks the first response byte on its way to the client.
-    pub fn first_byte(&mut self) {
+    pub(crate) fn first_byte(&mut self) {
         if self.first_byte.is_none() {
             self.first_byte = Some(Instant::now());
         }
     }
 
-    /// The deployment serving the request.
-    pub fn deployment(&self) -> &RuntimeDeployment {
-        &self.deployment
-    }
-
     /// Records usage, cost and metrics, and settles the rate-limit and budget reservations.
-    pub fn settle(mut self, usage: Option<TokenUsage>, outcome: Outcome) -> Settled {
+    pub(crate) fn settle(mut self, usage: Option<TokenUsage>, outcome: Outcome) -> Settled {
         self.settle_once(usage, outcome)
     }
 
@@ -310,9 +305,9 @@ impl Charge {
 
 /// A settled charge: its cost, and the budget spend still on its way to Redis, if any.
 #[derive(Debug, Default)]
-pub struct Settled {
+pub(crate) struct Settled {
     /// What the request cost.
-    pub cost: Picodollars,
+    pub(crate) cost: Picodollars,
     recorded: Option<crate::limits::redis::Recorded>,
 }
 
@@ -320,7 +315,7 @@ impl Settled {
     /// The cost, once the spend is recorded where every replica's budget check sees it. A
     /// served response waits for this before it ends; failures don't (they spent nothing, so
     /// until Redis has it their reservation only over-counts).
-    pub async fn recorded(self) -> Picodollars {
+    pub(crate) async fn recorded(self) -> Picodollars {
         if let Some(r) = self.recorded {
             r.await;
         }
@@ -328,7 +323,7 @@ impl Settled {
     }
 
     /// The spend still on its way to Redis, if any.
-    pub fn pending(self) -> Option<crate::limits::redis::Recorded> {
+    pub(crate) fn pending(self) -> Option<crate::limits::redis::Recorded> {
         self.recorded
     }
 }

@@ -15,10 +15,11 @@
 //! Nothing here knows about axum's routing; the handlers in [`crate::http::server`] call
 //! [`handle`] and add the request id.
 
-pub mod auth;
-pub mod charge;
+pub(crate) mod auth;
+pub(crate) mod charge;
+pub(crate) mod ingress;
 pub mod relay;
-pub mod state;
+pub(crate) mod state;
 
 use crate::accounting::Outcome;
 use crate::api::error::{ApiError, Result};
@@ -45,12 +46,12 @@ use tollgate_crds::policy::RetryOn;
 const MAX_UPSTREAM_BODY: usize = 64 << 20;
 
 /// `x-tollgate-deployment`.
-pub const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-tollgate-deployment");
+pub(crate) const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-tollgate-deployment");
 /// `x-tollgate-cost-usd`.
-pub const COST_HEADER: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
+pub(crate) const COST_HEADER: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
 
 /// The answer to a request whose body didn't arrive within the body-read timeout.
-pub fn body_timed_out() -> ApiError {
+pub(crate) fn body_timed_out() -> ApiError {
     crate::telemetry::timed_out("body_read");
     ApiError::request_timeout(
         "The request body did not arrive within the gateway's body-read timeout.",
@@ -158,11 +159,13 @@ where
 
 /// `x-tollgate-model-group`: the model group that served the request (differs from the
 /// requested model after a fallback).
-pub const MODEL_GROUP_HEADER: HeaderName = HeaderName::from_static("x-tollgate-model-group");
+pub(crate) const MODEL_GROUP_HEADER: HeaderName = HeaderName::from_static("x-tollgate-model-group");
 /// `x-tollgate-attempted-retries`: retries made before the answer (absent when none).
-pub const RETRIES_HEADER: HeaderName = HeaderName::from_static("x-tollgate-attempted-retries");
+pub(crate) const RETRIES_HEADER: HeaderName =
+    HeaderName::from_static("x-tollgate-attempted-retries");
 /// `x-tollgate-attempted-fallbacks`: fallback groups tried (absent when none).
-pub const FALLBACKS_HEADER: HeaderName = HeaderName::from_static("x-tollgate-attempted-fallbacks");
+pub(crate) const FALLBACKS_HEADER: HeaderName =
+    HeaderName::from_static("x-tollgate-attempted-fallbacks");
 
 /// Longest upstream `retry-after` waited for before retrying the same endpoint; a longer one
 /// ends the group's attempts (fallbacks are tried instead).
@@ -248,9 +251,9 @@ enum GroupEnd {
 }
 
 /// Serves one OpenAI API request.
-pub async fn handle<B>(
+pub(crate) async fn handle<B>(
     state: &AppState,
-    endpoint: Endpoint,
+    ingress: ingress::Ingress,
     req: Request<B>,
     rid: &HeaderValue,
 ) -> Result<Response>
@@ -270,7 +273,8 @@ where
         state.settings.bounds.body_read,
     )
     .await?;
-    let parsed = ParsedRequest::parse(&body, endpoint)?;
+    let endpoint = ingress.endpoint();
+    let parsed = ingress.parse(&body)?;
     if !key.allows(&parsed.model) {
         return Err(ApiError::forbidden(format!(
             "This API key is not allowed to use the model `{}`. GET /v1/models lists the models it can use.",
@@ -745,7 +749,7 @@ where
 async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instant) -> Attempt {
     let d: &RuntimeDeployment = &route.deployment;
     let id = d.id.clone();
-    let Some((upstream, uri, auth)) = d.uri(ctx.endpoint, route.endpoint) else {
+    let Some((adapter, upstream, uri, auth)) = d.uri(ctx.endpoint, route.endpoint) else {
         charge.settle(None, Outcome::UpstreamError);
         return Attempt::Done(Err(ApiError::internal("deployment has no upstream URI")));
     };
@@ -753,7 +757,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
     // upstream::send_to).
     let (parsed, body) = (ctx.parsed, ctx.body);
     let make = || {
-        let mut req = Request::new(parsed.upstream_body(body, &d.upstream_model));
+        let mut req = Request::new(adapter.request_body(parsed, body, &d.upstream_model));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = uri.clone();
         let h = req.headers_mut();
@@ -761,8 +765,8 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(a) = auth {
-            h.insert(header::AUTHORIZATION, a.clone());
+        if let Some((name, value)) = auth {
+            h.insert(name.clone(), value.clone());
         }
         req
     };
@@ -790,7 +794,7 @@ async fn forward(ctx: &mut Ctx<'_>, route: &Route, charge: Charge, began: Instan
             &plain.origin,
             connect,
             &plain.heads[ctx.endpoint.index()],
-            parsed.upstream_body(body, &d.upstream_model),
+            adapter.request_body(parsed, body, &d.upstream_model),
             headers_by,
         )),
         // Boxed: hyper's client future would otherwise make every request's state (and so

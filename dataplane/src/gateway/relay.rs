@@ -35,7 +35,7 @@ const MAX_YIELDS: u32 = 64;
 const IDLE_YIELDS: u32 = 2;
 
 /// The upstream body, relayed.
-pub struct SseRelay<B> {
+pub(crate) struct SseRelay<B> {
     inner: B,
     pending: BytesMut,
     ready: VecDeque<Bytes>,
@@ -57,7 +57,7 @@ pub struct SseRelay<B> {
 impl<B> SseRelay<B> {
     /// Relays `inner`, settling `charge` at the end. With `drop_usage_chunk`, a usage-only
     /// event is not forwarded (the client didn't ask for it).
-    pub fn new(inner: B, charge: Charge, drop_usage_chunk: bool) -> Self {
+    pub(crate) fn new(inner: B, charge: Charge, drop_usage_chunk: bool) -> Self {
         Self::open(inner, Some(charge), drop_usage_chunk)
     }
 
@@ -84,7 +84,7 @@ impl<B> SseRelay<B> {
     /// (on by default). Off for a body whose every frame is all that was read from the upstream
     /// ([`crate::upstream::h1`]): there, nothing more is ready when it says pending, and waiting would
     /// only cost wake-ups.
-    pub fn wait_for_more(mut self, wait: bool) -> Self {
+    pub(crate) fn wait_for_more(mut self, wait: bool) -> Self {
         self.wait_for_more = wait;
         self
     }

@@ -18,21 +18,21 @@ use tollgate_crds::config::Picodollars;
 
 /// Settings from the command line.
 #[derive(Clone, Debug)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Largest request body accepted.
-    pub max_body_bytes: usize,
+    pub(crate) max_body_bytes: usize,
     /// Whether `/metrics` has per-key series.
-    pub per_key_metrics: bool,
+    pub(crate) per_key_metrics: bool,
     /// How long a client connection may stay open without a request before it is closed.
-    pub idle_timeout: std::time::Duration,
+    pub(crate) idle_timeout: std::time::Duration,
     /// How long shutdown waits for in-flight requests before closing their connections.
-    pub shutdown_timeout: std::time::Duration,
+    pub(crate) shutdown_timeout: std::time::Duration,
     /// How long the listeners keep accepting after SIGTERM, with readiness failing.
-    pub shutdown_delay: std::time::Duration,
+    pub(crate) shutdown_delay: std::time::Duration,
     /// Bounds on the work a client connection may make the gateway wait on.
-    pub bounds: Bounds,
+    pub(crate) bounds: Bounds,
     /// Most client connections open at once across the process; 0 for no limit.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
 }
 
 impl Default for Settings {
@@ -50,36 +50,36 @@ impl Default for Settings {
 }
 
 /// Shared state.
-pub struct AppState {
+pub(crate) struct AppState {
     /// The config requests are served from. Loaded once per request.
-    pub snapshot: ArcSwap<Snapshot>,
+    pub(crate) snapshot: ArcSwap<Snapshot>,
     /// Usage counters, across reloads.
-    pub ledger: Ledger,
+    pub(crate) ledger: Ledger,
     /// Rate-limit and budget counters, across reloads.
-    pub limits: Registry,
+    pub(crate) limits: Registry,
     /// Endpoint health and routing statistics, across reloads.
-    pub health: Health,
+    pub(crate) health: Health,
     /// Settings.
-    pub settings: Settings,
+    pub(crate) settings: Settings,
     /// Prometheus renderer, when the binary installed the recorder.
-    pub prometheus: Option<PrometheusHandle>,
+    pub(crate) prometheus: Option<PrometheusHandle>,
     /// Where usage records go, if anywhere.
-    pub usage_log: Option<crate::accounting::usage_log::UsageLog>,
+    pub(crate) usage_log: Option<crate::accounting::usage_log::UsageLog>,
     /// Counters shared through Redis, when `--redis-url` is set.
-    pub shared: Option<Arc<crate::limits::redis::SharedLimits>>,
+    pub(crate) shared: Option<Arc<crate::limits::redis::SharedLimits>>,
     /// Set on SIGTERM: readiness fails from then on (see [`AppState::drain`]).
-    pub draining: std::sync::atomic::AtomicBool,
+    pub(crate) draining: std::sync::atomic::AtomicBool,
     /// [`Stop::Stopping`] on SIGTERM or SIGINT, [`Stop::Now`] on a second one: every worker
     /// thread's listener watches it (one signal subscription for the process, made before the
     /// workers start).
-    pub stop: tokio::sync::watch::Sender<Stop>,
+    pub(crate) stop: tokio::sync::watch::Sender<Stop>,
     /// Client connections open now, across every listener (see `Settings::max_connections`).
-    pub open_connections: std::sync::atomic::AtomicUsize,
+    pub(crate) open_connections: std::sync::atomic::AtomicUsize,
 }
 
 /// How far the process is in stopping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stop {
+pub(crate) enum Stop {
     Serving,
     /// Shutting down: the shutdown delay, then requests finish within the shutdown timeout.
     Stopping,
@@ -90,7 +90,7 @@ pub enum Stop {
 
 impl AppState {
     /// State serving `config`.
-    pub fn new(
+    pub(crate) fn new(
         config: &GatewayConfig,
         settings: Settings,
         prometheus: Option<PrometheusHandle>,
@@ -120,7 +120,7 @@ impl AppState {
     /// takes the pod out of its Services' endpoints while it still serves (for the shutdown
     /// delay) the requests sent before every node and load balancer has caught up. Returns
     /// whether this call started it (each worker thread calls it).
-    pub fn drain(&self) -> bool {
+    pub(crate) fn drain(&self) -> bool {
         !self
             .draining
             .swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -129,7 +129,11 @@ impl AppState {
     /// Reads the usage log at `path` (see [`usage_log::replay`]) into the ledger, and seeds each
     /// limited key's and team's budget with its spend in the current period (`now`, Unix
     /// seconds).
-    pub fn replay_usage_log(&self, path: &Path, now: u64) -> std::io::Result<usage_log::Replay> {
+    pub(crate) fn replay_usage_log(
+        &self,
+        path: &Path,
+        now: u64,
+    ) -> std::io::Result<usage_log::Replay> {
         let snapshot = self.snapshot.load();
         let periods: HashMap<&str, _> = snapshot
             .keys
@@ -191,7 +195,7 @@ impl AppState {
     }
 
     /// Swaps in `config`. In-flight requests finish on the snapshot they started with.
-    pub fn install(&self, config: &GatewayConfig) -> Result<(), BuildError> {
+    pub(crate) fn install(&self, config: &GatewayConfig) -> Result<(), BuildError> {
         let snapshot = Snapshot::build(config, &self.ledger, &self.limits, &self.health)?;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
@@ -200,14 +204,14 @@ impl AppState {
 
 /// Bounds on what a client may make a connection wait for (see `docs/limits-and-budgets.md`).
 #[derive(Clone, Copy, Debug)]
-pub struct Bounds {
+pub(crate) struct Bounds {
     /// From a request head's first byte (from the accept, for a connection's first request) to
     /// its end.
-    pub header_read: Duration,
+    pub(crate) header_read: Duration,
     /// From the end of a request head to the end of its body.
-    pub body_read: Duration,
+    pub(crate) body_read: Duration,
     /// Longest a write to the client may make no progress.
-    pub write_stall: Duration,
+    pub(crate) write_stall: Duration,
 }
 
 impl Default for Bounds {

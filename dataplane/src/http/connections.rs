@@ -51,7 +51,7 @@ pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// How long shutdown waits, after cutting the requests still served at the shutdown timeout, for
 /// their tasks to end (milliseconds, normally).
-pub const ABORT_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const ABORT_GRACE: Duration = Duration::from_secs(2);
 
 /// The socket of a connection hyper serves, with the [`Bounds`] hyper doesn't keep as the data
 /// plane wants them:
@@ -63,7 +63,7 @@ pub const ABORT_GRACE: Duration = Duration::from_secs(2);
 ///   fails. hyper's own `header_read_timeout` would run from the end of the previous response,
 ///   closing idle keep-alive connections after it, which is the idle timeout's job.
 #[derive(Debug)]
-pub struct Bounded<T> {
+pub(crate) struct Bounded<T> {
     io: T,
     conn: Arc<ConnState>,
     bounds: Bounds,
@@ -75,7 +75,7 @@ pub struct Bounded<T> {
 }
 
 impl<T> Bounded<T> {
-    pub fn new(io: T, conn: Arc<ConnState>, bounds: Bounds, h1: bool) -> Self {
+    pub(crate) fn new(io: T, conn: Arc<ConnState>, bounds: Bounds, h1: bool) -> Self {
         Self {
             io,
             conn,
@@ -188,7 +188,7 @@ const ABORT: u8 = 3;
 
 /// What a connection shares with its listener's [`Connections`].
 #[derive(Debug, Default)]
-pub struct ConnState {
+pub(crate) struct ConnState {
     /// [`OPEN`], [`IDLE`] or [`SHUTDOWN`].
     close: AtomicU8,
     /// `started` when the sweeper found the connection idle: a request since cancels [`IDLE`].
@@ -202,7 +202,7 @@ pub struct ConnState {
 /// (or abandoned), or with the handler's future if that is dropped first (an HTTP/2 client
 /// cancelled the stream).
 #[derive(Debug)]
-pub struct InFlight(Arc<ConnState>);
+pub(crate) struct InFlight(Arc<ConnState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -210,36 +210,9 @@ impl Drop for InFlight {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// See [`ConnState::unless_aborted`]. A struct rather than an `async fn`, which would keep
-    /// `serving` (the connection's whole server loop) twice in its state.
-    pub struct UnlessAborted<'a, F> {
-        conn: &'a ConnState,
-        registered: Option<Waker>,
-        #[pin]
-        serving: F,
-    }
-}
-
-impl<F: std::future::Future> std::future::Future for UnlessAborted<'_, F> {
-    type Output = Option<F::Output>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let this = self.project();
-        this.conn.register(this.registered, cx);
-        if this.conn.close.load(Ordering::Acquire) == ABORT {
-            return std::task::Poll::Ready(None);
-        }
-        this.serving.poll(cx).map(Some)
-    }
-}
-
 impl ConnState {
     /// Counts a request that started, until the guard is dropped.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.started.fetch_add(1, Ordering::Release);
         InFlight(self.clone())
     }
@@ -286,16 +259,6 @@ impl ConnState {
         .await
     }
 
-    /// Runs `serving` unless the connection is aborted first (the shutdown timeout passed):
-    /// then it is dropped with whatever it was serving, and this returns `None`.
-    pub fn unless_aborted<F: std::future::Future>(&self, serving: F) -> UnlessAborted<'_, F> {
-        UnlessAborted {
-            conn: self,
-            registered: None,
-            serving,
-        }
-    }
-
     /// Whether no request is in flight.
     ///
     /// `finished` is read first: a request counts as started before it counts as finished, so
@@ -324,7 +287,7 @@ impl ConnState {
 
 /// The open connections of one listener.
 #[derive(Debug)]
-pub struct Connections {
+pub(crate) struct Connections {
     idle_timeout: Duration,
     open: Mutex<Open>,
     /// Tasks that serve a connection's requests apart from it (HTTP/2 streams, see
@@ -336,7 +299,7 @@ pub struct Connections {
 /// A task serving one of a connection's requests (an HTTP/2 stream), counted until dropped:
 /// shutdown waits for these too, since they settle their requests after the connection is gone.
 #[derive(Debug)]
-pub struct Task(Arc<Connections>);
+pub(crate) struct Task(Arc<Connections>);
 
 impl Drop for Task {
     fn drop(&mut self) {
@@ -365,10 +328,10 @@ struct Entry {
 
 /// A connection's place in [`Connections`], given up when dropped.
 #[derive(Debug)]
-pub struct Registration {
+pub(crate) struct Registration {
     id: u64,
     /// The connection's state, for its service and its [`Connections::serve`].
-    pub state: Arc<ConnState>,
+    pub(crate) state: Arc<ConnState>,
     owner: Arc<Connections>,
 }
 
@@ -384,7 +347,7 @@ impl Drop for Registration {
 
 impl Connections {
     /// Connections that are closed after `idle_timeout` without a request.
-    pub fn new(idle_timeout: Duration) -> Arc<Self> {
+    pub(crate) fn new(idle_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             idle_timeout,
             open: Mutex::default(),
@@ -394,7 +357,7 @@ impl Connections {
     }
 
     /// Counts a task serving a request apart from its connection, until the guard is dropped.
-    pub fn task(self: &Arc<Self>) -> Task {
+    pub(crate) fn task(self: &Arc<Self>) -> Task {
         self.tasks.fetch_add(1, Ordering::AcqRel);
         Task(self.clone())
     }
@@ -404,7 +367,7 @@ impl Connections {
     }
 
     /// Registers a new connection.
-    pub fn open(self: &Arc<Self>) -> Registration {
+    pub(crate) fn open(self: &Arc<Self>) -> Registration {
         let state = Arc::new(ConnState::default());
         let mut open = self.lock();
         let id = open.next_id;
@@ -426,7 +389,10 @@ impl Connections {
     }
 
     /// Drives `conn` until it ends, closing it when its state says so (see the module docs).
-    pub async fn serve<C: GracefulConnection>(state: &ConnState, conn: C) -> Result<(), C::Error> {
+    pub(crate) async fn serve<C: GracefulConnection>(
+        state: &ConnState,
+        conn: C,
+    ) -> Result<(), C::Error> {
         let mut conn = std::pin::pin!(conn);
         let mut registered: Option<Waker> = None;
         // Set once the connection was told to close: when it may be dropped if still idle.
@@ -460,7 +426,7 @@ impl Connections {
 
     /// Closes the connections that have been idle for the idle timeout, forever (a quarter of
     /// the timeout between looks).
-    pub async fn sweep_forever(self: Arc<Self>) {
+    pub(crate) async fn sweep_forever(self: Arc<Self>) {
         let every = (self.idle_timeout / u32::from(TICKS)).max(Duration::from_millis(10));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -494,7 +460,11 @@ impl Connections {
     /// Closes every connection (each finishes the request it is serving) and waits until all
     /// have ended, or until `timeout` or `now`: then those still open are dropped mid-request,
     /// and this returns once their tasks have ended.
-    pub async fn shutdown(&self, timeout: Duration, now: impl std::future::Future<Output = ()>) {
+    pub(crate) async fn shutdown(
+        &self,
+        timeout: Duration,
+        now: impl std::future::Future<Output = ()>,
+    ) {
         self.close_all(SHUTDOWN);
         let ended = tokio::select! {
             ended = tokio::time::timeout(timeout, self.emptied()) => ended.is_ok(),
@@ -543,33 +513,6 @@ impl Connections {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The connection's whole server loop runs inside `unless_aborted`: it must not be kept
-    /// twice.
-    #[tokio::test]
-    async fn unless_aborted_adds_little_to_what_it_runs() {
-        let conns = Connections::new(Duration::from_secs(4));
-        let reg = conns.open();
-        let serving = async {
-            let held = [7u8; 4096];
-            tokio::task::yield_now().await;
-            held.len()
-        };
-        let alone = std::mem::size_of_val(&serving);
-        let wrapped = reg.state.unless_aborted(serving);
-        assert!(
-            std::mem::size_of_val(&wrapped) <= alone + 64,
-            "{} against {alone}",
-            std::mem::size_of_val(&wrapped)
-        );
-        assert_eq!(wrapped.await, Some(4096));
-        // Aborted: what it runs is dropped unfinished.
-        reg.state.close(ABORT);
-        assert_eq!(
-            reg.state.unless_aborted(std::future::pending::<()>()).await,
-            None
-        );
-    }
 
     #[test]
     fn a_connection_is_closed_after_a_whole_idle_timeout_without_requests() {

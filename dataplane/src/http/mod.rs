@@ -2,5 +2,5 @@
 //! shutdown, request ids and the routes. Nothing here knows about LLMs beyond which paths go to
 //! the gateway.
 
-pub mod connections;
-pub mod server;
+pub(crate) mod connections;
+pub(crate) mod server;

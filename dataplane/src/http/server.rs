@@ -16,6 +16,7 @@
 
 use crate::api::error::{ApiError, ErrorSource};
 use crate::api::request::Endpoint;
+use crate::gateway::ingress::Ingress;
 use crate::gateway::state::AppState;
 use crate::http::connections::{Bounded, Connections, InFlight};
 use axum::Router;
@@ -28,20 +29,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// `x-request-id`.
-pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// What a listener serves: the gateway, and the admin API when it is on.
 #[derive(Clone)]
-pub struct Served {
+pub(crate) struct Served {
     /// The gateway's state.
-    pub state: Arc<AppState>,
+    pub(crate) state: Arc<AppState>,
     /// The admin API (`--master-key`), if on.
-    pub admin: Option<Arc<crate::admin::Admin>>,
+    pub(crate) admin: Option<Arc<crate::admin::Admin>>,
 }
 
 /// The data plane's routes. Paths work with and without the `/v1` prefix, as in OpenAI's SDKs
 /// configured with either base URL.
-pub fn router(served: &Served) -> Router {
+pub(crate) fn router(served: &Served) -> Router {
     let admin = Router::new()
         .route("/key/generate", post(key_generate))
         .route("/key/info", get(key_info))
@@ -80,7 +81,7 @@ pub fn router(served: &Served) -> Router {
 /// HTTP/1.1, and HTTP/2 for clients that start with its preface (h2c, as meshes and
 /// `appProtocol: h2c` backends do). Connections idle for the idle timeout are closed (see
 /// [`crate::http::connections`]).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     served: Served,
     shutdown: impl std::future::Future<Output = ()>,
@@ -277,16 +278,6 @@ async fn accept_error(e: std::io::Error) {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
-/// The proxied endpoints by path, with and without `/v1`.
-fn proxied_endpoint(path: &str) -> Option<Endpoint> {
-    match path.strip_prefix("/v1").unwrap_or(path) {
-        "/chat/completions" => Some(Endpoint::ChatCompletions),
-        "/completions" => Some(Endpoint::Completions),
-        "/embeddings" => Some(Endpoint::Embeddings),
-        _ => None,
-    }
-}
-
 /// The largest HTTP/1.1 request head read (hyper answers a larger one `431` and closes the
 /// connection).
 const MAX_HEAD: usize = 64 << 10;
@@ -336,9 +327,9 @@ where
         return resp;
     }
     if req.method() == http::Method::POST
-        && let Some(endpoint) = proxied_endpoint(req.uri().path())
+        && let Some(ingress) = Ingress::for_path(req.uri().path())
     {
-        return proxied(&shared.state, endpoint, req).await;
+        return proxied(&shared.state, ingress, req).await;
     }
     use tower_service::Service;
     match shared.router.clone().call(req).await {
@@ -348,15 +339,15 @@ where
 }
 
 async fn chat(State(s): State<Arc<AppState>>, req: Request) -> Response {
-    proxied(&s, Endpoint::ChatCompletions, req).await
+    proxied(&s, Ingress::OpenAi(Endpoint::ChatCompletions), req).await
 }
 
 async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
-    proxied(&s, Endpoint::Completions, req).await
+    proxied(&s, Ingress::OpenAi(Endpoint::Completions), req).await
 }
 
 async fn embeddings(State(s): State<Arc<AppState>>, req: Request) -> Response {
-    proxied(&s, Endpoint::Embeddings, req).await
+    proxied(&s, Ingress::OpenAi(Endpoint::Embeddings), req).await
 }
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -383,7 +374,7 @@ fn request_id<B>(req: &http::Request<B>) -> HeaderValue {
     crate::rt::values::header_value(&hex).unwrap_or(HeaderValue::from_static("0"))
 }
 
-async fn proxied<B>(state: &AppState, endpoint: Endpoint, req: http::Request<B>) -> Response
+async fn proxied<B>(state: &AppState, ingress: Ingress, req: http::Request<B>) -> Response
 where
     B: http_body::Body<Data = bytes::Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -391,10 +382,10 @@ where
     let rid = request_id(&req);
     let rid_str = rid.to_str().unwrap_or("");
     let http1 = req.version() < http::Version::HTTP_2;
-    let mut resp = match crate::gateway::handle(state, endpoint, req, &rid).await {
+    let mut resp = match crate::gateway::handle(state, ingress, req, &rid).await {
         Ok(r) => r,
         Err(e) => {
-            log_error(&e, rid_str, endpoint);
+            log_error(&e, rid_str, ingress.endpoint());
             let unread = matches!(
                 e.status,
                 StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT

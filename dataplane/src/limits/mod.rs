@@ -62,7 +62,7 @@ pub struct Rules {
 
 impl Rules {
     /// Whether there is anything to enforce.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.limits.rpm.is_none()
             && self.limits.tpm.is_none()
             && self.limits.max_parallel.is_none()
@@ -103,7 +103,7 @@ impl Counters {
 
 /// Counters of one key or deployment, shared across reloads.
 #[derive(Debug)]
-pub struct Subject {
+pub(crate) struct Subject {
     scope: Scope,
     id: Arc<str>,
     counters: Mutex<Counters>,
@@ -129,13 +129,13 @@ pub enum Refusal {
 #[derive(Clone, Debug)]
 pub struct Refused {
     /// What refused.
-    pub scope: Scope,
+    pub(crate) scope: Scope,
     /// Its id.
-    pub id: Arc<str>,
+    pub(crate) id: Arc<str>,
     /// Why.
     pub refusal: Refusal,
     /// Seconds until it may succeed.
-    pub retry_after: u64,
+    pub(crate) retry_after: u64,
 }
 
 impl From<Refused> for ApiError {
@@ -206,7 +206,7 @@ pub struct Room {
 
 impl Room {
     /// Room left under `rules` after `requests` and `tokens` this minute.
-    pub fn new(rules: &Rules, requests: u64, tokens: u64, reset_secs: u64) -> Self {
+    pub(crate) fn new(rules: &Rules, requests: u64, tokens: u64, reset_secs: u64) -> Self {
         let l = &rules.limits;
         Self {
             requests: l.rpm.map(|limit| (limit, limit.saturating_sub(requests))),
@@ -216,7 +216,7 @@ impl Room {
     }
 
     /// Adds OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
-    pub fn write_headers(&self, h: &mut HeaderMap) {
+    pub(crate) fn write_headers(&self, h: &mut HeaderMap) {
         let mut secs = itoa::Buffer::new();
         let mut reset = [0u8; 21];
         let digits = secs.format(self.reset_secs).as_bytes();
@@ -329,17 +329,17 @@ impl Subject {
     }
 
     /// What it limits.
-    pub fn scope(&self) -> Scope {
+    pub(crate) fn scope(&self) -> Scope {
         self.scope
     }
 
     /// Its id (`namespace/name`).
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.id
     }
 
     /// Its id, shared.
-    pub fn id_arc(&self) -> Arc<str> {
+    pub(crate) fn id_arc(&self) -> Arc<str> {
         self.id.clone()
     }
 }
@@ -353,18 +353,18 @@ pub struct Limited {
 
 impl Limited {
     /// The subject's counters.
-    pub fn subject(&self) -> &Subject {
+    pub(crate) fn subject(&self) -> &Subject {
         &self.subject
     }
 
     /// The rules.
-    pub fn rules(&self) -> &Rules {
+    pub(crate) fn rules(&self) -> &Rules {
         &self.rules
     }
 
     /// Spend settled in the budget period current at `now` (zero once a new period began,
     /// even before this subject's next request rolls it over).
-    pub fn period_spend(&self, now: u64) -> Picodollars {
+    pub(crate) fn period_spend(&self, now: u64) -> Picodollars {
         let mut c = self
             .subject
             .counters
@@ -424,7 +424,12 @@ impl Reservation {
     }
 
     /// Reserves `ask` on `limited`, adding it to this reservation.
-    pub fn take(&mut self, limited: &Arc<Limited>, ask: Ask, now: u64) -> Result<Room, Refused> {
+    pub(crate) fn take(
+        &mut self,
+        limited: &Arc<Limited>,
+        ask: Ask,
+        now: u64,
+    ) -> Result<Room, Refused> {
         let room = limited.subject.reserve(&limited.rules, ask, now)?;
         self.held.push(Taken {
             limited: limited.clone(),
@@ -435,7 +440,7 @@ impl Reservation {
     }
 
     /// Undoes the last reservation (its request went elsewhere).
-    pub fn undo_last(&mut self, now: u64) {
+    pub(crate) fn undo_last(&mut self, now: u64) {
         if let Some(t) = self.held.pop() {
             let l = &t.limited;
             l.subject
@@ -450,7 +455,7 @@ impl Reservation {
 
     /// Ends the reservations of `scope` with no usage: an attempt on a deployment failed before
     /// it used anything. Its request still counts (the deployment was asked).
-    pub fn release(&mut self, scope: Scope, now: u64) {
+    pub(crate) fn release(&mut self, scope: Scope, now: u64) {
         let (local, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
             .into_iter()
             .partition(|t| t.limited.subject.scope == scope);
@@ -517,7 +522,7 @@ pub struct Registry {
 
 impl Registry {
     /// Adds `spend` to the current budget period of `id` (from the usage log, at start-up).
-    pub fn seed_spend(
+    pub(crate) fn seed_spend(
         &self,
         scope: Scope,
         id: &str,
@@ -560,12 +565,12 @@ impl Registry {
 }
 
 /// Index of the budget period containing `now` (Unix seconds); see [`BudgetPeriod::index`].
-pub fn period_index(period: BudgetPeriod, now: u64) -> u64 {
+pub(crate) fn period_index(period: BudgetPeriod, now: u64) -> u64 {
     period.index(now)
 }
 
 /// When the period containing `now` ends; see [`BudgetPeriod::end`].
-pub fn period_end(period: BudgetPeriod, now: u64) -> Option<u64> {
+pub(crate) fn period_end(period: BudgetPeriod, now: u64) -> Option<u64> {
     period.end(now)
 }
 

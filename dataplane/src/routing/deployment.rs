@@ -8,26 +8,26 @@ use crate::accounting::{Outcome, UsageCounters};
 use crate::api::request::Endpoint;
 use crate::limits::Limited;
 use crate::upstream::mock::Mock;
+use crate::upstream::provider::{Adapter, Auth};
 use http::{HeaderValue, Uri};
 use metrics::{Counter, Histogram};
 use std::sync::Arc;
 use tollgate_crds::config::{Prices, TimeoutConfig};
-use tollgate_crds::model::Provider;
 
 /// Per-deployment metric handles, registered when the snapshot is built.
 #[derive(Debug)]
-pub struct DeploymentMetrics {
+pub(crate) struct DeploymentMetrics {
     success: Counter,
     upstream_error: Counter,
     client_gone: Counter,
     shutdown: Counter,
     rejected: Counter,
     /// Requests charged an estimate.
-    pub estimated: Counter,
+    pub(crate) estimated: Counter,
     /// Request duration.
-    pub duration: Histogram,
+    pub(crate) duration: Histogram,
     /// Time to first byte.
-    pub ttfb: Histogram,
+    pub(crate) ttfb: Histogram,
 }
 
 impl DeploymentMetrics {
@@ -46,7 +46,7 @@ impl DeploymentMetrics {
     }
 
     /// The request counter for `outcome`.
-    pub fn outcome(&self, outcome: Outcome) -> &Counter {
+    pub(crate) fn outcome(&self, outcome: Outcome) -> &Counter {
         match outcome {
             Outcome::Success => &self.success,
             Outcome::UpstreamError => &self.upstream_error,
@@ -59,39 +59,41 @@ impl DeploymentMetrics {
 
 /// One resolved address of an HTTP deployment (a pod, or the provider's API).
 #[derive(Debug)]
-pub struct UpstreamEndpoint {
+pub(crate) struct UpstreamEndpoint {
     /// Base URL, as configured.
-    pub base: String,
+    pub(crate) base: String,
     /// Full URIs per API endpoint (chat, completions, embeddings).
-    pub uris: Box<[Uri; 3]>,
+    pub(crate) uris: Box<[Uri; 3]>,
     /// For a plain-HTTP URL, where connections go and the prepared request heads (`None` for
     /// https, which goes through hyper's client with a built request).
-    pub plain: Option<PlainHttp>,
+    pub(crate) plain: Option<PlainHttp>,
     /// The server's Prometheus `/metrics` (same scheme and authority as `base`).
-    pub metrics: Option<Uri>,
+    pub(crate) metrics: Option<Uri>,
     /// The active health probe's URI, if the deployment has one.
-    pub probe: Option<Uri>,
+    pub(crate) probe: Option<Uri>,
 }
 
 /// A plain-HTTP upstream endpoint, served through [`crate::upstream::h1`].
 #[derive(Debug)]
-pub struct PlainHttp {
+pub(crate) struct PlainHttp {
     /// Where the connections go.
-    pub origin: crate::upstream::Origin,
+    pub(crate) origin: crate::upstream::Origin,
     /// The request head per API endpoint (indexed by [`Endpoint::index`]): request line,
     /// `Host`, `Content-Type` and the deployment's `Authorization`, written once per config.
-    pub heads: [crate::upstream::h1::RequestHead; 3],
+    pub(crate) heads: [crate::upstream::h1::RequestHead; 3],
 }
 
 /// Where a deployment's requests go.
 #[derive(Debug)]
-pub enum Target {
+pub(crate) enum Target {
     /// An HTTP upstream with one or more endpoints.
     Upstream {
         /// Endpoints.
         endpoints: Vec<UpstreamEndpoint>,
-        /// `Authorization` header, if the deployment has a key.
-        auth: Option<HeaderValue>,
+        /// Its wire format.
+        adapter: Adapter,
+        /// The header carrying the deployment's API key, if it has one.
+        auth: Option<Auth>,
     },
     /// The built-in mock.
     Mock(Arc<Mock>),
@@ -99,57 +101,60 @@ pub enum Target {
 
 /// One deployment, ready to serve.
 #[derive(Debug)]
-pub struct RuntimeDeployment {
+pub(crate) struct RuntimeDeployment {
     /// `namespace/name`.
-    pub id: Arc<str>,
+    pub(crate) id: Arc<str>,
     /// As a header value, for `x-tollgate-deployment`.
-    pub id_header: HeaderValue,
+    pub(crate) id_header: HeaderValue,
     /// Public model name.
-    pub model: Arc<str>,
-    /// Provider.
-    pub provider: Provider,
+    pub(crate) model: Arc<str>,
     /// Upstream model name.
-    pub upstream_model: String,
+    pub(crate) upstream_model: String,
     /// Where requests go.
-    pub target: Target,
+    pub(crate) target: Target,
     /// Relative weight.
-    pub weight: u32,
+    pub(crate) weight: u32,
     /// Prices.
-    pub pricing: Prices,
+    pub(crate) pricing: Prices,
     /// Timeouts.
-    pub timeouts: TimeoutConfig,
+    pub(crate) timeouts: TimeoutConfig,
     /// Context window in tokens, if known.
-    pub context_window: Option<u32>,
+    pub(crate) context_window: Option<u32>,
     /// How prompt tokens are estimated for this deployment's model.
-    pub tokens: crate::accounting::tokens::Family,
+    pub(crate) tokens: crate::accounting::tokens::Family,
     /// Active health probe settings.
-    pub health_check: Option<tollgate_crds::config::HealthCheckConfig>,
+    pub(crate) health_check: Option<tollgate_crds::config::HealthCheckConfig>,
     /// Usage (shared across reloads).
-    pub usage: Arc<UsageCounters>,
+    pub(crate) usage: Arc<UsageCounters>,
     /// Rate limits, if any.
-    pub limits: Option<Arc<Limited>>,
+    pub(crate) limits: Option<Arc<Limited>>,
     /// Metric handles.
-    pub metrics: DeploymentMetrics,
+    pub(crate) metrics: DeploymentMetrics,
 }
 
 impl RuntimeDeployment {
-    /// The upstream URI of endpoint `i` for `endpoint`, if this is an HTTP deployment.
-    pub fn uri(
+    /// The adapter, endpoint `i`, its URI for `endpoint` and the auth header, if this is an
+    /// HTTP deployment.
+    pub(crate) fn uri(
         &self,
         endpoint: Endpoint,
         i: usize,
-    ) -> Option<(&UpstreamEndpoint, &Uri, Option<&HeaderValue>)> {
+    ) -> Option<(Adapter, &UpstreamEndpoint, &Uri, Option<&Auth>)> {
         match &self.target {
-            Target::Upstream { endpoints, auth } => {
+            Target::Upstream {
+                adapter,
+                endpoints,
+                auth,
+            } => {
                 let e = endpoints.get(i)?;
-                Some((e, &e.uris[endpoint.index()], auth.as_ref()))
+                Some((*adapter, e, &e.uris[endpoint.index()], auth.as_ref()))
             }
             Target::Mock(_) => None,
         }
     }
 
     /// How many endpoints this deployment has (1 for the mock).
-    pub fn endpoint_count(&self) -> usize {
+    pub(crate) fn endpoint_count(&self) -> usize {
         match &self.target {
             Target::Upstream { endpoints, .. } => endpoints.len(),
             Target::Mock(_) => 1,
@@ -159,24 +164,22 @@ impl RuntimeDeployment {
 
 /// All deployments of one public model name, and how they are routed.
 #[derive(Debug)]
-pub struct Group {
+pub(crate) struct Group {
     /// Public model name.
-    pub name: Arc<str>,
+    pub(crate) name: Arc<str>,
     /// The name as a header value, for `x-tollgate-model-group`.
-    pub name_header: HeaderValue,
+    pub(crate) name_header: HeaderValue,
     /// Deployments.
-    pub deployments: Vec<Arc<RuntimeDeployment>>,
+    pub(crate) deployments: Vec<Arc<RuntimeDeployment>>,
     /// Every endpoint of every deployment.
-    pub routes: Vec<Route>,
+    pub(crate) routes: Vec<Route>,
     /// The RoutePolicy, or defaults.
-    pub policy: Policy,
-    /// Whether any deployment has rate limits (admission then checks them).
-    pub limited: bool,
+    pub(crate) policy: Policy,
 }
 
 impl Group {
     /// The largest context window among the deployments; `None` when any has no limit.
-    pub fn context_window(&self) -> Option<u32> {
+    pub(crate) fn context_window(&self) -> Option<u32> {
         self.deployments
             .iter()
             .map(|d| d.context_window)
@@ -186,9 +189,10 @@ impl Group {
 
 /// Prepares the URIs (and, for plain HTTP, the request heads) of one upstream base URL.
 pub(crate) fn upstream_endpoint(
+    adapter: Adapter,
     base: &str,
     health: Option<&tollgate_crds::config::HealthCheckConfig>,
-    auth: Option<&HeaderValue>,
+    auth: Option<&Auth>,
 ) -> Result<UpstreamEndpoint, String> {
     let uri = |path: &str| {
         format!("{base}{path}")
@@ -203,9 +207,9 @@ pub(crate) fn upstream_endpoint(
         _ => None,
     };
     let uris = Box::new([
-        uri(Endpoint::ChatCompletions.upstream_path())?,
-        uri(Endpoint::Completions.upstream_path())?,
-        uri(Endpoint::Embeddings.upstream_path())?,
+        uri(adapter.path(Endpoint::ChatCompletions))?,
+        uri(adapter.path(Endpoint::Completions))?,
+        uri(adapter.path(Endpoint::Embeddings))?,
     ]);
     let plain = crate::upstream::Origin::of(&parsed).map(|origin| {
         let json = HeaderValue::from_static("application/json");
@@ -214,7 +218,7 @@ pub(crate) fn upstream_endpoint(
                 (&http::header::HOST, origin.host()),
                 (&http::header::CONTENT_TYPE, &json),
             ];
-            let auth = auth.map(|a| (&http::header::AUTHORIZATION, a));
+            let auth = auth.map(|(name, value)| (name, value));
             crate::upstream::h1::RequestHead::post(
                 u.path_and_query().map_or("/", |pq| pq.as_str()),
                 headers.into_iter().chain(auth),

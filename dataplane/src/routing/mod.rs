@@ -11,15 +11,15 @@
 //! take a route out for `duration`; after that it is half-open, serving one request at a time
 //! until one succeeds (closed again) or fails (straight back to cooldown).
 
-pub mod deployment;
+pub(crate) mod deployment;
 
-pub mod probe;
-pub mod report;
+pub(crate) mod probe;
+pub(crate) mod report;
 
-pub use deployment::{Group, RuntimeDeployment, Target};
+pub(crate) use deployment::{Group, RuntimeDeployment, Target};
 
 /// Every group of a config, by public model name.
-pub type Groups = std::collections::HashMap<String, Group>;
+pub(crate) type Groups = std::collections::HashMap<String, Group>;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -31,24 +31,24 @@ use tollgate_crds::policy::Strategy;
 /// Milliseconds on a monotonic clock (never 0), from the coarse clock (see [`crate::rt::clock`]):
 /// cooldowns and scrape ages need no finer.
 #[inline]
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     crate::rt::clock::mono_ms()
 }
 
 /// Queue gauges scraped from a vLLM-style `/metrics` endpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct QueueGauges {
+pub(crate) struct QueueGauges {
     /// `vllm:num_requests_waiting`, summed over engines.
-    pub waiting: f64,
+    pub(crate) waiting: f64,
     /// `vllm:num_requests_running`.
-    pub running: f64,
+    pub(crate) running: f64,
     /// `vllm:kv_cache_usage_perc` (or the older `gpu_cache_usage_perc`), 0..1.
-    pub kv_cache: f64,
+    pub(crate) kv_cache: f64,
 }
 
 /// What a route's recent history says about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RouteState {
+pub(crate) enum RouteState {
     /// Serving, no recent failures.
     Healthy,
     /// Serving, with failures in the current window (below the cooldown threshold).
@@ -61,7 +61,7 @@ pub enum RouteState {
 
 impl RouteState {
     /// As shown in `/health` and metrics.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RouteState::Healthy => "healthy",
             RouteState::Failing => "failing",
@@ -73,7 +73,7 @@ impl RouteState {
 
 /// Runtime statistics of one endpoint (kept across reloads).
 #[derive(Debug, Default)]
-pub struct EndpointStats {
+pub(crate) struct EndpointStats {
     in_flight: AtomicU32,
     /// EWMA of time to response headers, µs; 0 until the first sample.
     latency_us: AtomicU64,
@@ -101,18 +101,18 @@ const EWMA_KEEP: f64 = 0.7;
 
 impl EndpointStats {
     /// Requests in flight on this endpoint.
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight.load(Relaxed)
     }
 
     /// Marks a request as started; the guard marks it done when dropped.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Relaxed);
         InFlight(self.clone())
     }
 
     /// Latency EWMA, if any request has been timed.
-    pub fn latency(&self) -> Option<Duration> {
+    pub(crate) fn latency(&self) -> Option<Duration> {
         match self.latency_us.load(Relaxed) {
             0 => None,
             us => Some(Duration::from_micros(us)),
@@ -120,7 +120,7 @@ impl EndpointStats {
     }
 
     /// Records a successful attempt that got its response headers after `latency`.
-    pub fn success(&self, latency: Duration) {
+    pub(crate) fn success(&self, latency: Duration) {
         let sample = latency.as_micros().max(1) as f64;
         let old = self.latency_us.load(Relaxed);
         let new = if old == 0 {
@@ -138,7 +138,7 @@ impl EndpointStats {
     }
 
     /// Records a failed attempt; returns true when this failure started a cooldown.
-    pub fn failure(&self, policy: &CooldownConfig, elapsed: Duration) -> bool {
+    pub(crate) fn failure(&self, policy: &CooldownConfig, elapsed: Duration) -> bool {
         self.failures.fetch_add(1, Relaxed);
         // A slow failure (a timeout) is also a latency sample, so latency-based routing learns.
         let old = self.latency_us.load(Relaxed);
@@ -170,7 +170,7 @@ impl EndpointStats {
     }
 
     /// The route's state now.
-    pub fn state(&self, policy: &CooldownConfig) -> RouteState {
+    pub(crate) fn state(&self, policy: &CooldownConfig) -> RouteState {
         let now = now_ms();
         match self.cooldown_until.load(Relaxed) {
             0 => {}
@@ -187,7 +187,7 @@ impl EndpointStats {
 
     /// Whether the route may take a request now: not cooling down, and when half-open, only
     /// while no other probe is in flight.
-    pub fn available(&self, now: u64) -> bool {
+    pub(crate) fn available(&self, now: u64) -> bool {
         match self.cooldown_until.load(Relaxed) {
             0 => true,
             until if until > now => false,
@@ -196,17 +196,17 @@ impl EndpointStats {
     }
 
     /// Milliseconds of cooldown left (0 when not cooling down).
-    pub fn cooldown_left_ms(&self, now: u64) -> u64 {
+    pub(crate) fn cooldown_left_ms(&self, now: u64) -> u64 {
         self.cooldown_until.load(Relaxed).saturating_sub(now)
     }
 
     /// Cooldowns started so far.
-    pub fn cooldowns(&self) -> u64 {
+    pub(crate) fn cooldowns(&self) -> u64 {
         self.cooldowns.load(Relaxed)
     }
 
     /// Records an active probe that passed: a cooling-down endpoint is back in rotation.
-    pub fn probe_passed(&self) {
+    pub(crate) fn probe_passed(&self) {
         self.last_probe.store(1, Relaxed);
         if self.cooldown_until.load(Relaxed) != 0 {
             self.cooldown_until.store(0, Relaxed);
@@ -215,7 +215,7 @@ impl EndpointStats {
     }
 
     /// The last active probe's result, if any.
-    pub fn last_probe(&self) -> Option<bool> {
+    pub(crate) fn last_probe(&self) -> Option<bool> {
         match self.last_probe.load(Relaxed) {
             1 => Some(true),
             2 => Some(false),
@@ -224,7 +224,7 @@ impl EndpointStats {
     }
 
     /// Stores freshly scraped queue gauges.
-    pub fn set_queue(&self, q: QueueGauges) {
+    pub(crate) fn set_queue(&self, q: QueueGauges) {
         self.queue_waiting.store(q.waiting.to_bits(), Relaxed);
         self.queue_running.store(q.running.to_bits(), Relaxed);
         self.queue_kv.store(q.kv_cache.to_bits(), Relaxed);
@@ -233,12 +233,12 @@ impl EndpointStats {
     }
 
     /// Notes a failed scrape (the gauges go stale).
-    pub fn scrape_failed(&self) {
+    pub(crate) fn scrape_failed(&self) {
         self.scrape_failing.store(true, Relaxed);
     }
 
     /// The queue gauges, if scraped within `max_age_ms`.
-    pub fn queue(&self, now: u64, max_age_ms: u64) -> Option<QueueGauges> {
+    pub(crate) fn queue(&self, now: u64, max_age_ms: u64) -> Option<QueueGauges> {
         let at = self.scraped_at.load(Relaxed);
         if at == 0 || now.saturating_sub(at) > max_age_ms || self.scrape_failing.load(Relaxed) {
             return None;
@@ -253,7 +253,7 @@ impl EndpointStats {
 
 /// A request in flight on an endpoint; dropping it ends the request there.
 #[derive(Debug)]
-pub struct InFlight(Arc<EndpointStats>);
+pub(crate) struct InFlight(Arc<EndpointStats>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -263,13 +263,13 @@ impl Drop for InFlight {
 
 /// Endpoint statistics by (deployment id, endpoint URL), kept across reloads.
 #[derive(Debug, Default)]
-pub struct Health {
+pub(crate) struct Health {
     endpoints: Mutex<HashMap<(String, String), Arc<EndpointStats>>>,
 }
 
 impl Health {
     /// The statistics of `url` of deployment `id` (created on first use).
-    pub fn endpoint(&self, id: &str, url: &str) -> Arc<EndpointStats> {
+    pub(crate) fn endpoint(&self, id: &str, url: &str) -> Arc<EndpointStats> {
         let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((id.to_string(), url.to_string()))
             .or_default()
@@ -279,39 +279,39 @@ impl Health {
 
 /// One endpoint of one deployment: what a group picks between.
 #[derive(Debug)]
-pub struct Route {
+pub(crate) struct Route {
     /// The deployment.
-    pub deployment: Arc<RuntimeDeployment>,
+    pub(crate) deployment: Arc<RuntimeDeployment>,
     /// Index into the deployment's endpoints.
-    pub endpoint: usize,
+    pub(crate) endpoint: usize,
     /// The endpoint's statistics.
-    pub stats: Arc<EndpointStats>,
+    pub(crate) stats: Arc<EndpointStats>,
     /// Share of the deployment's weight (weight × 1000 / endpoints).
-    pub weight: u64,
+    pub(crate) weight: u64,
 }
 
 /// How a group is routed and retried: its RoutePolicy, or the defaults.
 #[derive(Clone, Debug)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Strategy.
-    pub strategy: Strategy,
+    pub(crate) strategy: Strategy,
     /// Attempts in all, within the group.
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     /// Backoff base.
-    pub backoff: Duration,
+    pub(crate) backoff: Duration,
     /// Retried failure classes (`None`: all).
-    pub retry_on: Option<Vec<RetryOn>>,
+    pub(crate) retry_on: Option<Vec<RetryOn>>,
     /// Fallback model names.
-    pub fallbacks: Vec<Arc<str>>,
+    pub(crate) fallbacks: Vec<Arc<str>>,
     /// Context-window fallback model names.
-    pub context_window_fallbacks: Vec<Arc<str>>,
+    pub(crate) context_window_fallbacks: Vec<Arc<str>>,
     /// Cooldown.
-    pub cooldown: CooldownConfig,
+    pub(crate) cooldown: CooldownConfig,
 }
 
 impl Policy {
     /// The runtime policy of a group with `config` (or none).
-    pub fn new(config: Option<&PolicyConfig>) -> Self {
+    pub(crate) fn new(config: Option<&PolicyConfig>) -> Self {
         match config {
             None => Self {
                 strategy: Strategy::SimpleShuffle,
@@ -338,16 +338,11 @@ impl Policy {
         }
     }
 
-    /// Whether a failure of class `class` is retried.
-    pub fn retries(&self, class: RetryOn) -> bool {
-        self.retry_on.as_ref().is_none_or(|r| r.contains(&class))
-    }
-
     /// Whether a failure of class `class` on deployment `d` is retried. With no `retryOn`, a
     /// timeout on a priced deployment is not: the request may be running upstream, which bills
     /// it (the attempt is charged an estimate), and a retry would pay for it twice. Naming
     /// `timeout` in `retryOn` opts in.
-    pub fn retries_on(&self, class: RetryOn, d: &RuntimeDeployment) -> bool {
+    pub(crate) fn retries_on(&self, class: RetryOn, d: &RuntimeDeployment) -> bool {
         match &self.retry_on {
             Some(r) => r.contains(&class),
             None => class != RetryOn::Timeout || d.pricing == Default::default(),
@@ -356,7 +351,7 @@ impl Policy {
 
     /// The pause before retry number `retry` (1-based): exponential from the base, with full
     /// jitter, at most 5 s.
-    pub fn backoff(&self, retry: u32) -> Duration {
+    pub(crate) fn backoff(&self, retry: u32) -> Duration {
         let cap = self
             .backoff
             .saturating_mul(1 << retry.saturating_sub(1).min(16))
@@ -370,14 +365,14 @@ impl Policy {
 }
 
 /// Queue gauges older than this are stale; queue-aware routing then acts as least-busy.
-pub const QUEUE_MAX_AGE_MS: u64 = 5_000;
+pub(crate) const QUEUE_MAX_AGE_MS: u64 = 5_000;
 
 /// Probability that latency-based routing explores a random route instead of the fastest.
 const EXPLORE: f64 = 0.1;
 
 /// Picks the route for the next attempt among `routes`, skipping the `excluded` indexes and
 /// routes cooling down (unless `allow_cooling`: the last resort when nothing else is left).
-pub fn pick(
+pub(crate) fn pick(
     routes: &[Route],
     strategy: Strategy,
     excluded: &dyn Fn(usize) -> bool,
@@ -459,7 +454,7 @@ pub fn pick(
 /// Queue-aware score (lower is better): requests waiting upstream, plus this gateway's own
 /// requests in flight there (which the last scrape may not show yet), plus KV-cache use
 /// weighted so that a nearly full cache counts like a few queued requests.
-pub fn queue_score(q: QueueGauges, in_flight: u32) -> f64 {
+pub(crate) fn queue_score(q: QueueGauges, in_flight: u32) -> f64 {
     q.waiting + in_flight as f64 + 4.0 * q.kv_cache
 }
 
@@ -509,7 +504,7 @@ fn min_by(
 
 /// Reads vLLM's queue gauges from a Prometheus text exposition, summing over label sets (one
 /// per engine). `None` when none of them is present.
-pub fn parse_vllm_metrics(text: &str) -> Option<QueueGauges> {
+pub(crate) fn parse_vllm_metrics(text: &str) -> Option<QueueGauges> {
     let mut q = QueueGauges::default();
     let mut found = false;
     let mut kv_new = None::<f64>;
@@ -551,7 +546,7 @@ pub fn parse_vllm_metrics(text: &str) -> Option<QueueGauges> {
 }
 
 /// The strategy's name as written in a RoutePolicy.
-pub fn strategy_name(s: Strategy) -> &'static str {
+pub(crate) fn strategy_name(s: Strategy) -> &'static str {
     match s {
         Strategy::SimpleShuffle => "simple-shuffle",
         Strategy::LeastBusy => "least-busy",

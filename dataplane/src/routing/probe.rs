@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 /// Scrapes the `/metrics` of every endpoint of every queue-aware group, every `interval`, for
 /// as long as the process runs. Reads the current groups (`current()`) each round, so reloads are followed.
-pub async fn scrape_queues<S: AsRef<Groups>>(current: impl Fn() -> Arc<S>, interval: Duration) {
+pub(crate) async fn scrape_queues<S: AsRef<Groups>>(
+    current: impl Fn() -> Arc<S>,
+    interval: Duration,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let timeout = interval.clamp(Duration::from_millis(100), Duration::from_secs(2));
@@ -48,7 +51,7 @@ pub async fn scrape_queues<S: AsRef<Groups>>(current: impl Fn() -> Arc<S>, inter
 /// Probes every endpoint of every deployment with a `healthCheck`, each on its own interval,
 /// for as long as the process runs. A failed probe is a failure like a failed request (it can
 /// start a cooldown); a passing one ends a cooldown.
-pub async fn probe_endpoints<S: AsRef<Groups>>(current: impl Fn() -> Arc<S>) {
+pub(crate) async fn probe_endpoints<S: AsRef<Groups>>(current: impl Fn() -> Arc<S>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -58,8 +61,12 @@ pub async fn probe_endpoints<S: AsRef<Groups>>(current: impl Fn() -> Arc<S>) {
         let now = now_ms();
         for g in groups.values() {
             for r in &g.routes {
-                let (Some(h), Target::Upstream { endpoints, auth }) =
-                    (&r.deployment.health_check, &r.deployment.target)
+                let (
+                    Some(h),
+                    Target::Upstream {
+                        endpoints, auth, ..
+                    },
+                ) = (&r.deployment.health_check, &r.deployment.target)
                 else {
                     continue;
                 };
@@ -77,8 +84,8 @@ pub async fn probe_endpoints<S: AsRef<Groups>>(current: impl Fn() -> Arc<S>) {
                     let started = Instant::now();
                     let mut req = http::Request::new(bytes::Bytes::new());
                     *req.uri_mut() = uri;
-                    if let Some(a) = auth {
-                        req.headers_mut().insert(http::header::AUTHORIZATION, a);
+                    if let Some((name, value)) = auth {
+                        req.headers_mut().insert(name, value);
                     }
                     let ok = matches!(
                         tokio::time::timeout(timeout, crate::upstream::send(timeout, req)).await,

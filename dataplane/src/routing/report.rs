@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 /// The health of every route, as `GET /health` shows it (no URLs, no secrets), and whether any
 /// route of any model can serve.
-pub fn health_report(groups: &Groups) -> (serde_json::Value, bool) {
+pub(crate) fn health_report(groups: &Groups) -> (serde_json::Value, bool) {
     use serde_json::json;
     let now = now_ms();
     let mut healthy = Vec::new();
@@ -78,7 +78,7 @@ pub fn health_report(groups: &Groups) -> (serde_json::Value, bool) {
 
 /// Routing gauges for `/metrics`: endpoints per state and requests in flight, per
 /// deployment.
-pub fn render_routes(groups: &Groups, out: &mut String) {
+pub(crate) fn render_routes(groups: &Groups, out: &mut String) {
     let _ = writeln!(
         out,
         "# HELP tollgate_deployment_endpoints Endpoints of a deployment, by routing state.\n# TYPE tollgate_deployment_endpoints gauge"

@@ -40,7 +40,7 @@ static WINDOWS_TOTAL: AtomicU64 = AtomicU64::new(0);
 static POLLED_US: AtomicU64 = AtomicU64::new(0);
 
 /// The busy-polling series, in Prometheus text format.
-pub fn render(out: &mut String) {
+pub(crate) fn render(out: &mut String) {
     let _ = writeln!(
         out,
         "# HELP tollgate_busy_poll_windows_total Polling windows a worker thread ended: times it kept polling after work instead of sleeping (--busy-poll).\n\
@@ -72,7 +72,7 @@ thread_local! {
 
 /// `f`, counting its polls as work for this thread's [`spin`] task. Costs a thread-local
 /// increment per poll.
-pub fn tracked<F: std::future::Future>(f: F) -> Tracked<F> {
+pub(crate) fn tracked<F: std::future::Future>(f: F) -> Tracked<F> {
     Tracked { f }
 }
 
@@ -80,7 +80,7 @@ pin_project_lite::pin_project! {
     /// See [`tracked`]. A struct rather than an `async fn`: an `async fn` that pins its argument
     /// keeps it twice in its state (the argument and the pinned local), which doubled the size
     /// of every connection's task (28 KB, against 14 KB for what it wraps).
-    pub struct Tracked<F> {
+    pub(crate) struct Tracked<F> {
         #[pin]
         f: F,
     }
@@ -98,7 +98,7 @@ impl<F: std::future::Future> std::future::Future for Tracked<F> {
 
 /// The runtime's `on_thread_unpark` hook: the thread woke from a park because it has work, so
 /// the spinning task (if this thread has one) starts a window.
-pub fn unparked() {
+pub(crate) fn unparked() {
     if let Some(w) = SLEEPING.take() {
         w.wake();
     }
@@ -108,7 +108,7 @@ pub fn unparked() {
 /// after a wake-up that led to work, keeps the thread polling its sockets until `window` passes
 /// with no work. A wake-up that did none (a background timer: the reload check, the idle sweep)
 /// costs no polling.
-pub async fn spin(window: Duration) {
+pub(crate) async fn spin(window: Duration) {
     let mut seen = WORK.get();
     loop {
         // Asleep until the thread wakes from a park and does work. Before looking, a yield lets

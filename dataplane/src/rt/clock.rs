@@ -11,7 +11,7 @@
 
 /// Seconds since the Unix epoch (0 for a clock set before 1970).
 #[inline]
-pub fn unix_secs() -> u64 {
+pub(crate) fn unix_secs() -> u64 {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         use rustix::time::{ClockId, clock_gettime};
@@ -28,7 +28,7 @@ pub fn unix_secs() -> u64 {
 /// Milliseconds on a monotonic clock (never 0). Only differences between two readings mean
 /// anything.
 #[inline]
-pub fn mono_ms() -> u64 {
+pub(crate) fn mono_ms() -> u64 {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         use rustix::time::{ClockId, clock_gettime};

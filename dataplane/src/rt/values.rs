@@ -20,7 +20,7 @@ thread_local! {
 }
 
 /// A header value of `bytes`; `None` if they aren't one (control characters).
-pub fn header_value(bytes: &[u8]) -> Option<HeaderValue> {
+pub(crate) fn header_value(bytes: &[u8]) -> Option<HeaderValue> {
     let cut = CURRENT.with_borrow_mut(|chunk| {
         if chunk.capacity() < bytes.len() {
             *chunk = BytesMut::with_capacity(CHUNK.max(bytes.len()));
@@ -32,7 +32,7 @@ pub fn header_value(bytes: &[u8]) -> Option<HeaderValue> {
 }
 
 /// A header value of the decimal `n`.
-pub fn number(n: u64) -> HeaderValue {
+pub(crate) fn number(n: u64) -> HeaderValue {
     header_value(itoa::Buffer::new().format(n).as_bytes()).unwrap_or_else(|| HeaderValue::from(n))
 }
 

@@ -9,44 +9,44 @@
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// `tollgate_requests_total{model,deployment,outcome}`.
-pub const REQUESTS: &str = "tollgate_requests_total";
+pub(crate) const REQUESTS: &str = "tollgate_requests_total";
 /// `tollgate_request_duration_seconds{model,deployment}`.
-pub const DURATION: &str = "tollgate_request_duration_seconds";
+pub(crate) const DURATION: &str = "tollgate_request_duration_seconds";
 /// `tollgate_time_to_first_byte_seconds{model,deployment}`.
-pub const TTFB: &str = "tollgate_time_to_first_byte_seconds";
+pub(crate) const TTFB: &str = "tollgate_time_to_first_byte_seconds";
 /// `tollgate_rejected_requests_total{code}`: requests refused before reaching a deployment.
-pub const REJECTED: &str = "tollgate_rejected_requests_total";
+pub(crate) const REJECTED: &str = "tollgate_rejected_requests_total";
 /// `tollgate_redis_errors_total{op}`: failed Redis calls (the request then fails open or closed).
-pub const REDIS_ERRORS: &str = "tollgate_redis_errors_total";
+pub(crate) const REDIS_ERRORS: &str = "tollgate_redis_errors_total";
 /// `tollgate_redis_settlements_dropped_total`: settlements dropped while Redis failed, past the
 /// backlog kept to send again (their leases then charge their reserved cost when they end).
-pub const REDIS_SETTLEMENTS_DROPPED: &str = "tollgate_redis_settlements_dropped_total";
+pub(crate) const REDIS_SETTLEMENTS_DROPPED: &str = "tollgate_redis_settlements_dropped_total";
 /// `tollgate_redis_up`: 1 while the last Redis call succeeded.
-pub const REDIS_UP: &str = "tollgate_redis_up";
+pub(crate) const REDIS_UP: &str = "tollgate_redis_up";
 /// `tollgate_retries_total{model}`: attempts retried within a model group.
-pub const RETRIES: &str = "tollgate_retries_total";
+pub(crate) const RETRIES: &str = "tollgate_retries_total";
 /// `tollgate_fallbacks_total{from,to}`: requests passed on to a fallback model.
-pub const FALLBACKS: &str = "tollgate_fallbacks_total";
+pub(crate) const FALLBACKS: &str = "tollgate_fallbacks_total";
 /// `tollgate_cooldowns_total{model,deployment}`: endpoints taken out of rotation.
-pub const COOLDOWNS: &str = "tollgate_cooldowns_total";
+pub(crate) const COOLDOWNS: &str = "tollgate_cooldowns_total";
 /// `tollgate_estimated_usage_total{model,deployment}`: requests charged an estimate because
 /// the upstream did work and reported no usage.
-pub const ESTIMATED: &str = "tollgate_estimated_usage_total";
+pub(crate) const ESTIMATED: &str = "tollgate_estimated_usage_total";
 /// `tollgate_upstream_resends_total`: requests sent again on a new connection because a pooled
 /// one failed while the request was being written (nothing of it reached the upstream whole).
-pub const RESENDS: &str = "tollgate_upstream_resends_total";
+pub(crate) const RESENDS: &str = "tollgate_upstream_resends_total";
 /// `tollgate_config_reloads_total{result}`.
-pub const RELOADS: &str = "tollgate_config_reloads_total";
+pub(crate) const RELOADS: &str = "tollgate_config_reloads_total";
 /// Client connections closed at once because `--max-connections` were open.
-pub const CONNECTIONS_REFUSED: &str = "tollgate_connections_refused_total";
+pub(crate) const CONNECTIONS_REFUSED: &str = "tollgate_connections_refused_total";
 /// Client connections ended by a bound: `header_read`, `body_read` or `write_stall`.
-pub const CONNECTIONS_TIMED_OUT: &str = "tollgate_connections_timed_out_total";
+pub(crate) const CONNECTIONS_TIMED_OUT: &str = "tollgate_connections_timed_out_total";
 /// `tollgate_usage_stream_dropped_total`: usage records dropped from the Redis stream's backlog
 /// past [`crate::accounting::usage_log::STREAM_BACKLOG`] while Redis failed (the usage log file keeps them).
-pub const USAGE_STREAM_DROPPED: &str = "tollgate_usage_stream_dropped_total";
+pub(crate) const USAGE_STREAM_DROPPED: &str = "tollgate_usage_stream_dropped_total";
 /// `tollgate_usage_log_compactions_total`: times the usage log passed `--usage-log-max-bytes`
 /// and was rewritten as per-subject totals.
-pub const USAGE_LOG_COMPACTIONS: &str = "tollgate_usage_log_compactions_total";
+pub(crate) const USAGE_LOG_COMPACTIONS: &str = "tollgate_usage_log_compactions_total";
 
 /// Latency buckets (seconds): fine at the low end, where a gateway's own overhead lives, and up
 /// to the minutes a long generation takes.
@@ -56,7 +56,7 @@ const BUCKETS: &[f64] = &[
 ];
 
 /// Installs the global recorder. Call once, from the binary.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
+pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
         .install_recorder()?;
@@ -110,13 +110,13 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-pub fn label(v: &str) -> String {
+pub(crate) fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
 
 /// Counts a connection or request ended by one of its bounds (header read, body read, write stall).
-pub fn timed_out(which: &'static str) {
+pub(crate) fn timed_out(which: &'static str) {
     metrics::counter!(CONNECTIONS_TIMED_OUT, "timeout" => which).increment(1);
 }

@@ -44,7 +44,8 @@ use tokio::time::{Instant, Sleep};
 /// header (a name lookup, a hash, a copy of the value) cost about 500 instructions per header
 /// per request (the benchmark's mock sends one such header, `date`; OpenAI sends a dozen or
 /// more), for headers nothing read. A feature that needs another upstream header adds it here.
-pub const KEPT_HEADERS: [HeaderName; 2] = [http::header::CONTENT_TYPE, http::header::RETRY_AFTER];
+pub(crate) const KEPT_HEADERS: [HeaderName; 2] =
+    [http::header::CONTENT_TYPE, http::header::RETRY_AFTER];
 
 /// Largest response head (status line and headers).
 const MAX_HEAD: usize = 64 << 10;
@@ -93,7 +94,7 @@ pub enum Error {
 impl Error {
     /// Whether the request may be sent again on a new connection: the upstream never had it
     /// whole, and nothing came back.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         matches!(self, Error::Closed(_))
     }
 }
@@ -131,13 +132,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     }
 
     /// The socket, e.g. to check whether the upstream closed an idle connection.
-    pub fn io(&self) -> &T {
+    pub(crate) fn io(&self) -> &T {
         &self.io
     }
 
     /// Lets go of the read buffer if nothing unread is in it (the next request makes a new
     /// one): for a connection that may stay idle in a pool a while.
-    pub fn release_buffer(&mut self) {
+    pub(crate) fn release_buffer(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
@@ -156,7 +157,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     /// [`RequestHead`]): only `Content-Length` is added per request. With `by`, the response
     /// head must have arrived by then, or the answer is [`Error::TimedOut`] (and the
     /// connection is dropped).
-    pub async fn send_with_head(
+    pub(crate) async fn send_with_head(
         mut self,
         head: &RequestHead,
         body: Bytes,
@@ -473,12 +474,12 @@ fn write_content_length(out: &mut Vec<u8>, len: usize) {
 /// a config is loaded) instead of per request: no header map is built, filled and walked for
 /// every request. It can hold a credential (`Authorization`), so `Debug` shows none of it.
 #[derive(Clone)]
-pub struct RequestHead(Bytes);
+pub(crate) struct RequestHead(Bytes);
 
 impl RequestHead {
     /// `POST path_and_query HTTP/1.1` and `headers`, without `Content-Length` (added per
     /// request) and without the blank line that ends the head.
-    pub fn post<'a>(
+    pub(crate) fn post<'a>(
         path_and_query: &str,
         headers: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
     ) -> Self {

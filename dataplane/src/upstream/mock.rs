@@ -13,7 +13,7 @@ use std::time::Duration;
 use tollgate_crds::config::{MockConfig, TokenUsage};
 
 /// Dimensions of the mock's embeddings.
-pub const EMBEDDING_DIMS: usize = 64;
+pub(crate) const EMBEDDING_DIMS: usize = 64;
 
 /// A configured mock model, with its reply pre-split and pre-escaped.
 #[derive(Debug)]
@@ -25,9 +25,9 @@ pub struct Mock {
     prompt_tokens: Option<u32>,
     completion_tokens: u32,
     /// Delay before the response.
-    pub latency: Duration,
+    pub(crate) latency: Duration,
     /// Delay between streamed chunks.
-    pub chunk_delay: Duration,
+    pub(crate) chunk_delay: Duration,
 }
 
 fn escape(s: &str) -> String {
@@ -64,7 +64,7 @@ impl Mock {
     }
 
     /// The usage this mock reports for a request body of `body_len` bytes.
-    pub fn usage(&self, endpoint: Endpoint, body_len: usize) -> TokenUsage {
+    pub(crate) fn usage(&self, endpoint: Endpoint, body_len: usize) -> TokenUsage {
         let prompt = self
             .prompt_tokens
             .map(u64::from)
@@ -82,7 +82,7 @@ impl Mock {
     }
 
     /// A complete (non-streamed) response body.
-    pub fn response(
+    pub(crate) fn response(
         &self,
         endpoint: Endpoint,
         req: &ParsedRequest<'_>,
@@ -132,7 +132,7 @@ impl Mock {
 
     /// The server-sent events of a streamed response, each `data: ...\n\n`, ending with
     /// `data: [DONE]`. The usage chunk is included only when `usage` is given.
-    pub fn stream_events(
+    pub(crate) fn stream_events(
         &self,
         endpoint: Endpoint,
         model: &str,
@@ -185,7 +185,7 @@ impl Mock {
     }
 
     /// A streamed body that sends `events` one by one, `chunk_delay` apart.
-    pub fn stream_body(&self, events: Vec<Bytes>) -> Body {
+    pub(crate) fn stream_body(&self, events: Vec<Bytes>) -> Body {
         let delay = self.chunk_delay;
         let stream = futures_util::stream::iter(events.into_iter().enumerate()).then(
             move |(i, e)| async move {
@@ -214,7 +214,7 @@ fn now() -> u64 {
 
 /// A deterministic embedding in which texts sharing words point the same way: each word is
 /// hashed into one of [`EMBEDDING_DIMS`] buckets, and the vector is normalised.
-pub fn embed(text: &str) -> Vec<f32> {
+pub(crate) fn embed(text: &str) -> Vec<f32> {
     let mut v = vec![0f32; EMBEDDING_DIMS];
     for word in text
         .split(|c: char| !c.is_alphanumeric())

@@ -12,6 +12,7 @@
 
 pub mod h1;
 pub mod mock;
+pub(crate) mod provider;
 
 use bytes::Bytes;
 use http::header::HOST;
@@ -32,7 +33,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// The pooling client for `https` upstreams.
-pub type Client = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub(crate) type Client = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A plain-HTTP upstream connection.
 type Conn = h1::Conn<TcpStream>;
@@ -67,7 +68,7 @@ thread_local! {
 
 /// Why a request got no response.
 #[derive(Debug)]
-pub struct SendError {
+pub(crate) struct SendError {
     connect: bool,
     timeout: bool,
     source: Box<dyn std::error::Error + Send + Sync>,
@@ -75,12 +76,12 @@ pub struct SendError {
 
 impl SendError {
     /// Whether no connection could be made (nothing was sent).
-    pub fn is_connect(&self) -> bool {
+    pub(crate) fn is_connect(&self) -> bool {
         self.connect
     }
 
     /// Whether the response head didn't arrive by the deadline given.
-    pub fn is_timeout(&self) -> bool {
+    pub(crate) fn is_timeout(&self) -> bool {
         self.timeout
     }
 
@@ -93,7 +94,7 @@ impl SendError {
     }
 
     /// No response head by the deadline.
-    pub fn timed_out() -> Self {
+    pub(crate) fn timed_out() -> Self {
         Self {
             connect: false,
             timeout: true,
@@ -112,7 +113,7 @@ impl std::error::Error for SendError {}
 
 /// Where a plain-HTTP upstream's connections go, worked out once per configured URL.
 #[derive(Clone, Debug)]
-pub struct Origin {
+pub(crate) struct Origin {
     /// `host:port`: what is connected to, and the pool's key.
     addr: Arc<str>,
     /// The `Host` header.
@@ -122,7 +123,7 @@ pub struct Origin {
 impl Origin {
     /// The origin of an absolute `http://` URI; `None` for other schemes (https goes through
     /// the pooling client) and URIs without a host.
-    pub fn of(uri: &Uri) -> Option<Origin> {
+    pub(crate) fn of(uri: &Uri) -> Option<Origin> {
         if uri.scheme() != Some(&Scheme::HTTP) {
             return None;
         }
@@ -140,7 +141,7 @@ impl Origin {
     }
 
     /// The `Host` header for this origin.
-    pub fn host(&self) -> &HeaderValue {
+    pub(crate) fn host(&self) -> &HeaderValue {
         &self.host
     }
 }
@@ -150,7 +151,7 @@ impl Origin {
 /// Connections are pooled per thread and driven by the request that uses them, so with the
 /// per-core runtime (see [`crate::app`]) a request never hops threads on its way upstream and
 /// back.
-pub async fn send(
+pub(crate) async fn send(
     connect_timeout: Duration,
     req: Request<Bytes>,
 ) -> Result<Response<UpstreamBody>, SendError> {
@@ -176,7 +177,7 @@ pub async fn send(
 /// once, on a new connection (counted in `tollgate_upstream_resends_total`). One whose
 /// connection ended later is not: the upstream may have started on it (and a provider may bill
 /// it), so it fails, and whether another attempt is made is the route policy's call.
-pub async fn send_to(
+pub(crate) async fn send_to(
     origin: Option<&Origin>,
     connect_timeout: Duration,
     make: impl Fn() -> Request<Bytes>,
@@ -208,7 +209,7 @@ pub async fn send_to(
 /// [`send_to`] for a plain-HTTP origin, with the request's head written beforehand (see
 /// [`crate::upstream::h1::RequestHead`], which must carry `Host`), and the response head due `by`
 /// (connecting included): after that the error [`is_timeout`](SendError::is_timeout).
-pub async fn send_with_head(
+pub(crate) async fn send_with_head(
     origin: &Origin,
     connect_timeout: Duration,
     head: &crate::upstream::h1::RequestHead,
@@ -400,7 +401,7 @@ fn legacy(
 }
 
 /// Builds the pooling client. `connect_timeout` bounds TCP + TLS set-up.
-pub fn client(connect_timeout: Duration) -> Client {
+pub(crate) fn client(connect_timeout: Duration) -> Client {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -424,7 +425,7 @@ pub fn client(connect_timeout: Duration) -> Client {
 
 /// An upstream response body. A plain-HTTP connection goes back to the pool once the body has
 /// been read to the end; a body dropped before that closes its connection.
-pub struct UpstreamBody {
+pub(crate) struct UpstreamBody {
     inner: Inner,
 }
 
@@ -440,7 +441,7 @@ impl UpstreamBody {
     /// Whether each frame holds everything the upstream had sent when it was polled (so a
     /// relay gains nothing by waiting for more before writing). hyper's client hands a body
     /// over one chunk per poll; [`crate::upstream::h1`] hands over all that one read brought.
-    pub fn frames_are_whole_reads(&self) -> bool {
+    pub(crate) fn frames_are_whole_reads(&self) -> bool {
         matches!(self.inner, Inner::H1 { .. })
     }
 }
@@ -486,7 +487,7 @@ impl http_body::Body for UpstreamBody {
 
 /// A response body that fails once `deadline` passes (a deployment's total timeout), so a
 /// stream that runs too long ends as an upstream error and is settled with what it used.
-pub struct Deadline<B> {
+pub(crate) struct Deadline<B> {
     inner: B,
     sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The deadline passed while the body was flowing: the next poll fails.
@@ -497,7 +498,7 @@ pub struct Deadline<B> {
 
 impl<B> Deadline<B> {
     /// `inner`, limited to `deadline` when there is one.
-    pub fn new(inner: B, deadline: Option<tokio::time::Instant>) -> Self {
+    pub(crate) fn new(inner: B, deadline: Option<tokio::time::Instant>) -> Self {
         Self {
             inner,
             sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
@@ -507,7 +508,7 @@ impl<B> Deadline<B> {
     }
 
     /// Also fails the body when no frame arrives for `idle` (a stream that stalls mid-way).
-    pub fn idle(mut self, idle: Option<Duration>) -> Self {
+    pub(crate) fn idle(mut self, idle: Option<Duration>) -> Self {
         self.idle = idle.map(|d| (d, Box::pin(tokio::time::sleep(d))));
         self
     }

@@ -312,7 +312,7 @@ pub enum FailureMode {
 pub struct SharedLimits {
     conn: ConnectionManager,
     /// What to do when Redis fails.
-    pub failure: FailureMode,
+    pub(crate) failure: FailureMode,
     /// To the task that sends settlements in batches ([`settle_batches`]).
     settlements: SettleQueue,
     /// To the task that sends reserves in batches ([`reserve_batches`]).
@@ -400,15 +400,15 @@ impl Health {
 
 /// One subject's reservation in Redis: what it asked, under which lease.
 #[derive(Debug)]
-pub struct Held {
+pub(crate) struct Held {
     /// The subject.
-    pub limited: Arc<Limited>,
+    pub(crate) limited: Arc<Limited>,
     /// What was reserved.
-    pub ask: Ask,
+    pub(crate) ask: Ask,
     /// The lease of the reserve that took it.
-    pub lease: Arc<str>,
+    pub(crate) lease: Arc<str>,
     /// The minute its tokens were counted in (see `limits::Reservation`).
-    pub minute: u64,
+    pub(crate) minute: u64,
 }
 
 /// One settlement in flight, until dropped (answered, failed, or dropped with its queue).
@@ -538,7 +538,7 @@ impl SharedLimits {
     }
 
     /// A handle on the connection, for other writers (the usage stream).
-    pub fn connection(&self) -> ConnectionManager {
+    pub(crate) fn connection(&self) -> ConnectionManager {
         self.conn.clone()
     }
 
@@ -654,7 +654,7 @@ impl SharedLimits {
     /// Settles `held` with the real usage, in the background (in the next batch: see
     /// [`settle_batches`]). When one of them has a budget, returns a handle that resolves once
     /// Redis has the spend (see [`Recorded`]).
-    pub fn settle(
+    pub(crate) fn settle(
         &self,
         held: Vec<Held>,
         tokens: u64,
