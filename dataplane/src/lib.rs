@@ -16,9 +16,15 @@
 //! - [`api`]: the internal request, errors, the JSON scan, usage read from responses.
 //! - [`telemetry`]: metric names and the recorder. [`rt`]: clocks, busy-polling, header values.
 
+#![allow(
+    rustdoc::private_intra_doc_links,
+    reason = "read with --document-private-items: most of the crate is pub(crate)"
+)]
+
 pub mod accounting;
 pub mod admin;
 pub mod api;
+
 pub mod app;
 pub mod config;
 pub mod gateway;

@@ -558,7 +558,7 @@ fn admin_response(req_id: HeaderValue, result: Result<serde_json::Value, ApiErro
     resp
 }
 
-/// An admin request's body, once its key was checked ([`crate::admin::authorize`]): at most
+/// An admin request's body, once its key was checked ([`crate::admin::Ctx::authorize`]): at most
 /// [`MAX_ADMIN_BODY`] bytes, within the body-read timeout.
 async fn admin_body(
     state: &AppState,
@@ -568,7 +568,7 @@ async fn admin_body(
     let read = axum::body::to_bytes(body, MAX_ADMIN_BODY);
     let bytes = tokio::time::timeout(state.settings.bounds.body_read, read)
         .await
-        .map_err(|_| crate::gateway::body_timed_out())?
+        .map_err(|_| crate::gateway::body::body_timed_out())?
         .map_err(|_| ApiError::too_large(MAX_ADMIN_BODY))?;
     Ok((parts.headers, bytes))
 }

@@ -1,10 +1,12 @@
-//! Prometheus metrics.
+//! Prometheus metrics: the metric names (a leaf every layer may use), the recorder, and label
+//! escaping.
 //!
 //! Request counts and latency histograms go through the `metrics` facade with handles
 //! registered per deployment when a snapshot is built (an increment is an atomic add, no label
-//! lookup). Token and spend totals are rendered at scrape time straight from the exact
-//! [`Ledger`] counters. Labels are model and deployment names, which
-//! the config bounds; per-key series are opt-in (`--per-key-metrics`).
+//! lookup). Token and spend totals are rendered at scrape time straight from the ledger's exact
+//! counters (`accounting::render`), and routing's gauges beside them (`routing::report`). Labels
+//! are model and deployment names, which the config bounds; per-key series are opt-in
+//! (`--per-key-metrics`).
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
