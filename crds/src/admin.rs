@@ -78,14 +78,28 @@ pub struct Generated {
     pub response: Value,
 }
 
-/// Builds the VirtualKey and Secret for `req` in `namespace` (`now`: Unix seconds);
-/// `new_key` makes a key when the request brings none.
-pub fn build(
-    req: GenerateRequest,
-    namespace: &str,
-    now: i64,
-    new_key: impl FnOnce() -> Result<String, AdminError>,
-) -> Result<Generated, AdminError> {
+/// Prefix of generated keys, so that they are recognisable in a leak scan.
+pub const GENERATED_PREFIX: &str = "sk-tg-";
+
+/// A new virtual key: [`GENERATED_PREFIX`] and 32 random bytes (256 bits) in hex. The one key
+/// generator: the admin API of either process and the operator's keys for VirtualKeys that
+/// name no Secret all use it.
+pub fn new_key() -> Result<String, AdminError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| err("internal_error", format!("no randomness available: {e}")))?;
+    let mut key = String::with_capacity(GENERATED_PREFIX.len() + 64);
+    key.push_str(GENERATED_PREFIX);
+    for b in bytes {
+        key.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        key.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    Ok(key)
+}
+
+/// Builds the VirtualKey and Secret for `req` in `namespace` (`now`: Unix seconds), with a
+/// [`new_key`] when the request brings none.
+pub fn build(req: GenerateRequest, namespace: &str, now: i64) -> Result<Generated, AdminError> {
     let key = match req.key {
         Some(k) if k.len() >= MIN_VIRTUAL_KEY_LEN => k,
         Some(_) => {
@@ -197,4 +211,27 @@ pub fn abbreviate(key: &str) -> String {
         .rev()
         .collect();
     format!("sk-...{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_are_long_hex_and_distinct() {
+        let (a, b) = (
+            new_key().map_err(|e| e.message),
+            new_key().map_err(|e| e.message),
+        );
+        let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
+        let hex = a.strip_prefix(GENERATED_PREFIX).unwrap_or_default();
+        assert_eq!(hex.len(), 64, "{a}");
+        assert!(
+            hex.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(a, b);
+        // A generated key is long enough to be a VirtualKey's.
+        assert!(a.len() >= MIN_VIRTUAL_KEY_LEN);
+    }
 }

@@ -195,13 +195,8 @@ async fn generate(
         })?
     };
     let now = jiff::Timestamp::now().as_second();
-    let g = tollgate_crds::admin::build(req, &s.namespace, now, || {
-        crate::keys::generate().map_err(|e| tollgate_crds::admin::AdminError {
-            code: "internal_error",
-            message: e.to_string(),
-        })
-    })
-    .map_err(|e| bad(e.code, e.message))?;
+    let g =
+        tollgate_crds::admin::build(req, &s.namespace, now).map_err(|e| bad(e.code, e.message))?;
     if s.config().keys.iter().any(|k| k.hash == g.hash) {
         return Err(bad("key_exists", "That key is already in use."));
     }

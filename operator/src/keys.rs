@@ -10,17 +10,6 @@ use std::collections::BTreeMap;
 use tollgate_crds::VirtualKey;
 use tollgate_crds::compile::{DEFAULT_VIRTUAL_KEY_KEY, generated_key_secret_name};
 
-/// Prefix of generated keys, so they are recognisable in a leak scan.
-pub const GENERATED_PREFIX: &str = "sk-tg-";
-
-/// A new key: the prefix and 32 random bytes in hex.
-pub fn generate() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("{GENERATED_PREFIX}{hex}"))
-}
-
 /// Creates the key Secret of every VirtualKey that has neither `secretRef` nor its generated
 /// Secret yet. Returns the Secrets created, so this pass can compile with them.
 pub async fn ensure_generated(
@@ -51,7 +40,11 @@ pub async fn ensure_generated(
             },
             data: Some(BTreeMap::from([(
                 DEFAULT_VIRTUAL_KEY_KEY.to_string(),
-                ByteString(generate()?.into_bytes()),
+                ByteString(
+                    tollgate_crds::admin::new_key()
+                        .map_err(|e| anyhow::anyhow!(e.message))?
+                        .into_bytes(),
+                ),
             )])),
             type_: Some("Opaque".into()),
             ..Default::default()
@@ -67,20 +60,4 @@ pub async fn ensure_generated(
         }
     }
     Ok(created)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn generated_keys_are_long_and_distinct() {
-        let (a, b) = (
-            super::generate().unwrap_or_default(),
-            super::generate().unwrap_or_default(),
-        );
-        assert!(
-            a.starts_with(super::GENERATED_PREFIX) && a.len() == 6 + 64,
-            "{a}"
-        );
-        assert_ne!(a, b);
-    }
 }

@@ -88,19 +88,6 @@ fn admin<'a>(ctx: &'a Ctx, headers: &HeaderMap) -> Result<&'a Admin, ApiError> {
 
 pub(crate) use tollgate_crds::admin::GenerateRequest;
 
-fn new_key() -> Result<String, ApiError> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw).map_err(|_| ApiError::internal("no randomness available"))?;
-    // 62 symbols, 32 of them: ~190 bits; the modulo bias is immaterial at this length.
-    Ok(format!(
-        "sk-tg-{}",
-        raw.iter()
-            .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-            .collect::<String>()
-    ))
-}
-
 /// The generated keys file as documents (one JSON object each; JSON is YAML). A file that
 /// can't be read whole is an error, never an empty list: rewriting it from a partial read would
 /// drop the keys already in it.
@@ -180,13 +167,7 @@ pub(crate) async fn generate(
             )
         })?
     };
-    let g =
-        tollgate_crds::admin::build(req, "default", crate::rt::clock::unix_secs() as i64, || {
-            new_key().map_err(|e| tollgate_crds::admin::AdminError {
-                code: e.code,
-                message: e.message.into_owned(),
-            })
-        })
+    let g = tollgate_crds::admin::build(req, "default", crate::rt::clock::unix_secs() as i64)
         .map_err(|e| ApiError::bad_request(e.code, e.message))?;
     let _guard = a.write.lock().await;
     if state.snapshot.load().keys.contains_key(&g.hash) {

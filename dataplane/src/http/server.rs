@@ -44,10 +44,16 @@ pub(crate) struct Served {
 /// configured with either base URL.
 pub(crate) fn router(served: &Served) -> Router {
     let admin = Router::new()
-        .route("/key/generate", post(key_generate))
+        .route(
+            "/key/generate",
+            post(|State(c), r| admin_write(c, r, AdminWrite::Generate)),
+        )
         .route("/key/info", get(key_info))
         .route("/key/list", get(key_list))
-        .route("/key/delete", post(key_delete))
+        .route(
+            "/key/delete",
+            post(|State(c), r| admin_write(c, r, AdminWrite::Delete)),
+        )
         .route("/spend/keys", get(|s, r| spend(s, r, "keys")))
         .route("/spend/models", get(|s, r| spend(s, r, "models")))
         .route("/spend/teams", get(|s, r| spend(s, r, "teams")))
@@ -573,25 +579,23 @@ async fn admin_body(
     Ok((parts.headers, bytes))
 }
 
-async fn key_generate(State(ctx): State<crate::admin::Ctx>, req: Request) -> Response {
-    let rid = request_id(&req);
-    if let Err(e) = ctx.authorize(req.headers()) {
-        return admin_response(rid, Err(e));
-    }
-    let result = match admin_body(&ctx.state, req).await {
-        Ok((h, b)) => crate::admin::generate(&ctx, &h, &b).await,
-        Err(e) => Err(e),
-    };
-    admin_response(rid, result)
+/// The admin API's writes, whose bodies are read once the master key was checked.
+#[derive(Clone, Copy)]
+enum AdminWrite {
+    Generate,
+    Delete,
 }
 
-async fn key_delete(State(ctx): State<crate::admin::Ctx>, req: Request) -> Response {
+async fn admin_write(ctx: crate::admin::Ctx, req: Request, what: AdminWrite) -> Response {
     let rid = request_id(&req);
     if let Err(e) = ctx.authorize(req.headers()) {
         return admin_response(rid, Err(e));
     }
     let result = match admin_body(&ctx.state, req).await {
-        Ok((h, b)) => crate::admin::delete(&ctx, &h, &b).await,
+        Ok((h, b)) => match what {
+            AdminWrite::Generate => crate::admin::generate(&ctx, &h, &b).await,
+            AdminWrite::Delete => crate::admin::delete(&ctx, &h, &b).await,
+        },
         Err(e) => Err(e),
     };
     admin_response(rid, result)
