@@ -15,35 +15,24 @@ const KEY: &str = "sk-conformance-0000001";
 const MASTER: &str = "sk-master-conformance-1";
 
 fn manifests() -> String {
-    format!(
-        r#"
+    let models = r#"
 apiVersion: tollgate.dev/v1alpha1
 kind: LLMModel
-metadata: {{name: m}}
+metadata: {name: m}
 spec:
   modelName: m
   provider: mock
 ---
 apiVersion: tollgate.dev/v1alpha1
 kind: LLMModel
-metadata: {{name: slow}}
+metadata: {name: slow}
 spec:
   modelName: slow
   provider: mock
-  mock: {{latency: 3s}}
-  pricing: {{inputPerMillion: 1, outputPerMillion: 1}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: keys}}
-stringData: {{key: {KEY}}}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: VirtualKey
-metadata: {{name: k}}
-spec: {{secretRef: {{name: keys, key: key}}}}
-"#
-    )
+  mock: {latency: 3s}
+  pricing: {inputPerMillion: 1, outputPerMillion: 1}
+"#;
+    models.to_string() + &tollgate_testkit::key_manifest("k", KEY, "")
 }
 
 fn gateway() -> Gateway {

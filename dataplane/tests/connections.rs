@@ -14,35 +14,24 @@ const KEY: &str = "sk-conn-test-000000001";
 /// A mock model `slow` whose streamed reply takes 10 × 250 ms, a mock model `wait` that takes a
 /// minute to answer, and a key.
 fn manifests() -> String {
-    format!(
-        r#"
+    let models = r#"
 apiVersion: tollgate.dev/v1alpha1
 kind: LLMModel
-metadata: {{name: slow}}
+metadata: {name: slow}
 spec:
   modelName: slow
   provider: mock
-  mock: {{reply: "a b c d e f g h i j", chunks: 10, chunkDelay: 250ms}}
+  mock: {reply: "a b c d e f g h i j", chunks: 10, chunkDelay: 250ms}
 ---
 apiVersion: tollgate.dev/v1alpha1
 kind: LLMModel
-metadata: {{name: wait}}
+metadata: {name: wait}
 spec:
   modelName: wait
   provider: mock
-  mock: {{latency: 60s}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: keys}}
-stringData: {{key: {KEY}}}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: VirtualKey
-metadata: {{name: k}}
-spec: {{secretRef: {{name: keys, key: key}}}}
-"#
-    )
+  mock: {latency: 60s}
+"#;
+    models.to_string() + &tollgate_testkit::key_manifest("k", KEY, "")
 }
 
 fn request(stream: bool) -> String {

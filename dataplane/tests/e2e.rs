@@ -194,22 +194,6 @@ fn chat(model: &str) -> String {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string()
 }
 
-/// The value of the first `/metrics` line starting with `series` (scraped over HTTP/1.1, whatever
-/// the transport under test).
-async fn metric(gw: &Gateway, series: &str) -> Option<String> {
-    let text = client(Http1)
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
-}
-
 on_both_transports!(chat_passes_through_with_cost_rename_and_provider_key);
 async fn chat_passes_through_with_cost_rename_and_provider_key(t: Transport) {
     let up = ok_upstream();
@@ -237,7 +221,7 @@ async fn chat_passes_through_with_cost_rename_and_provider_key(t: Transport) {
         up.stats.last_path.lock().unwrap().as_deref(),
         Some("/v1/chat/completions")
     );
-    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.0075"));
+    assert_eq!(gw.metric(GPT_SPEND).await.as_deref(), Some("0.0075"));
     assert!(
         !gw.logs().contains(PROVIDER_KEY),
         "provider key leaked into logs"
@@ -313,10 +297,9 @@ async fn streaming_relays_events_and_charges_hidden_usage(t: Transport) {
         up.stats.last_json()["stream_options"]["include_usage"],
         true
     );
-    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.0075"));
+    assert_eq!(gw.metric(GPT_SPEND).await.as_deref(), Some("0.0075"));
     assert_eq!(
-        metric(
-            &gw,
+        gw.metric(
             r#"tollgate_tokens_total{model="gpt",deployment="team-a/gpt",type="completion"}"#
         )
         .await
@@ -331,7 +314,7 @@ async fn streaming_relays_events_and_charges_hidden_usage(t: Transport) {
         serde_json::from_str(events[events.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(usage["usage"]["completion_tokens"], 500);
     assert_eq!(usage["choices"], json!([]));
-    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.015"));
+    assert_eq!(gw.metric(GPT_SPEND).await.as_deref(), Some("0.015"));
 }
 
 on_both_transports!(completions_embeddings_and_models);
@@ -527,7 +510,7 @@ async fn upstream_failures_become_clear_gateway_errors(t: Transport) {
         );
         assert_eq!(up.stats.requests(), 1);
         assert_eq!(
-            metric(&gw, r#"tollgate_requests_total{model="gpt",deployment="team-a/gpt",outcome="upstream_error"}"#).await.as_deref(),
+            gw.metric(r#"tollgate_requests_total{model="gpt",deployment="team-a/gpt",outcome="upstream_error"}"#).await.as_deref(),
             Some("1")
         );
     }
@@ -589,7 +572,7 @@ async fn client_disconnect_cancels_the_upstream_stream(t: Transport) {
     );
     let gone =
         r#"tollgate_requests_total{model="gpt",deployment="team-a/gpt",outcome="client_gone"}"#;
-    assert_eq!(metric(&gw, gone).await.as_deref(), Some("1"));
+    assert_eq!(gw.metric(gone).await.as_deref(), Some("1"));
 }
 
 on_both_transports!(reload_swaps_good_config_and_keeps_serving_on_a_bad_one);
@@ -693,16 +676,13 @@ async fn health_and_metrics_endpoints(t: Transport) {
     assert_eq!(resp.status(), 200);
     // 7 × $1/M + 3 × $2/M
     assert_eq!(
-        metric(
-            &gw,
-            r#"tollgate_key_spend_usd_total{key="default/limited"}"#
-        )
-        .await
-        .as_deref(),
+        gw.metric(r#"tollgate_key_spend_usd_total{key="default/limited"}"#)
+            .await
+            .as_deref(),
         Some("0.000013")
     );
     assert!(
-        metric(&gw, "tollgate_request_duration_seconds_bucket")
+        gw.metric("tollgate_request_duration_seconds_bucket")
             .await
             .is_some()
     );
@@ -732,12 +712,14 @@ async fn busy_polling_serves_requests_and_sleeps_when_idle(t: Transport) {
     serves_a_chat_and_a_stream(t, &gw).await;
     // The requests' threads polled for 10 ms after them (windows closed by now).
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let windows: u64 = metric(&gw, "tollgate_busy_poll_windows_total ")
+    let windows: u64 = gw
+        .metric("tollgate_busy_poll_windows_total ")
         .await
         .unwrap()
         .parse()
         .unwrap();
-    let polled: f64 = metric(&gw, "tollgate_busy_poll_seconds_total ")
+    let polled: f64 = gw
+        .metric("tollgate_busy_poll_seconds_total ")
         .await
         .unwrap()
         .parse()
@@ -1073,7 +1055,7 @@ async fn the_work_stealing_runtime_serves_streams_and_keeps_deadlines(t: Transpo
         serves_a_chat_and_a_stream(t, &gw).await;
     }
     // 10 x (1000 x $2.5/M + 500 x $10/M).
-    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.075"));
+    assert_eq!(gw.metric(GPT_SPEND).await.as_deref(), Some("0.075"));
     let asked = std::time::Instant::now();
     let resp = post(t, &gw, "/v1/chat/completions", Some(KEY), chat("slow")).await;
     let waited = asked.elapsed();
@@ -1159,9 +1141,9 @@ async fn a_client_leaving_after_the_usage_chunk_is_still_charged_exactly(t: Tran
             == 1)
         .await
     );
-    assert_eq!(metric(&gw, gone).await.as_deref(), Some("1"));
+    assert_eq!(gw.metric(gone).await.as_deref(), Some("1"));
     // 1000 × $2.5/M + 500 × $10/M, though the stream never finished.
-    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.0075"));
+    assert_eq!(gw.metric(GPT_SPEND).await.as_deref(), Some("0.0075"));
 }
 
 /// A raw HTTP/1.1 upstream on 127.0.0.1 that answers every request with a fixed chat completion
@@ -1285,7 +1267,7 @@ async fn crlf_framed_stream_is_charged_and_its_usage_event_dropped(t: Transport)
     assert!(!text.contains("usage"), "{text}");
     assert!(text.ends_with("data: [DONE]\r\n\r\n"), "{text:?}");
     // 10 x $2.5/M + 5 x $10/M, settled when the stream ended.
-    assert_eq!(metric(&gw, GPT_SPEND).await.as_deref(), Some("0.000075"));
+    assert_eq!(gw.metric(GPT_SPEND).await.as_deref(), Some("0.000075"));
 }
 
 // h2c only, and by curl: another client's h2c than reqwest's, which the cases above use.

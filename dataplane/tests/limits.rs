@@ -11,25 +11,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_tollgate-dataplane");
 const KEY: &str = "sk-limits-test-key-0001";
 
 fn key_manifest(spec_extra: &str) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Secret
-metadata: {{name: k}}
-stringData: {{key: {KEY}}}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: VirtualKey
-metadata: {{name: k}}
-spec: {{secretRef: {{name: k}}{spec_extra}}}
-"#
-    )
+    tollgate_testkit::key_manifest("k", KEY, spec_extra)
 }
 
 fn model(name: &str, model_name: &str, extra: &str) -> String {
-    format!(
-        "---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: {name}}}\nspec: {{modelName: {model_name}{extra}}}\n"
-    )
+    tollgate_testkit::model_manifest(name, &format!("modelName: {model_name}{extra}"))
 }
 
 async fn chat(gw: &Gateway, model: &str, stream: bool) -> reqwest::Response {

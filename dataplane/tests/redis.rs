@@ -53,24 +53,10 @@ fn failing_upstream() -> tollgate_testkit::MockUpstream {
 
 /// A mock model and a key with `key_spec`.
 fn manifests(key_spec: &str) -> String {
-    format!(
-        r#"
-apiVersion: tollgate.dev/v1alpha1
-kind: LLMModel
-metadata: {{name: m}}
-spec: {{modelName: m, provider: mock, mock: {{completionTokens: 100}}, pricing: {{inputPerMillion: 1, outputPerMillion: 1}}}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: k}}
-stringData: {{key: {KEY}}}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: VirtualKey
-metadata: {{name: k}}
-spec: {{secretRef: {{name: k}}{key_spec}}}
-"#
-    )
+    tollgate_testkit::model_manifest(
+        "m",
+        "modelName: m, provider: mock, mock: {completionTokens: 100}, pricing: {inputPerMillion: 1, outputPerMillion: 1}",
+    ) + &tollgate_testkit::key_manifest("k", KEY, key_spec)
 }
 
 async fn chat(gw: &Gateway) -> (u16, Value) {

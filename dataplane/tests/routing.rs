@@ -64,6 +64,11 @@ async fn chat_body(gw: &Gateway, body: Value) -> reqwest::Response {
     gw.chat(KEY, &body).await
 }
 
+/// A `/metrics` value as a number.
+async fn metric(gw: &Gateway, series: &str) -> Option<f64> {
+    gw.metric(series).await?.parse().ok()
+}
+
 fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     r.headers().get(name).and_then(|v| v.to_str().ok())
 }
@@ -102,20 +107,6 @@ async fn spread(gw: &Gateway, model: &str, n: usize, concurrency: usize) -> Hash
 async fn get_json(gw: &Gateway, path: &str) -> (u16, Value) {
     let r = client().get(gw.url(path)).send().await.unwrap();
     (r.status().as_u16(), r.json().await.unwrap())
-}
-
-async fn metric(gw: &Gateway, series: &str) -> Option<f64> {
-    let text = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 fn endpoint_state(health: &Value, model: &str, deployment: &str) -> String {

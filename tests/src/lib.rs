@@ -146,6 +146,22 @@ pub struct Gateway {
     logs: Arc<Mutex<Vec<String>>>,
 }
 
+/// A Secret `name` holding `key`, and a VirtualKey `name` that uses it; `spec_extra` is
+/// appended to the key's flow-style spec (`, limits: {rpm: 3}`). Starts with `---`.
+pub fn key_manifest(name: &str, key: &str, spec_extra: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\nstringData: {{key: {key}}}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: VirtualKey\nmetadata: {{name: {name}}}\nspec: {{secretRef: {{name: {name}}}{spec_extra}}}\n"
+    )
+}
+
+/// An LLMModel `name` whose flow-style spec is `spec` (`modelName: m, provider: mock`). Starts
+/// with `---`.
+pub fn model_manifest(name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: tollgate.dev/v1alpha1\nkind: LLMModel\nmetadata: {{name: {name}}}\nspec: {{{spec}}}\n"
+    )
+}
+
 /// A chat completion request for `model`: one user message, `hi`.
 pub fn chat_request(model: &str, stream: bool) -> serde_json::Value {
     serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
@@ -318,6 +334,16 @@ impl Gateway {
     pub async fn metrics(&self) -> String {
         let get = async { reqwest::get(self.url("/metrics")).await?.text().await };
         get.await.unwrap_or_else(|e| panic!("GET /metrics: {e}"))
+    }
+
+    /// The value of the first `/metrics` line that starts with `series` (a name, or a name and
+    /// labels), as written.
+    pub async fn metric(&self, series: &str) -> Option<String> {
+        self.metrics()
+            .await
+            .lines()
+            .find(|l| l.starts_with(series))
+            .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
     }
 
     /// POSTs `body` to `/v1/chat/completions` with `key` as the bearer token (30 s timeout).
