@@ -4,7 +4,7 @@
 //!
 //! Each limited key or deployment has a [`Subject`]: a few counters behind a small sync mutex,
 //! held only to compare and add (never across an await). A request reserves on its deployment,
-//! then on its key's team, then on its key (`proxy::reserve`; in Redis, the same subjects in one
+//! then on its key's team, then on its key (`gateway::attempt::reserve`; in Redis, the same subjects in one
 //! script); a full deployment is skipped for another of the group, and a refusal by the team or
 //! the key undoes what was taken. What is reserved:
 //!
