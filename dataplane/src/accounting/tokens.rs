@@ -25,7 +25,7 @@
 //! slot, 5 bytes a slot at 7/8 load at most); and the splitting regex compiled to a dense DFA
 //! (regex-automata's serialized form, checked when first used), which needs no cache per
 //! thread and no regex compilation, whose memory the allocator would keep. Resident with
-//! both encodings used: about 5 MB, all file-backed (see docs/benchmarks.md); bpe-openai's own
+//! both encodings used: about 9 MB, all file-backed (see docs/benchmarks.md); bpe-openai's own
 //! encodings keep search automata over the whole vocabulary, tens of MB each. A piece longer
 //! than [`MAX_PIECE`] bytes (no natural text has one) is counted in chunks of that size, which
 //! bounds the memory a count takes.
