@@ -16,19 +16,24 @@
 //! by the encoding's regex (as bpe-openai splits it), and each piece is merged byte pair by
 //! byte pair, the pair that makes the lowest-ranked token first (the leftmost of equals), as
 //! tiktoken's `byte_pair_merge` does; the count is the parts left. Candidate merges sit in a
-//! heap, so a piece of n bytes costs O(n log n) rather than tiktoken's O(n²). The vocabulary is
-//! embedded flat (every token's bytes in rank order and where each ends, made by `build.rs`
-//! from `data/*.tiktoken.gz`), and the only table built at run time maps a token to its rank
-//! with 4 bytes a token (a `hashbrown::HashTable` of ranks, hashed by the token's bytes).
-//! bpe-openai's own encodings keep search automata over the whole vocabulary, tens of MB
-//! resident each (see docs/benchmarks.md). A piece longer than [`MAX_PIECE`] bytes (no natural
-//! text has one) is counted in chunks of that size, which bounds the memory a count takes.
+//! heap, so a piece of n bytes costs O(n log n) rather than tiktoken's O(n²).
+//!
+//! Nothing is built at run time: `build.rs` makes every table from `data/*.tiktoken.gz` and the
+//! binary embeds them, so they sit in its read-only pages, are read in only as counts touch
+//! them, and are never copied to the heap. They are every token's bytes in rank order and
+//! where each ends; a hash table from a token's bytes to its rank (a tag byte and a u32 rank a
+//! slot, 5 bytes a slot at 7/8 load at most); and the splitting regex compiled to a dense DFA
+//! (regex-automata's serialized form, checked when first used), which needs no cache per
+//! thread and no regex compilation, whose memory the allocator would keep. Resident with
+//! both encodings used: about 9 MB, all file-backed (see docs/benchmarks.md); bpe-openai's own
+//! encodings keep search automata over the whole vocabulary, tens of MB each. A piece longer
+//! than [`MAX_PIECE`] bytes (no natural text has one) is counted in chunks of that size, which
+//! bounds the memory a count takes.
 //! The counts equal bpe-openai's (itself tested against tiktoken): see the tests below and the
 //! fuzz target `tokens_count`.
 
 use crate::api::request::{Endpoint, ParsedRequest};
 use serde_json::Value;
-use std::hash::BuildHasher;
 
 /// Which tokenizer a model uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,68 +80,84 @@ impl Family {
 /// The longest piece merged whole; longer ones are counted in chunks of this many bytes.
 pub(crate) const MAX_PIECE: usize = 64 << 10;
 
-/// A tiktoken encoding: its pre-tokenizer and its vocabulary's ranks (see the module docs).
+/// A tiktoken encoding: its pre-tokenizer and its vocabulary's ranks (see the module docs), all
+/// in tables `build.rs` made, embedded in the binary.
 pub struct Vocab {
     /// Every token's bytes, in rank order.
     bytes: &'static [u8],
-    /// Where each token ends in `bytes`; token `r` starts where token `r - 1` ends.
-    ends: Vec<u32>,
-    /// Ranks, found by their token's bytes.
-    ranks: hashbrown::HashTable<u32>,
-    hasher: hashbrown::DefaultHashBuilder,
-    /// The splitting regex: one pattern per alternative of tiktoken's, as bpe-openai writes
-    /// them, a look-ahead `\s+(?!\S)` becoming a pattern whose last character is dropped from
-    /// the match (`lookahead`).
-    pre: regex_automata::meta::Regex,
-    lookahead: Vec<bool>,
+    /// Where each token ends in `bytes` (little-endian u32s); token `r` starts where token
+    /// `r - 1` ends.
+    ends: &'static [u8],
+    /// Ranks, found by their token's bytes: `build.rs`'s open-addressing table (its
+    /// `slot_table`), a tag byte a slot (0: free, else 0x80 and the top 7 bits of the token's
+    /// [`Vocab::hash`]) and a rank a slot (little-endian u32); a token is at the first slot
+    /// with its tag from `hash & mask` on whose rank's bytes are the token's.
+    tags: &'static [u8],
+    ranks: &'static [u8],
+    /// The table's size (a power of two) less one.
+    mask: usize,
+    /// The splitting regex, a dense DFA of three patterns, as bpe-openai writes tiktoken's:
+    /// the encoding's own (0), its look-ahead `\s+(?!\S)` as `\s+\s` whose last character is
+    /// dropped from the match (1), and `\s+` (2).
+    pre: regex_automata::dfa::dense::DFA<&'static [u32]>,
 }
+
+/// The splitting pattern whose match ends with a look-ahead character (see [`Vocab::pre`]).
+const LOOKAHEAD: usize = 1;
 
 impl std::fmt::Debug for Vocab {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Vocab({} tokens)", self.ends.len())
+        write!(f, "Vocab({} tokens)", self.ends.len() / 4)
     }
 }
 
+/// The little-endian u32 at index `i` of `table`.
+fn u32_at(table: &[u8], i: usize) -> u32 {
+    let mut word = [0; 4];
+    word.copy_from_slice(&table[i * 4..i * 4 + 4]);
+    u32::from_le_bytes(word)
+}
+
 impl Vocab {
-    fn new(bytes: &'static [u8], ends: &[u8], patterns: &[(&str, bool)]) -> Self {
-        let ends: Vec<u32> = ends
-            .chunks_exact(4)
-            .map(|e| u32::from_le_bytes([e[0], e[1], e[2], e[3]]))
-            .collect();
-        let hasher = hashbrown::DefaultHashBuilder::default();
-        let mut ranks = hashbrown::HashTable::with_capacity(ends.len());
-        let token = |r: u32| -> &[u8] {
-            let start = r.checked_sub(1).map_or(0, |p| ends[p as usize] as usize);
-            &bytes[start..ends[r as usize] as usize]
-        };
-        for r in 0..ends.len() as u32 {
-            let t = token(r);
-            ranks.insert_unique(hasher.hash_one(t), r, |&r: &u32| hasher.hash_one(token(r)));
-        }
-        let (patterns, lookahead): (Vec<&str>, Vec<bool>) = patterns.iter().copied().unzip();
-        let pre =
-            regex_automata::meta::Regex::new_many(&patterns).expect("tiktoken's patterns compile");
-        Self {
+    fn new(
+        bytes: &'static [u8],
+        ends: &'static [u8],
+        tags: &'static [u8],
+        ranks: &'static [u8],
+        dfa: &'static [u8],
+    ) -> Self {
+        let tokens = ends.len() / 4;
+        let (pre, _) = regex_automata::dfa::dense::DFA::from_bytes(dfa)
+            .expect("build.rs serializes the DFA for this target");
+        let vocab = Self {
             bytes,
             ends,
+            tags,
             ranks,
-            hasher,
+            mask: tags.len() - 1,
             pre,
-            lookahead,
+        };
+        // build.rs hashed the tokens with the same function; should the two ever differ, no
+        // token would be found, and every count would be off.
+        for r in [0, tokens as u32 / 2, tokens as u32 - 1] {
+            assert_eq!(vocab.rank(vocab.token(r)), Some(r), "build.rs's rank table");
         }
+        vocab
     }
 
     /// The pieces of `text` (tiktoken's pre-tokenization), each matched anchored where the
     /// last one ended.
     fn split<'a>(&'a self, text: &'a str) -> impl Iterator<Item = &'a str> {
+        use regex_automata::dfa::Automaton;
         let mut last = 0;
         std::iter::from_fn(move || {
             let input =
                 regex_automata::Input::new(&text[last..]).anchored(regex_automata::Anchored::Yes);
-            let m = self.pre.find(input)?;
+            // The DFA has no quit bytes and no size limits to give up on.
+            let m = self.pre.try_search_fwd(&input).ok()??;
             let start = last;
-            let mut end = last + m.range().end;
-            if self.lookahead[m.pattern().as_usize()] {
+            let mut end = last + m.offset();
+            if m.pattern().as_usize() == LOOKAHEAD {
                 // The look-ahead character is not part of the piece.
                 end -= text[start..end]
                     .chars()
@@ -146,7 +167,7 @@ impl Vocab {
             if end == start {
                 // A look-ahead pattern matches two characters at least; should one ever match
                 // one, the piece keeps it.
-                end = last + m.range().end;
+                end = last + m.offset();
             }
             if end == start {
                 return None;
@@ -159,15 +180,67 @@ impl Vocab {
     fn token(&self, r: u32) -> &[u8] {
         let start = r
             .checked_sub(1)
-            .map_or(0, |p| self.ends[p as usize] as usize);
-        &self.bytes[start..self.ends[r as usize] as usize]
+            .map_or(0, |p| u32_at(self.ends, p as usize) as usize);
+        &self.bytes[start..u32_at(self.ends, r as usize) as usize]
+    }
+
+    /// The token hash `build.rs` made the rank table with (its `hash`, which must compute the
+    /// same): the length, then the bytes as little-endian words (the last two overlapping),
+    /// each folded in with a 128-bit multiply.
+    fn hash(token: &[u8]) -> u64 {
+        const K: u64 = 0x9e37_79b9_7f4a_7c15;
+        let fold = |h: u64, word: u64| {
+            let m = u128::from(h ^ word) * u128::from(K);
+            (m as u64) ^ ((m >> 64) as u64)
+        };
+        let le8 = |b: &[u8]| {
+            let mut word = [0; 8];
+            word.copy_from_slice(&b[..8]);
+            u64::from_le_bytes(word)
+        };
+        let le4 = |b: &[u8]| {
+            let mut word = [0; 4];
+            word.copy_from_slice(&b[..4]);
+            u64::from(u32::from_le_bytes(word))
+        };
+        let n = token.len();
+        let h = (n as u64).wrapping_mul(K);
+        if n > 8 {
+            let mut h = h;
+            let mut rest = token;
+            while rest.len() > 8 {
+                h = fold(h, le8(rest));
+                rest = &rest[8..];
+            }
+            fold(h, le8(&token[n - 8..]))
+        } else if n >= 4 {
+            fold(h, le4(token) | le4(&token[n - 4..]) << 32)
+        } else if n > 0 {
+            let b = |i: usize| u64::from(token[i]);
+            fold(h, b(0) | b(n / 2) << 8 | b(n - 1) << 16)
+        } else {
+            h
+        }
     }
 
     /// The rank of `piece` if it is a token.
     fn rank(&self, piece: &[u8]) -> Option<u32> {
-        self.ranks
-            .find(self.hasher.hash_one(piece), |&r| self.token(r) == piece)
-            .copied()
+        let h = Self::hash(piece);
+        let tag = (h >> 57) as u8 | 0x80;
+        let mut i = h as usize & self.mask;
+        loop {
+            match self.tags[i] {
+                0 => return None,
+                t if t == tag => {
+                    let r = u32_at(self.ranks, i);
+                    if self.token(r) == piece {
+                        return Some(r);
+                    }
+                }
+                _ => {}
+            }
+            i = (i + 1) & self.mask;
+        }
     }
 
     /// Tokens of `text`, as tiktoken counts them (see the module docs for long pieces).
@@ -259,38 +332,45 @@ struct Merge {
     heap: std::collections::BinaryHeap<std::cmp::Reverse<(u32, u32)>>,
 }
 
-/// The vocabulary of `family`, built at its first use (`None` for [`Family::Other`]).
+/// The vocabulary of `family`, its DFA and rank table checked at its first use (`None` for
+/// [`Family::Other`]).
 pub fn vocab(family: Family) -> Option<&'static Vocab> {
-    // tiktoken's splitting regexes, as bpe-openai writes them: the look-ahead `\s+(?!\S)`
-    // becomes a second pattern whose last character is dropped from the match.
+    macro_rules! table {
+        ($name:literal) => {
+            include_bytes!(concat!(env!("OUT_DIR"), "/", $name))
+        };
+    }
+    /// The bytes of a serialized dense DFA, aligned as its u32s need.
+    #[repr(C)]
+    struct Aligned<B: ?Sized> {
+        _align: [u32; 0],
+        bytes: B,
+    }
+    macro_rules! dfa {
+        ($name:literal) => {{
+            static DFA: &Aligned<[u8]> = &Aligned {
+                _align: [],
+                bytes: *table!($name),
+            };
+            &DFA.bytes
+        }};
+    }
     static CL100K: std::sync::LazyLock<Vocab> = std::sync::LazyLock::new(|| {
         Vocab::new(
-            include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.bytes")),
-            include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.ends")),
-            &[
-                (
-                    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+$",
-                    false,
-                ),
-                ("\\s+\\s", true),
-                ("\\s+", false),
-            ],
+            table!("cl100k_base.bytes"),
+            table!("cl100k_base.ends"),
+            table!("cl100k_base.tags"),
+            table!("cl100k_base.ranks"),
+            dfa!("cl100k_base.dfa"),
         )
     });
     static O200K: std::sync::LazyLock<Vocab> = std::sync::LazyLock::new(|| {
-        let words = [
-            "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-            "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-            "\\p{N}{1,3}",
-            " ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*",
-            "\\s*[\\r\\n]+",
-            "\\s+$",
-        ]
-        .join("|");
         Vocab::new(
-            include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.bytes")),
-            include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.ends")),
-            &[(&words, false), ("\\s+\\s", true), ("\\s+", false)],
+            table!("o200k_base.bytes"),
+            table!("o200k_base.ends"),
+            table!("o200k_base.tags"),
+            table!("o200k_base.ranks"),
+            dfa!("o200k_base.dfa"),
         )
     });
     match family {
@@ -492,6 +572,17 @@ mod tests {
             started.elapsed()
         );
         assert_eq!(n, 4 * o200k.count(&"a".repeat(MAX_PIECE)));
+    }
+
+    /// build.rs's rank tables find every token of both encodings by its bytes, at its rank.
+    #[test]
+    fn every_token_is_found_at_its_rank() {
+        for family in [Family::O200k, Family::Cl100k] {
+            let v = vocab(family).expect("a BPE family");
+            for r in 0..(v.ends.len() / 4) as u32 {
+                assert_eq!(v.rank(v.token(r)), Some(r), "{family:?}");
+            }
+        }
     }
 
     #[test]
