@@ -18,22 +18,22 @@
 //! tiktoken's `byte_pair_merge` does; the count is the parts left. Candidate merges sit in a
 //! heap, so a piece of n bytes costs O(n log n) rather than tiktoken's O(n²).
 //!
-//! Nothing is built at run time: `build.rs` makes every table from `data/*.tiktoken.gz` and the
-//! binary embeds them, so they sit in its read-only pages, are read in only as counts touch
-//! them, and are never copied to the heap. They are every token's bytes in rank order and
-//! where each ends; a hash table from a token's bytes to its rank (a tag byte and a u32 rank a
-//! slot, 5 bytes a slot at 7/8 load at most); and the splitting regex compiled to a dense DFA
+//! `build.rs` makes the tables from `data/*.tiktoken.gz` and the binary embeds them, so they
+//! sit in its read-only pages and are read in only as counts touch them: every token's bytes
+//! in rank order and where each ends, and the splitting regex compiled to a dense DFA
 //! (regex-automata's serialized form, checked when first used), which needs no cache per
-//! thread and no regex compilation, whose memory the allocator would keep. Resident with
-//! both encodings used: about 9 MB, all file-backed (see docs/benchmarks.md); bpe-openai's own
-//! encodings keep search automata over the whole vocabulary, tens of MB each. A piece longer
-//! than [`MAX_PIECE`] bytes (no natural text has one) is counted in chunks of that size, which
+//! thread and no regex compilation at run time, whose memory the allocator would keep. The one
+//! table built at first use maps a token's bytes to its rank (a `hashbrown::HashTable` of
+//! ranks, 4 bytes a token and a control byte). Resident with both encodings used: about 12 MB,
+//! 3 of them heap (see docs/benchmarks.md); bpe-openai's own encodings keep search automata
+//! over the whole vocabulary, tens of MB each. A piece longer than [`MAX_PIECE`] bytes (no natural text has one) is counted in chunks of that size, which
 //! bounds the memory a count takes.
 //! The counts equal bpe-openai's (itself tested against tiktoken): see the tests below and the
 //! fuzz target `tokens_count`.
 
 use crate::api::request::{Endpoint, ParsedRequest};
 use serde_json::Value;
+use std::hash::BuildHasher;
 
 /// Which tokenizer a model uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,14 +88,10 @@ pub struct Vocab {
     /// Where each token ends in `bytes` (little-endian u32s); token `r` starts where token
     /// `r - 1` ends.
     ends: &'static [u8],
-    /// Ranks, found by their token's bytes: `build.rs`'s open-addressing table (its
-    /// `slot_table`), a tag byte a slot (0: free, else 0x80 and the top 7 bits of the token's
-    /// [`Vocab::hash`]) and a rank a slot (little-endian u32); a token is at the first slot
-    /// with its tag from `hash & mask` on whose rank's bytes are the token's.
-    tags: &'static [u8],
-    ranks: &'static [u8],
-    /// The table's size (a power of two) less one.
-    mask: usize,
+    /// Ranks, found by their token's bytes: the one table built at first use, 4 bytes a token
+    /// and hashbrown's control bytes (a `HashTable` of ranks, hashed by the token's bytes).
+    ranks: hashbrown::HashTable<u32>,
+    hasher: hashbrown::DefaultHashBuilder,
     /// The splitting regex, a dense DFA of three patterns, as bpe-openai writes tiktoken's:
     /// the encoding's own (0), its look-ahead `\s+(?!\S)` as `\s+\s` whose last character is
     /// dropped from the match (1), and `\s+` (2).
@@ -119,29 +115,22 @@ fn u32_at(table: &[u8], i: usize) -> u32 {
 }
 
 impl Vocab {
-    fn new(
-        bytes: &'static [u8],
-        ends: &'static [u8],
-        tags: &'static [u8],
-        ranks: &'static [u8],
-        dfa: &'static [u8],
-    ) -> Self {
-        let tokens = ends.len() / 4;
+    fn new(bytes: &'static [u8], ends: &'static [u8], dfa: &'static [u8]) -> Self {
         let (pre, _) = regex_automata::dfa::dense::DFA::from_bytes(dfa)
             .expect("build.rs serializes the DFA for this target");
-        let vocab = Self {
+        let mut vocab = Self {
             bytes,
             ends,
-            tags,
-            ranks,
-            mask: tags.len() - 1,
+            ranks: hashbrown::HashTable::with_capacity(ends.len() / 4),
+            hasher: hashbrown::DefaultHashBuilder::default(),
             pre,
         };
-        // build.rs hashed the tokens with the same function; should the two ever differ, no
-        // token would be found, and every count would be off.
-        for r in [0, tokens as u32 / 2, tokens as u32 - 1] {
-            assert_eq!(vocab.rank(vocab.token(r)), Some(r), "build.rs's rank table");
+        let mut ranks = std::mem::take(&mut vocab.ranks);
+        for r in 0..(ends.len() / 4) as u32 {
+            let h = vocab.hasher.hash_one(vocab.token(r));
+            ranks.insert_unique(h, r, |&r: &u32| vocab.hasher.hash_one(vocab.token(r)));
         }
+        vocab.ranks = ranks;
         vocab
     }
 
@@ -184,63 +173,11 @@ impl Vocab {
         &self.bytes[start..u32_at(self.ends, r as usize) as usize]
     }
 
-    /// The token hash `build.rs` made the rank table with (its `hash`, which must compute the
-    /// same): the length, then the bytes as little-endian words (the last two overlapping),
-    /// each folded in with a 128-bit multiply.
-    fn hash(token: &[u8]) -> u64 {
-        const K: u64 = 0x9e37_79b9_7f4a_7c15;
-        let fold = |h: u64, word: u64| {
-            let m = u128::from(h ^ word) * u128::from(K);
-            (m as u64) ^ ((m >> 64) as u64)
-        };
-        let le8 = |b: &[u8]| {
-            let mut word = [0; 8];
-            word.copy_from_slice(&b[..8]);
-            u64::from_le_bytes(word)
-        };
-        let le4 = |b: &[u8]| {
-            let mut word = [0; 4];
-            word.copy_from_slice(&b[..4]);
-            u64::from(u32::from_le_bytes(word))
-        };
-        let n = token.len();
-        let h = (n as u64).wrapping_mul(K);
-        if n > 8 {
-            let mut h = h;
-            let mut rest = token;
-            while rest.len() > 8 {
-                h = fold(h, le8(rest));
-                rest = &rest[8..];
-            }
-            fold(h, le8(&token[n - 8..]))
-        } else if n >= 4 {
-            fold(h, le4(token) | le4(&token[n - 4..]) << 32)
-        } else if n > 0 {
-            let b = |i: usize| u64::from(token[i]);
-            fold(h, b(0) | b(n / 2) << 8 | b(n - 1) << 16)
-        } else {
-            h
-        }
-    }
-
     /// The rank of `piece` if it is a token.
     fn rank(&self, piece: &[u8]) -> Option<u32> {
-        let h = Self::hash(piece);
-        let tag = (h >> 57) as u8 | 0x80;
-        let mut i = h as usize & self.mask;
-        loop {
-            match self.tags[i] {
-                0 => return None,
-                t if t == tag => {
-                    let r = u32_at(self.ranks, i);
-                    if self.token(r) == piece {
-                        return Some(r);
-                    }
-                }
-                _ => {}
-            }
-            i = (i + 1) & self.mask;
-        }
+        self.ranks
+            .find(self.hasher.hash_one(piece), |&r| self.token(r) == piece)
+            .copied()
     }
 
     /// Tokens of `text`, as tiktoken counts them (see the module docs for long pieces).
@@ -359,8 +296,6 @@ pub fn vocab(family: Family) -> Option<&'static Vocab> {
         Vocab::new(
             table!("cl100k_base.bytes"),
             table!("cl100k_base.ends"),
-            table!("cl100k_base.tags"),
-            table!("cl100k_base.ranks"),
             dfa!("cl100k_base.dfa"),
         )
     });
@@ -368,8 +303,6 @@ pub fn vocab(family: Family) -> Option<&'static Vocab> {
         Vocab::new(
             table!("o200k_base.bytes"),
             table!("o200k_base.ends"),
-            table!("o200k_base.tags"),
-            table!("o200k_base.ranks"),
             dfa!("o200k_base.dfa"),
         )
     });
