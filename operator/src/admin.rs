@@ -18,9 +18,9 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use tollgate_crds::admin::{GENERATED_BY, GenerateRequest, abbreviate};
+use tollgate_crds::admin::{self, GENERATED_BY};
 use tollgate_crds::config::KeyHash;
 use tollgate_crds::{GatewayConfig, LlmModel, VirtualKey};
 
@@ -75,6 +75,15 @@ impl IntoResponse for Failure {
 
 type ApiResult = Result<Json, Failure>;
 
+/// The shared admin core's refusal, in this API's error shape.
+fn refused(e: admin::AdminError) -> Failure {
+    error(
+        StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+        e.code,
+        e.message,
+    )
+}
+
 fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Failure {
     Failure {
         status,
@@ -89,33 +98,11 @@ fn bad(code: &'static str, message: impl Into<String>) -> Failure {
 
 impl AdminState {
     fn authorize(&self, headers: &HeaderMap) -> Result<(), Failure> {
-        let presented = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-        let Some(p) = presented else {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                "missing_api_key",
-                "The admin API needs the master key as `Authorization: Bearer <key>`.",
-            ));
-        };
-        let h = KeyHash::of(p.trim());
-        // Constant time: compare every byte whatever the first difference.
-        let diff =
-            h.0.iter()
-                .zip(self.master.0)
-                .fold(0u8, |d, (a, b)| d | (a ^ b));
-        if diff == 0 {
-            Ok(())
-        } else {
-            Err(error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_api_key",
-                "Only the master key may use the admin API.",
-            ))
-        }
+        let presented = admin::presented_key(
+            headers.get("authorization").map(|v| v.as_bytes()),
+            headers.get("x-api-key").map(|v| v.as_bytes()),
+        );
+        admin::authorize(&self.master, presented).map_err(refused)
     }
 
     fn config(&self) -> Arc<GatewayConfig> {
@@ -128,13 +115,7 @@ impl AdminState {
     /// The VirtualKey id of a key or of its token (the hex SHA-256).
     fn find(&self, key_or_token: &str) -> Option<String> {
         let config = self.config();
-        let by_key = KeyHash::of(key_or_token);
-        let by_token = serde_json::from_value::<KeyHash>(json!(key_or_token)).ok();
-        config
-            .keys
-            .iter()
-            .find(|k| k.hash == by_key || Some(k.hash) == by_token)
-            .map(|k| k.id.clone())
+        admin::find(&config.keys, key_or_token).map(|k| k.id.clone())
     }
 
     fn object(&self, id: &str) -> Option<Arc<VirtualKey>> {
@@ -144,24 +125,18 @@ impl AdminState {
 
     fn info(&self, id: &str) -> Value {
         let config = self.config();
-        let c = config.keys.iter().find(|k| k.id == id);
         let spend = self
             .object(id)
             .and_then(|o| o.status.as_ref()?.spend.clone());
-        json!({
-            "token": c.map(|c| serde_json::to_value(c.hash).unwrap_or_default()),
-            "tollgate_id": id,
-            "key_alias": c.and_then(|c| c.alias.clone()),
-            "team_id": c.and_then(|c| c.team.clone()),
-            "models": c.map(|c| c.models.clone()).unwrap_or_default(),
-            "spend": spend.as_ref().map_or(0.0, |s| s.total_usd.parse().unwrap_or(0.0)),
-            "spend_current_period": spend.as_ref().map(|s| s.current_period_usd.clone()),
-            "max_budget": c.and_then(|c| c.budget.as_ref()).map(|b| b.max.to_string().parse::<f64>().unwrap_or(0.0)),
-            "rpm_limit": c.and_then(|c| c.limits.rpm),
-            "tpm_limit": c.and_then(|c| c.limits.tpm),
-            "max_parallel_requests": c.and_then(|c| c.limits.max_parallel),
-            "expires": c.and_then(|c| c.expires_at).and_then(|t| jiff::Timestamp::from_second(t).ok()).map(|t| t.to_string()),
-        })
+        let spend = admin::KeySpend {
+            total_usd: spend.as_ref().map_or(0.0, |s| usd(&s.total_usd)),
+            current_period_usd: spend.map(|s| s.current_period_usd),
+            requests: None,
+        };
+        match config.keys.iter().find(|k| k.id == id) {
+            Some(c) => admin::key_info(c, &spend),
+            None => json!({"tollgate_id": id, "spend": spend.total_usd}),
+        }
     }
 }
 
@@ -184,19 +159,9 @@ async fn generate(
     body: axum::body::Bytes,
 ) -> ApiResult {
     s.authorize(&headers)?;
-    let req: GenerateRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        GenerateRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            bad(
-                "invalid_json",
-                format!("Invalid /key/generate request: {e}."),
-            )
-        })?
-    };
+    let req = admin::parse_generate(&body).map_err(refused)?;
     let now = jiff::Timestamp::now().as_second();
-    let g =
-        tollgate_crds::admin::build(req, &s.namespace, now).map_err(|e| bad(e.code, e.message))?;
+    let g = admin::build(req, &s.namespace, now).map_err(refused)?;
     if s.config().keys.iter().any(|k| k.hash == g.hash) {
         return Err(bad("key_exists", "That key is already in use."));
     }
@@ -253,27 +218,15 @@ async fn info(State(s): State<AdminState>, headers: HeaderMap, uri: axum::http::
     let id = s
         .find(wanted)
         .ok_or_else(|| error(StatusCode::NOT_FOUND, "key_not_found", "No such key."))?;
-    Ok(Json(
-        json!({"key": abbreviate(wanted), "info": s.info(&id)}),
-    ))
+    Ok(Json(admin::info_response(wanted, s.info(&id))))
 }
 
 async fn list(State(s): State<AdminState>, headers: HeaderMap) -> ApiResult {
     s.authorize(&headers)?;
     let config = s.config();
-    let details: Vec<Value> = config.keys.iter().map(|k| s.info(&k.id)).collect();
-    let tokens: Vec<Value> = details.iter().map(|d| d["token"].clone()).collect();
-    Ok(Json(
-        json!({"keys": tokens, "total_count": tokens.len(), "details": details}),
-    ))
-}
-
-#[derive(serde::Deserialize)]
-struct DeleteRequest {
-    #[serde(default)]
-    keys: Vec<String>,
-    #[serde(default)]
-    key_aliases: Vec<String>,
+    Ok(Json(admin::list_response(
+        config.keys.iter().map(|k| s.info(&k.id)).collect(),
+    )))
 }
 
 async fn delete(
@@ -282,26 +235,7 @@ async fn delete(
     body: axum::body::Bytes,
 ) -> ApiResult {
     s.authorize(&headers)?;
-    let req: DeleteRequest = serde_json::from_slice(&body)
-        .map_err(|e| bad("invalid_json", format!("Invalid /key/delete request: {e}.")))?;
-    let config = s.config();
-    let mut ids = Vec::new();
-    for k in &req.keys {
-        ids.push(
-            s.find(k)
-                .ok_or_else(|| bad("key_not_found", format!("No such key: {}.", abbreviate(k))))?,
-        );
-    }
-    for alias in &req.key_aliases {
-        ids.push(
-            config
-                .keys
-                .iter()
-                .find(|k| k.alias.as_deref() == Some(alias))
-                .map(|k| k.id.clone())
-                .ok_or_else(|| bad("key_not_found", format!("No key has alias {alias:?}.")))?,
-        );
-    }
+    let ids = admin::to_delete(&s.config().keys, &body).map_err(refused)?;
     // Only keys made here: the others belong to whoever applied them (kubectl, GitOps).
     for id in &ids {
         let generated = s.object(id).is_some_and(|o| {
@@ -378,23 +312,19 @@ async fn spend(State(s): State<AdminState>, headers: HeaderMap, by: &str) -> Api
             })
             .collect(),
         _ => {
-            let mut teams: HashMap<String, u64> = HashMap::new();
-            for k in s.keys.state().iter() {
-                let (Some(team), Some(sp)) = (
-                    k.spec.team.clone(),
-                    k.status.as_ref().and_then(|st| st.spend.clone()),
-                ) else {
-                    continue;
-                };
-                let pico = tollgate_crds::config::Picodollars::from_usd(usd(&sp.total_usd))
-                    .map_or(0, |p| p.0);
-                *teams.entry(team).or_default() += pico;
-            }
-            let mut rows: Vec<(String, u64)> = teams.into_iter().collect();
-            rows.sort();
-            rows.into_iter()
-                .map(|(t, p)| json!({"team_id": t, "spend": usd(&tollgate_crds::config::Picodollars(p).to_string())}))
-                .collect()
+            let keys = s.keys.state();
+            let spent: Vec<(String, tollgate_crds::config::Picodollars)> = keys
+                .iter()
+                .filter_map(|k| {
+                    let team = k.spec.team.clone()?;
+                    let sp = k.status.as_ref()?.spend.as_ref()?;
+                    let pico = tollgate_crds::config::Picodollars::from_usd(usd(&sp.total_usd))?;
+                    Some((team, pico))
+                })
+                .collect();
+            return Ok(Json(admin::spend_by_team(
+                spent.iter().map(|(t, p)| (t.as_str(), *p)),
+            )));
         }
     };
     Ok(Json(Value::Array(rows)))

@@ -8,14 +8,14 @@
 //! SHA-256 (`keySha256`): the key itself is shown once, in the response, and stored nowhere.
 
 use crate::api::error::ApiError;
+use crate::config::snapshot::RuntimeKey;
 use crate::gateway::state::AppState;
 use http::{HeaderMap, StatusCode};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
-use subtle::ConstantTimeEq;
+use tollgate_crds::admin;
 use tollgate_crds::config::{KeyHash, Picodollars};
 
 /// Admin settings.
@@ -41,21 +41,20 @@ impl Admin {
     }
 
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let presented = crate::gateway::auth::presented_key(headers).ok_or_else(|| {
-            ApiError::unauthorized(
-                "missing_api_key",
-                "The admin API needs the master key as `Authorization: Bearer <key>`.",
-            )
-        })?;
-        if bool::from(KeyHash::of(presented).0.ct_eq(&self.master.0)) {
-            Ok(())
-        } else {
-            Err(ApiError::unauthorized(
-                "invalid_api_key",
-                "Only the master key may use the admin API.",
-            ))
-        }
+        admin::authorize(&self.master, crate::gateway::auth::presented_key(headers))
+            .map_err(refused)
     }
+}
+
+/// The shared admin core's refusal as the data plane's error.
+fn refused(e: admin::AdminError) -> ApiError {
+    let mut out = match e.status {
+        401 => ApiError::unauthorized(e.code, e.message),
+        500 => ApiError::internal(e.message),
+        _ => ApiError::bad_request(e.code, e.message),
+    };
+    out.status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+    out
 }
 
 /// What an admin request is served with.
@@ -85,8 +84,6 @@ fn admin<'a>(ctx: &'a Ctx, headers: &HeaderMap) -> Result<&'a Admin, ApiError> {
     a.authorize(headers)?;
     Ok(a)
 }
-
-pub(crate) use tollgate_crds::admin::GenerateRequest;
 
 /// The generated keys file as documents (one JSON object each; JSON is YAML). A file that
 /// can't be read whole is an error, never an empty list: rewriting it from a partial read would
@@ -157,18 +154,8 @@ pub(crate) async fn generate(
 ) -> Result<Value, ApiError> {
     let a = admin(ctx, headers)?;
     let state = &*ctx.state;
-    let req: GenerateRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        GenerateRequest::default()
-    } else {
-        serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(
-                "invalid_json",
-                format!("Invalid /key/generate request: {e}."),
-            )
-        })?
-    };
-    let g = tollgate_crds::admin::build(req, "default", crate::rt::clock::unix_secs() as i64)
-        .map_err(|e| ApiError::bad_request(e.code, e.message))?;
+    let req = admin::parse_generate(body).map_err(refused)?;
+    let g = admin::build(req, "default", crate::rt::clock::unix_secs() as i64).map_err(refused)?;
     let _guard = a.write.lock().await;
     if state.snapshot.load().keys.contains_key(&g.hash) {
         return Err(ApiError::bad_request(
@@ -183,47 +170,23 @@ pub(crate) async fn generate(
     Ok(g.response)
 }
 
-use tollgate_crds::admin::abbreviate;
-
-/// Looks a key up by the key itself or its hash (`token`).
-fn find_key(
-    state: &AppState,
-    key_or_token: &str,
-) -> Option<std::sync::Arc<crate::config::snapshot::RuntimeKey>> {
-    let snap = state.snapshot.load();
-    if let Some(k) = snap.keys.get(&KeyHash::of(key_or_token)) {
-        return Some(k.clone());
+/// A served key's spend, as the shared `/key/info` shape takes it.
+fn key_spend(k: &RuntimeKey) -> admin::KeySpend {
+    admin::KeySpend {
+        total_usd: admin::usd(k.usage.spend()),
+        current_period_usd: k
+            .limits
+            .as_ref()
+            .map(|l| l.period_spend(crate::rt::clock::unix_secs()).to_string()),
+        requests: Some(k.usage.requests.load(Relaxed)),
     }
-    serde_json::from_value::<KeyHash>(json!(key_or_token))
-        .ok()
-        .and_then(|h| snap.keys.get(&h).cloned())
 }
 
-fn key_info(k: &crate::config::snapshot::RuntimeKey) -> Value {
-    let c = &k.config;
-    let period_spend = k
-        .limits
-        .as_ref()
-        .map(|l| l.period_spend(crate::rt::clock::unix_secs()).to_string());
-    json!({
-        "token": serde_json::to_value(c.hash).unwrap_or_default(),
-        "tollgate_id": c.id,
-        "key_alias": c.alias,
-        "team_id": c.team,
-        "models": c.models,
-        "spend": usd(k.usage.spend()),
-        "spend_current_period": period_spend,
-        "max_budget": c.budget.as_ref().map(|b| usd(b.max)),
-        "rpm_limit": c.limits.rpm,
-        "tpm_limit": c.limits.tpm,
-        "max_parallel_requests": c.limits.max_parallel,
-        "expires": c.expires_at.and_then(|t| jiff::Timestamp::from_second(t).ok()).map(|t| t.to_string()),
-        "requests": k.usage.requests.load(Relaxed),
-    })
-}
-
-fn usd(p: Picodollars) -> f64 {
-    p.to_string().parse().unwrap_or(0.0)
+/// The served key that is `key_or_token` (see [`admin::find`]).
+fn find_key(state: &AppState, key_or_token: &str) -> Option<std::sync::Arc<RuntimeKey>> {
+    let snap = state.snapshot.load();
+    let c = admin::find(snap.keys.values().map(|k| &k.config), key_or_token)?;
+    snap.keys.get(&c.hash).cloned()
 }
 
 /// `GET /key/info?key=...`.
@@ -242,7 +205,10 @@ pub(crate) fn info(
         e.status = StatusCode::NOT_FOUND;
         e
     })?;
-    Ok(json!({"key": abbreviate(wanted), "info": key_info(&k)}))
+    Ok(admin::info_response(
+        wanted,
+        admin::key_info(&k.config, &key_spend(&k)),
+    ))
 }
 
 /// `GET /key/list`.
@@ -250,18 +216,12 @@ pub(crate) fn list(ctx: &Ctx, headers: &HeaderMap) -> Result<Value, ApiError> {
     admin(ctx, headers)?;
     let state = &*ctx.state;
     let snap = state.snapshot.load();
-    let mut keys: Vec<Value> = snap.keys.values().map(|k| key_info(k)).collect();
-    keys.sort_by(|a, b| a["tollgate_id"].as_str().cmp(&b["tollgate_id"].as_str()));
-    let tokens: Vec<Value> = keys.iter().map(|k| k["token"].clone()).collect();
-    Ok(json!({"keys": tokens, "total_count": tokens.len(), "details": keys}))
-}
-
-#[derive(Deserialize)]
-struct DeleteRequest {
-    #[serde(default)]
-    keys: Vec<String>,
-    #[serde(default)]
-    key_aliases: Vec<String>,
+    Ok(admin::list_response(
+        snap.keys
+            .values()
+            .map(|k| admin::key_info(&k.config, &key_spend(k)))
+            .collect(),
+    ))
 }
 
 /// `POST /key/delete`: only keys made through the admin API; manifest keys are edited in the
@@ -269,27 +229,10 @@ struct DeleteRequest {
 pub(crate) async fn delete(ctx: &Ctx, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
     let a = admin(ctx, headers)?;
     let state = &*ctx.state;
-    let req: DeleteRequest = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("Invalid /key/delete request: {e}."))
-    })?;
-    let mut ids = Vec::new();
-    for k in &req.keys {
-        let found = find_key(state, k).ok_or_else(|| {
-            ApiError::bad_request("key_not_found", format!("No such key: {}.", abbreviate(k)))
-        })?;
-        ids.push(found.config.id.clone());
-    }
-    for alias in &req.key_aliases {
+    let ids = {
         let snap = state.snapshot.load();
-        let found = snap
-            .keys
-            .values()
-            .find(|k| k.config.alias.as_deref() == Some(alias))
-            .ok_or_else(|| {
-                ApiError::bad_request("key_not_found", format!("No key has alias {alias:?}."))
-            })?;
-        ids.push(found.config.id.clone());
-    }
+        admin::to_delete(snap.keys.values().map(|k| &k.config), body).map_err(refused)?
+    };
     let _guard = a.write.lock().await;
     let mut docs = read_docs(&a.keys_file)?;
     let mut deleted = Vec::new();
@@ -329,7 +272,7 @@ pub(crate) fn spend(ctx: &Ctx, headers: &HeaderMap, by: &str) -> Result<Value, A
             .ledger
             .keys()
             .into_iter()
-            .map(|(id, c)| json!({"key": id, "team_id": teams.get(id.as_str()), "spend": usd(c.spend()), "requests": c.requests.load(Relaxed), "prompt_tokens": c.prompt_tokens.load(Relaxed), "completion_tokens": c.completion_tokens.load(Relaxed)}))
+            .map(|(id, c)| json!({"key": id, "team_id": teams.get(id.as_str()), "spend": admin::usd(c.spend()), "requests": c.requests.load(Relaxed), "prompt_tokens": c.prompt_tokens.load(Relaxed), "completion_tokens": c.completion_tokens.load(Relaxed)}))
             .collect(),
         "models" => {
             let mut by_model: BTreeMap<String, (u64, u64, u64, u64)> = BTreeMap::new();
@@ -342,17 +285,14 @@ pub(crate) fn spend(ctx: &Ctx, headers: &HeaderMap, by: &str) -> Result<Value, A
             }
             by_model
                 .into_iter()
-                .map(|(m, (s, r, p, c))| json!({"model": m, "spend": usd(Picodollars(s)), "requests": r, "prompt_tokens": p, "completion_tokens": c}))
+                .map(|(m, (s, r, p, c))| json!({"model": m, "spend": admin::usd(Picodollars(s)), "requests": r, "prompt_tokens": p, "completion_tokens": c}))
                 .collect()
         }
         _ => {
-            let mut by_team: BTreeMap<&str, u64> = BTreeMap::new();
-            for (id, c) in state.ledger.keys() {
-                if let Some(t) = teams.get(id.as_str()) {
-                    *by_team.entry(t).or_default() += c.spend.load(Relaxed);
-                }
-            }
-            by_team.into_iter().map(|(t, s)| json!({"team_id": t, "spend": usd(Picodollars(s))})).collect()
+            let keys = state.ledger.keys();
+            return Ok(admin::spend_by_team(keys.iter().filter_map(|(id, c)| {
+                Some((*teams.get(id.as_str())?, c.spend()))
+            })));
         }
     };
     Ok(Value::Array(rows))

@@ -14,20 +14,12 @@ pub(crate) const API_KEY: http::HeaderName = http::HeaderName::from_static("x-ap
 /// The key the client sent, if any, as its bytes: they are only hashed, so they aren't checked
 /// to be text first (a key that isn't printable ASCII matches no key and gets the same 401).
 pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
-        let v = v.as_bytes().trim_ascii();
-        let (scheme, rest) = match v.iter().position(|&b| b == b' ') {
-            Some(i) => (&v[..i], v[i + 1..].trim_ascii()),
-            None => (v, &[][..]),
-        };
-        if scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty() {
-            return Some(rest);
-        }
-    }
-    headers
-        .get(API_KEY)
-        .map(|v| v.as_bytes().trim_ascii())
-        .filter(|k| !k.is_empty())
+    tollgate_crds::admin::presented_key(
+        headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+        headers.get(API_KEY).map(|v| v.as_bytes()),
+    )
 }
 
 /// The virtual key of a request, or a 401.
