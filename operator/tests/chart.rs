@@ -41,21 +41,29 @@ fn chart_dir() -> String {
         .to_string()
 }
 
-/// `$TOLLGATE_HELM`, else the binary `scripts/helm.sh` caches, else `helm` from the PATH.
-fn helm_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TOLLGATE_HELM").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
+/// `$ENV` if set, else `bin/helm` in `scripts/helm.sh`'s cache for `version` (`$CACHE_ENV`,
+/// else `~/.cache/tollgate/helm-VERSION`), whether or not it is there.
+fn helm_from(env: &str, cache_env: &str, version: &str) -> (PathBuf, bool) {
+    if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
+        return (PathBuf::from(p), true);
     }
-    let cache = std::env::var_os("TOLLGATE_HELM_CACHE")
+    let cache = std::env::var_os(cache_env)
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(format!(".cache/tollgate/helm-{HELM_VERSION}"))
+                .join(format!(".cache/tollgate/helm-{version}"))
         })
         .join("bin/helm");
-    if cache.is_file() {
-        return cache;
+    let there = cache.is_file();
+    (cache, there)
+}
+
+/// `$TOLLGATE_HELM`, else the binary `scripts/helm.sh` caches, else `helm` from the PATH.
+fn helm_bin() -> PathBuf {
+    let (helm, there) = helm_from("TOLLGATE_HELM", "TOLLGATE_HELM_CACHE", HELM_VERSION);
+    if there {
+        return helm;
     }
     let on_path = Command::new("helm")
         .arg("version")
@@ -71,22 +79,12 @@ fn helm_bin() -> PathBuf {
 
 /// Helm 4 (`scripts/helm.sh 4`): `$TOLLGATE_HELM4`, else its cache.
 fn helm4_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TOLLGATE_HELM4").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("TOLLGATE_HELM4_CACHE")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(format!(".cache/tollgate/helm-{HELM4_VERSION}"))
-        })
-        .join("bin/helm");
+    let (helm, there) = helm_from("TOLLGATE_HELM4", "TOLLGATE_HELM4_CACHE", HELM4_VERSION);
     assert!(
-        cache.is_file(),
+        there,
         "no helm 4: run scripts/helm.sh 4, or point TOLLGATE_HELM4 at a helm 4 binary"
     );
-    cache
+    helm
 }
 
 /// `kubernetes-validate` (PyPI): `$TOLLGATE_KUBERNETES_VALIDATE`, else the repo's `.venv`
