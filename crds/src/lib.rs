@@ -20,6 +20,7 @@ pub mod compile;
 pub mod config;
 pub mod crdgen;
 pub mod key;
+pub mod litellm;
 pub mod manifest;
 pub mod model;
 pub mod policy;

@@ -7,8 +7,16 @@ use std::time::Duration;
 
 /// Tollgate data plane: an OpenAI-compatible LLM gateway.
 #[derive(Debug, Parser)]
-#[command(name = "tollgate-dataplane", version)]
+#[command(
+    name = "tollgate-dataplane",
+    version,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    /// A one-off task instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Manifests to serve (a YAML file or a directory of them): LLMModel, VirtualKey,
     /// RoutePolicy and v1 Secret objects. Reloaded when they change.
     #[arg(
@@ -186,4 +194,19 @@ fn idle_timeout(s: &str) -> Result<Duration, String> {
         return Err("must be at least 1s".into());
     }
     Ok(d)
+}
+
+/// One-off tasks.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Reads a LiteLLM proxy config.yaml and writes Tollgate manifests (LLMModels, RoutePolicies,
+    /// Secret templates) to standard output or `--output`; what has no equivalent is listed on
+    /// standard error, with its line. See docs/migrating-from-litellm.md.
+    ImportLitellm {
+        /// The LiteLLM config (`-` for standard input).
+        config: PathBuf,
+        /// Where to write the manifests (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }

@@ -31,6 +31,9 @@ fn init_logging(args: &Args) {
 
 /// Runs the data plane until SIGINT or SIGTERM.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(command) = args.command {
+        return run_command(command);
+    }
     init_logging(&args);
     let threads = args
         .worker_threads
@@ -57,6 +60,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 close(&state).await;
                 Ok(())
             }),
+    }
+}
+
+/// A one-off task (`tollgate-dataplane import-litellm ...`).
+fn run_command(command: flags::Command) -> anyhow::Result<()> {
+    match command {
+        flags::Command::ImportLitellm { config, output } => {
+            let text = if config.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+            } else {
+                std::fs::read_to_string(&config)
+                    .with_context(|| format!("reading {}", config.display()))?
+            };
+            let imported = tollgate_crds::litellm::import(&text).map_err(anyhow::Error::msg)?;
+            for w in &imported.warnings {
+                eprintln!("warning: {w}");
+            }
+            match output {
+                Some(path) => std::fs::write(&path, &imported.manifests)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{}", imported.manifests),
+            }
+            Ok(())
+        }
     }
 }
 
