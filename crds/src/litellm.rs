@@ -65,6 +65,17 @@ fn seconds(v: &Value) -> Option<String> {
     }
 }
 
+/// The line of model_list's entry `i` (its `model_name`), for warnings about it.
+fn entry_line(text: &str, i: usize) -> usize {
+    let from = line_of(text, "model_list", 1).max(1);
+    text.lines()
+        .enumerate()
+        .skip(from - 1)
+        .filter(|(_, l)| l.contains("model_name"))
+        .nth(i)
+        .map_or(0, |(n, _)| n + 1)
+}
+
 struct Importer<'a> {
     text: &'a str,
     out: Imported,
@@ -75,7 +86,28 @@ struct Importer<'a> {
 
 impl Importer<'_> {
     fn warn(&mut self, needle: &str, message: String) {
-        let line = line_of(self.text, needle, 1);
+        self.warn_in("", needle, message);
+    }
+
+    /// A warning about model_list's entry `i`.
+    fn warn_entry(&mut self, i: usize, message: String) {
+        let line = entry_line(self.text, i);
+        self.out.warnings.push(if line > 0 {
+            format!("line {line}: {message}")
+        } else {
+            message
+        });
+    }
+
+    /// A warning about `needle`, looked for from the line of `section` on (the config's first
+    /// line for `""`).
+    fn warn_in(&mut self, section: &str, needle: &str, message: String) {
+        let from = if section.is_empty() {
+            1
+        } else {
+            line_of(self.text, section, 1).max(1)
+        };
+        let line = line_of(self.text, needle, from);
         self.out.warnings.push(if line > 0 {
             format!("line {line}: {message}")
         } else {
@@ -105,16 +137,13 @@ impl Importer<'_> {
 
     fn model(&mut self, i: usize, entry: &Value, names: &mut BTreeMap<String, usize>) {
         let Some(model_name) = entry.get("model_name").and_then(Value::as_str) else {
-            self.warn(
-                "model_list",
-                format!("model_list[{i}] has no model_name; left out"),
-            );
+            self.warn_entry(i, format!("model_list[{i}] has no model_name; left out"));
             return;
         };
         let params = entry.get("litellm_params").cloned().unwrap_or(json!({}));
         let Some(model) = params.get("model").and_then(Value::as_str) else {
-            self.warn(
-                model_name,
+            self.warn_entry(
+                i,
                 format!("model_list[{i}] ({model_name}) has no litellm_params.model; left out"),
             );
             return;
@@ -127,10 +156,7 @@ impl Importer<'_> {
                 "openai-compatible"
             }
             _ => {
-                self.warn(
-                    model,
-                    format!(
-                        "model_list[{i}] ({model_name}): the provider `{prefix}/` is not served by this version of Tollgate; left out"
+                self.warn_entry(i, format!("model_list[{i}] ({model_name}): the provider `{prefix}/` is not served by this version of Tollgate; left out"
                     ),
                 );
                 return;
@@ -188,10 +214,7 @@ impl Importer<'_> {
                 json!({"inputPerMillion": input, "outputPerMillion": output}),
             );
         } else {
-            self.warn(
-                model,
-                format!(
-                    "model_list[{i}] ({model_name}): no input_cost_per_token/output_cost_per_token; set spec.pricing on LLMModel {name}, or its spend is $0"
+            self.warn_entry(i, format!("model_list[{i}] ({model_name}): no input_cost_per_token/output_cost_per_token; set spec.pricing on LLMModel {name}, or its spend is $0"
                 ),
             );
         }
@@ -214,7 +237,7 @@ impl Importer<'_> {
         ];
         if let Some(p) = params.as_object() {
             for k in p.keys().filter(|k| !known.contains(&k.as_str())) {
-                self.warn(k, format!("model_list[{i}] ({model_name}): litellm_params.{k} has no equivalent; left out"));
+                self.warn_entry(i, format!("model_list[{i}] ({model_name}): litellm_params.{k} has no equivalent; left out"));
             }
         }
         self.docs.push(json!({
@@ -240,7 +263,8 @@ impl Importer<'_> {
                 Some(st) => {
                     base.insert("strategy".into(), json!(st));
                 }
-                None => self.warn(
+                None => self.warn_in(
+                    "router_settings",
                     "routing_strategy",
                     format!("router_settings.routing_strategy `{s}` has no equivalent; simple-shuffle (by weight) is used"),
                 ),
@@ -293,7 +317,7 @@ impl Importer<'_> {
         let context = lists("context_window_fallbacks");
         for from in fallbacks.keys().chain(context.keys()) {
             if !groups.contains(from) {
-                self.warn(from, format!("router_settings: fallbacks from `{from}`, which no imported model serves; left out"));
+                self.warn_in("router_settings", from, format!("router_settings: fallbacks from `{from}`, which no imported model serves; left out"));
             }
         }
         for g in groups {
@@ -304,7 +328,7 @@ impl Importer<'_> {
             };
             if let Some(f) = fallbacks.get(g) {
                 for m in f.iter().filter(|m| !groups.contains(m)) {
-                    self.warn(m, format!("router_settings: `{g}` falls back to `{m}`, which no imported model serves; left out"));
+                    self.warn_in("router_settings", m, format!("router_settings: `{g}` falls back to `{m}`, which no imported model serves; left out"));
                 }
                 spec.insert("fallbacks".into(), json!(keep(f)));
             }
@@ -331,7 +355,8 @@ impl Importer<'_> {
         ];
         for k in router.as_object().into_iter().flatten().map(|(k, _)| k) {
             if !known.contains(&k.as_str()) {
-                self.warn(
+                self.warn_in(
+                    "router_settings",
                     k,
                     format!("router_settings.{k} has no equivalent; left out"),
                 );
@@ -362,12 +387,14 @@ impl Importer<'_> {
             cache.insert("ttl".into(), json!(t));
         }
         if kind.starts_with("redis") {
-            self.warn(
+            self.warn_in(
+                "litellm_settings",
                 "cache_params",
                 "litellm_settings.cache_params: Redis is given to the data plane as --redis-url (host and port are not imported)".into(),
             );
         }
-        self.warn(
+        self.warn_in(
+            "litellm_settings",
             "cache:",
             "litellm_settings.cache: imported into each RoutePolicy, but this version of Tollgate does not serve cached responses yet".into(),
         );
@@ -434,7 +461,7 @@ pub fn import(config: &str) -> Result<Imported, String> {
             }
             _ => format!("general_settings.{k} has no equivalent yet; left out"),
         };
-        im.warn(k, message);
+        im.warn_in("general_settings", k, message);
     }
     for k in obj.keys() {
         if ![
@@ -514,11 +541,11 @@ mod tests {
         let warned = |s: &str| im.warnings.iter().any(|w| w.contains(s));
         for part in [
             "line 7: model_list[2] (claude-sonnet-4-6): the provider `anthropic/`",
-            "falls back to `claude-sonnet-4-6`",
-            "fallbacks from `claude-sonnet-4-6`",
+            "line 12: router_settings: `gpt-4o` falls back to `claude-sonnet-4-6`",
+            "line 12: router_settings: fallbacks from `claude-sonnet-4-6`",
             "litellm_settings.success_callback",
             "litellm_settings.langfuse_public_key",
-            "general_settings.database_url",
+            "line 16: general_settings.database_url",
             "general_settings.store_model_in_db",
             "--master-key (or TOLLGATE_MASTER_KEY) set from $LITELLM_MASTER_KEY",
             "--redis-url",
