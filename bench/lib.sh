@@ -1,4 +1,4 @@
-# Shared by bench/run.sh, bench/instructions.sh and bench/perfdiff.sh (sourced, not run): the
+# Shared by bench/run.sh, instructions.sh, perfdiff.sh and tokenizer-memory.sh (sourced): the
 # benchmark's key, body and manifests; instructions.sh and perfdiff.sh also use the temporary
 # folder and port helpers (run.sh has its own, which also stop nginx and redis).
 

@@ -6,12 +6,13 @@
 # 200 + 4 N requests over 4 connections, each run cut at 120 s; 127.0.0.1 only.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 BIN="${1:-$ROOT/target/release}"; N="${2:-3000}"; LOAD="$ROOT/bench/tokenizer_load.py"
-TMP="$(mktemp -d -t memtool.XXXXXX)"; PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill $p 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$TMP"' EXIT
-port() { for i in $(seq 300); do p="$(grep -o 'listening on 127\.0\.0\.1:[0-9]*' "$1" 2>/dev/null | head -n1 | cut -d: -f2 || true)"; [[ -n "$p" ]] && { echo $p; return; }; sleep 0.1; done; cat "$1" >&2; exit 1; }
+export BENCH_KEY
+bench_tmp tokenizer-memory
 "$BIN/tollgate-mock" --listen 127.0.0.1:0 --threads 1 --prompt-tokens 12 --completion-tokens 25 >"$TMP/mock.log" 2>&1 & PIDS+=($!)
-MP="$(port "$TMP/mock.log")"
+MP="$(wait_port "$TMP/mock.log" "${PIDS[-1]}")"
 far="{rpm: 1000000000, tpm: 1000000000000, maxParallel: 100000}"
 { for m in plain:llama-3 o200k:gpt-4o cl100k:gpt-4; do cat <<E
 apiVersion: tollgate.dev/v1alpha1
@@ -30,7 +31,7 @@ done; cat <<E
 apiVersion: v1
 kind: Secret
 metadata: {name: bench-key}
-stringData: {key: sk-bench-0123456789abcdef}
+stringData: {key: $BENCH_KEY}
 ---
 apiVersion: tollgate.dev/v1alpha1
 kind: VirtualKey
@@ -42,7 +43,7 @@ spec:
 E
 } >"$TMP/m.yaml"
 "$BIN/tollgate-dataplane" --manifests "$TMP/m.yaml" --listen 127.0.0.1:0 --worker-threads 2 >"$TMP/gw.log" 2>&1 & GW=$!; PIDS+=($GW)
-GP="$(port "$TMP/gw.log")"
+GP="$(wait_port "$TMP/gw.log" "$GW")"
 rss() { awk '/^VmRSS:|^RssAnon:|^RssFile:|^VmHWM:/ {printf "%s %.1f  ", $1, $2/1024}' /proc/$GW/status; echo; }
 sleep 1; echo "idle:          $(rss)"
 python3 "$LOAD" $GP plain 200 4; sleep 0.5; echo "after plain:   $(rss)"

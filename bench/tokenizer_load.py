@@ -1,8 +1,8 @@
 """Bounded load for bench/tokenizer-memory.sh: N chat requests to MODEL over C keep-alive connections, with varied multilingual text. Usage: tokenizer_load.py PORT MODEL N C [stream]"""
-import http.client, json, random, sys, threading, time
+import http.client, json, os, random, sys, threading, time
 port, model, n, conns = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 stream = len(sys.argv) > 5 and sys.argv[5] == "stream"
-KEY = "sk-bench-0123456789abcdef"
+KEY = os.environ["BENCH_KEY"]  # bench/lib.sh's, exported by bench/tokenizer-memory.sh
 base = [
  "Hello, world! How's it going? I'd say we'll see.", "THE QUICK brown Fox's JUMPS; 1234567 + 89 = 1234656.",
  "  leading and   inner   spaces \n\n\ttabs\r\n and \u00a0nbsp   ", "fn main() {\n    println!(\"{}\", x[0] /* c */ >> 2);\n}\n",
